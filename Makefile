@@ -1,0 +1,37 @@
+# Two commands matter: `make quickstart` and `make test`. Both create .venv and install on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+export BENTOML_DO_NOT_TRACK := true
+export HF_HUB_OFFLINE := 1
+export SPARK_LOCAL_IP := 127.0.0.1
+
+.PHONY: install quickstart test bench lint services clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -U pip
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: install
+	$(BIN)/persona quickstart --workspace workspace
+
+services:
+	bash .ci/services.sh
+
+test: install services
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+bench: install services
+	$(BIN)/python benchmarks/run.py
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf workspace .pytest_cache

@@ -1,0 +1,71 @@
+"""The input data contract of ``../shared/DESIGN.md``, as data.
+
+One place declares every table, column, type and requirement, so that the loader, the validation
+suites, the sample-data generator and the docs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ColumnType = Literal["string", "int", "float", "timestamp"]
+TABLES: tuple[str, ...] = ("users", "items", "events")
+EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase", "search", "review")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: ColumnType
+    required: bool = False
+    max_length: int | None = None  # bounded text lengths keep a 1 MB field out of the log
+    meaning: str = ""
+
+
+SHORT_TEXT = 256
+LONG_TEXT = 10_000
+
+CONTRACT: dict[str, tuple[Column, ...]] = {
+    "users": (
+        Column("user_id", "string", True, SHORT_TEXT, "unique"),
+        Column("age", "int", meaning="personal"),
+        Column("gender", "string", max_length=SHORT_TEXT, meaning="personal"),
+        Column("region", "string", max_length=SHORT_TEXT, meaning="city, province or postcode prefix"),
+        Column("occupation", "string", max_length=SHORT_TEXT, meaning="personal"),
+        Column("membership", "string", max_length=SHORT_TEXT, meaning="loyalty tier"),
+        Column("signup_timestamp", "timestamp", meaning="tenure"),
+    ),
+    "items": (
+        Column("item_id", "string", True, SHORT_TEXT, "unique"),
+        Column("title", "string", True, 1_000, "item text for the item tower"),
+        Column("category", "string", True, 1_000, "a>b>c path, or a|b for several"),
+        Column("brand", "string", max_length=SHORT_TEXT, meaning="more item text"),
+        Column("description", "string", max_length=LONG_TEXT, meaning="more item text"),
+        Column("price", "float", meaning=">= 0"),
+    ),
+    "events": (
+        Column("event_id", "string", max_length=SHORT_TEXT, meaning="unique; a stable row hash if absent"),
+        Column("user_id", "string", True, SHORT_TEXT, "must exist in users"),
+        Column("event_timestamp", "timestamp", True, meaning="when it happened (UTC)"),
+        Column("event_type", "string", True, SHORT_TEXT, "|".join(EVENT_TYPES)),
+        Column("item_id", "string", max_length=SHORT_TEXT, meaning="required except for search"),
+        Column("query", "string", max_length=1_000, meaning="required for search"),
+        Column("text", "string", max_length=LONG_TEXT, meaning="review text"),
+        Column("rating", "float", meaning="1-5"),
+        Column("value", "float", meaning="amount paid, >= 0"),
+        Column("device", "string", max_length=SHORT_TEXT, meaning="context"),
+        Column("channel", "string", max_length=SHORT_TEXT, meaning="context"),
+        Column("session_id", "string", max_length=SHORT_TEXT, meaning="context"),
+    ),
+}
+
+KEY_COLUMN: dict[str, str] = {"users": "user_id", "items": "item_id", "events": "event_id"}
+
+
+def columns(table: str) -> dict[str, Column]:
+    return {c.name: c for c in CONTRACT[table]}
+
+
+def required_columns(table: str) -> list[str]:
+    return [c.name for c in CONTRACT[table] if c.required]

@@ -1,0 +1,146 @@
+"""Ingest a batch: read, pass the validation gate, write accepted rows and quarantine the rest.
+
+All writes of one batch (accepted rows, quarantine records, the batch record) share one
+transaction: a failure leaves no partial rows. Accepted plus quarantined always equals the input.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+
+from eventlog.contract import KEY_COLUMN
+from eventlog.sources import Batch, normalise
+from eventlog.store import EventLog, WriteCounts, new_batch_id
+from validation.gate import Gate, GateResult, KnownIds
+
+
+@dataclass
+class TableReport:
+    rows: int = 0
+    accepted: int = 0
+    quarantined: int = 0
+    written: int = 0  # new rows (events) or inserted/updated rows (users, items)
+    already_present: int = 0  # events already in the log: idempotent re-delivery
+    duplicates: int = 0  # exact copies within the batch, collapsed
+    rules: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class IngestReport:
+    batch_id: str
+    source: str
+    held: bool
+    hold_reasons: list[str]
+    tables: dict[str, TableReport]
+    notes: list[str]
+
+    @property
+    def rows(self) -> int:
+        return sum(t.rows for t in self.tables.values())
+
+    @property
+    def quarantined(self) -> int:
+        return sum(t.quarantined for t in self.tables.values())
+
+    def to_dict(self) -> dict:
+        return {"batch_id": self.batch_id, "source": self.source, "held": self.held,
+                "hold_reasons": self.hold_reasons, "notes": self.notes,
+                "tables": {k: {**v.__dict__, "rules": dict(v.rules)} for k, v in self.tables.items()}}
+
+
+def ingest(batch: Batch, log: EventLog, gate: Gate, *, dry_run: bool = False,
+           replayed: dict[str, dict[int, int]] | None = None) -> tuple[IngestReport, GateResult]:
+    """Gate ``batch`` and write it. ``replayed`` maps table -> row -> quarantine id being retried."""
+    result = gate.check(batch, KnownIds(log))
+    batch_id = new_batch_id()
+    report = IngestReport(batch_id, batch.source, result.held, result.hold_reasons, {},
+                          [n for t in batch.tables.values() for n in t.notes])
+    for table, verdict in result.verdicts.items():
+        tr = report.tables[table] = TableReport(rows=verdict.rows, duplicates=len(verdict.duplicates))
+        tr.rules = verdict.rule_counts()
+        tr.quarantined = verdict.rows if result.held else len(verdict.violations)
+        tr.accepted = verdict.rows - tr.quarantined
+    if dry_run:
+        return report, result
+    replayed = replayed or {}
+    with log.engine.begin() as conn:
+        quarantine_rows: list[dict] = []
+        resolved: list[int] = []
+        for table, verdict in result.verdicts.items():
+            tb = batch.tables[table]
+            retried = replayed.get(table, {})
+            for row in range(verdict.rows) if result.held else verdict.rejected_rows:
+                record = _quarantine_record(batch_id, tb, row, verdict.violations.get(row),
+                                            "held" if result.held else "open", result.hold_reasons)
+                if row in retried:  # still failing: refresh its record with today's reasons
+                    log.update_quarantine(conn, retried[row], {k: record[k] for k in (
+                        "rule", "column_name", "reason", "status")})
+                else:
+                    quarantine_rows.append(record)
+            if result.held:
+                continue
+            mask = verdict.write_mask()
+            counts: WriteCounts = log.write(conn, table, tb.frame[mask], tb.present, batch_id)
+            tr = report.tables[table]
+            tr.written = counts.new if table == "events" else int(mask.sum())
+            tr.already_present = counts.existing if table == "events" else 0
+            passed = set(np.flatnonzero(~np.isin(np.arange(verdict.rows), verdict.rejected_rows)))
+            resolved += [qid for row, qid in retried.items() if row in passed]
+        log.quarantine_rows(conn, quarantine_rows)
+        log.resolve_quarantine(conn, resolved)
+        summary = report.to_dict() | {"columns": {t: b.present for t, b in batch.tables.items()}}
+        log.record_batch(conn, batch_id, batch.source, "held" if result.held else "accepted", summary)
+    return report, result
+
+
+def _quarantine_record(batch_id: str, tb, row: int, violations, status: str, hold: list[str]) -> dict:
+    payload = {k: v for k, v in tb.raw.iloc[row].items() if v is not None}
+    key = tb.frame[KEY_COLUMN[tb.table]].iloc[row]
+    if violations:
+        rule = "; ".join(dict.fromkeys(v.rule for v in violations))
+        column = "; ".join(dict.fromkeys(v.column or "" for v in violations))
+        reason = "; ".join(v.reason for v in violations)
+    else:
+        rule, column, reason = "batch_held", None, "the row passed, but its batch was held: " + "; ".join(hold)
+    return {"batch_id": batch_id, "table_name": tb.table, "row_number": int(tb.row_numbers[row]),
+            "record_key": None if pd.isna(key) else str(key), "rule": rule, "column_name": column,
+            "reason": reason, "payload": json.dumps(payload, ensure_ascii=False), "status": status}
+
+
+def replay(log: EventLog, gate: Gate, *, batch_id: str | None = None,
+           corrected: Batch | None = None) -> tuple[IngestReport, GateResult]:
+    """Re-validate quarantined rows and ingest what now passes.
+
+    With ``corrected``, the fixed rows come from a corrected file: they are ingested like any batch
+    and the quarantine records with the same keys are resolved. Without it, the stored rows are
+    re-validated as they stand (after a rule or setting change, or once missing users arrived).
+    """
+    pending = log.quarantined()
+    pending = pending[pending["status"].isin(["open", "held"])]
+    if batch_id:
+        pending = pending[pending["batch_id"] == batch_id]
+    if corrected is not None:
+        replayed: dict[str, dict[int, int]] = {}
+        for table, tb in corrected.tables.items():
+            keys = tb.frame[KEY_COLUMN[table]]
+            ids = pending[pending["table_name"] == table].set_index("record_key")["id"]
+            ids = ids[~ids.index.duplicated(keep="last")]
+            replayed[table] = {int(r): int(ids[k]) for r, k in enumerate(keys) if k in ids.index}
+        return ingest(corrected, log, gate, replayed=replayed)
+    tables = {}
+    replayed = {}
+    for table, group in pending.groupby("table_name", sort=False):
+        raw = pd.DataFrame([json.loads(p) for p in group["payload"]])
+        tb = normalise(table, raw, f"quarantine:{table}")
+        tb.row_numbers = group["row_number"].to_numpy()
+        tables[table] = tb
+        replayed[table] = dict(enumerate(group["id"].astype(int)))
+    batch = Batch(source="quarantine replay", tables=tables)
+    # Replayed rows are judged one by one: no batch-level hold for share or column drift.
+    lenient = Gate(replace(gate.settings, max_reject_share=1.0, on_schema_drift="accept"), gate.now)
+    return ingest(batch, log, lenient, replayed=replayed)

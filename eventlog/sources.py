@@ -1,0 +1,231 @@
+"""Read a batch of contract tables from a folder of CSV/Parquet files or a SQLAlchemy URL.
+
+The loader does structure only: it finds the tables, checks that required columns exist, and
+coerces every column to its contract type (string ids, UTC timestamps, numbers). Problems that
+sink the whole batch raise :class:`StructuralError` before anything is written. A *cell* that cannot
+be coerced is not structural: it is recorded as a :class:`CellIssue` and left as null, and the
+validation gate quarantines its row (the seam between this module and ``validation/``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+from eventlog.contract import CONTRACT, TABLES, columns, required_columns
+
+FILE_SUFFIXES = (".csv", ".parquet")
+_TZ_SUFFIX = re.compile(r"(Z|[+-]\d{2}(:?\d{2})?)$", re.IGNORECASE)
+
+
+class StructuralError(ValueError):
+    """A batch-level problem: missing required column, unreadable source, uncoercible column."""
+
+
+@dataclass(frozen=True)
+class CellIssue:
+    row: int  # 0-based position in the table batch
+    column: str
+    rule: str
+    reason: str
+
+
+@dataclass
+class TableBatch:
+    table: str
+    origin: str  # file path or "URL#table", for messages
+    frame: pd.DataFrame  # every contract column, normalised; extra columns kept as strings
+    raw: pd.DataFrame  # the original values as text, for quarantine payloads
+    present: list[str]  # columns the source actually had, in source order
+    row_numbers: np.ndarray  # 1-based data-row numbers in the source (CSV line = row + 1)
+    issues: list[CellIssue] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+
+@dataclass
+class Batch:
+    source: str
+    tables: dict[str, TableBatch]
+
+    @property
+    def rows(self) -> int:
+        return sum(len(t) for t in self.tables.values())
+
+
+def is_url(source: str) -> bool:
+    return "://" in source
+
+
+def load_batch(source: str | Path) -> Batch:
+    """Read whatever subset of users/items/events the source holds and normalise it."""
+    src = str(source)
+    raw_tables = _read_sql(src) if is_url(src) else _read_folder(Path(src))
+    if not raw_tables:
+        raise StructuralError(
+            f"{_redact(src)}: no contract table found (expected users, items and/or events "
+            f"as {' or '.join(FILE_SUFFIXES)} files, or SQL tables with those names)")
+    tables = {name: normalise(name, frame, origin) for name, (frame, origin) in raw_tables.items()}
+    return Batch(source=_redact(src), tables=tables)
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a SQLAlchemy URL before it reaches a message or a log."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def _read_folder(folder: Path) -> dict[str, tuple[pd.DataFrame, str]]:
+    if not folder.is_dir():
+        raise StructuralError(f"{folder}: not a folder (and not a SQLAlchemy URL)")
+    out: dict[str, tuple[pd.DataFrame, str]] = {}
+    for table in TABLES:
+        found = [folder / f"{table}{s}" for s in FILE_SUFFIXES if (folder / f"{table}{s}").exists()]
+        if len(found) > 1:
+            raise StructuralError(f"{folder}: both {found[0].name} and {found[1].name} exist; keep one")
+        if found:
+            out[table] = (_read_file(found[0]), str(found[0]))
+    return out
+
+
+def _read_file(path: Path) -> pd.DataFrame:
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        if path.stat().st_size == 0:
+            raise StructuralError(f"{path}: the file is empty (not even a header row)")
+        # Everything as text: the contract, not pandas' guesses, decides types. Only an empty
+        # field is null ("NA" may be a real region code). Bytes that are not UTF-8 become U+FFFD
+        # and the gate quarantines their rows instead of the whole file failing.
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""],
+                           encoding="utf-8", encoding_errors="replace")
+    except StructuralError:
+        raise
+    except Exception as exc:  # pandas/pyarrow raise many types; all mean "unreadable"
+        raise StructuralError(f"{path}: unreadable: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_sql(url: str) -> dict[str, tuple[pd.DataFrame, str]]:
+    try:
+        engine = sa.create_engine(url)
+        with engine.connect() as conn:
+            names = set(sa.inspect(conn).get_table_names())
+            return {t: (pd.read_sql_table(t, conn), f"{_redact(url)}#{t}") for t in TABLES if t in names}
+    except StructuralError:
+        raise
+    except Exception as exc:
+        raise StructuralError(f"{_redact(url)}: unreadable: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if "engine" in locals():
+            engine.dispose()
+
+
+def normalise(table: str, frame: pd.DataFrame, origin: str) -> TableBatch:
+    """Check structure and coerce every contract column to its type."""
+    frame = frame.reset_index(drop=True)
+    frame.columns = [str(c).strip() for c in frame.columns]
+    dupes = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+    if dupes:
+        raise StructuralError(f"{origin}: column {dupes[0]!r} appears more than once")
+    missing = [c for c in required_columns(table) if c not in frame.columns]
+    if missing:
+        raise StructuralError(
+            f"{origin}: required column {missing[0]!r} is missing "
+            f"(found: {', '.join(frame.columns) or 'no columns'})")
+    present = list(frame.columns)
+    raw = frame.astype(object).where(frame.notna(), None).astype(str).where(frame.notna(), None)
+    out = pd.DataFrame(index=frame.index)
+    issues: list[CellIssue] = []
+    notes: list[str] = []
+    spec = columns(table)
+    for name, col in spec.items():
+        if name not in frame.columns:
+            out[name] = pd.Series(pd.NA, index=frame.index, dtype=_dtype(col.type))
+            continue
+        values, bad, note = _coerce(frame[name], col.type)
+        if len(bad) and int(frame[name].notna().sum()) == len(bad):
+            example = frame[name].iloc[bad[0]]
+            raise StructuralError(
+                f"{origin}: column {name!r} cannot be read as {col.type}: none of its "
+                f"{len(bad)} values parse (row 1 has {str(example)[:60]!r})")
+        out[name] = values
+        issues += [CellIssue(int(i), name, "type",
+                             f"{name}={str(frame[name].iloc[i])[:60]!r} is not a valid {col.type}")
+                   for i in bad]
+        if note:
+            notes.append(f"{origin}: column {name!r}: {note}")
+    for extra in (c for c in frame.columns if c not in spec):
+        out[extra] = raw[extra]
+    if len(frame) == 0:
+        notes.append(f"{origin}: header only, no rows")
+    if table == "events":
+        out["event_id"] = _fill_event_ids(out)
+    ordered = [c.name for c in CONTRACT[table]] + [c for c in out.columns if c not in spec]
+    return TableBatch(table, origin, out[ordered], raw, present, np.arange(1, len(frame) + 1),
+                      issues, notes)
+
+
+def _dtype(kind: str) -> str:
+    return {"string": "string", "int": "Int64", "float": "Float64",
+            "timestamp": "datetime64[us, UTC]"}[kind]
+
+
+def _coerce(series: pd.Series, kind: str) -> tuple[pd.Series, np.ndarray, str]:
+    """Return the coerced column, the positions of cells that failed, and a note for the report."""
+    notna = series.notna().to_numpy()
+    note = ""
+    if kind == "string":
+        if pd.api.types.is_float_dtype(series) and (series.dropna() % 1 == 0).all():
+            series = series.astype("Int64")  # ids stored as numbers in a database: 42, not "42.0"
+        values = series.astype("string").str.strip()
+        return values.where(values != "", pd.NA), np.array([], dtype=int), note
+    if kind in ("int", "float"):
+        values = pd.to_numeric(series, errors="coerce")
+        bad = notna & values.isna().to_numpy()
+        if kind == "int":
+            fractional = values.notna() & (values % 1 != 0)
+            bad |= fractional.to_numpy()
+            values = values.where(~fractional).round().astype("Int64")
+        else:
+            values = values.astype("Float64")
+        bad |= np.isinf(values.to_numpy(dtype=float, na_value=0.0))
+        return values.where(~bad), np.flatnonzero(bad), note
+    # timestamp
+    if pd.api.types.is_datetime64_any_dtype(series):
+        if getattr(series.dt, "tz", None) is None:
+            note = "naive timestamps read as UTC"
+            values = series.dt.tz_localize("UTC")
+        else:
+            values = series.dt.tz_convert("UTC")
+        return values.astype("datetime64[us, UTC]"), np.array([], dtype=int), note
+    text = series.astype("string").str.strip()
+    values = pd.to_datetime(text, utc=True, errors="coerce", format="ISO8601")
+    retry = notna & values.isna().to_numpy()
+    if retry.any():  # non-ISO spellings ("03/01/2026 10:00 +0800"): slower, so only for the rest
+        values[retry] = pd.to_datetime(text[retry], utc=True, errors="coerce", format="mixed")
+    bad = notna & values.isna().to_numpy()
+    naive = int((~text.str.contains(_TZ_SUFFIX, na=True)).sum())
+    if naive:
+        note = f"{naive} naive timestamps read as UTC"
+    return values.astype("datetime64[us, UTC]"), np.flatnonzero(bad), note
+
+
+_HASHED = ["user_id", "event_timestamp", "event_type", "item_id", "query", "text", "rating", "value",
+           "session_id"]
+
+
+def _fill_event_ids(events: pd.DataFrame) -> pd.Series:
+    """Keep given ids; give the rest a stable hash of their normalised content."""
+    ids = events["event_id"].astype("string")
+    missing = ids.isna()
+    if missing.any():
+        content = events.loc[missing, _HASHED].astype("string").fillna("\x00")
+        hashed = pd.util.hash_pandas_object(content, index=False).to_numpy()
+        ids[missing] = [f"h{h:016x}" for h in hashed]
+    return ids

@@ -1,0 +1,260 @@
+"""The event log: Persona's system of record, kept through SQLAlchemy (SQLite or Postgres).
+
+Events are appended only and are idempotent on ``event_id``; users and items are upserted
+(columns absent from a batch keep their stored values). Each write happens in one transaction,
+so a failed batch leaves no partial rows. Timestamps are stored as naive UTC.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from eventlog.contract import CONTRACT, KEY_COLUMN
+
+_SQL_TYPES = {"string": sa.Text, "int": sa.BigInteger, "float": sa.Float, "timestamp": sa.DateTime}
+
+metadata = sa.MetaData()
+
+
+def _contract_table(name: str, *extra: sa.Column) -> sa.Table:
+    cols = [sa.Column(c.name, _SQL_TYPES[c.type](), primary_key=c.name == KEY_COLUMN[name],
+                      nullable=c.name != KEY_COLUMN[name]) for c in CONTRACT[name]]
+    return sa.Table(name, metadata, *cols, sa.Column("extra", sa.Text), *extra)
+
+
+users = _contract_table("users", sa.Column("updated_at", sa.DateTime))
+items = _contract_table("items", sa.Column("updated_at", sa.DateTime))
+events = _contract_table("events", sa.Column("batch_id", sa.String(36)),
+                         sa.Column("ingested_at", sa.DateTime))
+sa.Index("ix_events_user_time", events.c.user_id, events.c.event_timestamp)
+sa.Index("ix_events_time", events.c.event_timestamp)
+
+batches = sa.Table(
+    "batches", metadata,
+    sa.Column("batch_id", sa.String(36), primary_key=True),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # accepted | held | replay
+    sa.Column("summary", sa.Text, nullable=False),  # JSON: counts, columns per table, notes
+)
+
+quarantine = sa.Table(
+    "quarantine", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("batch_id", sa.String(36), nullable=False, index=True),
+    sa.Column("table_name", sa.String(16), nullable=False),
+    sa.Column("row_number", sa.Integer),  # 1-based data row in the source file or table
+    sa.Column("record_key", sa.Text),  # event_id / user_id / item_id when the row had one
+    sa.Column("rule", sa.String(64), nullable=False),
+    sa.Column("column_name", sa.String(128)),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),  # JSON of the original row as text
+    sa.Column("status", sa.String(16), nullable=False),  # open | held | replayed
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("resolved_at", sa.DateTime),
+)
+
+TABLES = {"users": users, "items": items, "events": events}
+
+
+@dataclass
+class WriteCounts:
+    new: int = 0  # rows that were not in the log before
+    existing: int = 0  # events already in the log (idempotent skip) or users/items updated
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def new_batch_id() -> str:
+    return str(uuid.uuid4())
+
+
+class EventLog:
+    """Thin, explicit access to the event-log database."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = sa.create_engine(url, future=True)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # --- writing ------------------------------------------------------------------------------
+    def write(self, conn: sa.Connection, table: str, frame: pd.DataFrame, present: Iterable[str],
+              batch_id: str) -> WriteCounts:
+        """Append events (skip known ids) or upsert users/items, inside the caller's transaction."""
+        if frame.empty:
+            return WriteCounts()
+        tbl = TABLES[table]
+        key = KEY_COLUMN[table]
+        contract_cols = [c.name for c in CONTRACT[table]]
+        extras = [c for c in frame.columns if c not in contract_cols]
+        update_cols = [c for c in contract_cols if c in set(present) and c != key]
+        if extras:
+            update_cols.append("extra")
+        records = _records(frame, contract_cols, extras)
+        now = utcnow()
+        for rec in records:
+            rec["batch_id" if table == "events" else "updated_at"] = batch_id if table == "events" else now
+            if table == "events":
+                rec["ingested_at"] = now
+        before = conn.execute(sa.select(sa.func.count()).select_from(tbl)).scalar_one()
+        dialect = conn.dialect.name
+        if dialect in ("sqlite", "postgresql"):
+            insert = (sqlite.insert if dialect == "sqlite" else postgresql.insert)(tbl)
+            if table == "events":
+                stmt = insert.on_conflict_do_nothing(index_elements=[key])
+            else:
+                cols = update_cols + ["updated_at"]
+                stmt = insert.on_conflict_do_update(index_elements=[key],
+                                                    set_={c: insert.excluded[c] for c in cols})
+            for chunk in _chunks(records, 20_000):
+                conn.execute(stmt, chunk)
+        else:  # any other SQLAlchemy backend: look up existing keys first
+            known = {r[0] for r in conn.execute(sa.select(tbl.c[key]).where(
+                tbl.c[key].in_([r[key] for r in records])))}
+            fresh = [r for r in records if r[key] not in known]
+            if fresh:
+                conn.execute(tbl.insert(), fresh)
+            if table != "events":
+                for r in (r for r in records if r[key] in known):
+                    conn.execute(tbl.update().where(tbl.c[key] == r[key]).values(
+                        {c: r[c] for c in update_cols + ["updated_at"]}))
+        after = conn.execute(sa.select(sa.func.count()).select_from(tbl)).scalar_one()
+        return WriteCounts(new=after - before, existing=len(records) - (after - before))
+
+    def record_batch(self, conn: sa.Connection, batch_id: str, source: str, status: str,
+                     summary: dict) -> None:
+        conn.execute(batches.insert().values(batch_id=batch_id, source=source, created_at=utcnow(),
+                                             status=status, summary=json.dumps(summary, default=str)))
+
+    def quarantine_rows(self, conn: sa.Connection, rows: list[dict]) -> None:
+        now = utcnow()
+        for chunk in _chunks([{**r, "created_at": now} for r in rows], 5_000):
+            conn.execute(quarantine.insert(), chunk)
+
+    # --- reading ------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            out = {name: conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
+                   for name, t in TABLES.items()}
+            out["quarantined"] = conn.execute(
+                sa.select(sa.func.count()).select_from(quarantine)
+                .where(quarantine.c.status != "replayed")).scalar_one()
+        return out
+
+    def time_range(self) -> tuple[datetime | None, datetime | None]:
+        with self.engine.connect() as conn:
+            lo, hi = conn.execute(sa.select(sa.func.min(events.c.event_timestamp),
+                                            sa.func.max(events.c.event_timestamp))).one()
+        return _as_utc(lo), _as_utc(hi)
+
+    def existing_keys(self, table: str, keys: Iterable[str]) -> set[str]:
+        """Which of ``keys`` are already stored (in chunks: SQLite caps bound parameters)."""
+        tbl = TABLES[table]
+        col = tbl.c[KEY_COLUMN[table]]
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for chunk in _chunks(sorted(set(keys)), 20_000):
+                found |= {r[0] for r in conn.execute(sa.select(col).where(col.in_(chunk)))}
+        return found
+
+    def stored_events(self, event_ids: Iterable[str]) -> pd.DataFrame:
+        ids = sorted(set(event_ids))
+        frames = []
+        with self.engine.connect() as conn:
+            for chunk in _chunks(ids, 20_000):
+                frames.append(pd.read_sql(sa.select(events).where(events.c.event_id.in_(chunk)), conn))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def read_table(self, table: str) -> pd.DataFrame:
+        with self.engine.connect() as conn:
+            frame = pd.read_sql(sa.select(TABLES[table]), conn)
+        for c in CONTRACT[table]:
+            if c.type == "timestamp":
+                frame[c.name] = pd.to_datetime(frame[c.name]).dt.tz_localize("UTC")
+        return frame
+
+    def last_columns(self, table: str) -> list[str] | None:
+        """The columns of the newest accepted batch that carried ``table`` (for schema drift)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(batches.c.summary).where(batches.c.status == "accepted")
+                                .order_by(batches.c.created_at.desc())).scalars()
+            for summary in rows:
+                cols = json.loads(summary).get("columns", {}).get(table)
+                if cols is not None:
+                    return cols
+        return None
+
+    def quarantined(self, status: str | None = None) -> pd.DataFrame:
+        stmt = sa.select(quarantine).order_by(quarantine.c.id)
+        if status:
+            stmt = stmt.where(quarantine.c.status == status)
+        with self.engine.connect() as conn:
+            return pd.read_sql(stmt, conn)
+
+    def update_quarantine(self, conn: sa.Connection, qid: int, values: dict) -> None:
+        conn.execute(quarantine.update().where(quarantine.c.id == qid).values(**values))
+
+    def resolve_quarantine(self, conn: sa.Connection, ids: list[int]) -> None:
+        now = utcnow()
+        for chunk in _chunks(ids, 20_000):
+            conn.execute(quarantine.update().where(quarantine.c.id.in_(chunk))
+                         .values(status="replayed", resolved_at=now))
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def _as_utc(value) -> datetime | None:
+    if value is None:
+        return None
+    ts = pd.Timestamp(value)
+    return (ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")).to_pydatetime()
+
+
+def _records(frame: pd.DataFrame, contract_cols: list[str], extras: list[str]) -> list[dict]:
+    """Rows as plain Python values: None for nulls, naive-UTC datetimes, extras folded into JSON."""
+    data: dict[str, list] = {}
+    for col in contract_cols:
+        s = frame[col]
+        if isinstance(s.dtype, pd.DatetimeTZDtype):
+            naive = s.dt.tz_convert("UTC").dt.tz_localize(None).astype(object)
+            data[col] = [None if pd.isna(v) else v.to_pydatetime() for v in naive]
+        else:
+            arr = s.astype(object).to_numpy()
+            mask = pd.isna(arr)
+            arr[mask] = None
+            if s.dtype.kind in "iuf" or str(s.dtype) in ("Int64", "Float64"):
+                arr = np.array([v if v is None else v.item() if hasattr(v, "item") else v for v in arr],
+                               dtype=object)
+            data[col] = arr.tolist()
+    if extras:
+        sub = frame[extras].astype(object).where(frame[extras].notna(), None)
+        data["extra"] = [json.dumps(r, ensure_ascii=False) for r in sub.to_dict("records")]
+    keys = list(data)
+    return [dict(zip(keys, row, strict=True)) for row in zip(*data.values(), strict=True)]
+
+
+def _chunks(seq: list, size: int):
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]

@@ -1,0 +1,272 @@
+"""The validation gate: every batch passes Great Expectations before it reaches the event log.
+
+The gate splits each table of a batch into accepted rows and violations (row, column, rule,
+reason). Row rules come from the checked-in GX suites; beside them run three checks of our own
+that need the event log: cell types (from the loader), referential integrity (an event's user and
+item exist in the log or the batch), and ``event_id`` conflicts with the log. Exact duplicate rows
+are collapsed, not rejected: re-delivery is normal. If too large a share of a table fails, or its
+columns drift from the previous accepted batch, the whole batch is held.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import cache
+
+import great_expectations as gx
+import numpy as np
+import pandas as pd
+
+from eventlog.contract import KEY_COLUMN
+from eventlog.sources import Batch, TableBatch
+from validation.suites import NOT_FUTURE_PARAM, load_suite
+
+log = logging.getLogger(__name__)
+ROW = "__row__"
+TABLE_ORDER = ("users", "items", "events")  # events are checked against accepted users/items
+_COMPARED = ["user_id", "event_timestamp", "event_type", "item_id", "query", "text", "rating", "value",
+             "device", "channel", "session_id"]
+
+
+@dataclass(frozen=True)
+class Violation:
+    row: int  # 0-based position in the table batch
+    column: str | None
+    rule: str
+    reason: str
+
+
+@dataclass
+class TableVerdict:
+    table: str
+    rows: int
+    violations: dict[int, list[Violation]] = field(default_factory=dict)
+    duplicates: np.ndarray = field(default_factory=lambda: np.array([], dtype=int))  # exact copies
+
+    @property
+    def rejected_rows(self) -> list[int]:
+        return sorted(self.violations)
+
+    @property
+    def accepted(self) -> int:
+        return self.rows - len(self.violations)
+
+    def write_mask(self) -> np.ndarray:
+        """Rows to write: accepted, and not an exact copy of an earlier row."""
+        mask = np.ones(self.rows, dtype=bool)
+        mask[self.rejected_rows] = False
+        mask[self.duplicates] = False
+        return mask
+
+    def rule_counts(self) -> Counter:
+        return Counter(v.rule for vs in self.violations.values() for v in vs)
+
+
+@dataclass
+class GateResult:
+    verdicts: dict[str, TableVerdict]
+    hold_reasons: list[str]
+
+    @property
+    def held(self) -> bool:
+        return bool(self.hold_reasons)
+
+    @property
+    def rows(self) -> int:
+        return sum(v.rows for v in self.verdicts.values())
+
+    @property
+    def rejected(self) -> int:
+        return sum(len(v.violations) for v in self.verdicts.values())
+
+
+@dataclass
+class GateSettings:
+    max_reject_share: float = 0.10
+    clock_skew_minutes: float = 5.0
+    on_schema_drift: str = "hold"
+
+
+class KnownIds:
+    """Ids the event log already holds, looked up lazily (``None`` means an empty log)."""
+
+    def __init__(self, event_log=None):
+        self.event_log = event_log
+
+    def existing(self, table: str, keys) -> set[str]:
+        return self.event_log.existing_keys(table, keys) if self.event_log else set()
+
+    def stored_events(self, ids) -> pd.DataFrame:
+        return self.event_log.stored_events(ids) if self.event_log else pd.DataFrame()
+
+    def last_columns(self, table: str) -> list[str] | None:
+        return self.event_log.last_columns(table) if self.event_log else None
+
+
+@cache
+def _gx_batch_definition(table: str):
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = {"globally": False}
+    asset = context.data_sources.add_pandas(f"persona_{table}").add_dataframe_asset(table)
+    return asset.add_batch_definition_whole_dataframe("batch")
+
+
+@cache
+def _suite(table: str) -> gx.ExpectationSuite:
+    return load_suite(table)
+
+
+def run_suite(table: str, frame: pd.DataFrame, now: datetime, skew: timedelta) -> list[Violation]:
+    """Run the table's GX suite; return one violation per failing (row, expectation)."""
+    data = frame.reset_index(drop=True).copy()
+    data[ROW] = np.arange(len(data))
+    batch = _gx_batch_definition(table).get_batch(batch_parameters={"dataframe": data})
+    result = batch.validate(
+        _suite(table),
+        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW],
+                       "partial_unexpected_count": 0, "return_unexpected_index_query": False},
+        expectation_parameters={NOT_FUTURE_PARAM: pd.Timestamp(now + skew)},
+    )
+    out: list[Violation] = []
+    for res in result.results:
+        if res.exception_info and res.exception_info.get("raised_exception"):
+            raise RuntimeError(f"GX expectation {res.expectation_config.type} on {table} failed to run: "
+                               f"{res.exception_info.get('exception_message')}")
+        if res.success:
+            continue
+        cfg = res.expectation_config
+        column = cfg.kwargs.get("column")
+        rule = cfg.meta.get("rule", cfg.type)
+        description = cfg.meta.get("description", cfg.type)
+        for entry in res.result.get("unexpected_index_list") or []:
+            value = entry.get(column)
+            shown = "null" if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)) \
+                else repr(_short(value))
+            out.append(Violation(int(entry[ROW]), column, rule, f"{description} (got {shown})"))
+    return out
+
+
+def _short(value) -> object:
+    if isinstance(value, str) and len(value) > 60:
+        return value[:57] + f"... ({len(value)} chars)"
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    return value
+
+
+class Gate:
+    def __init__(self, settings: GateSettings | None = None, now: datetime | None = None):
+        self.settings = settings or GateSettings()
+        self.now = now
+
+    def check(self, batch: Batch, known: KnownIds | None = None) -> GateResult:
+        known = known or KnownIds()
+        now = self.now or datetime.now(UTC)
+        skew = timedelta(minutes=self.settings.clock_skew_minutes)
+        verdicts: dict[str, TableVerdict] = {}
+        accepted_keys: dict[str, set[str]] = {}
+        for table in TABLE_ORDER:
+            tb = batch.tables.get(table)
+            if tb is None:
+                continue
+            verdict = self._check_table(tb, now, skew, known, accepted_keys)
+            verdicts[table] = verdict
+            mask = verdict.write_mask()
+            key = KEY_COLUMN[table]
+            accepted_keys[table] = set(tb.frame.loc[mask, key].dropna())
+        return GateResult(verdicts, self._hold_reasons(batch, verdicts, known))
+
+    def _check_table(self, tb: TableBatch, now: datetime, skew: timedelta, known: KnownIds,
+                     accepted_keys: dict[str, set[str]]) -> TableVerdict:
+        frame = tb.frame
+        verdict = TableVerdict(tb.table, len(frame))
+        if not len(frame):
+            return verdict
+        hashes = pd.util.hash_pandas_object(frame.astype("string"), index=False)
+        is_copy = hashes.duplicated().to_numpy()
+        first_of = pd.Series(np.arange(len(frame))).groupby(hashes.to_numpy()).transform("first").to_numpy()
+        unique_pos = np.flatnonzero(~is_copy)
+        found: list[Violation] = [Violation(i.row, i.column, i.rule, i.reason) for i in tb.issues]
+        type_cells = {(i.row, i.column) for i in tb.issues}
+        for v in run_suite(tb.table, frame.iloc[unique_pos], now, skew):
+            row = int(unique_pos[v.row])
+            if (row, v.column) not in type_cells:  # a bad cell is nulled: report "type", not "not_null"
+                found.append(Violation(row, v.column, v.rule, v.reason))
+        if tb.table == "events":
+            found += self._referential(frame, unique_pos, known, accepted_keys)
+            found += self._conflicts_with_log(frame, unique_pos, known)
+        for v in found:
+            verdict.violations.setdefault(v.row, []).append(v)
+        for pos in np.flatnonzero(is_copy):  # an exact copy shares its original's fate
+            original = int(first_of[pos])
+            if original in verdict.violations:
+                verdict.violations[int(pos)] = verdict.violations[original]
+        verdict.duplicates = np.flatnonzero(is_copy)
+        return verdict
+
+    @staticmethod
+    def _referential(frame: pd.DataFrame, rows: np.ndarray, known: KnownIds,
+                     accepted_keys: dict[str, set[str]]) -> list[Violation]:
+        out = []
+        for column, table in (("user_id", "users"), ("item_id", "items")):
+            values = frame[column].iloc[rows]
+            ids = set(values.dropna())
+            ok = accepted_keys.get(table, set()) & ids
+            ok |= known.existing(table, ids - ok)
+            orphan = values.notna() & ~values.isin(ok)
+            for pos, value in zip(rows[orphan.to_numpy()], values[orphan], strict=True):
+                out.append(Violation(int(pos), column, "orphan_reference",
+                                     f"{column} {_short(value)!r} exists neither in the event log "
+                                     f"nor in this batch's {table}"))
+        return out
+
+    @staticmethod
+    def _conflicts_with_log(frame: pd.DataFrame, rows: np.ndarray, known: KnownIds) -> list[Violation]:
+        ids = frame["event_id"].iloc[rows]
+        stored = known.stored_events(set(ids.dropna()))
+        if stored.empty:
+            return []
+        stored = stored.set_index("event_id")
+        stored["event_timestamp"] = pd.to_datetime(stored["event_timestamp"]).dt.tz_localize("UTC")
+        out = []
+        present = ids.isin(stored.index).to_numpy()
+        mine = frame.iloc[rows[present]]
+        theirs = stored.loc[mine["event_id"]]
+        for pos, (_, a), (_, b) in zip(rows[present], mine.iterrows(), theirs.iterrows(), strict=True):
+            differs = [c for c in _COMPARED if not _same(a[c], b[c])]
+            if differs:
+                out.append(Violation(int(pos), "event_id", "event_id_conflict",
+                                     f"event_id {a['event_id']!r} is already in the log with different "
+                                     f"{', '.join(differs)}"))
+        return out
+
+    def _hold_reasons(self, batch: Batch, verdicts: dict[str, TableVerdict], known: KnownIds) -> list[str]:
+        reasons = []
+        for table, verdict in verdicts.items():
+            share = len(verdict.violations) / verdict.rows if verdict.rows else 0.0
+            if share > self.settings.max_reject_share:
+                reasons.append(f"{table}: {share:.0%} of rows break a rule "
+                               f"(limit {self.settings.max_reject_share:.0%})")
+            if self.settings.on_schema_drift == "hold":
+                previous = known.last_columns(table)
+                present = batch.tables[table].present
+                if previous is not None and set(previous) != set(present):
+                    new = sorted(set(present) - set(previous))
+                    gone = sorted(set(previous) - set(present))
+                    reasons.append(f"{table}: columns changed since the previous batch "
+                                   f"(new: {', '.join(new) or 'none'}; missing: {', '.join(gone) or 'none'})")
+        return reasons
+
+
+def _same(a, b) -> bool:
+    a_na, b_na = pd.isna(a), pd.isna(b)
+    if a_na or b_na:
+        return a_na and b_na
+    if isinstance(a, float | int) and isinstance(b, float | int):
+        return abs(float(a) - float(b)) < 1e-9
+    if isinstance(a, pd.Timestamp | datetime) or isinstance(b, pd.Timestamp | datetime):
+        return pd.Timestamp(a) == pd.Timestamp(b)
+    return str(a) == str(b)
