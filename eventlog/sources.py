@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from eventlog.contract import CONTRACT, TABLES, columns, required_columns
 
 FILE_SUFFIXES = (".csv", ".parquet")
-_TZ_SUFFIX = re.compile(r"(Z|[+-]\d{2}(:?\d{2})?)$", re.IGNORECASE)
+_TZ_SUFFIX = re.compile(r"(?:Z|[+-]\d{2}:?\d{2})$", re.IGNORECASE)
 
 
 class StructuralError(ValueError):
@@ -149,11 +149,13 @@ def normalise(table: str, frame: pd.DataFrame, origin: str) -> TableBatch:
             out[name] = pd.Series(pd.NA, index=frame.index, dtype=_dtype(col.type))
             continue
         values, bad, note = _coerce(frame[name], col.type)
-        if len(bad) and int(frame[name].notna().sum()) == len(bad):
+        filled = int(frame[name].notna().sum())
+        if len(bad) == filled and filled >= max(2, len(frame) / 2):
+            # The whole column is of another type (a sparse column's one bad cell is a row issue).
             example = frame[name].iloc[bad[0]]
             raise StructuralError(
                 f"{origin}: column {name!r} cannot be read as {col.type}: none of its "
-                f"{len(bad)} values parse (row 1 has {str(example)[:60]!r})")
+                f"{filled} values parse (row {bad[0] + 1} has {str(example)[:60]!r})")
         out[name] = values
         issues += [CellIssue(int(i), name, "type",
                              f"{name}={str(frame[name].iloc[i])[:60]!r} is not a valid {col.type}")
@@ -205,12 +207,17 @@ def _coerce(series: pd.Series, kind: str) -> tuple[pd.Series, np.ndarray, str]:
             values = series.dt.tz_convert("UTC")
         return values.astype("datetime64[us, UTC]"), np.array([], dtype=int), note
     text = series.astype("string").str.strip()
-    values = pd.to_datetime(text, utc=True, errors="coerce", format="ISO8601")
+    naive_mask = (~text.str.contains(_TZ_SUFFIX, na=True)).to_numpy()
+    values = pd.Series(pd.NaT, index=series.index, dtype="datetime64[us, UTC]")
+    # Naive and zoned spellings are parsed apart: pandas would otherwise apply a neighbour's offset.
+    for part in (naive_mask, ~naive_mask):
+        if part.any():
+            values[part] = pd.to_datetime(text[part], utc=True, errors="coerce", format="ISO8601")
     retry = notna & values.isna().to_numpy()
     if retry.any():  # non-ISO spellings ("03/01/2026 10:00 +0800"): slower, so only for the rest
         values[retry] = pd.to_datetime(text[retry], utc=True, errors="coerce", format="mixed")
     bad = notna & values.isna().to_numpy()
-    naive = int((~text.str.contains(_TZ_SUFFIX, na=True)).sum())
+    naive = int((naive_mask & notna).sum())
     if naive:
         note = f"{naive} naive timestamps read as UTC"
     return values.astype("datetime64[us, UTC]"), np.flatnonzero(bad), note
@@ -227,5 +234,6 @@ def _fill_event_ids(events: pd.DataFrame) -> pd.Series:
     if missing.any():
         content = events.loc[missing, _HASHED].astype("string").fillna("\x00")
         hashed = pd.util.hash_pandas_object(content, index=False).to_numpy()
-        ids[missing] = [f"h{h:016x}" for h in hashed]
+        filled = pd.Series([f"h{h:016x}" for h in hashed], index=content.index, dtype="string")
+        ids = ids.where(~missing, filled.reindex(ids.index))
     return ids

@@ -1,0 +1,130 @@
+"""The contract loader: good files, every structural error, SQL sources."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from eventlog.sources import StructuralError, load_batch
+from persona import sample_data
+
+
+def test_reads_csv_and_normalises_types(shop_dir, shop):
+    batch = load_batch(shop_dir)
+    assert set(batch.tables) == {"users", "items", "events"}
+    events = batch.tables["events"].frame
+    assert len(events) == len(shop["events"])
+    assert str(events["event_timestamp"].dtype) == "datetime64[us, UTC]"
+    assert events["event_timestamp"].iloc[0] == shop["events"]["event_timestamp"].iloc[0]
+    assert str(events["user_id"].dtype) == "string"
+    assert str(batch.tables["users"].frame["age"].dtype) == "Int64"
+    assert not batch.tables["events"].issues
+
+
+def test_reads_parquet(tmp_path, shop):
+    sample_data.write(shop, tmp_path, "parquet")
+    batch = load_batch(tmp_path)
+    assert len(batch.tables["events"]) == len(shop["events"])
+    assert batch.tables["items"].frame["price"].sum() == pytest.approx(shop["items"]["price"].sum())
+
+
+def test_any_subset_of_tables(tmp_path, shop):
+    sample_data.write({"events": shop["events"].head(10)}, tmp_path)
+    assert set(load_batch(tmp_path).tables) == {"events"}
+
+
+def test_stable_event_id_when_absent(tmp_path, shop):
+    events = shop["events"].head(50).drop(columns="event_id")
+    sample_data.write({"events": events}, tmp_path)
+    first = load_batch(tmp_path).tables["events"].frame["event_id"]
+    # The same events with shuffled rows and another timestamp spelling get the same ids.
+    shuffled = events.sample(frac=1, random_state=3)
+    shuffled["event_timestamp"] = shuffled["event_timestamp"].dt.tz_convert("Asia/Shanghai").astype(str)
+    sample_data.write({"events": shuffled}, tmp_path)
+    second = load_batch(tmp_path).tables["events"].frame["event_id"]
+    assert first.notna().all() and first.is_unique
+    assert set(first) == set(second)
+
+
+def test_ids_are_strings_even_when_numeric(tmp_path):
+    pd.DataFrame({"user_id": [1, 2], "age": [30, 40]}).to_parquet(tmp_path / "users.parquet")
+    frame = load_batch(tmp_path).tables["users"].frame
+    assert list(frame["user_id"]) == ["1", "2"]
+
+
+def test_missing_required_column_names_file_and_column(tmp_path, shop):
+    sample_data.write({"events": shop["events"].drop(columns="event_type").head(5)}, tmp_path)
+    with pytest.raises(StructuralError, match=r"events\.csv: required column 'event_type' is missing"):
+        load_batch(tmp_path)
+
+
+def test_unreadable_file(tmp_path):
+    (tmp_path / "items.parquet").write_bytes(b"this is not parquet")
+    with pytest.raises(StructuralError, match=r"items\.parquet: unreadable"):
+        load_batch(tmp_path)
+
+
+def test_uncoercible_column_is_structural(tmp_path, shop):
+    events = shop["events"].head(5).copy()
+    events["event_timestamp"] = "yesterday-ish"
+    sample_data.write({"events": events}, tmp_path)
+    with pytest.raises(StructuralError, match=r"column 'event_timestamp' cannot be read as timestamp"):
+        load_batch(tmp_path)
+
+
+def test_single_bad_cell_is_a_row_issue_not_structural(tmp_path, shop):
+    users = shop["users"].head(5).astype({"age": object})
+    users.loc[2, "age"] = "abc"
+    sample_data.write({"users": users}, tmp_path)
+    tb = load_batch(tmp_path).tables["users"]
+    assert [(i.row, i.column, i.rule) for i in tb.issues] == [(2, "age", "type")]
+    assert pd.isna(tb.frame["age"].iloc[2])
+
+
+def test_empty_file_and_ambiguous_folder(tmp_path, shop):
+    (tmp_path / "events.csv").write_text("")
+    with pytest.raises(StructuralError, match=r"events\.csv: the file is empty"):
+        load_batch(tmp_path)
+    (tmp_path / "events.csv").unlink()
+    sample_data.write({"users": shop["users"].head(2)}, tmp_path, "csv")
+    shop["users"].head(2).to_parquet(tmp_path / "users.parquet")
+    with pytest.raises(StructuralError, match="both users.csv and users.parquet"):
+        load_batch(tmp_path)
+
+
+def test_nothing_to_read(tmp_path):
+    with pytest.raises(StructuralError, match="no contract table found"):
+        load_batch(tmp_path)
+    with pytest.raises(StructuralError, match="not a folder"):
+        load_batch(tmp_path / "missing")
+
+
+def _to_sql(url: str, shop) -> None:
+    engine = sa.create_engine(url)
+    for name in ("users", "items"):
+        shop[name].to_sql(name, engine, index=False, if_exists="replace")
+    shop["events"].head(300).to_sql("events", engine, index=False, if_exists="replace")
+    engine.dispose()
+
+
+def test_sqlite_source(tmp_path, shop):
+    url = f"sqlite:///{tmp_path / 'shop.db'}"
+    _to_sql(url, shop)
+    batch = load_batch(url)
+    assert len(batch.tables["events"]) == 300
+    assert batch.tables["events"].frame["event_timestamp"].dt.tz is not None
+
+
+@pytest.mark.postgres
+def test_postgres_source(pg_url, shop):
+    _to_sql(pg_url, shop)
+    batch = load_batch(pg_url)
+    assert len(batch.tables["users"]) == len(shop["users"])
+    assert batch.tables["events"].frame["event_timestamp"].iloc[0] == shop["events"]["event_timestamp"].iloc[0]
+
+
+def test_sql_source_error_hides_password():
+    with pytest.raises(StructuralError) as info:
+        load_batch("postgresql+psycopg://someone:s3cret@127.0.0.1:1/none")
+    assert "s3cret" not in str(info.value)
