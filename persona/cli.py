@@ -22,7 +22,7 @@ suites_app = typer.Typer(help="Great Expectations suites of the input contract."
 app.add_typer(quarantine_app, name="quarantine")
 app.add_typer(suites_app, name="suites")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 Workspace = Annotated[Path, typer.Option("--workspace", "-w", help="Folder holding one dataset's "
                                          "event log, stores, models and reports.")]

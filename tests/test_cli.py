@@ -1,0 +1,129 @@
+"""The persona CLI end to end on real files, a real SQLite event log and real GX."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from persona import sample_data
+from persona.cli import app
+
+runner = CliRunner()
+
+
+def _invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_quickstart_twice_and_status(tmp_path):
+    ws = tmp_path / "ws"
+    args = ("quickstart", "--workspace", str(ws), "--users", "120", "--items", "80", "--days", "10")
+    first = _invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert (ws / "sample" / "events.csv").exists()
+    assert list((ws / "reports" / "validation").glob("*/summary.html"))
+    assert (ws / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html").exists()
+    status = json.loads(_invoke("status", "--workspace", str(ws), "--json").output)
+    n_events = len(pd.read_csv(ws / "sample" / "events.csv"))
+    assert status["users"] == 120 and status["items"] == 80 and status["events"] == n_events
+    assert status["quarantined"] == 0 and status["newest_event"].startswith("2026-06-2")
+    second = _invoke(*args)  # a second run works and adds nothing
+    assert second.exit_code == 0, second.output
+    assert json.loads(_invoke("status", "--workspace", str(ws), "--json").output)["events"] == n_events
+
+
+def test_generated_sample_passes_validation_strictly(tmp_path):
+    """Data-quality review in CI: the generator's output must never be rejected."""
+    out = tmp_path / "sample"
+    assert _invoke("generate", "--out", str(out), "--users", "400", "--items", "200", "--days", "20",
+                   "--seed", "9", "--format", "parquet").exit_code == 0
+    result = _invoke("validate", "--source", str(out), "--workspace", str(tmp_path / "ws"), "--strict",
+                     "--no-docs")
+    assert result.exit_code == 0, result.output
+    summary = next((tmp_path / "ws" / "reports" / "validation").glob("*/summary.md")).read_text()
+    assert "No row breaks a rule." in summary
+
+
+def _batch_with_bad_rows(folder, shop, bad_user: str = "u_late"):
+    events = shop["events"].head(100).copy()
+    events.loc[3, "rating"] = 7.0
+    events.loc[10, "user_id"] = bad_user  # an orphan until that user arrives
+    sample_data.write({"users": shop["users"], "items": shop["items"], "events": events}, folder)
+    return events
+
+
+def test_ingest_keeps_good_rows_and_replay_after_fix(tmp_path, shop):
+    ws = str(tmp_path / "ws")
+    folder = tmp_path / "batch"
+    events = _batch_with_bad_rows(folder, shop)
+    result = _invoke("ingest", "--source", str(folder), "--workspace", ws)
+    assert result.exit_code == 0, result.output
+    assert "rating_range" in result.output and "orphan_reference" in result.output
+    listed = json.loads(_invoke("quarantine", "list", "--workspace", ws, "--json").output)
+    assert {(r["row_number"], r["rule"], r["column_name"]) for r in listed} == {
+        (4, "rating_range", "rating"), (11, "orphan_reference", "user_id")}
+    assert json.loads(_invoke("status", "--workspace", ws, "--json").output)["events"] == 98
+
+    # Fix one row in a corrected file and replay it.
+    fixed = events.iloc[[3]].copy()
+    fixed["rating"] = 5.0
+    fixed_dir = tmp_path / "fixed"
+    sample_data.write({"events": fixed}, fixed_dir)
+    result = _invoke("quarantine", "replay", "--workspace", ws, "--source", str(fixed_dir))
+    assert result.exit_code == 0, result.output
+    assert "1 row(s) remain" in result.output
+
+    # The orphan passes as it stands once its user has arrived.
+    late_user = shop["users"].head(1).assign(user_id="u_late")
+    users_dir = tmp_path / "users"
+    sample_data.write({"users": late_user}, users_dir)
+    assert _invoke("ingest", "--source", str(users_dir), "--workspace", ws).exit_code == 0
+    result = _invoke("quarantine", "replay", "--workspace", ws)
+    assert result.exit_code == 0, result.output
+    status = json.loads(_invoke("status", "--workspace", ws, "--json").output)
+    assert status["events"] == 100 and status["quarantined"] == 0
+
+
+def test_strict_fails_on_any_quarantined_row(tmp_path, shop):
+    folder = tmp_path / "batch"
+    _batch_with_bad_rows(folder, shop)
+    result = _invoke("ingest", "--source", str(folder), "--workspace", str(tmp_path / "ws"), "--strict")
+    assert result.exit_code == 1
+    assert "2 row(s) quarantined" in result.output
+
+
+def test_held_batch_exits_non_zero_and_replays_after_setting_change(tmp_path, shop):
+    ws = tmp_path / "ws"
+    folder = tmp_path / "batch"
+    events = shop["events"].head(40).copy()
+    events.loc[:9, "value"] = -1.0  # 25% bad
+    sample_data.write({"users": shop["users"], "items": shop["items"], "events": events}, folder)
+    result = _invoke("ingest", "--source", str(folder), "--workspace", str(ws))
+    assert result.exit_code == 1 and "batch held" in result.output
+    assert json.loads(_invoke("status", "--workspace", str(ws), "--json").output)["events"] == 0
+    # A reviewer decides the batch may pass with its bad rows quarantined: replay it.
+    result = _invoke("quarantine", "replay", "--workspace", str(ws))
+    assert result.exit_code == 0, result.output
+    status = json.loads(_invoke("status", "--workspace", str(ws), "--json").output)
+    assert status["events"] == 30 and status["quarantined"] == 10
+
+
+def test_schema_drift_holds_the_batch(tmp_path, shop):
+    ws = str(tmp_path / "ws")
+    first, second = tmp_path / "a", tmp_path / "b"
+    sample_data.write({"users": shop["users"], "items": shop["items"], "events": shop["events"].head(20)}, first)
+    assert _invoke("ingest", "--source", str(first), "--workspace", ws).exit_code == 0
+    sample_data.write({"events": shop["events"].iloc[20:40].drop(columns=["device"])}, second)
+    result = _invoke("ingest", "--source", str(second), "--workspace", ws)
+    assert result.exit_code == 1 and "missing: device" in result.output
+
+
+def test_structural_error_is_clear_and_writes_nothing(tmp_path, shop):
+    folder = tmp_path / "batch"
+    sample_data.write({"users": shop["users"].drop(columns=["user_id"])}, folder)
+    result = _invoke("ingest", "--source", str(folder), "--workspace", str(tmp_path / "ws"))
+    assert result.exit_code == 2
+    assert "users.csv: required column 'user_id' is missing" in result.output
+    assert "Nothing was written" in result.output
