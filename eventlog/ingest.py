@@ -10,7 +10,6 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import pandas as pd
 
 from eventlog.contract import KEY_COLUMN
@@ -89,8 +88,7 @@ def ingest(batch: Batch, log: EventLog, gate: Gate, *, dry_run: bool = False,
             tr = report.tables[table]
             tr.written = counts.new if table == "events" else int(mask.sum())
             tr.already_present = counts.existing if table == "events" else 0
-            passed = set(np.flatnonzero(~np.isin(np.arange(verdict.rows), verdict.rejected_rows)))
-            resolved += [qid for row, qid in retried.items() if row in passed]
+            resolved += [qid for row, qid in retried.items() if row not in verdict.violations]
         log.quarantine_rows(conn, quarantine_rows)
         log.resolve_quarantine(conn, resolved)
         summary = report.to_dict() | {"columns": {t: b.present for t, b in batch.tables.items()}}

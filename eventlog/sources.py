@@ -174,7 +174,7 @@ def normalise(table: str, frame: pd.DataFrame, origin: str) -> TableBatch:
 
 
 def _dtype(kind: str) -> str:
-    return {"string": "string", "int": "Int64", "float": "Float64",
+    return {"string": "string[pyarrow]", "int": "Int64", "float": "Float64",
             "timestamp": "datetime64[us, UTC]"}[kind]
 
 
@@ -185,7 +185,8 @@ def _coerce(series: pd.Series, kind: str) -> tuple[pd.Series, np.ndarray, str]:
     if kind == "string":
         if pd.api.types.is_float_dtype(series) and (series.dropna() % 1 == 0).all():
             series = series.astype("Int64")  # ids stored as numbers in a database: 42, not "42.0"
-        values = series.astype("string").str.strip()
+        # Arrow-backed strings: vectorised length and search checks in the gate.
+        values = series.astype("string[pyarrow]").str.strip()
         return values.where(values != "", pd.NA), np.array([], dtype=int), note
     if kind in ("int", "float"):
         values = pd.to_numeric(series, errors="coerce")
