@@ -169,7 +169,7 @@ class EventLog:
         SQLite and Postgres take the whole key list as one parameter (a JSON array or a text
         array), which is far faster than rendering an IN list of a million bound values.
         """
-        keys = sorted({str(k) for k in keys})
+        keys = list(dict.fromkeys(str(k) for k in keys))
         if not keys:
             return set()
         tbl = TABLES[table]
@@ -177,6 +177,8 @@ class EventLog:
         col = tbl.c[name]
         found: set[str] = set()
         with self.engine.connect() as conn:
+            if conn.execute(sa.select(col).limit(1)).first() is None:
+                return set()  # an empty table holds none of them: the first load skips the lookup
             dialect = conn.dialect.name
             if dialect == "sqlite":
                 stmt = sa.text(f"SELECT {name} FROM {table} WHERE {name} IN (SELECT value FROM json_each(:keys))")
