@@ -19,7 +19,10 @@ app = typer.Typer(help="Persona: user profiling and personalised ranking for onl
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 quarantine_app = typer.Typer(help="Inspect and replay quarantined rows.", no_args_is_help=True)
 suites_app = typer.Typer(help="Great Expectations suites of the input contract.", no_args_is_help=True)
+features_app = typer.Typer(help="Feast features: apply the repo, build from the event log, materialize.",
+                           no_args_is_help=True)
 app.add_typer(quarantine_app, name="quarantine")
+app.add_typer(features_app, name="features")
 app.add_typer(suites_app, name="suites")
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -260,6 +263,66 @@ def quarantine_replay(
         raise typer.Exit(1)
 
 
+@features_app.command("apply")
+def features_apply(workspace: Workspace = DEFAULT_WS, profile: Profile = None) -> None:
+    """Write WORKSPACE/feature_store.yaml for the profile and register the feature repo."""
+    from feature_repo.pipeline import stores
+
+    cfg = _config(workspace, profile)
+    try:
+        with console.status(f"feast apply ({cfg.profile})"):
+            _, objects = stores.apply(cfg.workspace, cfg.profile)
+    except ValueError as exc:
+        _fail(str(exc))
+    path = stores.yaml_path(cfg.workspace)
+    console.print(f"applied {len(objects)} Feast objects; config: {path}\n"
+                  f"Feast CLI: feast -c {stores.REPO_DIR} -f {path} plan", highlight=False)
+
+
+@features_app.command("build")
+def features_build(workspace: Workspace = DEFAULT_WS, profile: Profile = None,
+                   check: Annotated[bool, typer.Option(help="Run the feature-level GX suite.")] = True) -> None:
+    """Compute every feature view from the event log and write the offline store."""
+    from feature_repo.pipeline.build import build
+
+    cfg = _config(workspace, profile)
+    log = _event_log(cfg)
+    started = time.perf_counter()
+    with console.status(f"building features from the event log ({cfg.profile})"):
+        tables = build(log, cfg.profile, cfg.workspace)
+    log.dispose()
+    for name, frame in tables.items():
+        console.print(f"{name:>15}: {len(frame):,} rows")
+    console.print(f"built in {time.perf_counter() - started:.1f} s")
+    if check:
+        _check_features(cfg, tables)
+
+
+def _check_features(cfg, tables) -> None:
+    from validation.feature_suite import check_features
+
+    report = check_features(tables, cfg.reports_dir / "features", cfg.validation.feature_drift)
+    for line in report.lines:
+        console.print(line, highlight=False)
+    if report.failed:
+        err.print("[bold red]feature checks failed[/] (see " + str(report.path) + ")", highlight=False)
+        raise typer.Exit(1)
+
+
+@features_app.command("materialize")
+def features_materialize(workspace: Workspace = DEFAULT_WS, profile: Profile = None,
+                         full: Annotated[bool, typer.Option(help="Reload everything, not only new rows.")] = False,
+                         ) -> None:
+    """Load the offline store's newest values into the online store (incremental by default)."""
+    from feature_repo.pipeline import stores
+
+    cfg = _config(workspace, profile)
+    try:
+        stores.materialize(cfg.workspace, full=full)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+
+
 @suites_app.command("write")
 def suites_write() -> None:
     """Regenerate validation/gx/expectations/*.json from the contract (review the diff)."""
@@ -280,12 +343,16 @@ def quickstart(
     """Run the whole pipeline on generated sample data inside the workspace."""
     cfg = _config(workspace)
     started = time.perf_counter()
-    console.rule("1/3 generate sample data")
+    console.rule("1/4 generate sample data")
     generate(out=cfg.sample_dir, users=users, items=items, days=days, seed=seed, fmt="csv")
-    console.rule("2/3 validate and ingest")
+    console.rule("2/4 validate and ingest")
     validate(source=str(cfg.sample_dir), workspace=workspace, profile=None, strict=True, docs=True)
     ingest(source=str(cfg.sample_dir), workspace=workspace, profile=None, strict=True, as_json=False)
-    console.rule("3/3 status")
+    console.rule("3/4 features: apply, build, materialize")
+    features_apply(workspace=workspace, profile=None)
+    features_build(workspace=workspace, profile=None, check=True)
+    features_materialize(workspace=workspace, profile=None, full=False)
+    console.rule("4/4 status")
     status(workspace=workspace, profile=None, as_json=False)
     console.print(f"[bold green]quickstart done[/] in {time.perf_counter() - started:.0f} s. "
                   f"Workspace: {workspace}", highlight=False)

@@ -24,6 +24,7 @@ class ValidationConfig:
     max_reject_share: float = 0.10  # above this share of bad rows the whole batch is held
     clock_skew_minutes: float = 5.0  # timestamps this far in the future are still accepted
     on_schema_drift: str = "hold"  # hold | accept: new or missing columns vs the previous batch
+    feature_drift: str = "warn"  # warn | fail: key feature means moved against the previous build
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Persona's Feast repo (definitions in features.py; the pipeline package is Feast-ignored)."""

@@ -1,0 +1,192 @@
+"""Persona's Feast feature definitions: what a profile model may read, declared once.
+
+Every view is computed by ``persona features build`` from the event log (see ``pipeline/``, which
+Feast does not import) and stamped so that a value at time T uses only events strictly before T.
+Which store holds the data depends on the workspace's profile (local, prod or spark); the
+workspace is ``$PERSONA_WORKSPACE``, else the folder of the ``-f`` yaml given to the Feast CLI,
+else ``./workspace``.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import yaml
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, RequestSource, ValueType
+from feast.on_demand_feature_view import on_demand_feature_view
+from feast.types import Float64, Int64, String, UnixTimestamp
+
+EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "search", "review")
+WINDOWS = ("1d", "7d", "30d")
+RECENCY_TYPES = ("view", "click", "add_to_cart", "purchase", "search")
+
+
+def _workspace() -> Path:
+    if ws := os.environ.get("PERSONA_WORKSPACE"):
+        return Path(ws).resolve()
+    try:  # running under `feast -f WORKSPACE/feature_store.yaml ...`
+        import click
+
+        ctx = click.get_current_context(silent=True)
+        yaml_file = ctx.find_root().obj.get("FS_YAML_FILE") if ctx and ctx.find_root().obj else None
+        if yaml_file and Path(yaml_file).exists():
+            return Path(yaml_file).resolve().parent
+    except Exception:  # noqa: BLE001 - outside the Feast CLI there is no click context
+        pass
+    if yaml_env := os.environ.get("FEAST_FS_YAML_FILE_PATH"):
+        return Path(yaml_env).resolve().parent
+    return Path("workspace").resolve()
+
+
+WORKSPACE = _workspace()
+_settings = WORKSPACE / "persona.yaml"
+PROFILE = os.environ.get("PERSONA_PROFILE") or (
+    (yaml.safe_load(_settings.read_text()) or {}).get("profile", "local") if _settings.exists() else "local")
+
+
+def offline_source(name: str):
+    """The batch source of one feature table, in the store of the workspace's profile."""
+    if PROFILE == "prod":
+        from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import PostgreSQLSource
+
+        return PostgreSQLSource(name=name, table=f"persona_{name}", timestamp_field="event_timestamp")
+    if PROFILE == "spark":
+        from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
+
+        return SparkSource(name=name, path=str(WORKSPACE / "offline" / name), file_format="parquet",
+                           timestamp_field="event_timestamp")
+    return FileSource(name=name, path=str(WORKSPACE / "offline" / f"{name}.parquet"),
+                      timestamp_field="event_timestamp")
+
+
+# The shopper: every behaviour, personal and text feature is keyed by them.
+user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING,
+              description="A shopper, by the user_id of the input contract.")
+
+# A catalogue item: the item tower and item statistics are keyed by it.
+item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING,
+              description="A catalogue item, by the item_id of the input contract.")
+
+# Who the user is: slow-changing attributes from the users table (static, stamped at signup).
+user_personal = FeatureView(
+    name="user_personal",
+    entities=[user],
+    ttl=timedelta(days=36500),
+    schema=[
+        Field(name="age", dtype=Int64), Field(name="age_band", dtype=String),
+        Field(name="gender", dtype=String), Field(name="region", dtype=String),
+        Field(name="occupation", dtype=String), Field(name="membership", dtype=String),
+        Field(name="signup_timestamp", dtype=UnixTimestamp),
+    ],
+    source=offline_source("user_personal"),
+    online=True,
+    tags={"family": "personal"},
+)
+
+_behaviour_fields = (
+    [Field(name=f"{e}_count_{w}", dtype=Int64) for e in EVENT_TYPES for w in WINDOWS]
+    + [Field(name=f"hours_since_last_{e}", dtype=Float64) for e in RECENCY_TYPES]
+    + [Field(name=n, dtype=Float64) for n in (
+        "spend_30d", "avg_price_engaged_30d", "ctr_30d", "cart_rate_30d", "purchase_rate_30d",
+        "top_category_1_share_30d", "top_category_2_share_30d", "top_category_3_share_30d")]
+    + [Field(name=n, dtype=Int64) for n in ("distinct_items_30d", "distinct_categories_30d")]
+    + [Field(name=n, dtype=String) for n in (
+        "top_category_1_30d", "top_category_2_30d", "top_category_3_30d", "top_device_30d", "top_channel_30d")]
+)
+
+# Fresh events reach the online store through this push source, between batch builds.
+user_behaviour_push = PushSource(name="user_behaviour_push", batch_source=offline_source("user_behaviour"))
+
+# What the user did: windowed counts, recency, spend, conversion, category affinity, device mix.
+# A row stamped T holds the state after the user's events before T (the push path's state).
+user_behaviour = FeatureView(
+    name="user_behaviour",
+    entities=[user],
+    ttl=timedelta(days=3650),
+    schema=_behaviour_fields,
+    source=user_behaviour_push,
+    online=True,
+    tags={"family": "behaviour"},
+)
+
+# Fresh queries and engaged titles reach the online store through this push source.
+user_text_push = PushSource(name="user_text_push", batch_source=offline_source("user_text"))
+
+# What the user said and looked at: recent queries and engaged titles, newest first, for BERT.
+user_text = FeatureView(
+    name="user_text",
+    entities=[user],
+    ttl=timedelta(days=3650),
+    schema=[Field(name="recent_queries", dtype=String), Field(name="recent_titles", dtype=String)],
+    source=user_text_push,
+    online=True,
+    tags={"family": "text"},
+)
+
+# What the item is and how it sells: catalogue attributes and daily popularity and CTR.
+item_features = FeatureView(
+    name="item_features",
+    entities=[item],
+    ttl=timedelta(days=3650),
+    schema=[
+        Field(name="title", dtype=String), Field(name="category", dtype=String),
+        Field(name="top_category", dtype=String), Field(name="brand", dtype=String),
+        Field(name="price", dtype=Float64),
+        Field(name="views_7d", dtype=Int64), Field(name="views_30d", dtype=Int64),
+        Field(name="clicks_7d", dtype=Int64), Field(name="clicks_30d", dtype=Int64),
+        Field(name="purchases_7d", dtype=Int64), Field(name="purchases_30d", dtype=Int64),
+        Field(name="ctr_7d", dtype=Float64), Field(name="ctr_30d", dtype=Float64),
+    ],
+    source=offline_source("item_features"),
+    online=True,
+    tags={"family": "item"},
+)
+
+# The request itself: device, channel and time are only known when the request arrives.
+request_context = RequestSource(
+    name="request_context",
+    schema=[Field(name="device", dtype=String), Field(name="channel", dtype=String),
+            Field(name="request_timestamp", dtype=UnixTimestamp)],
+)
+
+
+# Context features, computed by the same Python code offline (training) and online (serving).
+@on_demand_feature_view(
+    sources=[request_context],
+    schema=[
+        Field(name="hour_sin", dtype=Float64), Field(name="hour_cos", dtype=Float64),
+        Field(name="weekday", dtype=Int64), Field(name="is_weekend", dtype=Int64),
+        Field(name="context_device", dtype=String), Field(name="context_channel", dtype=String),
+    ],
+    mode="python",
+    tags={"family": "context"},
+)
+def context_features(inputs: dict) -> dict:
+    import math  # the UDF travels as source through the registry: imports live inside it
+
+    out: dict = {"hour_sin": [], "hour_cos": [], "weekday": [], "is_weekend": [],
+                 "context_device": [], "context_channel": []}
+    for ts, device, channel in zip(inputs["request_timestamp"], inputs["device"], inputs["channel"],
+                                   strict=True):
+        hour = ts.hour + ts.minute / 60.0 if ts is not None else 12.0
+        weekday = ts.weekday() if ts is not None else 0
+        out["hour_sin"].append(math.sin(2 * math.pi * hour / 24))
+        out["hour_cos"].append(math.cos(2 * math.pi * hour / 24))
+        out["weekday"].append(weekday)
+        out["is_weekend"].append(int(weekday >= 5))
+        out["context_device"].append(device or "unknown")
+        out["context_channel"].append(channel or "unknown")
+    return out
+
+
+# Exactly what profile model v1 reads; the model's metadata names this service.
+profile_v1 = FeatureService(
+    name="profile_v1",
+    features=[user_personal, user_behaviour, user_text, context_features],
+    tags={"model": "profile", "version": "1"},
+)
+
+# The item tower's inputs.
+items_v1 = FeatureService(name="items_v1", features=[item_features], tags={"model": "item", "version": "1"})

@@ -1,0 +1,233 @@
+"""Compute every feature table from the event log with DuckDB: one code path for the batch build
+and for the online push of a single user, so training and serving see the same values.
+
+Point in time: a user row is the state *after* the user's events up to time t, stamped ``t + 1µs``.
+Feast's point-in-time join takes the newest row stamped ``<=`` the label time T0, so a training
+row for an event at T0 sees only events strictly before T0 — never itself, never a tie at T0.
+All windows (1d, 7d, 30d) end at the user's latest event, as the push path computes them.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "search", "review")
+ENGAGED = ("click", "add_to_cart", "purchase", "review")
+WINDOWS = {"1d": 1, "7d": 7, "30d": 30}
+RECENCY_TYPES = ("view", "click", "add_to_cart", "purchase", "search")
+DAY_US = 86_400_000_000
+TEXT_ITEMS = 5  # recent queries / titles kept per user
+EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
+AGE_BANDS = ([0, 25, 35, 50, 65, 200], ["<25", "25-34", "35-49", "50-64", "65+"])
+
+
+def _inlist(values) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+def _behaviour_sql() -> str:
+    counts = ",\n".join(
+        f"sum(CASE WHEN event_type = '{e}' THEN 1 ELSE 0 END) OVER w{w} AS {e}_count_{w}"
+        for e in EVENT_TYPES for w in WINDOWS)
+    recency = ",\n".join(
+        f"(t - max(CASE WHEN event_type = '{e}' THEN t END) OVER w30d) / 3.6e9 AS hours_since_last_{e}"
+        for e in RECENCY_TYPES)
+    windows = ",\n".join(
+        f"w{w} AS (PARTITION BY user_id ORDER BY t RANGE BETWEEN {d * DAY_US - 1} PRECEDING AND CURRENT ROW)"
+        for w, d in WINDOWS.items())
+    return f"""
+    WITH ev AS (
+        SELECT e.user_id, e.event_timestamp AS ts, epoch_us(e.event_timestamp) AS t, e.event_type,
+               e.item_id, e.value, e.device, e.channel, i.category, i.price
+        FROM events e LEFT JOIN items i ON e.item_id = i.item_id
+    ), agg AS (
+        SELECT user_id, ts, t,
+        {counts},
+        {recency},
+        coalesce(sum(CASE WHEN event_type = 'purchase' THEN coalesce(value, price) END) OVER w30d, 0)
+            AS spend_30d,
+        avg(CASE WHEN event_type IN ({_inlist(ENGAGED[:3])}) THEN price END) OVER w30d AS avg_price_engaged_30d,
+        count(DISTINCT item_id) OVER w30d AS distinct_items_30d,
+        count(DISTINCT category) OVER w30d AS distinct_categories_30d,
+        histogram(category) OVER w30d AS category_hist,
+        mode(device) OVER w30d AS top_device_30d,
+        mode(channel) OVER w30d AS top_channel_30d
+        FROM ev
+        WINDOW {windows}
+        QUALIFY row_number() OVER (PARTITION BY user_id, t ORDER BY t) = 1
+    )
+    SELECT * EXCLUDE (t) FROM agg
+    """
+
+
+def _top_categories(frame: pd.DataFrame) -> pd.DataFrame:
+    """Top three categories of the 30-day window and their shares of categorised events."""
+    names = {k: [] for k in range(1, 4)}
+    shares = {k: [] for k in range(1, 4)}
+    for hist in frame["category_hist"]:
+        ranked = sorted(hist.items(), key=lambda kv: (-kv[1], kv[0])) if isinstance(hist, dict) else []
+        total = sum(v for _, v in ranked) or 1
+        for k in range(1, 4):
+            name, n = ranked[k - 1] if len(ranked) >= k else (None, 0)
+            names[k].append(name)
+            shares[k].append(n / total)
+    for k in range(1, 4):
+        frame[f"top_category_{k}_30d"] = names[k]
+        frame[f"top_category_{k}_share_30d"] = shares[k]
+    return frame.drop(columns=["category_hist"])
+
+
+def user_behaviour(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    frame = con.execute(_behaviour_sql()).df()
+    frame = _top_categories(frame)
+    frame["ctr_30d"] = _ratio(frame["click_count_30d"], frame["view_count_30d"])
+    frame["cart_rate_30d"] = _ratio(frame["add_to_cart_count_30d"], frame["click_count_30d"])
+    frame["purchase_rate_30d"] = _ratio(frame["purchase_count_30d"], frame["add_to_cart_count_30d"])
+    return _stamp(frame)
+
+
+def user_text(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    frame = con.execute(f"""
+        WITH ev AS (
+            SELECT e.user_id, e.event_timestamp AS ts, epoch_us(e.event_timestamp) AS t,
+                   CASE WHEN e.event_type = 'search' THEN e.query END AS query,
+                   CASE WHEN e.event_type IN ({_inlist(ENGAGED)}) THEN i.title END AS title
+            FROM events e LEFT JOIN items i ON e.item_id = i.item_id
+            WHERE (e.event_type = 'search' AND e.query IS NOT NULL)
+               OR (e.event_type IN ({_inlist(ENGAGED)}) AND i.title IS NOT NULL)
+        )
+        SELECT user_id, ts, list(query) OVER w AS queries, list(title) OVER w AS titles
+        FROM ev
+        WINDOW w AS (PARTITION BY user_id ORDER BY t RANGE BETWEEN {30 * DAY_US - 1} PRECEDING AND CURRENT ROW)
+        QUALIFY row_number() OVER (PARTITION BY user_id, t ORDER BY t) = 1
+    """).df()
+    frame["recent_queries"] = [_newest_first(q) for q in frame.pop("queries")]
+    frame["recent_titles"] = [_newest_first(t) for t in frame.pop("titles")]
+    return _stamp(frame)
+
+
+def _newest_first(values) -> str:
+    """The last distinct non-null values, newest first, joined for the text encoder."""
+    seen = dict.fromkeys(v for v in reversed(list(values)) if v is not None)
+    return " | ".join(list(seen)[:TEXT_ITEMS])
+
+
+def user_personal(users: pd.DataFrame) -> pd.DataFrame:
+    """Personal attributes are static in the contract (no history), so they are stamped at epoch."""
+    out = pd.DataFrame({"user_id": users["user_id"].astype(str)})
+    for col in ("gender", "region", "occupation", "membership"):
+        out[col] = users[col] if col in users else None
+    age = pd.to_numeric(users["age"], errors="coerce") if "age" in users else pd.Series(np.nan, index=users.index)
+    out["age"] = age.astype("Int64")
+    out["age_band"] = pd.cut(age, AGE_BANDS[0], labels=AGE_BANDS[1], right=False).astype(object)
+    out["age_band"] = out["age_band"].where(age.notna(), "unknown")
+    signup = users["signup_timestamp"] if "signup_timestamp" in users else pd.Series(pd.NaT, index=users.index)
+    out["signup_timestamp"] = pd.to_datetime(signup, utc=True).astype("datetime64[us, UTC]")
+    out["event_timestamp"] = EPOCH
+    return out.astype({"event_timestamp": "datetime64[us, UTC]"})
+
+
+def item_features(con: duckdb.DuckDBPyConnection, items: pd.DataFrame) -> pd.DataFrame:
+    """A static catalogue row per item (stamped at epoch) plus daily statistics rows.
+
+    The row stamped at midnight D counts the item's events in the 7 and 30 days before D.
+    """
+    daily = con.execute(f"""
+        WITH d AS (
+            SELECT item_id, CAST(epoch_us(event_timestamp) // {DAY_US} AS BIGINT) AS day,
+                   sum(CASE WHEN event_type = 'view' THEN 1 ELSE 0 END) AS views,
+                   sum(CASE WHEN event_type = 'click' THEN 1 ELSE 0 END) AS clicks,
+                   sum(CASE WHEN event_type = 'purchase' THEN 1 ELSE 0 END) AS purchases
+            FROM events WHERE item_id IS NOT NULL GROUP BY ALL
+        ), span AS (
+            SELECT item_id, min(day) AS first_day, max(day) AS last_day FROM d GROUP BY item_id
+        ), bounds AS (SELECT max(day) AS max_day FROM d),
+        grid AS (
+            SELECT span.item_id, UNNEST(range(span.first_day, least(span.last_day + 31, bounds.max_day + 1)))
+                   AS day
+            FROM span, bounds
+        ), dense AS (
+            SELECT g.item_id, g.day, coalesce(d.views, 0) AS views, coalesce(d.clicks, 0) AS clicks,
+                   coalesce(d.purchases, 0) AS purchases
+            FROM grid g LEFT JOIN d ON g.item_id = d.item_id AND g.day = d.day
+        )
+        SELECT item_id, day + 1 AS stamp_day,
+          sum(views) OVER w7 AS views_7d, sum(views) OVER w30 AS views_30d,
+          sum(clicks) OVER w7 AS clicks_7d, sum(clicks) OVER w30 AS clicks_30d,
+          sum(purchases) OVER w7 AS purchases_7d, sum(purchases) OVER w30 AS purchases_30d
+        FROM dense
+        WINDOW w7 AS (PARTITION BY item_id ORDER BY day RANGE BETWEEN 6 PRECEDING AND CURRENT ROW),
+               w30 AS (PARTITION BY item_id ORDER BY day RANGE BETWEEN 29 PRECEDING AND CURRENT ROW)
+    """).df()
+    daily["event_timestamp"] = pd.to_datetime(daily.pop("stamp_day") * DAY_US, unit="us", utc=True)
+    static = pd.DataFrame({"item_id": items["item_id"].astype(str), "event_timestamp": EPOCH})
+    for col in ("views_7d", "views_30d", "clicks_7d", "clicks_30d", "purchases_7d", "purchases_30d"):
+        static[col] = 0
+    frame = pd.concat([static, daily], ignore_index=True)
+    catalogue = pd.DataFrame({
+        "item_id": items["item_id"].astype(str),
+        "title": items["title"],
+        "category": items["category"],
+        "top_category": items["category"].astype(str).str.split(r"[>|]", regex=True).str[0],
+        "brand": items["brand"] if "brand" in items else None,
+        "price": pd.to_numeric(items["price"], errors="coerce") if "price" in items else np.nan,
+    })
+    frame = frame.merge(catalogue, on="item_id", how="inner")
+    for w in ("7d", "30d"):
+        frame[f"ctr_{w}"] = _ratio(frame[f"clicks_{w}"], frame[f"views_{w}"])
+    for col in ("views_7d", "views_30d", "clicks_7d", "clicks_30d", "purchases_7d", "purchases_30d"):
+        frame[col] = frame[col].astype("int64")
+    return frame.astype({"event_timestamp": "datetime64[us, UTC]"})
+
+
+def _ratio(num: pd.Series, den: pd.Series) -> pd.Series:
+    return (num / den.where(den > 0)).astype(float)
+
+
+def _stamp(frame: pd.DataFrame) -> pd.DataFrame:
+    """State after the events at ``ts`` becomes visible 1µs later (strictly-before semantics)."""
+    ts = pd.to_datetime(frame.pop("ts"), utc=True).astype("datetime64[us, UTC]")
+    frame.insert(1, "event_timestamp", ts + pd.Timedelta(microseconds=1))
+    for col in frame.columns:
+        if col.endswith(tuple(f"_count_{w}" for w in WINDOWS)) or col in (
+                "distinct_items_30d", "distinct_categories_30d"):
+            frame[col] = frame[col].fillna(0).astype("int64")
+    return frame
+
+
+def compute_all(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """All four feature tables from event-log frames (any subset of users works for a push)."""
+    con = duckdb.connect()
+    try:
+        ev = events[["user_id", "event_timestamp", "event_type", "item_id", "query", "value", "device",
+                     "channel"]].copy()
+        ev["event_timestamp"] = pd.to_datetime(ev["event_timestamp"], utc=True)
+        con.register("events", ev)
+        con.register("items", items[["item_id", "category", "price", "title"]])
+        return {
+            "user_behaviour": user_behaviour(con),
+            "user_text": user_text(con),
+            "user_personal": user_personal(users),
+            "item_features": item_features(con, items),
+        }
+    finally:
+        con.close()
+
+
+def latest_user_state(events: pd.DataFrame, items: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The push path: each user's state after their newest event, by the same SQL as the build."""
+    con = duckdb.connect()
+    try:
+        ev = events[["user_id", "event_timestamp", "event_type", "item_id", "query", "value", "device",
+                     "channel"]].copy()
+        ev["event_timestamp"] = pd.to_datetime(ev["event_timestamp"], utc=True)
+        con.register("events", ev)
+        con.register("items", items[["item_id", "category", "price", "title"]])
+        out = {}
+        for name, frame in (("user_behaviour", user_behaviour(con)), ("user_text", user_text(con))):
+            out[name] = frame.sort_values("event_timestamp").groupby("user_id", as_index=False).tail(1)
+        return out
+    finally:
+        con.close()
