@@ -31,8 +31,9 @@ def recent_user_events(log: EventLog, user_ids: list[str]) -> pd.DataFrame:
             .where(events.c.event_timestamp > newest.c.newest - FETCH_WINDOW))
     with log.engine.connect() as conn:
         if conn.dialect.name == "sqlite":  # SQLite has no interval arithmetic on datetimes
+            since = sa.func.julianday(newest.c.newest) - FETCH_WINDOW.days
             stmt = (sa.select(events).join(newest, events.c.user_id == newest.c.user_id)
-                    .where(sa.func.julianday(events.c.event_timestamp) > sa.func.julianday(newest.c.newest) - FETCH_WINDOW.days))
+                    .where(sa.func.julianday(events.c.event_timestamp) > since))
         frame = pd.read_sql(stmt, conn)
     frame["event_timestamp"] = pd.to_datetime(frame["event_timestamp"]).dt.tz_localize("UTC")
     return frame

@@ -118,7 +118,7 @@ def user_personal(users: pd.DataFrame) -> pd.DataFrame:
     """Personal attributes are static in the contract (no history), so they are stamped at epoch."""
     out = pd.DataFrame({"user_id": users["user_id"].astype(str)})
     for col in ("gender", "region", "occupation", "membership"):
-        out[col] = users[col] if col in users else None
+        out[col] = users.get(col, None)
     age = pd.to_numeric(users["age"], errors="coerce") if "age" in users else pd.Series(np.nan, index=users.index)
     out["age"] = age.astype("Int64")
     out["age_band"] = pd.cut(age, AGE_BANDS[0], labels=AGE_BANDS[1], right=False).astype(object)
@@ -171,7 +171,7 @@ def item_features(con: duckdb.DuckDBPyConnection, items: pd.DataFrame) -> pd.Dat
         "title": items["title"],
         "category": items["category"],
         "top_category": items["category"].astype(str).str.split(r"[>|]", regex=True).str[0],
-        "brand": items["brand"] if "brand" in items else None,
+        "brand": items.get("brand", None),
         "price": pd.to_numeric(items["price"], errors="coerce") if "price" in items else np.nan,
     })
     frame = frame.merge(catalogue, on="item_id", how="inner")
