@@ -1,0 +1,139 @@
+"""Feast end to end on real stores, for every profile: apply -> build -> materialize -> historical
+-> online, with the leakage, offline/online parity and push tests."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import timedelta
+
+import pandas as pd
+import pytest
+import redis
+
+from eventlog.ingest import ingest
+from eventlog.sources import load_batch
+from eventlog.store import EventLog
+from feature_repo.pipeline import stores
+from feature_repo.pipeline.build import build, push_users
+from persona import config as config_mod
+from persona import sample_data
+from validation.gate import Gate, GateSettings
+
+BEHAVIOUR = ["view_count_30d", "click_count_30d", "purchase_count_1d", "purchase_count_30d", "spend_30d",
+             "distinct_items_30d", "top_category_1_30d", "hours_since_last_view"]
+
+
+def _leak_user(shop) -> tuple[pd.DataFrame, pd.DataFrame, pd.Timestamp]:
+    """A user whose purchase count changes exactly at the label time T0 (with a tie at T0)."""
+    t0 = shop["events"]["event_timestamp"].max() - pd.Timedelta(hours=1)
+    item = shop["items"]["item_id"].iloc[0]
+    user = shop["users"].head(1).assign(user_id="u_leak")
+    rows = [("purchase", t0 - pd.Timedelta(hours=3)), ("purchase", t0 - pd.Timedelta(hours=2)),
+            ("purchase", t0), ("view", t0)]
+    events = pd.DataFrame([{"event_id": f"leak{i}", "user_id": "u_leak", "event_timestamp": ts, "event_type": et,
+                            "item_id": item, "value": 10.0} for i, (et, ts) in enumerate(rows)])
+    return user, events, t0
+
+
+@pytest.fixture(params=["local", "prod", "spark"])
+def workspace(request, tmp_path, shop, monkeypatch):
+    profile = request.param
+    if profile == "prod":
+        pg_url = request.getfixturevalue("pg_url")
+        db = 5 + (uuid.uuid4().int % 8)
+        monkeypatch.setenv("PERSONA_POSTGRES_URL", pg_url)
+        monkeypatch.setenv("PERSONA_REDIS_URL", f"redis://127.0.0.1:6379/{db}")
+        redis.Redis(host="127.0.0.1", port=6379, db=db).flushdb()
+    if profile == "spark":
+        pytest.importorskip("pyspark", reason="the spark extra is installed by `make test`")
+        monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
+    ws = tmp_path / f"ws_{profile}"
+    cfg = config_mod.load(ws, profile)
+    user, leak_events, t0 = _leak_user(shop)
+    folder = tmp_path / "batch"
+    sample_data.write({"users": pd.concat([shop["users"], user]), "items": shop["items"],
+                       "events": pd.concat([shop["events"], leak_events])}, folder)
+    log = EventLog(cfg.resolved_event_log_url())
+    report, _ = ingest(load_batch(folder), log, Gate())
+    assert report.quarantined == 0
+    yield cfg, log, t0
+    log.dispose()
+
+
+def test_profile_end_to_end(workspace, shop):
+    cfg, log, t0 = workspace
+    store, objects = stores.apply(cfg.workspace, cfg.profile)
+    assert {fv.name for fv in store.list_feature_views()} == {"user_personal", "user_behaviour", "user_text",
+                                                              "item_features"}
+    for view in store.list_feature_views() + store.list_on_demand_feature_views():
+        assert view.tags["family"] in {"personal", "behaviour", "context", "item", "text"}
+    tables = build(log, cfg.profile, cfg.workspace)
+    stores.materialize(cfg.workspace)
+    service = store.get_feature_service("profile_v1")
+
+    # Leakage: the label event at T0 (and its tie) must not be in its own training row.
+    entity = pd.DataFrame({"user_id": ["u_leak"] * 3,
+                           "event_timestamp": [t0, t0 + timedelta(microseconds=1), t0 - timedelta(hours=2)],
+                           "device": "app", "channel": "search",
+                           "request_timestamp": [t0, t0, t0]})
+    hist = store.get_historical_features(entity_df=entity, features=service).to_df()
+    ts = pd.to_datetime(hist["event_timestamp"])
+    hist["event_timestamp"] = ts.dt.tz_localize("UTC") if ts.dt.tz is None else ts.dt.tz_convert("UTC")
+    hist = hist.sort_values("event_timestamp").set_index("event_timestamp")
+    assert hist.loc[t0 - timedelta(hours=2), "purchase_count_1d"] == 1  # only the purchase 3h before
+    assert hist.loc[t0, "purchase_count_1d"] == 2  # not the purchase at T0
+    assert hist.loc[t0, "view_count_1d"] == 0  # nor the tie at T0
+    assert hist.loc[t0 + timedelta(microseconds=1), "purchase_count_1d"] == 3
+    assert hist["age"].notna().all() and hist["hour_sin"].notna().all()
+
+    # Offline/online parity: online equals the newest offline row of each user.
+    users = list(shop["users"]["user_id"].sample(12, random_state=1)) + ["u_leak"]
+    rows = [{"user_id": u, "device": "app", "channel": "search", "request_timestamp": t0} for u in users]
+    online = pd.DataFrame(store.get_online_features(features=service, entity_rows=rows).to_dict())
+    newest = tables["user_behaviour"].sort_values("event_timestamp").groupby("user_id").tail(1).set_index("user_id")
+    for _, row in online.iterrows():
+        if row["user_id"] not in newest.index:
+            assert pd.isna(row["view_count_30d"])  # a user with no events has no behaviour row
+            continue
+        for col in BEHAVIOUR:
+            _assert_same(row[col], newest.loc[row["user_id"], col], f"{row['user_id']}.{col}")
+    assert online.loc[online.user_id == "u_leak", "purchase_count_1d"].item() == 3
+
+    # Push: a new event reaches the log, and the pushed state is online at once.
+    user = "u_leak"
+    new_event = pd.DataFrame([{"event_id": "fresh1", "user_id": user, "item_id": shop["items"]["item_id"].iloc[1],
+                               "event_timestamp": t0 + timedelta(minutes=5), "event_type": "purchase",
+                               "value": 99.0}])
+    folder = cfg.workspace / "fresh"
+    sample_data.write({"events": new_event}, folder)
+    ingest(load_batch(folder), log, Gate(GateSettings(on_schema_drift="accept")))
+    push_users(store, log, [user])
+    after = store.get_online_features(features=["user_behaviour:purchase_count_1d", "user_behaviour:spend_30d"],
+                                      entity_rows=[{"user_id": user}]).to_dict()
+    assert after["purchase_count_1d"] == [4]
+    assert after["spend_30d"][0] == pytest.approx(3 * 10.0 + 99.0)
+    rebuilt = build(log, cfg.profile, cfg.workspace)["user_behaviour"]
+    assert rebuilt.loc[rebuilt.user_id == user, "purchase_count_1d"].max() == 4  # rebuilt offline from the log
+
+
+def _assert_same(a, b, what: str) -> None:
+    if pd.isna(a) or pd.isna(b):
+        assert pd.isna(a) and pd.isna(b), what
+    elif isinstance(a, float | int) and not isinstance(a, bool):
+        assert a == pytest.approx(b, rel=1e-6), what
+    else:
+        assert a == b, what
+
+
+def test_feast_cli_plan_works_with_the_workspace_yaml(tmp_path, shop_dir):
+    ws = tmp_path / "ws"
+    stores.apply(ws, "local")
+    import subprocess
+    import sys
+
+    feast = os.path.join(os.path.dirname(sys.executable), "feast")
+    out = subprocess.run([feast, "-c", str(stores.REPO_DIR), "-f", str(ws / "feature_store.yaml"), "plan"],
+                         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PERSONA_WORKSPACE": ""})
+    assert out.returncode == 0, out.stderr
+    assert "user_behaviour" in out.stdout
