@@ -29,6 +29,7 @@ test: install services
 
 bench: install services
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/features.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -200,6 +200,8 @@ def status(
     log.dispose()
     info.update({"oldest_event": lo.isoformat() if lo else None, "newest_event": hi.isoformat() if hi else None,
                  "profile": cfg.profile, "workspace": str(cfg.workspace)})
+    build_file = cfg.workspace / "feast" / "last_build.json"
+    info["features"] = json.loads(build_file.read_text()) if build_file.exists() else None
     if as_json:
         print(json.dumps(info))
         return

@@ -137,3 +137,22 @@ def test_feast_cli_plan_works_with_the_workspace_yaml(tmp_path, shop_dir):
                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PERSONA_WORKSPACE": ""})
     assert out.returncode == 0, out.stderr
     assert "user_behaviour" in out.stdout
+
+
+def test_spark_build_equals_the_duckdb_build(tmp_path, shop, monkeypatch):
+    pytest.importorskip("pyspark", reason="the spark extra is installed by `make test`")
+    from feature_repo.pipeline.build import read_offline_spark
+    from feature_repo.pipeline.compute import compute_all
+    from feature_repo.pipeline.spark_build import build_with_spark
+
+    monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
+    conf = stores.feature_store_config("spark", tmp_path)["offline_store"]["spark_conf"]
+    build_with_spark(shop["events"], shop["items"], shop["users"], tmp_path, conf, partitions=3)
+    spark_tables = read_offline_spark(tmp_path)
+    local_tables = compute_all(shop["events"], shop["items"], shop["users"])
+    for name, local in local_tables.items():
+        key = [c for c in ("user_id", "item_id") if c in local][0]
+        a = local.sort_values([key, "event_timestamp"]).reset_index(drop=True)
+        b = spark_tables[name][list(local.columns)].sort_values([key, "event_timestamp"]).reset_index(drop=True)
+        b["event_timestamp"] = pd.to_datetime(b["event_timestamp"], utc=True).astype(a["event_timestamp"].dtype)
+        pd.testing.assert_frame_equal(a, b, check_dtype=False, check_exact=False, rtol=1e-9, obj=name)

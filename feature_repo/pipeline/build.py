@@ -2,25 +2,47 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pandas as pd
 import sqlalchemy as sa
 
 from eventlog.store import EventLog, events
 from feature_repo.pipeline.compute import compute_all, latest_user_state
-from feature_repo.pipeline.stores import push_latest, write_offline
+from feature_repo.pipeline.stores import feature_store_config, push_latest, write_offline
 
 # A user's state depends only on events in the 30 days before their newest one (the longest window);
 # fetching a day more is harmless, since every window bounds itself.
 FETCH_WINDOW = timedelta(days=31)
 
 
-def build(log: EventLog, profile: str, workspace) -> dict[str, pd.DataFrame]:
+def build(log: EventLog, profile: str, workspace: Path) -> dict[str, pd.DataFrame]:
     """Recompute every feature table from the whole event log and replace the offline tables."""
-    tables = compute_all(log.read_table("events"), log.read_table("items"), log.read_table("users"))
-    write_offline(profile, workspace, tables)
+    events_, items, users = log.read_table("events"), log.read_table("items"), log.read_table("users")
+    if profile == "spark":
+        from feature_repo.pipeline.spark_build import build_with_spark
+
+        spark_conf = feature_store_config("spark", Path(workspace))["offline_store"]["spark_conf"]
+        build_with_spark(events_, items, users, Path(workspace), spark_conf)
+        tables = read_offline_spark(Path(workspace))
+    else:
+        tables = compute_all(events_, items, users)
+        write_offline(profile, workspace, tables)
+    newest = tables["user_behaviour"]["event_timestamp"].max() if len(tables["user_behaviour"]) else None
+    (Path(workspace) / "feast").mkdir(parents=True, exist_ok=True)
+    (Path(workspace) / "feast" / "last_build.json").write_text(json.dumps({
+        "built_at": datetime.now(UTC).isoformat(timespec="seconds"), "profile": profile,
+        "newest_feature_timestamp": newest.isoformat() if newest is not None else None,
+        "rows": {k: len(v) for k, v in tables.items()}}, indent=2))
     return tables
+
+
+def read_offline_spark(workspace: Path) -> dict[str, pd.DataFrame]:
+    """The tables Spark wrote, for the feature-level checks (pyarrow reads the part files)."""
+    return {name: pd.read_parquet(workspace / "offline" / name) for name in
+            ("user_behaviour", "user_text", "user_personal", "item_features")}
 
 
 def recent_user_events(log: EventLog, user_ids: list[str]) -> pd.DataFrame:

@@ -129,11 +129,13 @@ def user_personal(users: pd.DataFrame) -> pd.DataFrame:
     return out.astype({"event_timestamp": "datetime64[us, UTC]"})
 
 
-def item_features(con: duckdb.DuckDBPyConnection, items: pd.DataFrame) -> pd.DataFrame:
+def item_features(con: duckdb.DuckDBPyConnection, items: pd.DataFrame, last_day: int | None = None) -> pd.DataFrame:
     """A static catalogue row per item (stamped at epoch) plus daily statistics rows.
 
-    The row stamped at midnight D counts the item's events in the 7 and 30 days before D.
+    The row stamped at midnight D counts the item's events in the 7 and 30 days before D. Rows run
+    to ``last_day`` (the newest event's day in the whole log, so partitions agree with a full build).
     """
+    bounds = f"SELECT {int(last_day)} AS max_day" if last_day is not None else "SELECT max(day) AS max_day FROM d"
     daily = con.execute(f"""
         WITH d AS (
             SELECT item_id, CAST(epoch_us(event_timestamp) // {DAY_US} AS BIGINT) AS day,
@@ -143,7 +145,7 @@ def item_features(con: duckdb.DuckDBPyConnection, items: pd.DataFrame) -> pd.Dat
             FROM events WHERE item_id IS NOT NULL GROUP BY ALL
         ), span AS (
             SELECT item_id, min(day) AS first_day, max(day) AS last_day FROM d GROUP BY item_id
-        ), bounds AS (SELECT max(day) AS max_day FROM d),
+        ), bounds AS ({bounds}),
         grid AS (
             SELECT span.item_id, UNNEST(range(span.first_day, least(span.last_day + 31, bounds.max_day + 1)))
                    AS day
@@ -197,37 +199,48 @@ def _stamp(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def compute_all(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """All four feature tables from event-log frames (any subset of users works for a push)."""
+def _connect(events: pd.DataFrame, items: pd.DataFrame) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
+    ev = events[["user_id", "event_timestamp", "event_type", "item_id", "query", "value", "device",
+                 "channel"]].copy()
+    ev["event_timestamp"] = pd.to_datetime(ev["event_timestamp"], utc=True)
+    con.register("events", ev)
+    con.register("items", items[["item_id", "category", "price", "title"]])
+    return con
+
+
+def compute_user_tables(events: pd.DataFrame, items: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """``user_behaviour`` and ``user_text`` for whatever users ``events`` holds (all their events)."""
+    con = _connect(events, items)
     try:
-        ev = events[["user_id", "event_timestamp", "event_type", "item_id", "query", "value", "device",
-                     "channel"]].copy()
-        ev["event_timestamp"] = pd.to_datetime(ev["event_timestamp"], utc=True)
-        con.register("events", ev)
-        con.register("items", items[["item_id", "category", "price", "title"]])
-        return {
-            "user_behaviour": user_behaviour(con),
-            "user_text": user_text(con),
-            "user_personal": user_personal(users),
-            "item_features": item_features(con, items),
-        }
+        return {"user_behaviour": user_behaviour(con), "user_text": user_text(con)}
     finally:
         con.close()
+
+
+def compute_item_table(events: pd.DataFrame, items: pd.DataFrame, last_day: int | None = None) -> pd.DataFrame:
+    con = _connect(events, items)
+    try:
+        return item_features(con, items, last_day)
+    finally:
+        con.close()
+
+
+def last_event_day(events: pd.DataFrame) -> int | None:
+    if not len(events):
+        return None
+    newest = pd.to_datetime(events["event_timestamp"], utc=True).max()
+    return int(newest.value // 1000 // DAY_US)
+
+
+def compute_all(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """All four feature tables from event-log frames."""
+    return {**compute_user_tables(events, items), "user_personal": user_personal(users),
+            "item_features": compute_item_table(events, items)}
 
 
 def latest_user_state(events: pd.DataFrame, items: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """The push path: each user's state after their newest event, by the same SQL as the build."""
-    con = duckdb.connect()
-    try:
-        ev = events[["user_id", "event_timestamp", "event_type", "item_id", "query", "value", "device",
-                     "channel"]].copy()
-        ev["event_timestamp"] = pd.to_datetime(ev["event_timestamp"], utc=True)
-        con.register("events", ev)
-        con.register("items", items[["item_id", "category", "price", "title"]])
-        out = {}
-        for name, frame in (("user_behaviour", user_behaviour(con)), ("user_text", user_text(con))):
-            out[name] = frame.sort_values("event_timestamp").groupby("user_id", as_index=False).tail(1)
-        return out
-    finally:
-        con.close()
+    tables = compute_user_tables(events, items)
+    return {name: frame.sort_values("event_timestamp").groupby("user_id", as_index=False).tail(1)
+            for name, frame in tables.items()}
