@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -323,6 +324,136 @@ def features_materialize(workspace: Workspace = DEFAULT_WS, profile: Profile = N
         stores.materialize(cfg.workspace, full=full)
     except FileNotFoundError as exc:
         _fail(str(exc))
+
+
+def _training_inputs(cfg):
+    from feature_repo.pipeline import stores
+    from training.workflow import bentoml_home
+
+    bentoml_home(cfg.workspace)
+    log = _event_log(cfg)
+    events, items = log.read_table("events"), log.read_table("items")
+    log.dispose()
+    if events.empty:
+        _fail("the event log is empty: run `persona ingest` first")
+    try:
+        store = stores.feature_store(cfg.workspace)
+    except FileNotFoundError as exc:
+        _fail(f"{exc}; then `persona features build`")
+    return store, events, items
+
+
+def _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, baselines, refit):
+    from training.model import ModelConfig
+    from training.train import TrainConfig
+    from training.workflow import RunConfig
+
+    model = ModelConfig(finetune_layers=finetune_layers, **({"bert_path": bert} if bert else {}))
+    chosen = tuple(s.strip() for s in splits.split(",") if s.strip())
+    if not set(chosen) <= {"global", "loo"} or not chosen:
+        _fail("--splits takes global, loo or both (comma-separated)")
+    return RunConfig(model=model, train=TrainConfig(epochs=epochs, batch_size=batch_size, device=device,
+                                                    max_positives=max_positives or None),
+                     splits=chosen, baselines=baselines, refit=refit)
+
+
+Epochs = Annotated[int, typer.Option(min=1, help="Training epochs (early stopping may end sooner).")]
+BatchSize = Annotated[int, typer.Option(min=2)]
+Finetune = Annotated[int, typer.Option(help="Top BERT layers to fine-tune; -1 all, 0 frozen.")]
+MaxPositives = Annotated[int, typer.Option(help="Positives per epoch (0 = all): caps CPU time.")]
+Bert = Annotated[str | None, typer.Option(help="A Hugging Face BERT folder (default: packaged MiniLM).")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Splits = Annotated[str, typer.Option(help="global, loo, or global,loo.")]
+
+
+def _print_metrics(metrics) -> None:
+    overall = metrics[metrics["segment"] == "all"]
+    cols = [c for c in ("split", "model", "NDCG@10", "Recall@10", "Recall@50", "MRR@10", "coverage", "AUC")
+            if c in overall]
+    table = Table(title="ranking quality (full catalogue, seen items excluded)")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("split", "model") else "right")
+    for row in overall[cols].itertuples(index=False):
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+
+
+@app.command("train")
+def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs: Epochs = 3,
+              batch_size: BatchSize = 64, finetune_layers: Finetune = 2, max_positives: MaxPositives = 20_000,
+              bert: Bert = None, device: Device = "auto", splits: Splits = "global,loo",
+              baselines: Annotated[bool, typer.Option(help="Train and report the baselines too.")] = True,
+              refit: Annotated[bool, typer.Option(help="Refit on all data and save the model.")] = True) -> None:
+    """Train, evaluate against baselines, refit on everything, and save to the BentoML model store."""
+    from training.workflow import refit as refit_model
+    from training.workflow import run, save_to_bentoml
+
+    cfg = _config(workspace, profile)
+    store, events, items = _training_inputs(cfg)
+    run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, baselines, refit)
+    folder = cfg.reports_dir / "training" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    result = run(store, events, items, cfg.positives, run_cfg, folder)
+    _print_metrics(result["metrics"])
+    console.print(f"report: {result['report']}")
+    if not refit:
+        return
+    console.print("refitting on all data up to the newest event")
+    model = refit_model(store, result["frame"], result["spec"], run_cfg, result["best_epochs"].get("Persona", epochs))
+    tag = save_to_bentoml(model, store, result["metrics"], events, run_cfg)
+    console.print(f"saved model {tag} (BENTOML_HOME={os.environ['BENTOML_HOME']}; "
+                  "`bentoml models list` there shows it)", highlight=False)
+
+
+@app.command("evaluate")
+def evaluate_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs: Epochs = 3,
+                 batch_size: BatchSize = 64, finetune_layers: Finetune = 2, max_positives: MaxPositives = 20_000,
+                 bert: Bert = None, device: Device = "auto", splits: Splits = "global,loo") -> None:
+    """The ranking-quality protocol: model and baselines on the same temporal splits, with a report."""
+    from training.workflow import run
+
+    cfg = _config(workspace, profile)
+    store, events, items = _training_inputs(cfg)
+    run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, True, False)
+    folder = cfg.reports_dir / "evaluation" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    result = run(store, events, items, cfg.positives, run_cfg, folder)
+    _print_metrics(result["metrics"])
+    console.print(f"report: {result['report']}")
+
+
+@app.command("recommend")
+def recommend_cmd(
+    output: Annotated[Path, typer.Option(help="CSV or Parquet, by extension.")],
+    workspace: Workspace = DEFAULT_WS, profile: Profile = None,
+    k: Annotated[int, typer.Option(min=1, max=1000)] = 10,
+    users: Annotated[Path | None, typer.Option(help="A file with a user_id column (or one id a line).")] = None,
+    as_of: Annotated[str, typer.Option("--as-of", help="A timestamp, or latest (the newest event).")] = "latest",
+    model_tag: Annotated[str, typer.Option("--model", help="BentoML model version.")] = "latest",
+    include_seen: Annotated[bool, typer.Option(help="Keep items the user already engaged with.")] = False,
+) -> None:
+    """Batch top-K recommendations per user: user_id, rank, item_id, score."""
+    import pandas as pd
+
+    from training.workflow import load_from_bentoml, recommend
+
+    if output.suffix not in (".csv", ".parquet"):
+        _fail("--output must end in .csv or .parquet")
+    cfg = _config(workspace, profile)
+    store, events, items = _training_inputs(cfg)
+    try:
+        model, _ = load_from_bentoml(model_tag)
+    except Exception as exc:  # noqa: BLE001 - bentoml raises its own NotFound
+        _fail(f"no trained model {model_tag!r} in {os.environ['BENTOML_HOME']}: {exc}. Run `persona train`.")
+    when = events["event_timestamp"].max() if as_of == "latest" else pd.Timestamp(as_of)
+    when = when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")
+    user_ids = None
+    if users:
+        frame = pd.read_csv(users) if users.suffix == ".csv" else pd.read_parquet(users)
+        user_ids = frame["user_id" if "user_id" in frame else frame.columns[0]].astype(str).tolist()
+    with console.status("scoring"):
+        recs = recommend(model, store, events, items, cfg.positives, k, user_ids, when, not include_seen)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    recs.to_parquet(output, index=False) if output.suffix == ".parquet" else recs.to_csv(output, index=False)
+    console.print(f"wrote {len(recs):,} rows for {recs['user_id'].nunique():,} users to {output} (as of {when})")
 
 
 @suites_app.command("write")

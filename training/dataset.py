@@ -1,0 +1,129 @@
+"""Point-in-time training sets: labelled (user, item, time) rows, then features through Feast.
+
+Positives are the configured event types with their weights; exposures are views not followed by
+a positive on the same item in the session; sampled negatives are items that already existed at
+the time (seen in the log by then, or never seen at all). Every row carries the request context
+(device, channel) and the session's latest query before it, which the user tower reads as the
+live query. Features come only from ``get_historical_features`` through the model's
+FeatureServices, so a row at time T sees feature values from before T (see feature_repo/).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+USER_SERVICE = "profile_v1"
+ITEM_SERVICE = "items_v1"
+
+
+def _session_key(events: pd.DataFrame) -> pd.Series:
+    """session_id when the log has it, else the user and the 30-minute-gap session."""
+    if "session_id" in events and events["session_id"].notna().any():
+        return events["session_id"].astype("string").fillna(events["user_id"].astype("string"))
+    ev = events.sort_values(["user_id", "event_timestamp"])
+    gap = ev.groupby("user_id")["event_timestamp"].diff() > pd.Timedelta(minutes=30)
+    sid = gap.groupby(ev["user_id"]).cumsum().astype(int).astype(str)
+    return (ev["user_id"].astype(str) + "#" + sid).reindex(events.index)
+
+
+def build_examples(events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, float],
+                   neg_per_pos: int = 2, exposure_ratio: float = 1.0, seed: int = 0) -> pd.DataFrame:
+    """Labelled rows: ``user_id, item_id, event_timestamp, label, weight, kind, device, channel, query``."""
+    rng = np.random.default_rng(seed)
+    ev = events.copy()
+    ev["event_timestamp"] = pd.to_datetime(ev["event_timestamp"], utc=True)
+    ev["session"] = _session_key(ev)
+    for col in ("device", "channel", "query"):
+        if col not in ev:
+            ev[col] = None
+    pos = ev[ev["event_type"].isin(list(positives)) & ev["item_id"].notna()].copy()
+    pos["weight"] = pos["event_type"].map(positives).astype(float)
+    # One positive per (user, item, session): the first time, with the strongest signal's weight.
+    pos = (pos.sort_values("event_timestamp")
+           .groupby(["user_id", "item_id", "session"], as_index=False)
+           .agg(event_timestamp=("event_timestamp", "first"), weight=("weight", "max"),
+                device=("device", "first"), channel=("channel", "first")))
+    pos["label"], pos["kind"] = 1, "positive"
+    views = ev[(ev["event_type"] == "view") & ev["item_id"].notna()]
+    engaged = set(zip(pos["user_id"], pos["item_id"], pos["session"], strict=True))
+    keys = list(zip(views["user_id"], views["item_id"], views["session"], strict=True))
+    exposures = views[[k not in engaged for k in keys]]
+    exposures = exposures.drop_duplicates(["user_id", "item_id", "session"])
+    n_exp = min(len(exposures), int(exposure_ratio * len(pos)))
+    exposures = exposures.sample(n_exp, random_state=seed) if n_exp < len(exposures) else exposures
+    exposures = exposures.assign(label=0, weight=1.0, kind="exposure")[
+        ["user_id", "item_id", "session", "event_timestamp", "device", "channel", "label", "weight", "kind"]]
+    negatives = _sampled_negatives(pos, ev, items, neg_per_pos, rng)
+    out = pd.concat([pos, exposures, negatives], ignore_index=True)
+    out = _attach_session_query(out, ev)
+    out["request_timestamp"] = out["event_timestamp"]
+    out = out.sort_values("event_timestamp", kind="stable").reset_index(drop=True)
+    out["example_id"] = np.arange(len(out))
+    return out
+
+
+def _sampled_negatives(pos: pd.DataFrame, ev: pd.DataFrame, items: pd.DataFrame, k: int,
+                       rng: np.random.Generator) -> pd.DataFrame:
+    """k items per positive drawn from those that existed at its time (time-aware sampling)."""
+    if k <= 0 or pos.empty:
+        return pos.iloc[:0].assign(kind="negative")
+    item_ids = items["item_id"].astype(str).to_numpy()
+    first_seen = ev.groupby("item_id")["event_timestamp"].min()
+    seen_at = pd.Series(item_ids).map(first_seen).fillna(pd.Timestamp.min.tz_localize("UTC")).to_numpy()
+    rep = pos.loc[pos.index.repeat(k)].reset_index(drop=True)
+    times = rep["event_timestamp"].to_numpy()
+    pick = rng.integers(0, len(item_ids), len(rep))
+    for _ in range(5):  # redraw items that did not exist yet
+        bad = (seen_at[pick] > times) | (item_ids[pick] == rep["item_id"].to_numpy())
+        if not bad.any():
+            break
+        pick[bad] = rng.integers(0, len(item_ids), int(bad.sum()))
+    ok = ~((seen_at[pick] > times) | (item_ids[pick] == rep["item_id"].to_numpy()))
+    rep = rep[ok].copy()
+    rep["item_id"] = item_ids[pick[ok]]
+    return rep.assign(label=0, weight=1.0, kind="negative")
+
+
+def _attach_session_query(rows: pd.DataFrame, ev: pd.DataFrame) -> pd.DataFrame:
+    """The latest search query in the row's session at or before the row's time."""
+    searches = ev[(ev["event_type"] == "search") & ev["query"].notna()][["session", "event_timestamp", "query"]]
+    rows = rows.drop(columns=["query"], errors="ignore").sort_values("event_timestamp").reset_index(drop=True)
+    if searches.empty:
+        return rows.assign(query=None)
+    merged = pd.merge_asof(rows, searches.sort_values("event_timestamp"), on="event_timestamp",
+                           by="session", direction="backward")
+    return merged
+
+
+def micro(series) -> pd.Series:
+    """Feast's stores keep microseconds: entity timestamps must not carry nanoseconds."""
+    return pd.to_datetime(series, utc=True).dt.floor("us").astype("datetime64[us, UTC]")
+
+
+def fetch_features(store, examples: pd.DataFrame) -> pd.DataFrame:
+    """User features (with the context ODFV) and item features, point in time, through Feast."""
+    user_entity = examples[["example_id", "user_id", "event_timestamp", "device", "channel",
+                            "request_timestamp"]].copy()
+    user_entity["event_timestamp"] = micro(user_entity["event_timestamp"])
+    user_entity["request_timestamp"] = micro(user_entity["request_timestamp"])
+    user_entity["device"] = user_entity["device"].astype(object).where(user_entity["device"].notna(), None)
+    user_entity["channel"] = user_entity["channel"].astype(object).where(user_entity["channel"].notna(), None)
+    users = store.get_historical_features(entity_df=user_entity,
+                                          features=store.get_feature_service(USER_SERVICE)).to_df()
+    item_entity = examples[["example_id", "item_id", "event_timestamp"]].assign(
+        event_timestamp=lambda f: micro(f["event_timestamp"]))
+    item_feats = store.get_historical_features(entity_df=item_entity,
+                                               features=store.get_feature_service(ITEM_SERVICE)).to_df()
+    users = users.drop(columns=["user_id", "event_timestamp", "device", "channel", "request_timestamp"])
+    item_feats = item_feats.drop(columns=["item_id", "event_timestamp"])
+    out = examples.merge(users, on="example_id", how="left").merge(item_feats, on="example_id", how="left")
+    return out.sort_values("example_id").reset_index(drop=True)
+
+
+def catalogue_features(store, item_ids: list[str], as_of: pd.Timestamp) -> pd.DataFrame:
+    """Every item's features as of one time (for ranking the whole catalogue)."""
+    entity = pd.DataFrame({"item_id": item_ids, "event_timestamp": as_of})
+    entity["event_timestamp"] = micro(entity["event_timestamp"])
+    feats = store.get_historical_features(entity_df=entity, features=store.get_feature_service(ITEM_SERVICE)).to_df()
+    return feats.set_index("item_id").loc[item_ids].reset_index()

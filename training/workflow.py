@@ -1,0 +1,309 @@
+"""``persona train`` / ``evaluate`` / ``recommend``: dataset -> models and baselines on the same
+split -> report -> refit on everything -> BentoML model store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from training import dataset
+from training.evaluate import (
+    Split,
+    cooccurrence_scorer,
+    evaluate_scorers,
+    global_split,
+    last_per_user_split,
+    popularity_scorer,
+    seen_before,
+)
+from training.model import FeatureSpec, ModelConfig, ProfileModel
+from training.train import TrainConfig, config_dict, pick_device, train
+
+MODEL_NAME = "persona-profile"
+TEXT_COLUMNS = {"recent_queries", "recent_titles", "title", "query"}
+NOT_FEATURES = {"example_id", "user_id", "item_id", "event_timestamp", "request_timestamp", "label", "weight",
+                "kind", "session", "device", "channel", "history_events", "cold", "event_id", "event_type",
+                "signup_timestamp"}
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    neg_per_pos: int = 2
+    splits: tuple[str, ...] = ("global", "loo")
+    baselines: bool = True
+    refit: bool = True
+
+
+def _service_features(store, name: str) -> list[str]:
+    service = store.get_feature_service(name)
+    return [f.name for proj in service.feature_view_projections for f in proj.features]
+
+
+def feature_spec(store, frame: pd.DataFrame) -> FeatureSpec:
+    """Split the services' features into numeric and categorical inputs by their dtypes."""
+    user_cols = [c for c in _service_features(store, dataset.USER_SERVICE) if c in frame and c not in NOT_FEATURES]
+    item_cols = [c for c in _service_features(store, dataset.ITEM_SERVICE) if c in frame and c not in NOT_FEATURES]
+
+    def kinds(cols):
+        num = [c for c in cols if c not in TEXT_COLUMNS and pd.api.types.is_numeric_dtype(frame[c])]
+        cat = [c for c in cols if c not in TEXT_COLUMNS and c not in num and frame[c].notna().any()]
+        return num, cat
+
+    un, uc = kinds(user_cols)
+    inum, icat = kinds([c for c in item_cols if c != "category"] + ["category"])
+    return FeatureSpec.fit(frame, frame, un, uc, inum, icat)
+
+
+def user_features(store, requests: pd.DataFrame) -> pd.DataFrame:
+    """Point-in-time user and context features for ranking requests."""
+    entity = requests[["user_id", "event_timestamp", "device", "channel", "request_timestamp"]].copy()
+    entity["example_id"] = np.arange(len(entity))
+    entity["event_timestamp"] = dataset.micro(entity["event_timestamp"])
+    entity["request_timestamp"] = dataset.micro(entity["request_timestamp"])
+    for col in ("device", "channel"):
+        entity[col] = entity[col].astype(object).where(entity[col].notna(), None)
+    feats = store.get_historical_features(entity_df=entity,
+                                          features=store.get_feature_service(dataset.USER_SERVICE)).to_df()
+    feats = feats.sort_values("example_id").reset_index(drop=True)
+    keep = requests.reset_index(drop=True)
+    feats = feats.drop(columns=[c for c in ("user_id", "event_timestamp", "device", "channel",
+                                            "request_timestamp", "example_id") if c in feats])
+    return pd.concat([keep, feats], axis=1)
+
+
+@torch.no_grad()
+def model_scorer(model: ProfileModel, store, catalogue: pd.DataFrame):
+    item_vecs = _batched(lambda f: model.item_vectors(f), catalogue)
+
+    @torch.no_grad()
+    def score(requests: pd.DataFrame) -> np.ndarray:
+        frame = user_features(store, requests)
+        users = _batched(lambda f: model.user_vectors(f), frame)
+        return (users @ item_vecs.T).float().cpu().numpy()
+    return score
+
+
+@torch.no_grad()
+def pair_scorer(model: ProfileModel):
+    @torch.no_grad()
+    def score(frame: pd.DataFrame) -> np.ndarray:
+        u = _batched(lambda f: model.user_vectors(f), frame)
+        i = _batched(lambda f: model.item_vectors(f), frame)
+        return (u * i).sum(-1).float().cpu().numpy()
+    return score
+
+
+def _batched(fn, frame: pd.DataFrame, size: int = 256) -> torch.Tensor:
+    parts = [fn(frame.iloc[s:s + size]) for s in range(0, len(frame), size)]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def _validation(store, split: Split, events: pd.DataFrame, positives: dict, item_ids: list[str]):
+    """NDCG@10 on first-time positives between the validation start and the training end.
+
+    Only the global split has such a window; for last-interaction-per-user the epochs are fixed.
+    """
+    from training.evaluate import ranking_metrics, summarise
+
+    if split.per_user_end is not None:
+        return None
+    firsts = events[events["event_type"].isin(list(positives))].drop_duplicates(["user_id", "item_id"])
+    val = firsts[(firsts["event_timestamp"] >= split.val_start) & (firsts["event_timestamp"] < split.train_end)]
+    val = val[val["item_id"].isin(item_ids)].head(1500)
+    if val.empty:
+        return None
+    val = val.assign(query=None, request_timestamp=val["event_timestamp"])
+    catalogue = dataset.catalogue_features(store, item_ids, split.val_start)
+    index = {i: k for k, i in enumerate(item_ids)}
+    excluded = seen_before(events, positives, val, index)
+    targets = val["item_id"].map(index).to_numpy()
+
+    def validate(model: ProfileModel) -> float:
+        scores = model_scorer(model, store, catalogue)(val)
+        m = ranking_metrics(scores, targets, excluded)
+        return summarise(m["rank"], m["top10"], len(item_ids))["NDCG@10"]
+    return validate
+
+
+def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, float], cfg: RunConfig,
+        report_dir: Path, progress: bool = True) -> dict:
+    """Train and evaluate the model and baselines on each split; returns metrics and artefacts."""
+    item_ids = items["item_id"].astype(str).tolist()
+    examples = dataset.build_examples(events, items, positives, cfg.neg_per_pos, seed=cfg.train.seed)
+    frame = dataset.fetch_features(store, examples)
+    spec = feature_spec(store, frame)
+    variants = {"Persona: BERT fine-tuned + MLP": cfg.model}
+    if cfg.baselines:
+        variants |= {"MLP tower, no text": replace(cfg.model, use_text=False),
+                     "frozen BERT + MLP": replace(cfg.model, finetune_layers=0)}
+    tables, histories, best_epochs = [], {}, {}
+    for split_name in cfg.splits:
+        split = global_split(events, positives) if split_name == "global" else last_per_user_split(events, positives)
+        if split.per_user_end is not None:
+            end = frame["user_id"].map(split.per_user_end).fillna(pd.Timestamp.max.tz_localize("UTC"))
+            train_frame = frame[frame["event_timestamp"] < end]
+            train_events = events[events["event_timestamp"] < events["user_id"].map(split.per_user_end)
+                                  .fillna(pd.Timestamp.max.tz_localize("UTC"))]
+        else:
+            train_frame = frame[frame["event_timestamp"] < split.val_start]
+            train_events = events[events["event_timestamp"] < split.train_end]
+        validate = _validation(store, split, events, positives, item_ids)
+        catalogue = dataset.catalogue_features(store, item_ids, split.train_end)
+        scorers = {"popularity": popularity_scorer(train_events, positives, item_ids),
+                   "item co-occurrence": cooccurrence_scorer(train_events, positives, item_ids)}
+        pairs = {}
+        for name, mcfg in variants.items():
+            tcfg = replace(cfg.train, history=[], checkpoint_dir=None, resume=False)
+            model = ProfileModel.build(mcfg, spec).to(pick_device(tcfg.device))
+            train(model, train_frame, tcfg, validate, progress)
+            histories[f"{split.name}: {name}"] = tcfg.history
+            if name.startswith("Persona") and split_name == cfg.splits[0]:
+                best = max(tcfg.history, key=lambda h: h["val_ndcg10"]) if tcfg.history else {"epoch": 1}
+                best_epochs["Persona"] = best["epoch"]
+            scorers[name] = model_scorer(model, store, catalogue)
+            pairs[name] = pair_scorer(model)
+        labelled = frame["kind"].isin(["positive", "exposure"])
+        test_labelled = frame[(frame["event_timestamp"] >= split.train_end) & labelled].head(5000)
+        tables.append(evaluate_scorers(scorers, split, events, positives, item_ids, pairs, test_labelled))
+    metrics = pd.concat(tables, ignore_index=True)
+    report = write_report(report_dir, metrics, histories)
+    return {"metrics": metrics, "spec": spec, "frame": frame, "best_epochs": best_epochs, "report": report,
+            "histories": histories}
+
+
+def refit(store, frame: pd.DataFrame, spec: FeatureSpec, cfg: RunConfig, epochs: int,
+          progress: bool = True) -> ProfileModel:
+    """Train the deployed model on every example up to the newest event (no hold-out)."""
+    tcfg = replace(cfg.train, epochs=max(1, epochs), patience=epochs + 1, history=[], resume=False)
+    model = ProfileModel.build(cfg.model, spec).to(pick_device(tcfg.device))
+    return train(model, frame, tcfg, None, progress)
+
+
+def code_version() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001 - a copy without git still trains
+        return "unknown"
+
+
+def save_to_bentoml(model: ProfileModel, store, metrics: pd.DataFrame | None, events: pd.DataFrame,
+                    cfg: RunConfig, extra: dict | None = None):
+    """``bentoml.models.create``: the weights, tokenizer, feature spec and everything needed to serve."""
+    import bentoml
+
+    metadata = {
+        "feature_services": {"user": dataset.USER_SERVICE, "item": dataset.ITEM_SERVICE},
+        "features": {"user": _service_features(store, dataset.USER_SERVICE),
+                     "item": _service_features(store, dataset.ITEM_SERVICE)},
+        "normalisation": {k: list(v) for k, v in model.spec.stats.items()},
+        "data_window": {"from": events["event_timestamp"].min().isoformat(),
+                        "to": events["event_timestamp"].max().isoformat(), "events": int(len(events))},
+        "model_config": asdict(model.cfg),
+        "train_config": config_dict(cfg.train),
+        "splits": list(cfg.splits),
+        "metrics": json.loads(metrics.to_json(orient="records")) if metrics is not None else [],
+        "code_version": code_version(),
+        **(extra or {}),
+    }
+    metadata = _metadata_safe(json.loads(json.dumps(metadata, default=str)))
+    with bentoml.models.create(MODEL_NAME, metadata=metadata, labels={"stage": "refit"}) as bento_model:
+        model.save(Path(bento_model.path))
+    return bento_model.tag
+
+
+def _metadata_safe(value):
+    """BentoML metadata takes no None: drop null dict entries, spell nulls in lists as "null"."""
+    if isinstance(value, dict):
+        return {k: _metadata_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_metadata_safe(v) if v is not None else "null" for v in value]
+    return value
+
+
+def load_from_bentoml(tag: str = "latest", device: str = "cpu") -> tuple[ProfileModel, dict]:
+    import bentoml
+
+    bento_model = bentoml.models.get(f"{MODEL_NAME}:{tag}")
+    return ProfileModel.load(Path(bento_model.path), device), bento_model.info.metadata
+
+
+def write_report(folder: Path, metrics: pd.DataFrame, histories: dict[str, list[dict]]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics.to_csv(folder / "metrics.csv", index=False)
+    overall = metrics[metrics["segment"] == "all"]
+    cols = [c for c in ("requests", "NDCG@10", "Recall@10", "Recall@50", "MRR@10", "coverage", "AUC") if c in metrics]
+    md = [f"# Persona ranking report ({datetime.now(UTC):%Y-%m-%d %H:%M UTC})", "",
+          "Full-catalogue ranking; items the user already engaged with are excluded. Same split for every row.", ""]
+    for split, group in overall.groupby("split", sort=False):
+        md += [f"## {split}", "", group[["model"] + cols].to_markdown(index=False, floatfmt=".4f"), ""]
+        seg = metrics[(metrics["split"] == split) & (metrics["segment"] != "all")]
+        md += ["Breakdown (NDCG@10):", "",
+               seg.pivot_table(index="model", columns="segment", values="NDCG@10").to_markdown(floatfmt=".4f"), ""]
+    md += ["![metrics](metrics.png)", "", "![training curve](training_curve.png)", ""]
+    (folder / "report.md").write_text("\n".join(md))
+    fig, axes = plt.subplots(1, max(1, overall["split"].nunique()), figsize=(11, 4), squeeze=False)
+    for ax, (split, group) in zip(axes[0], overall.groupby("split", sort=False), strict=False):
+        ax.barh(group["model"], group["NDCG@10"], color="#4477aa")
+        ax.set_title(f"NDCG@10 — {split}")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(folder / "metrics.png", dpi=110)
+    plt.close(fig)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, hist in histories.items():
+        if hist:
+            ax1.plot([h["epoch"] for h in hist], [h["loss"] for h in hist], marker="o", label=name)
+            ax2.plot([h["epoch"] for h in hist], [h["val_ndcg10"] for h in hist], marker="o", label=name)
+    ax1.set_title("training loss")
+    ax2.set_title("validation NDCG@10")
+    ax1.set_xlabel("epoch")
+    ax2.set_xlabel("epoch")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "training_curve.png", dpi=110)
+    plt.close(fig)
+    return folder / "report.md"
+
+
+def recommend(model: ProfileModel, store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, float],
+              k: int, users: list[str] | None, as_of: pd.Timestamp, exclude_seen: bool = True) -> pd.DataFrame:
+    """Top-k items per user as of a time: ``user_id, rank, item_id, score``."""
+    item_ids = items["item_id"].astype(str).tolist()
+    users = users if users is not None else sorted(events["user_id"].unique())
+    requests = pd.DataFrame({"user_id": users, "event_timestamp": as_of, "device": None, "channel": None,
+                             "request_timestamp": as_of, "query": None})
+    catalogue = dataset.catalogue_features(store, item_ids, as_of)
+    scores = model_scorer(model, store, catalogue)(requests)
+    if exclude_seen:
+        index = {i: n for n, i in enumerate(item_ids)}
+        for r, ex in enumerate(seen_before(events, positives, requests.assign(
+                event_timestamp=as_of + pd.Timedelta(microseconds=1)), index)):
+            scores[r, ex] = -np.inf
+    k = min(k, len(item_ids))
+    top = np.argsort(-scores, axis=1)[:, :k]
+    rows = {"user_id": np.repeat(users, k), "rank": np.tile(np.arange(1, k + 1), len(users)),
+            "item_id": np.array(item_ids)[top].ravel(), "score": np.take_along_axis(scores, top, 1).ravel()}
+    out = pd.DataFrame(rows)
+    return out[np.isfinite(out["score"])].reset_index(drop=True)
+
+
+def bentoml_home(workspace: Path) -> None:
+    """Keep the model store inside the workspace unless the user chose one."""
+    os.environ.setdefault("BENTOML_HOME", str((workspace / "bentoml").resolve()))
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
