@@ -129,7 +129,7 @@ user_text = FeatureView(
 item_features = FeatureView(
     name="item_features",
     entities=[item],
-    ttl=timedelta(days=3650),
+    ttl=timedelta(days=36500),  # the catalogue row is stamped at epoch and must stay visible
     schema=[
         Field(name="title", dtype=String), Field(name="category", dtype=String),
         Field(name="top_category", dtype=String), Field(name="brand", dtype=String),

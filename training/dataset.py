@@ -15,6 +15,11 @@ import pandas as pd
 
 USER_SERVICE = "profile_v1"
 ITEM_SERVICE = "items_v1"
+ITEM_PREFIX = "item_"  # item features share names with user ones (ctr_30d): prefix them in frames
+
+
+def prefix_items(frame: pd.DataFrame, keep: tuple[str, ...] = ("item_id",)) -> pd.DataFrame:
+    return frame.rename(columns={c: f"{ITEM_PREFIX}{c}" for c in frame.columns if c not in keep})
 
 
 def _session_key(events: pd.DataFrame) -> pd.Series:
@@ -48,7 +53,7 @@ def build_examples(events: pd.DataFrame, items: pd.DataFrame, positives: dict[st
     views = ev[(ev["event_type"] == "view") & ev["item_id"].notna()]
     engaged = set(zip(pos["user_id"], pos["item_id"], pos["session"], strict=True))
     keys = list(zip(views["user_id"], views["item_id"], views["session"], strict=True))
-    exposures = views[[k not in engaged for k in keys]]
+    exposures = views.loc[np.array([k not in engaged for k in keys], dtype=bool)]
     exposures = exposures.drop_duplicates(["user_id", "item_id", "session"])
     n_exp = min(len(exposures), int(exposure_ratio * len(pos)))
     exposures = exposures.sample(n_exp, random_state=seed) if n_exp < len(exposures) else exposures
@@ -116,7 +121,7 @@ def fetch_features(store, examples: pd.DataFrame) -> pd.DataFrame:
     item_feats = store.get_historical_features(entity_df=item_entity,
                                                features=store.get_feature_service(ITEM_SERVICE)).to_df()
     users = users.drop(columns=["user_id", "event_timestamp", "device", "channel", "request_timestamp"])
-    item_feats = item_feats.drop(columns=["item_id", "event_timestamp"])
+    item_feats = prefix_items(item_feats.drop(columns=["item_id", "event_timestamp"]), keep=("example_id",))
     out = examples.merge(users, on="example_id", how="left").merge(item_feats, on="example_id", how="left")
     return out.sort_values("example_id").reset_index(drop=True)
 
@@ -126,4 +131,5 @@ def catalogue_features(store, item_ids: list[str], as_of: pd.Timestamp) -> pd.Da
     entity = pd.DataFrame({"item_id": item_ids, "event_timestamp": as_of})
     entity["event_timestamp"] = micro(entity["event_timestamp"])
     feats = store.get_historical_features(entity_df=entity, features=store.get_feature_service(ITEM_SERVICE)).to_df()
-    return feats.set_index("item_id").loc[item_ids].reset_index()
+    feats = feats.drop(columns=["event_timestamp"]).set_index("item_id").loc[item_ids].reset_index()
+    return prefix_items(feats)

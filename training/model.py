@@ -104,8 +104,10 @@ def user_text(frame: pd.DataFrame) -> list[str]:
 
 
 def item_text(frame: pd.DataFrame) -> list[str]:
+    """Title, category path and brand (item feature columns carry the ``item_`` prefix)."""
     return [" . ".join(str(v) for v in row if isinstance(v, str) and v)
-            for row in zip(_col(frame, "title"), _col(frame, "category"), _col(frame, "brand"), strict=True)]
+            for row in zip(_col(frame, "item_title"), _col(frame, "item_category"), _col(frame, "item_brand"),
+                           strict=True)]
 
 
 def _col(frame: pd.DataFrame, name: str) -> list:

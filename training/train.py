@@ -99,7 +99,7 @@ def train(model: ProfileModel, examples: pd.DataFrame, cfg: TrainConfig,
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         model.eval()
         score = validate(model) if validate else -float(np.mean(losses))

@@ -28,7 +28,7 @@ from training.model import FeatureSpec, ModelConfig, ProfileModel
 from training.train import TrainConfig, config_dict, pick_device, train
 
 MODEL_NAME = "persona-profile"
-TEXT_COLUMNS = {"recent_queries", "recent_titles", "title", "query"}
+TEXT_COLUMNS = {"recent_queries", "recent_titles", "item_title", "query"}
 NOT_FEATURES = {"example_id", "user_id", "item_id", "event_timestamp", "request_timestamp", "label", "weight",
                 "kind", "session", "device", "channel", "history_events", "cold", "event_id", "event_type",
                 "signup_timestamp"}
@@ -52,7 +52,8 @@ def _service_features(store, name: str) -> list[str]:
 def feature_spec(store, frame: pd.DataFrame) -> FeatureSpec:
     """Split the services' features into numeric and categorical inputs by their dtypes."""
     user_cols = [c for c in _service_features(store, dataset.USER_SERVICE) if c in frame and c not in NOT_FEATURES]
-    item_cols = [c for c in _service_features(store, dataset.ITEM_SERVICE) if c in frame and c not in NOT_FEATURES]
+    item_cols = [f"{dataset.ITEM_PREFIX}{c}" for c in _service_features(store, dataset.ITEM_SERVICE)]
+    item_cols = [c for c in item_cols if c in frame]
 
     def kinds(cols):
         num = [c for c in cols if c not in TEXT_COLUMNS and pd.api.types.is_numeric_dtype(frame[c])]
@@ -60,7 +61,7 @@ def feature_spec(store, frame: pd.DataFrame) -> FeatureSpec:
         return num, cat
 
     un, uc = kinds(user_cols)
-    inum, icat = kinds([c for c in item_cols if c != "category"] + ["category"])
+    inum, icat = kinds(item_cols)
     return FeatureSpec.fit(frame, frame, un, uc, inum, icat)
 
 

@@ -1,0 +1,216 @@
+"""Training and evaluation on real Feast stores and a real BentoML model store. Unit-level runs use a
+tiny randomly initialised BERT; one test loads the packaged all-MiniLM-L6-v2 weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from eventlog.ingest import ingest
+from eventlog.sources import load_batch
+from eventlog.store import EventLog
+from feature_repo.pipeline import stores
+from feature_repo.pipeline.build import build
+from persona import sample_data
+from persona.cli import app
+from training import dataset
+from training.model import ModelConfig, ProfileModel, default_bert_path
+from training.train import TrainConfig
+from training.workflow import RunConfig, load_from_bentoml, refit, run, save_to_bentoml
+from validation.gate import Gate
+
+POSITIVES = {"click": 1.0, "add_to_cart": 2.0, "purchase": 4.0, "review": 3.0}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(default_bert_path()).save_pretrained(folder)
+    return str(folder)
+
+
+def _workspace(root: Path, tables: dict[str, pd.DataFrame]):
+    ws = root / "ws"
+    folder = root / "data"
+    sample_data.write(tables, folder)
+    log = EventLog(f"sqlite:///{ws / 'eventlog.db'}") if ws.mkdir(parents=True) is None else None
+    report, _ = ingest(load_batch(folder), log, Gate())
+    assert report.quarantined == 0
+    store, _ = stores.apply(ws, "local")
+    build(log, "local", ws)
+    stores.materialize(ws)
+    return ws, log, store
+
+
+@pytest.fixture(scope="module")
+def trained_ws(tmp_path_factory, shop):
+    root = tmp_path_factory.mktemp("training")
+    ws, log, store = _workspace(root, shop)
+    yield ws, log, store
+    log.dispose()
+
+
+def _run_cfg(bert: str, splits=("global", "loo")) -> RunConfig:
+    return RunConfig(model=ModelConfig(bert_path=bert, dim=16, hidden=32, embed_dim=4, finetune_layers=1),
+                     train=TrainConfig(epochs=2, batch_size=32, max_positives=400, device="cpu"), splits=splits)
+
+
+def test_examples_never_see_their_own_event(trained_ws):
+    ws, log, store = trained_ws
+    events, items = log.read_table("events"), log.read_table("items")
+    examples = dataset.build_examples(events, items, POSITIVES, neg_per_pos=2)
+    assert set(examples["kind"]) == {"positive", "exposure", "negative"}
+    assert examples.loc[examples.kind == "positive", "weight"].isin(POSITIVES.values()).all()
+    sample = examples[examples.kind == "positive"].sample(40, random_state=0)
+    feats = dataset.fetch_features(store, sample.reset_index(drop=True))
+    for row in feats.itertuples():
+        mine = events[(events.user_id == row.user_id) & (events.event_type == "click")]
+        before = mine[(mine.event_timestamp < row.event_timestamp)
+                      & (mine.event_timestamp > row.event_timestamp - pd.Timedelta(days=30))]
+        # The state just before T0: every click strictly before it, none at or after it.
+        assert row.click_count_30d == len(before), row
+        assert pd.notna(row.item_title) and pd.notna(row.hour_sin)
+
+
+def test_sampled_negatives_existed_at_the_time(trained_ws):
+    _, log, _ = trained_ws
+    events, items = log.read_table("events"), log.read_table("items")
+    examples = dataset.build_examples(events, items, POSITIVES, neg_per_pos=3, seed=1)
+    first_seen = events.groupby("item_id")["event_timestamp"].min()
+    neg = examples[examples.kind == "negative"]
+    seen = neg["item_id"].map(first_seen)
+    assert (seen.isna() | (seen <= neg["event_timestamp"])).all()
+
+
+def test_train_evaluate_refit_and_bentoml_roundtrip(trained_ws, tiny_bert, tmp_path, monkeypatch):
+    ws, log, store = trained_ws
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    events, items = log.read_table("events"), log.read_table("items")
+    cfg = _run_cfg(tiny_bert)
+    result = run(store, events, items, POSITIVES, cfg, tmp_path / "report", progress=False)
+    metrics = result["metrics"]
+    assert set(metrics["split"]) == {"global time cut", "last interaction per user"}
+    assert {"popularity", "item co-occurrence", "MLP tower, no text", "frozen BERT + MLP",
+            "Persona: BERT fine-tuned + MLP"} <= set(metrics["model"])
+    assert {"all", "cold users", "active users", "with query", "without query"} <= set(metrics["segment"])
+    overall = metrics[metrics.segment == "all"]
+    for col in ("NDCG@10", "Recall@10", "Recall@50", "MRR@10", "coverage"):
+        assert overall[col].between(0, 1).all()
+    assert (overall["Recall@50"] >= overall["Recall@10"]).all()
+    assert overall.loc[overall.model == "Persona: BERT fine-tuned + MLP", "AUC"].notna().all()
+    for name in ("report.md", "metrics.png", "training_curve.png", "metrics.csv"):
+        assert (tmp_path / "report" / name).exists()
+
+    model = refit(store, result["frame"], result["spec"], cfg, epochs=1, progress=False)
+    tag = save_to_bentoml(model, store, metrics, events, cfg)
+    loaded, meta = load_from_bentoml(str(tag.version))
+    assert meta["feature_services"] == {"user": "profile_v1", "item": "items_v1"}
+    assert "click_count_30d" in meta["features"]["user"] and meta["normalisation"]
+    frame = result["frame"].head(50)
+    with torch.no_grad():
+        a = (model.user_vectors(frame) * model.item_vectors(frame)).sum(-1)
+        b = (loaded.user_vectors(frame) * loaded.item_vectors(frame)).sum(-1)
+    assert torch.allclose(a, b, atol=1e-6)  # loading back gives identical scores
+    bentoml = os.path.join(os.path.dirname(sys.executable), "bentoml")
+    listed = subprocess.run([bentoml, "models", "list"], capture_output=True, text=True,
+                            env={**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")})
+    assert "persona-profile" in listed.stdout
+
+
+def test_cli_train_and_recommend(trained_ws, tiny_bert, tmp_path, monkeypatch):
+    ws, log, _ = trained_ws
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "-w", str(ws), "--bert", tiny_bert, "--epochs", "1", "--max-positives",
+                                 "200", "--splits", "global", "--no-baselines", "--finetune-layers", "1"],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "NDCG@10" in result.output and "saved model persona-profile" in result.output
+    out = tmp_path / "recs.csv"
+    users = tmp_path / "users.csv"
+    pd.DataFrame({"user_id": ["u000001", "u000002", "u000003"]}).to_csv(users, index=False)
+    result = runner.invoke(app, ["recommend", "-w", str(ws), "--k", "5", "--users", str(users), "--output", str(out)],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    recs = pd.read_csv(out)
+    assert list(recs.columns) == ["user_id", "rank", "item_id", "score"]
+    assert (recs.groupby("user_id").size() == 5).all()
+    events = log.read_table("events")
+    for user, group in recs.groupby("user_id"):
+        engaged = set(events[(events.user_id == user) & events.event_type.isin(list(POSITIVES))]["item_id"])
+        assert not engaged & set(group["item_id"])  # already-engaged items are excluded
+        assert list(group["rank"]) == [1, 2, 3, 4, 5] and group["score"].is_monotonic_decreasing
+    parquet = tmp_path / "recs.parquet"
+    result = runner.invoke(app, ["recommend", "-w", str(ws), "--k", "3", "--output", str(parquet),
+                                 "--as-of", "2026-06-25T00:00:00Z"], catch_exceptions=False)
+    assert result.exit_code == 0 and pd.read_parquet(parquet)["user_id"].nunique() > 10
+
+
+def test_stripped_dataset_runs_end_to_end(tmp_path, tiny_bert, shop, monkeypatch):
+    """Only ids, titles, categories and reviews with ratings: no queries, context, prices or sessions."""
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    rng = np.random.default_rng(0)
+    users = shop["users"][["user_id"]]
+    items = shop["items"][["item_id", "title", "category"]]
+    n = 1500
+    reviews = pd.DataFrame({
+        "user_id": rng.choice(users["user_id"], n), "item_id": rng.choice(items["item_id"], n),
+        "event_type": "review", "rating": rng.integers(1, 6, n).astype(float),
+        "event_timestamp": pd.Timestamp("2026-03-01", tz="UTC") + pd.to_timedelta(rng.uniform(0, 60 * 86400, n), "s"),
+    })
+    ws, log, store = _workspace(tmp_path, {"users": users, "items": items, "events": reviews})
+    cfg = _run_cfg(tiny_bert, splits=("global",))
+    events, items_ = log.read_table("events"), log.read_table("items")
+    result = run(store, events, items_, POSITIVES, cfg, tmp_path / "report", progress=False)
+    assert result["metrics"]["requests"].max() > 0
+    model = refit(store, result["frame"], result["spec"], cfg, epochs=1, progress=False)
+    save_to_bentoml(model, store, result["metrics"], events, cfg)
+    recs = CliRunner().invoke(app, ["recommend", "-w", str(ws), "--k", "3", "--output", str(tmp_path / "r.csv")],
+                              catch_exceptions=False)
+    assert recs.exit_code == 0, recs.output
+    log.dispose()
+
+
+def test_real_minilm_weights_understand_text():
+    """Integration: the packaged all-MiniLM-L6-v2 loads offline and embeds meaningfully."""
+    spec_users = pd.DataFrame({"age": [30.0]})
+    from training.model import FeatureSpec
+
+    spec = FeatureSpec.fit(spec_users, spec_users, ["age"], [], [], [])
+    model = ProfileModel.build(ModelConfig(), spec).eval()
+    assert model.bert.config.hidden_size == 384
+    with torch.no_grad():
+        vecs = model.encode_text(["waterproof trail running shoes", "off-road running sneakers",
+                                  "espresso machine with milk frother"], 32)
+    sims = torch.nn.functional.cosine_similarity(vecs[0:1], vecs[1:])
+    assert sims[0] > sims[1] + 0.2
+    with torch.no_grad():
+        u = model.user_vectors(pd.DataFrame({"age": [30.0], "query": ["trail shoes"]}))
+    assert torch.allclose(u.norm(dim=-1), torch.ones(1), atol=1e-5) and u.shape == (1, 128)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="runs only where CUDA is present")
+def test_training_uses_cuda_when_present(trained_ws, tiny_bert, tmp_path):
+    _, log, store = trained_ws
+    cfg = _run_cfg(tiny_bert, splits=("global",))
+    cfg.train.device = "auto"
+    result = run(store, log.read_table("events"), log.read_table("items"), POSITIVES, cfg, tmp_path, progress=False)
+    assert result["metrics"]["requests"].max() > 0
+    model = refit(store, result["frame"], result["spec"], cfg, epochs=1, progress=False)
+    assert model.device.type == "cuda"
+    json.dumps(result["best_epochs"])
