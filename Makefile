@@ -30,6 +30,7 @@ test: install services
 bench: install services
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/features.py
+	$(BIN)/python benchmarks/training.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -187,6 +187,19 @@ def validate(
         raise typer.Exit(1)
 
 
+def _models(workspace: Path) -> list[dict]:
+    """Trained profile models in the workspace's BentoML store, newest first."""
+    if not (workspace / "bentoml").exists() and "BENTOML_HOME" not in os.environ:
+        return []
+    from training.workflow import MODEL_NAME, bentoml_home
+
+    bentoml_home(workspace)
+    import bentoml
+
+    models = sorted(bentoml.models.list(MODEL_NAME), key=lambda m: m.info.creation_time, reverse=True)
+    return [{"tag": str(m.tag), "created": m.info.creation_time.isoformat()} for m in models]
+
+
 @app.command()
 def status(
     workspace: Workspace = DEFAULT_WS,
@@ -203,6 +216,7 @@ def status(
                  "profile": cfg.profile, "workspace": str(cfg.workspace)})
     build_file = cfg.workspace / "feast" / "last_build.json"
     info["features"] = json.loads(build_file.read_text()) if build_file.exists() else None
+    info["models"] = _models(cfg.workspace)
     if as_json:
         print(json.dumps(info))
         return
@@ -374,8 +388,9 @@ def _print_metrics(metrics) -> None:
     for col in cols:
         table.add_column(col, justify="left" if col in ("split", "model") else "right")
     for row in overall[cols].itertuples(index=False):
-        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
-    console.print(table)
+        table.add_row(*["—" if isinstance(v, float) and v != v else f"{v:.4f}" if isinstance(v, float) else str(v)
+                        for v in row])
+    console.print(table, width=max(console.width, 130))
 
 
 @app.command("train")
@@ -476,16 +491,21 @@ def quickstart(
     """Run the whole pipeline on generated sample data inside the workspace."""
     cfg = _config(workspace)
     started = time.perf_counter()
-    console.rule("1/4 generate sample data")
+    console.rule("1/5 generate sample data")
     generate(out=cfg.sample_dir, users=users, items=items, days=days, seed=seed, fmt="csv")
-    console.rule("2/4 validate and ingest")
+    console.rule("2/5 validate and ingest")
     validate(source=str(cfg.sample_dir), workspace=workspace, profile=None, strict=True, docs=True)
     ingest(source=str(cfg.sample_dir), workspace=workspace, profile=None, strict=True, as_json=False)
-    console.rule("3/4 features: apply, build, materialize")
+    console.rule("3/5 features: apply, build, materialize")
     features_apply(workspace=workspace, profile=None)
     features_build(workspace=workspace, profile=None, check=True)
     features_materialize(workspace=workspace, profile=None, full=False)
-    console.rule("4/4 status")
+    console.rule("4/5 train and evaluate against the baselines, refit, save to the BentoML store")
+    # Quickstart-sized training (one epoch over 1,500 positives) keeps the whole run within minutes
+    # on two CPU cores; `persona train` defaults are larger.
+    train_cmd(workspace=workspace, profile=None, epochs=1, batch_size=64, finetune_layers=2,
+              max_positives=1500, bert=None, device="auto", splits="global", baselines=True, refit=True)
+    console.rule("5/5 status")
     status(workspace=workspace, profile=None, as_json=False)
     console.print(f"[bold green]quickstart done[/] in {time.perf_counter() - started:.0f} s. "
                   f"Workspace: {workspace}", highlight=False)

@@ -214,3 +214,23 @@ def test_training_uses_cuda_when_present(trained_ws, tiny_bert, tmp_path):
     model = refit(store, result["frame"], result["spec"], cfg, epochs=1, progress=False)
     assert model.device.type == "cuda"
     json.dumps(result["best_epochs"])
+
+
+def test_checkpoint_resume_and_grad_accumulation(trained_ws, tiny_bert, tmp_path):
+    _, log, store = trained_ws
+    from training.train import train
+    from training.workflow import feature_spec
+
+    events, items = log.read_table("events"), log.read_table("items")
+    frame = dataset.fetch_features(store, dataset.build_examples(events, items, POSITIVES).head(600))
+    spec = feature_spec(store, frame)
+    mcfg = ModelConfig(bert_path=tiny_bert, dim=8, hidden=16, embed_dim=4, finetune_layers=1)
+    first = TrainConfig(epochs=1, batch_size=16, grad_accum=2, device="cpu", checkpoint_dir=str(tmp_path),
+                        patience=5)
+    train(ProfileModel.build(mcfg, spec), frame, first, progress=False)
+    assert (tmp_path / "checkpoint.pt").exists() and len(first.history) == 1
+    resumed = TrainConfig(epochs=2, batch_size=16, grad_accum=2, device="cpu", checkpoint_dir=str(tmp_path),
+                          resume=True, patience=5)
+    train(ProfileModel.build(mcfg, spec), frame, resumed, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]  # epoch 1 came from the checkpoint
+    assert json.loads((tmp_path / "history.json").read_text())[-1]["epoch"] == 2

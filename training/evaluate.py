@@ -96,7 +96,7 @@ def ranking_metrics(scores: np.ndarray, targets: np.ndarray, excluded: list[np.n
         scores[r, ex] = -np.inf
     target_scores = scores[np.arange(len(targets)), targets]
     ranks = (scores > target_scores[:, None]).sum(axis=1) + 1
-    top10 = np.argsort(-scores, axis=1)[:, :10]
+    top10 = np.argpartition(-scores, min(10, scores.shape[1] - 1), axis=1)[:, :10]
     return {"rank": ranks, "top10": top10}
 
 

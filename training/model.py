@@ -37,8 +37,8 @@ class ModelConfig:
     use_text: bool = True  # False = the MLP-only tower (a baseline)
     hidden: int = 256
     embed_dim: int = 16
-    user_max_len: int = 64
-    item_max_len: int = 40
+    user_max_len: int = 48
+    item_max_len: int = 32
 
 
 @dataclass
@@ -160,6 +160,7 @@ class ProfileModel(nn.Module):
         text_dim = bert.config.hidden_size if (bert is not None and cfg.use_text) else None
         if bert is not None:
             self._set_trainable(cfg.finetune_layers)
+        self._text_cache: dict[tuple[str, int], torch.Tensor] = {}
         self.user_tower = Tower(len(spec.user_numeric), [len(spec.vocab[c]) for c in spec.user_categorical],
                                 cfg, text_dim)
         self.item_tower = Tower(len(spec.item_numeric), [len(spec.vocab[c]) for c in spec.item_categorical],
@@ -187,14 +188,32 @@ class ProfileModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def train(self, mode: bool = True) -> ProfileModel:
+        if mode and self.cfg.finetune_layers != 0:
+            self._text_cache.clear()  # BERT is about to change: cached embeddings go stale
+        return super().train(mode)
+
     def encode_text(self, texts: list[str], max_len: int) -> torch.Tensor | None:
-        """Mean-pooled BERT output (gradients only through the layers being fine-tuned)."""
+        """Mean-pooled BERT output (gradients only through the layers being fine-tuned).
+
+        While BERT cannot change (frozen, or the model is in eval mode) embeddings are cached by
+        text, so repeated titles and histories are encoded once.
+        """
         if self.bert is None or not self.cfg.use_text:
             return None
+        if self.cfg.finetune_layers == 0 or not self.training:
+            missing = list(dict.fromkeys(t for t in texts if (t, max_len) not in self._text_cache))
+            if missing:
+                with torch.no_grad():
+                    fresh = self._encode(missing, max_len)
+                self._text_cache.update({(t, max_len): v for t, v in zip(missing, fresh, strict=True)})
+            return torch.stack([self._text_cache[(t, max_len)] for t in texts])
+        return self._encode(texts, max_len)
+
+    def _encode(self, texts: list[str], max_len: int) -> torch.Tensor:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
         enc = {k: v.to(self.device) for k, v in enc.items()}
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.finetune_layers != 0):
-            hidden = self.bert(**enc).last_hidden_state
+        hidden = self.bert(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 

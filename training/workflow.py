@@ -255,7 +255,10 @@ def write_report(folder: Path, metrics: pd.DataFrame, histories: dict[str, list[
         md += [f"## {split}", "", group[["model"] + cols].to_markdown(index=False, floatfmt=".4f"), ""]
         seg = metrics[(metrics["split"] == split) & (metrics["segment"] != "all")]
         md += ["Breakdown (NDCG@10):", "",
-               seg.pivot_table(index="model", columns="segment", values="NDCG@10").to_markdown(floatfmt=".4f"), ""]
+               seg.pivot_table(index="model", columns="segment", values="NDCG@10").to_markdown(floatfmt=".4f"), "",
+               "Requests per segment:", "",
+               seg[seg["model"] == seg["model"].iloc[0]].set_index("segment")[["requests"]].T.to_markdown(index=False),
+               ""]
     md += ["![metrics](metrics.png)", "", "![training curve](training_curve.png)", ""]
     (folder / "report.md").write_text("\n".join(md))
     fig, axes = plt.subplots(1, max(1, overall["split"].nunique()), figsize=(11, 4), squeeze=False)
@@ -297,9 +300,10 @@ def recommend(model: ProfileModel, store, events: pd.DataFrame, items: pd.DataFr
                 event_timestamp=as_of + pd.Timedelta(microseconds=1)), index)):
             scores[r, ex] = -np.inf
     k = min(k, len(item_ids))
-    top = np.argsort(-scores, axis=1)[:, :k]
+    best = torch.topk(torch.from_numpy(scores), k, dim=1)  # O(n·k), not a full sort per user
+    top, top_scores = best.indices.numpy(), best.values.numpy()
     rows = {"user_id": np.repeat(users, k), "rank": np.tile(np.arange(1, k + 1), len(users)),
-            "item_id": np.array(item_ids)[top].ravel(), "score": np.take_along_axis(scores, top, 1).ravel()}
+            "item_id": np.array(item_ids)[top].ravel(), "score": top_scores.ravel()}
     out = pd.DataFrame(rows)
     return out[np.isfinite(out["score"])].reset_index(drop=True)
 
