@@ -29,6 +29,10 @@ def test_quickstart_twice_and_status(tmp_path):
     n_events = len(pd.read_csv(ws / "sample" / "events.csv"))
     assert status["users"] == 120 and status["items"] == 80 and status["events"] == n_events
     assert status["quarantined"] == 0 and status["newest_event"].startswith("2026-06-2")
+    assert "ranking quality" in first.output and "NDCG@10" in first.output  # the metrics table
+    assert status["models"] and status["models"][0]["tag"].startswith("persona-profile:")
+    assert status["features"]["rows"]["user_behaviour"] > 0
+    assert list((ws / "reports" / "training").glob("*/metrics.png"))
     second = _invoke(*args)  # a second run works and adds nothing
     assert second.exit_code == 0, second.output
     assert json.loads(_invoke("status", "--workspace", str(ws), "--json").output)["events"] == n_events

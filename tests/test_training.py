@@ -125,10 +125,13 @@ def test_train_evaluate_refit_and_bentoml_roundtrip(trained_ws, tiny_bert, tmp_p
         a = (model.user_vectors(frame) * model.item_vectors(frame)).sum(-1)
         b = (loaded.user_vectors(frame) * loaded.item_vectors(frame)).sum(-1)
     assert torch.allclose(a, b, atol=1e-6)  # loading back gives identical scores
+    import bentoml as bentoml_sdk
+
+    home = Path(bentoml_sdk.models.get(tag).path).parents[2]  # BENTOML_HOME/models/<name>/<version>
     bentoml = os.path.join(os.path.dirname(sys.executable), "bentoml")
     listed = subprocess.run([bentoml, "models", "list"], capture_output=True, text=True,
-                            env={**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")})
-    assert "persona-profile" in listed.stdout
+                            env={**os.environ, "BENTOML_HOME": str(home)})
+    assert str(tag) in listed.stdout
 
 
 def test_cli_train_and_recommend(trained_ws, tiny_bert, tmp_path, monkeypatch):

@@ -120,7 +120,7 @@ def _validation(store, split: Split, events: pd.DataFrame, positives: dict, item
         return None
     firsts = events[events["event_type"].isin(list(positives))].drop_duplicates(["user_id", "item_id"])
     val = firsts[(firsts["event_timestamp"] >= split.val_start) & (firsts["event_timestamp"] < split.train_end)]
-    val = val[val["item_id"].isin(item_ids)].head(1500)
+    val = val[val["item_id"].isin(item_ids)].sample(frac=1.0, random_state=0).head(600)
     if val.empty:
         return None
     val = val.assign(query=None, request_timestamp=val["event_timestamp"])
@@ -147,7 +147,7 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
     if cfg.baselines:
         variants |= {"MLP tower, no text": replace(cfg.model, use_text=False),
                      "frozen BERT + MLP": replace(cfg.model, finetune_layers=0)}
-    tables, histories, best_epochs = [], {}, {}
+    tables, histories, best_epochs, evaluated_model = [], {}, {}, None
     for split_name in cfg.splits:
         split = global_split(events, positives) if split_name == "global" else last_per_user_split(events, positives)
         if split.per_user_end is not None:
@@ -171,6 +171,7 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
             if name.startswith("Persona") and split_name == cfg.splits[0]:
                 best = max(tcfg.history, key=lambda h: h["val_ndcg10"]) if tcfg.history else {"epoch": 1}
                 best_epochs["Persona"] = best["epoch"]
+                evaluated_model = model
             scorers[name] = model_scorer(model, store, catalogue)
             pairs[name] = pair_scorer(model)
         labelled = frame["kind"].isin(["positive", "exposure"])
@@ -179,7 +180,7 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
     metrics = pd.concat(tables, ignore_index=True)
     report = write_report(report_dir, metrics, histories)
     return {"metrics": metrics, "spec": spec, "frame": frame, "best_epochs": best_epochs, "report": report,
-            "histories": histories}
+            "histories": histories, "model": evaluated_model}
 
 
 def refit(store, frame: pd.DataFrame, spec: FeatureSpec, cfg: RunConfig, epochs: int,
