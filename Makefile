@@ -28,9 +28,9 @@ test: install services
 	$(BIN)/pytest
 
 bench: install services
-	$(BIN)/python benchmarks/run.py
-	$(BIN)/python benchmarks/features.py
-	$(BIN)/python benchmarks/training.py
+	$(BIN)/python benchmarks/bench_ingest.py
+	$(BIN)/python benchmarks/bench_features.py
+	$(BIN)/python benchmarks/bench_training.py
 
 lint: install
 	$(BIN)/ruff check .

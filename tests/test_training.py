@@ -237,3 +237,16 @@ def test_checkpoint_resume_and_grad_accumulation(trained_ws, tiny_bert, tmp_path
     train(ProfileModel.build(mcfg, spec), frame, resumed, progress=False)
     assert [h["epoch"] for h in resumed.history] == [1, 2]  # epoch 1 came from the checkpoint
     assert json.loads((tmp_path / "history.json").read_text())[-1]["epoch"] == 2
+
+
+def test_cli_evaluate_last_interaction_per_user(trained_ws, tiny_bert, tmp_path, monkeypatch):
+    ws, _, _ = trained_ws
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    result = CliRunner().invoke(app, ["evaluate", "-w", str(ws), "--bert", tiny_bert, "--epochs", "1",
+                                      "--max-positives", "200", "--splits", "loo"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "popularity" in result.output and "NDCG@10" in result.output
+    reports = list((ws / "reports" / "evaluation").glob("*/report.md"))
+    assert reports and "last interaction per user" in reports[-1].read_text()
+    bad = CliRunner().invoke(app, ["evaluate", "-w", str(ws), "--splits", "yesterday"])
+    assert bad.exit_code == 2 and "--splits takes global, loo or both" in bad.output
