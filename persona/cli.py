@@ -390,7 +390,7 @@ def _print_metrics(metrics) -> None:
     for row in overall[cols].itertuples(index=False):
         table.add_row(*["—" if isinstance(v, float) and v != v else f"{v:.4f}" if isinstance(v, float) else str(v)
                         for v in row])
-    console.print(table, width=max(console.width, 130))
+    Console(width=max(console.width, 140)).print(table)  # wide enough for the model names
 
 
 @app.command("train")
@@ -399,7 +399,9 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
               bert: Bert = None, device: Device = "auto", splits: Splits = "global,loo",
               baselines: Annotated[bool, typer.Option(help="Train and report the baselines too.")] = True,
               refit: Annotated[bool, typer.Option(help="Refit on all data before saving (else the evaluated "
-                                                  "model is saved).")] = True) -> None:
+                                                  "model is saved).")] = True,
+              resume: Annotated[bool, typer.Option(help="Resume the refit from WORKSPACE/checkpoints/refit.")] = False,
+              ) -> None:
     """Train, evaluate against baselines, refit on everything, and save to the BentoML model store."""
     from training.workflow import refit as refit_model
     from training.workflow import run, save_to_bentoml
@@ -413,6 +415,8 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
     console.print(f"report: {result['report']}")
     if refit:
         console.print("refitting on all data up to the newest event")
+        run_cfg.train.checkpoint_dir = str(cfg.workspace / "checkpoints" / "refit")  # one per epoch
+        run_cfg.train.resume = resume
         model = refit_model(store, result["frame"], result["spec"], run_cfg,
                             result["best_epochs"].get("Persona", epochs))
     else:  # the evaluated model (trained before the first split's cut) is the one deployed
@@ -507,7 +511,8 @@ def quickstart(
     # Quickstart-sized training (three epochs over 2,000 positives, the global split, and the evaluated
     # model saved without a refit) keeps the whole run within minutes on two CPU cores.
     train_cmd(workspace=workspace, profile=None, epochs=3, batch_size=64, finetune_layers=2,
-              max_positives=2000, bert=None, device="auto", splits="global", baselines=True, refit=False)
+              max_positives=2000, bert=None, device="auto", splits="global", baselines=True, refit=False,
+              resume=False)
     console.rule("5/5 status")
     status(workspace=workspace, profile=None, as_json=False)
     console.print(f"[bold green]quickstart done[/] in {time.perf_counter() - started:.0f} s. "

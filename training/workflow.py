@@ -175,7 +175,11 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
             scorers[name] = model_scorer(model, store, catalogue)
             pairs[name] = pair_scorer(model)
         labelled = frame["kind"].isin(["positive", "exposure"])
-        test_labelled = frame[(frame["event_timestamp"] >= split.train_end) & labelled].head(5000)
+        if split.per_user_end is not None:  # each user's rows from their held-out time on
+            start = frame["user_id"].map(split.per_user_end).fillna(pd.Timestamp.max.tz_localize("UTC"))
+        else:
+            start = split.train_end
+        test_labelled = frame[(frame["event_timestamp"] >= start) & labelled].head(5000)
         tables.append(evaluate_scorers(scorers, split, events, positives, item_ids, pairs, test_labelled))
     metrics = pd.concat(tables, ignore_index=True)
     report = write_report(report_dir, metrics, histories)
@@ -186,7 +190,7 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
 def refit(store, frame: pd.DataFrame, spec: FeatureSpec, cfg: RunConfig, epochs: int,
           progress: bool = True) -> ProfileModel:
     """Train the deployed model on every example up to the newest event (no hold-out)."""
-    tcfg = replace(cfg.train, epochs=max(1, epochs), patience=epochs + 1, history=[], resume=False)
+    tcfg = replace(cfg.train, epochs=max(1, epochs), patience=epochs + 1, history=[])
     model = ProfileModel.build(cfg.model, spec).to(pick_device(tcfg.device))
     return train(model, frame, tcfg, None, progress)
 
