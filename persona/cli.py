@@ -478,6 +478,51 @@ def recommend_cmd(
     console.print(f"wrote {len(recs):,} rows for {recs['user_id'].nunique():,} users to {output} (as of {when})")
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _service_env(cfg) -> dict:
+    from training.workflow import bentoml_home
+
+    bentoml_home(cfg.workspace)
+    return {**os.environ, "PERSONA_WORKSPACE": str(cfg.workspace.resolve()), "BENTOML_DO_NOT_TRACK": "true",
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+
+
+@app.command()
+def serve(workspace: Workspace = DEFAULT_WS, profile: Profile = None,
+          port: Annotated[int, typer.Option(min=1, max=65535)] = 3000, host: str = "127.0.0.1") -> None:
+    """Serve /rank, /profile and /events for the workspace with `bentoml serve`."""
+    import subprocess
+    import sys
+
+    cfg = _config(workspace, profile)
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    console.print(f"serving {cfg.workspace} on http://{host}:{port} (OpenAPI at /docs)")
+    raise typer.Exit(subprocess.call([bentoml, "serve", "bentos.service:Persona", "--host", host, "--port",
+                                      str(port)], cwd=REPO_ROOT, env=_service_env(cfg)))
+
+
+@app.command("build")
+def build_bento(workspace: Workspace = DEFAULT_WS, profile: Profile = None) -> None:
+    """Build a bento (offline: lock_packages false; GPU resources and a CUDA base image declared)."""
+    import subprocess
+    import sys
+
+    cfg = _config(workspace, profile)
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    result = subprocess.run([bentoml, "build", "-f", "bentos/bentofile.yaml", "."], cwd=REPO_ROOT,
+                            env=_service_env(cfg), capture_output=True, text=True)
+    if result.returncode != 0:
+        _fail(f"bentoml build failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}", 1)
+    tag = next((line.split('"')[1] for line in result.stdout.splitlines() if "Successfully built Bento" in line
+                and '"' in line), None)
+    console.print(f"built bento {tag or '(see bentoml list)'} in {os.environ['BENTOML_HOME']}\n"
+                  f"serve it:  persona serve --workspace {workspace}\n"
+                  f"call it:   curl -s -X POST http://127.0.0.1:3000/rank -H 'content-type: application/json' "
+                  f"-d '{{\"user_id\": \"u000001\", \"k\": 5}}'", highlight=False)
+
+
 @suites_app.command("write")
 def suites_write() -> None:
     """Regenerate validation/gx/expectations/*.json from the contract (review the diff)."""
@@ -498,23 +543,25 @@ def quickstart(
     """Run the whole pipeline on generated sample data inside the workspace."""
     cfg = _config(workspace)
     started = time.perf_counter()
-    console.rule("1/5 generate sample data")
+    console.rule("1/6 generate sample data")
     generate(out=cfg.sample_dir, users=users, items=items, days=days, seed=seed, fmt="csv")
-    console.rule("2/5 validate and ingest")
+    console.rule("2/6 validate and ingest")
     validate(source=str(cfg.sample_dir), workspace=workspace, profile=None, strict=True, docs=True)
     ingest(source=str(cfg.sample_dir), workspace=workspace, profile=None, strict=True, as_json=False)
-    console.rule("3/5 features: apply, build, materialize")
+    console.rule("3/6 features: apply, build, materialize")
     features_apply(workspace=workspace, profile=None)
     features_build(workspace=workspace, profile=None, check=True)
     features_materialize(workspace=workspace, profile=None, full=False)
-    console.rule("4/5 train and evaluate against the baselines, refit, save to the BentoML store")
+    console.rule("4/6 train and evaluate against the baselines, save to the BentoML store")
     # Quickstart-sized training (three epochs over 2,000 positives, the global split, and the evaluated
     # model saved without a refit) keeps the whole run within minutes on two CPU cores.
     train_cmd(workspace=workspace, profile=None, epochs=3, batch_size=64, finetune_layers=2,
               max_positives=2000, bert=None, device="auto", splits="global", baselines=True, refit=False,
               resume=False)
-    console.rule("5/5 status")
+    console.rule("5/6 status")
     status(workspace=workspace, profile=None, as_json=False)
+    console.rule("6/6 build the bento")
+    build_bento(workspace=workspace, profile=None)
     console.print(f"[bold green]quickstart done[/] in {time.perf_counter() - started:.0f} s. "
                   f"Workspace: {workspace}", highlight=False)
 

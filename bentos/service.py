@@ -1,0 +1,264 @@
+"""Persona's BentoML service: /rank, /profile and /events over one workspace.
+
+The model comes from the BentoML model store (``PERSONA_MODEL_TAG``, default the latest
+``persona-profile``); features come only through its Feast FeatureServices; the whole catalogue's
+item vectors sit in one tensor on the device. Events are validated with the ingestion gate,
+appended to the event log first, and then the user's fresh state is pushed online, so the next
+/rank and /profile see them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from datetime import UTC, datetime
+from http import HTTPStatus
+from pathlib import Path
+from typing import Annotated, Any
+
+import bentoml
+from pydantic import BaseModel, Field
+
+WORKSPACE = Path(os.environ.get("PERSONA_WORKSPACE", "workspace")).resolve()
+os.environ.setdefault("BENTOML_HOME", str(WORKSPACE / "bentoml"))
+MAX_EVENTS = 500
+MAX_CANDIDATES = 10_000
+
+
+class ApiKeyMiddleware:
+    """Optional API key: when PERSONA_API_KEY is set, every call but the probes must carry it."""
+
+    OPEN = ("/healthz", "/livez", "/readyz", "/metrics", "/docs", "/docs.json", "/")
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.key = os.environ.get("PERSONA_API_KEY")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.key and scope["type"] == "http" and scope["path"] not in self.OPEN:
+            headers = dict(scope.get("headers") or [])
+            given = headers.get(b"x-api-key", b"").decode() or headers.get(b"authorization", b"").decode().removeprefix(
+                "Bearer ")
+            if given != self.key:
+                from starlette.responses import JSONResponse
+
+                await JSONResponse({"error": "missing or wrong API key (header X-API-Key)"}, status_code=401)(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class StoreUnavailable(bentoml.exceptions.BentoMLException):
+    """The online store did not answer: a clear 503, and the next request tries again."""
+
+    error_code = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class RequestContext(BaseModel):
+    device: str | None = Field(None, max_length=256, examples=["app"])
+    channel: str | None = Field(None, max_length=256, examples=["search"])
+    timestamp: datetime | None = Field(None, description="Request time; defaults to now (UTC).")
+
+
+@bentoml.service(resources={"gpu": 1, "cpu": "2"}, traffic={"timeout": 30})
+class Persona:
+    def __init__(self) -> None:
+        import torch
+
+        from eventlog.store import EventLog
+        from feature_repo.pipeline import stores
+        from persona import config
+        from training.workflow import load_from_bentoml
+
+        self.cfg = config.load(WORKSPACE)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, self.meta = load_from_bentoml(os.environ.get("PERSONA_MODEL_TAG", "latest"), self.device)
+        self.store = stores.feature_store(WORKSPACE)
+        self.log = EventLog(self.cfg.resolved_event_log_url())
+        self.lock = threading.Lock()
+        self.refresh_catalogue()
+
+    def refresh_catalogue(self) -> None:
+        """Item vectors for the whole catalogue, in one tensor on the device."""
+        import torch
+
+        from training.dataset import ITEM_SERVICE, prefix_items
+
+        items = self.log.read_table("items")
+        self.item_ids = items["item_id"].astype(str).tolist()
+        self.item_index = {i: n for n, i in enumerate(self.item_ids)}
+        rows = [{"item_id": i} for i in self.item_ids]
+        feats = self.store.get_online_features(features=self.store.get_feature_service(ITEM_SERVICE),
+                                               entity_rows=rows).to_df()
+        self.items = prefix_items(feats)
+        with torch.no_grad():
+            parts = [self.model.item_vectors(self.items.iloc[s:s + 512]) for s in range(0, len(self.items), 512)]
+        self.item_vectors = torch.cat(parts).to(self.device)
+
+    def _user_frame(self, user_id: str, query: str | None, context: RequestContext | None):
+        import pandas as pd
+
+        from training.dataset import USER_SERVICE
+
+        ctx = context or RequestContext()
+        when = ctx.timestamp or datetime.now(UTC)
+        row = {"user_id": user_id, "device": ctx.device, "channel": ctx.channel, "request_timestamp": when}
+        try:
+            frame = self.store.get_online_features(features=self.store.get_feature_service(USER_SERVICE),
+                                                   entity_rows=[row]).to_df()
+        except Exception as exc:  # noqa: BLE001 - Redis, SQLite and gRPC raise different types
+            raise StoreUnavailable(f"online feature store unavailable: {type(exc).__name__}") from exc
+        frame["query"] = query
+        known = pd.notna(frame.get("view_count_30d", pd.Series([None])).iloc[0]) or pd.notna(
+            frame.get("age", pd.Series([None])).iloc[0])
+        return frame, bool(known)
+
+    def _seen(self, user_id: str) -> set[str]:
+        import sqlalchemy as sa
+
+        from eventlog.store import events
+
+        with self.log.engine.connect() as conn:
+            rows = conn.execute(sa.select(events.c.item_id).where(
+                events.c.user_id == user_id, events.c.event_type.in_(list(self.cfg.positives)),
+                events.c.item_id.is_not(None)).distinct())
+            return {r[0] for r in rows}
+
+    @bentoml.api(route="/rank")
+    def rank(
+        self,
+        user_id: Annotated[str, Field(min_length=1, max_length=256, examples=["u000001"])],
+        query: Annotated[str | None, Field(max_length=1000, examples=["waterproof trail running shoes"])] = None,
+        context: RequestContext | None = None,
+        candidates: Annotated[list[str] | None, Field(max_length=MAX_CANDIDATES)] = None,
+        k: Annotated[int, Field(ge=1, le=200)] = 10,
+        exclude_seen: bool = True,
+    ) -> dict[str, Any]:
+        """Rank the catalogue (or the candidates) for a user, with an optional live query."""
+        import torch
+
+        frame, known = self._user_frame(user_id, query, context)
+        with torch.no_grad():
+            user = self.model.user_vectors(frame)
+            scores = (user @ self.item_vectors.T).squeeze(0) / self.model.cfg.temperature
+        allowed = torch.ones(len(self.item_ids), dtype=torch.bool, device=scores.device)
+        unknown: list[str] = []
+        if candidates is not None:
+            allowed[:] = False
+            for c in candidates:
+                if c in self.item_index:
+                    allowed[self.item_index[c]] = True
+                else:
+                    unknown.append(c)
+        if exclude_seen:
+            for item in self._seen(user_id):
+                if item in self.item_index:
+                    allowed[self.item_index[item]] = False
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        top = torch.topk(scores, min(k, int(allowed.sum()))) if allowed.any() else None
+        results = []
+        if top is not None:
+            for score, idx in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+                item = self.items.iloc[idx]
+                results.append({"item_id": self.item_ids[idx], "score": round(float(score), 4),
+                                "title": item.get("item_title"), "reasons": _reasons(frame.iloc[0], item, query)})
+        return {"user_id": user_id, "items": results, "cold_start": not known, "unknown_candidates": unknown,
+                "model": self.meta.get("code_version", "")}
+
+    @bentoml.api(route="/profile")
+    def profile(self, user_id: Annotated[str, Field(min_length=1, max_length=256, examples=["u000001"])],
+                ) -> dict[str, Any]:
+        """The profile vector and a readable summary of the user."""
+        import torch
+
+        frame, known = self._user_frame(user_id, None, None)
+        with torch.no_grad():
+            vector = self.model.user_vectors(frame).squeeze(0).cpu().tolist()
+        row = frame.iloc[0]
+        return {"user_id": user_id, "known": known, "vector": [round(v, 5) for v in vector],
+                "summary": _summary(row, self._last_event(user_id))}
+
+    def _last_event(self, user_id: str) -> str | None:
+        import sqlalchemy as sa
+
+        from eventlog.store import events
+
+        with self.log.engine.connect() as conn:
+            ts = conn.execute(sa.select(sa.func.max(events.c.event_timestamp)).where(
+                events.c.user_id == user_id)).scalar()
+        return ts.isoformat() + "Z" if ts is not None else None
+
+    @bentoml.api(route="/events")
+    def post_events(self, events: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_EVENTS)],
+                    ctx: bentoml.Context) -> dict[str, Any]:
+        """Validate, append to the event log (idempotent on event_id), then push fresh features."""
+        import pandas as pd
+
+        from eventlog.ingest import ingest
+        from eventlog.sources import Batch, StructuralError, normalise
+        from feature_repo.pipeline.build import push_users
+        from validation.gate import Gate, GateSettings
+
+        try:
+            tb = normalise("events", pd.DataFrame(events), "request")
+        except StructuralError as exc:
+            ctx.response.status_code = 422
+            return {"accepted": [], "rejected": [{"index": None, "reason": str(exc).replace("request: ", "")}]}
+        v = self.cfg.validation
+        gate = Gate(GateSettings(max_reject_share=1.0, clock_skew_minutes=v.clock_skew_minutes,
+                                 on_schema_drift="accept"))
+        with self.lock:
+            report, result = ingest(Batch("POST /events", {"events": tb}), self.log, gate)
+        verdict = result.verdicts["events"]
+        rejected = [{"index": row, "event_id": tb.frame["event_id"].iloc[row],
+                     "reasons": [{"rule": x.rule, "column": x.column, "reason": x.reason} for x in vs]}
+                    for row, vs in sorted(verdict.violations.items())]
+        ok = [i for i in range(len(tb.frame)) if i not in verdict.violations]
+        users = sorted(set(tb.frame["user_id"].iloc[ok].dropna()))
+        push_users(self.store, self.log, users)
+        if rejected:
+            ctx.response.status_code = 422
+        return {"accepted": [tb.frame["event_id"].iloc[i] for i in ok], "rejected": rejected,
+                "pushed_users": users}
+
+
+def _reasons(user, item, query: str | None) -> list[str]:
+    import pandas as pd
+
+    reasons = []
+    if query and isinstance(item.get("item_title"), str):
+        words = set(query.lower().split()) & set(item["item_title"].lower().replace(",", " ").split())
+        if words:
+            reasons.append(f"matches your search for '{' '.join(sorted(words))}'")
+    category = item.get("item_category")
+    for n in (1, 2, 3):
+        top = user.get(f"top_category_{n}_30d")
+        if isinstance(top, str) and top == category:
+            reasons.append(f"matches your interest in {category.split('>')[-1].lower()}")
+            break
+    views = item.get("item_views_7d")
+    if pd.notna(views) and views >= 20:
+        reasons.append("popular this week")
+    return reasons or ["picked for your profile"]
+
+
+def _summary(row, last_event: str | None) -> dict[str, Any]:
+    import pandas as pd
+
+    def num(name):
+        v = row.get(name)
+        return 0 if v is None or pd.isna(v) else v
+
+    cats = [row.get(f"top_category_{n}_30d") for n in (1, 2, 3)]
+    purchases, clicks = num("purchase_count_30d"), num("click_count_30d")
+    segment = ("new" if num("view_count_30d") + clicks == 0 else "buyer" if purchases >= 3
+               else "shopper" if purchases >= 1 else "browser")
+    queries = row.get("recent_queries")
+    return {"top_categories": [c for c in cats if isinstance(c, str)],
+            "recent_intents": queries.split(" | ")[:3] if isinstance(queries, str) and queries else [],
+            "segment": segment, "last_event": last_event, "age_band": row.get("age_band"),
+            "activity_30d": {"views": int(num("view_count_30d")), "clicks": int(clicks),
+                             "purchases": int(purchases), "spend": round(float(num("spend_30d")), 2)}}
+
+
+Persona.add_asgi_middleware(ApiKeyMiddleware)

@@ -1,0 +1,148 @@
+"""The BentoML service over real HTTP (`bentoml serve`), on a real workspace and model store."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from eventlog.ingest import ingest
+from eventlog.sources import load_batch
+from eventlog.store import EventLog
+from feature_repo.pipeline import stores
+from feature_repo.pipeline.build import build
+from persona import sample_data
+from validation.gate import Gate
+
+BIN = Path(sys.executable).parent
+API_KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, shop):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from training.model import default_bert_path
+
+    root = tmp_path_factory.mktemp("service")
+    bert = root / "bert"
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(bert)
+    AutoTokenizer.from_pretrained(default_bert_path()).save_pretrained(bert)
+    ws = root / "ws"
+    sample_data.write(shop, root / "data")
+    log = EventLog(f"sqlite:///{ws / 'eventlog.db'}") if ws.mkdir() is None else None
+    ingest(load_batch(root / "data"), log, Gate())
+    stores.apply(ws, "local")
+    build(log, "local", ws)
+    stores.materialize(ws)
+    log.dispose()
+    env = {**os.environ, "PERSONA_WORKSPACE": str(ws), "BENTOML_HOME": str(ws / "bentoml"),
+           "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "PERSONA_API_KEY": API_KEY}
+    subprocess.run([str(BIN / "persona"), "train", "-w", str(ws), "--bert", str(bert), "--epochs", "1",
+                    "--max-positives", "200", "--splits", "global", "--no-baselines", "--no-refit"],
+                   env=env, check=True, capture_output=True, timeout=600)
+    port = _free_port()
+    proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "bentos.service:Persona", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, cwd=Path(__file__).parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail(proc.stdout.read().decode()[-3000:])
+        time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("bentoml serve did not become ready: " + proc.stdout.read1().decode()[-3000:])
+    with httpx.Client(base_url=url, headers={"X-API-Key": API_KEY}, timeout=30) as client:
+        client.workspace = ws
+        client.env = env
+        yield client
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_rank_profile_and_health(server, shop):
+    assert server.get("/healthz").status_code == 200
+    user = shop["events"]["user_id"].iloc[0]
+    r = server.post("/rank", json={"user_id": user, "k": 5, "context": {"device": "app"}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["items"]) == 5 and body["cold_start"] is False
+    assert all(item["reasons"] for item in body["items"])
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    cold = server.post("/rank", json={"user_id": "someone-new", "query": "espresso machine"}).json()
+    assert cold["cold_start"] is True and len(cold["items"]) == 10
+    some = list(shop["items"]["item_id"].head(3))
+    cand = server.post("/rank", json={"user_id": user, "candidates": some + ["nope"],
+                                              "exclude_seen": False}).json()
+    assert {i["item_id"] for i in cand["items"]} <= set(some) and cand["unknown_candidates"] == ["nope"]
+    profile = server.post("/profile", json={"user_id": user}).json()
+    assert len(profile["vector"]) == 16 or len(profile["vector"]) > 0
+    assert profile["summary"]["segment"] in {"new", "browser", "shopper", "buyer"}
+
+
+@pytest.mark.parametrize("body", [{}, {"user_id": 5}, {"user_id": "u1", "k": 0}, {"user_id": "u1", "k": 10_000},
+                                  {"user_id": "u1", "candidates": "i1"}, {"user_id": "x" * 300}])
+def test_bad_rank_input_is_4xx_json(server, body):
+    r = server.post("/rank", json=body)
+    assert 400 <= r.status_code < 500 and r.json()
+
+
+def test_events_validate_append_and_push(server, shop):
+    user = shop["events"]["user_id"].iloc[0]
+    item = shop["items"]["item_id"].iloc[5]
+    before = server.post("/profile", json={"user_id": user}).json()["summary"]
+    good = {"event_id": "live-1", "user_id": user, "item_id": item, "event_type": "purchase",
+            "event_timestamp": "2026-06-29T23:59:59.5Z", "value": 12.5}
+    bad = {"event_id": "live-2", "user_id": user, "item_id": item, "event_type": "review", "rating": 9,
+           "event_timestamp": "2026-06-29T23:59:59.6Z"}
+    r = server.post("/events", json={"events": [good, bad]})
+    assert r.status_code == 422
+    body = r.json()
+    assert body["accepted"] == ["live-1"]
+    assert body["rejected"][0]["event_id"] == "live-2" and body["rejected"][0]["reasons"][0]["rule"] == "rating_range"
+    again = server.post("/events", json={"events": [good]})
+    assert again.status_code == 200 and again.json()["accepted"] == ["live-1"]  # idempotent on event_id
+    after = server.post("/profile", json={"user_id": user}).json()["summary"]
+    assert after["last_event"] >= before["last_event"]
+    # The push reached the online store: the next /profile counts the new purchase.
+    assert after["activity_30d"]["purchases"] == before["activity_30d"]["purchases"] + 1
+    assert server.post("/events", json={"events": []}).status_code == 400
+
+
+def test_api_key_is_required_when_set(server):
+    base = str(server.base_url).rstrip("/")
+    anonymous = httpx.post(f"{base}/rank", json={"user_id": "u1"})
+    assert anonymous.status_code == 401 and "API key" in anonymous.json()["error"]
+    assert httpx.get(f"{base}/readyz").status_code == 200  # probes stay open
+    wrong = httpx.post(f"{base}/rank", json={"user_id": "u1"}, headers={"X-API-Key": "nope"})
+    assert wrong.status_code == 401
+
+
+def test_persona_build_makes_a_bento_offline(server):
+    out = subprocess.run([str(BIN / "persona"), "build", "-w", str(server.workspace)], env=server.env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "built bento persona:" in out.stdout and "persona serve" in out.stdout
+    listed = subprocess.run([str(BIN / "bentoml"), "list"], env=server.env, capture_output=True, text=True)
+    assert "persona:" in listed.stdout
