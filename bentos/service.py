@@ -22,11 +22,16 @@ from pydantic import BaseModel, Field
 WORKSPACE = Path(os.environ.get("PERSONA_WORKSPACE", "workspace")).resolve()
 os.environ.setdefault("BENTOML_HOME", str(WORKSPACE / "bentoml"))
 MAX_EVENTS = 500
+MAX_BODY_BYTES = 2_000_000
 MAX_CANDIDATES = 10_000
 
 
-class ApiKeyMiddleware:
-    """Optional API key: when PERSONA_API_KEY is set, every call but the probes must carry it."""
+class RequestGuard:
+    """Reject what the API cannot take with a JSON 4xx before it reaches BentoML.
+
+    - an API key, when ``PERSONA_API_KEY`` is set (401; the health probes stay open);
+    - a POST body that is not JSON (415) or larger than ``MAX_BODY_BYTES`` (413).
+    """
 
     OPEN = ("/healthz", "/livez", "/readyz", "/metrics", "/docs", "/docs.json", "/")
 
@@ -35,15 +40,21 @@ class ApiKeyMiddleware:
         self.key = os.environ.get("PERSONA_API_KEY")
 
     async def __call__(self, scope, receive, send) -> None:
-        if self.key and scope["type"] == "http" and scope["path"] not in self.OPEN:
-            headers = dict(scope.get("headers") or [])
-            given = headers.get(b"x-api-key", b"").decode() or headers.get(b"authorization", b"").decode().removeprefix(
-                "Bearer ")
-            if given != self.key:
+        if scope["type"] == "http" and scope["path"] not in self.OPEN:
+            headers = {k.decode().lower(): v.decode(errors="replace") for k, v in scope.get("headers") or []}
+            given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+            problem = None
+            if self.key and given != self.key:
+                problem = (401, "missing or wrong API key (header X-API-Key)")
+            elif scope.get("method") == "POST":
+                if not headers.get("content-type", "").lower().startswith("application/json"):
+                    problem = (415, "send the request body as JSON (Content-Type: application/json)")
+                elif int(headers.get("content-length") or 0) > MAX_BODY_BYTES:
+                    problem = (413, f"request body over {MAX_BODY_BYTES} bytes")
+            if problem:
                 from starlette.responses import JSONResponse
 
-                await JSONResponse({"error": "missing or wrong API key (header X-API-Key)"}, status_code=401)(
-                    scope, receive, send)
+                await JSONResponse({"error": problem[1]}, status_code=problem[0])(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -261,4 +272,4 @@ def _summary(row, last_event: str | None) -> dict[str, Any]:
                              "purchases": int(purchases), "spend": round(float(num("spend_30d")), 2)}}
 
 
-Persona.add_asgi_middleware(ApiKeyMiddleware)
+Persona.add_asgi_middleware(RequestGuard)

@@ -55,9 +55,10 @@ def server(tmp_path_factory, shop):
                     "--max-positives", "200", "--splits", "global", "--no-baselines", "--no-refit"],
                    env=env, check=True, capture_output=True, timeout=600)
     port = _free_port()
+    server_log = (root / "server.log").open("wb")  # a file, not a pipe: a full pipe would block the server
     proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "bentos.service:Persona", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, cwd=Path(__file__).parents[1],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=server_log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -67,17 +68,21 @@ def server(tmp_path_factory, shop):
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            pytest.fail(proc.stdout.read().decode()[-3000:])
+            pytest.fail((root / "server.log").read_text()[-3000:])
         time.sleep(1)
     else:
         proc.kill()
-        pytest.fail("bentoml serve did not become ready: " + proc.stdout.read1().decode()[-3000:])
+        pytest.fail("bentoml serve did not become ready: " + (root / "server.log").read_text()[-3000:])
     with httpx.Client(base_url=url, headers={"X-API-Key": API_KEY}, timeout=30) as client:
         client.workspace = ws
         client.env = env
         yield client
     proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    server_log.close()
 
 
 def test_rank_profile_and_health(server, shop):
@@ -139,6 +144,13 @@ def test_api_key_is_required_when_set(server):
     assert wrong.status_code == 401
 
 
+def test_non_json_and_oversized_bodies_are_4xx(server):
+    form = server.post("/rank", content=b"user_id=u1", headers={"content-type": "multipart/form-data"})
+    assert form.status_code == 415 and form.json()["error"]
+    huge = server.post("/events", json={"events": [{"user_id": "u", "text": "x" * 2_100_000}]})
+    assert huge.status_code == 413 and huge.json()["error"]
+
+
 def test_persona_build_makes_a_bento_offline(server):
     out = subprocess.run([str(BIN / "persona"), "build", "-w", str(server.workspace)], env=server.env,
                          capture_output=True, text=True, timeout=300)
@@ -146,3 +158,13 @@ def test_persona_build_makes_a_bento_offline(server):
     assert "built bento persona:" in out.stdout and "persona serve" in out.stdout
     listed = subprocess.run([str(BIN / "bentoml"), "list"], env=server.env, capture_output=True, text=True)
     assert "persona:" in listed.stdout
+
+
+def test_schemathesis_finds_no_server_errors(server):
+    """Property-based requests from the OpenAPI spec: every response is anything but a 5xx."""
+    base = str(server.base_url).rstrip("/")
+    out = subprocess.run([str(BIN / "schemathesis"), "run", f"{base}/docs.json", "--checks", "not_a_server_error",
+                          "-H", f"X-API-Key: {API_KEY}", "--max-examples", "25", "--seed", "1",
+                          "--request-timeout", "30", "--suppress-health-check", "all"],
+                         capture_output=True, text=True, timeout=600, env=server.env)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
