@@ -59,10 +59,13 @@ class RequestGuard:
         await self.app(scope, receive, send)
 
 
-class StoreUnavailable(bentoml.exceptions.BentoMLException):
+class StoreUnavailable(RuntimeError):
     """The online store did not answer: a clear 503, and the next request tries again."""
 
-    error_code = HTTPStatus.SERVICE_UNAVAILABLE
+
+def _unavailable(ctx: bentoml.Context, exc: StoreUnavailable) -> dict[str, Any]:
+    ctx.response.status_code = HTTPStatus.SERVICE_UNAVAILABLE
+    return {"error": str(exc), "retry": True}
 
 
 class RequestContext(BaseModel):
@@ -144,11 +147,19 @@ class Persona:
         candidates: Annotated[list[str] | None, Field(max_length=MAX_CANDIDATES)] = None,
         k: Annotated[int, Field(ge=1, le=200)] = 10,
         exclude_seen: bool = True,
+        ctx: bentoml.Context = None,
     ) -> dict[str, Any]:
-        """Rank the catalogue (or the candidates) for a user, with an optional live query."""
+        """Rank the catalogue (or the candidates) for a user, with an optional live query.
+
+        If the online store is down the answer is a 503 with a JSON reason (no degraded ranking):
+        ranking without the user's features would silently be a different product.
+        """
         import torch
 
-        frame, known = self._user_frame(user_id, query, context)
+        try:
+            frame, known = self._user_frame(user_id, query, context)
+        except StoreUnavailable as exc:
+            return _unavailable(ctx, exc)
         with torch.no_grad():
             user = self.model.user_vectors(frame)
             scores = (user @ self.item_vectors.T).squeeze(0) / self.model.cfg.temperature
@@ -178,11 +189,14 @@ class Persona:
 
     @bentoml.api(route="/profile")
     def profile(self, user_id: Annotated[str, Field(min_length=1, max_length=256, examples=["u000001"])],
-                ) -> dict[str, Any]:
+                ctx: bentoml.Context = None) -> dict[str, Any]:
         """The profile vector and a readable summary of the user."""
         import torch
 
-        frame, known = self._user_frame(user_id, None, None)
+        try:
+            frame, known = self._user_frame(user_id, None, None)
+        except StoreUnavailable as exc:
+            return _unavailable(ctx, exc)
         with torch.no_grad():
             vector = self.model.user_vectors(frame).squeeze(0).cpu().tolist()
         row = frame.iloc[0]
@@ -226,11 +240,16 @@ class Persona:
                     for row, vs in sorted(verdict.violations.items())]
         ok = [i for i in range(len(tb.frame)) if i not in verdict.violations]
         users = sorted(set(tb.frame["user_id"].iloc[ok].dropna()))
-        push_users(self.store, self.log, users)
+        online = "updated"
+        try:
+            push_users(self.store, self.log, users)
+        except Exception as exc:  # noqa: BLE001 - the events are safe in the log; features catch up at the next build
+            online = f"deferred: online store unavailable ({type(exc).__name__}); the events are in the event log"
+            ctx.response.status_code = HTTPStatus.ACCEPTED
         if rejected:
             ctx.response.status_code = 422
         return {"accepted": [tb.frame["event_id"].iloc[i] for i in ok], "rejected": rejected,
-                "pushed_users": users}
+                "pushed_users": users if online == "updated" else [], "online_update": online}
 
 
 def _reasons(user, item, query: str | None) -> list[str]:

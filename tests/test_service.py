@@ -168,3 +168,90 @@ def test_schemathesis_finds_no_server_errors(server):
                           "--request-timeout", "30", "--suppress-health-check", "all"],
                          capture_output=True, text=True, timeout=600, env=server.env)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_redis_outage_gives_503_and_recovers(tmp_path, shop, pg_url):
+    """prod profile: stop Redis under a running service, then start it again."""
+    from persona import config as config_mod
+
+    ws = tmp_path / "ws"
+    env = {**os.environ, "PERSONA_POSTGRES_URL": pg_url, "PERSONA_REDIS_URL": "redis://127.0.0.1:6379/9",
+           "PERSONA_WORKSPACE": str(ws), "BENTOML_HOME": str(ws / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+           "HF_HUB_OFFLINE": "1"}
+    old = {k: os.environ.get(k) for k in ("PERSONA_POSTGRES_URL", "PERSONA_REDIS_URL")}
+    os.environ.update({k: env[k] for k in old})
+    try:
+        cfg = config_mod.load(ws, "prod")
+        cfg.save()
+        sample_data.write(shop, tmp_path / "data")
+        log = EventLog(cfg.resolved_event_log_url())
+        ingest(load_batch(tmp_path / "data"), log, Gate())
+        stores.apply(ws, "prod")
+        build(log, "prod", ws)
+        stores.materialize(ws)
+        log.dispose()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    subprocess.run([str(BIN / "persona"), "train", "-w", str(ws), "--bert", default_tiny_bert(tmp_path), "--epochs",
+                    "1", "--max-positives", "100", "--splits", "global", "--no-baselines", "--no-refit"],
+                   env=env, check=True, capture_output=True, timeout=600)
+    port = _free_port()
+    log_file = (tmp_path / "server.log").open("wb")
+    proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "bentos.service:Persona", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, cwd=Path(__file__).parents[1], stdout=log_file,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    user = shop["events"]["user_id"].iloc[0]
+    try:
+        for _ in range(120):
+            try:
+                if httpx.post(f"{url}/rank", json={"user_id": user}, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert httpx.post(f"{url}/rank", json={"user_id": user}).json()["cold_start"] is False
+        subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], capture_output=True, timeout=30)
+        down = httpx.post(f"{url}/rank", json={"user_id": user}, timeout=30)
+        assert down.status_code == 503, down.text
+        assert "online feature store unavailable" in down.json()["error"]
+        event = {"event_id": "during-outage", "user_id": user, "event_type": "view",
+                 "item_id": shop["items"]["item_id"].iloc[0], "event_timestamp": "2026-06-29T23:59:59.9Z"}
+        kept = httpx.post(f"{url}/events", json={"events": [event]}, timeout=30)
+        assert kept.status_code == 202 and kept.json()["accepted"] == ["during-outage"]  # never lost
+        assert "deferred" in kept.json()["online_update"]
+    finally:
+        subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379", "--save", "",
+                        "--appendonly", "no"], capture_output=True, timeout=30)
+    try:
+        for _ in range(30):
+            if subprocess.run(["redis-cli", "-p", "6379", "ping"], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.5)
+        back = httpx.post(f"{url}/rank", json={"user_id": user}, timeout=30)
+        assert back.status_code == 200  # recovers by itself; the emptied Redis means a cold start
+        check = EventLog(pg_url)
+        assert "during-outage" in set(check.read_table("events")["event_id"])
+        check.dispose()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log_file.close()
+
+
+def default_tiny_bert(root: Path) -> str:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from training.model import default_bert_path
+
+    folder = root / "tiny_bert"
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(default_bert_path()).save_pretrained(folder)
+    return str(folder)
