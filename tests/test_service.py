@@ -30,6 +30,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve(env: dict, log_path: Path, wait_for: str = "/readyz"):
+    """Start `bentoml serve` for env's workspace; logs go to a file (a full pipe would block it)."""
+    port = _free_port()
+    log_file = log_path.open("wb")
+    proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "bentos.service:Persona", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, cwd=Path(__file__).parents[1], stdout=log_file,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    headers = {"X-API-Key": env["PERSONA_API_KEY"]} if env.get("PERSONA_API_KEY") else {}
+    for _ in range(180):
+        try:
+            if httpx.get(f"{url}{wait_for}", timeout=2, headers=headers).status_code == 200:
+                return proc, url, log_file
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(1)
+    stop(proc, log_file)
+    pytest.fail("bentoml serve did not become ready: " + log_path.read_text()[-3000:])
+
+
+def stop(proc, log_file) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log_file.close()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, shop):
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -54,35 +85,12 @@ def server(tmp_path_factory, shop):
     subprocess.run([str(BIN / "persona"), "train", "-w", str(ws), "--bert", str(bert), "--epochs", "1",
                     "--max-positives", "200", "--splits", "global", "--no-baselines", "--no-refit"],
                    env=env, check=True, capture_output=True, timeout=600)
-    port = _free_port()
-    server_log = (root / "server.log").open("wb")  # a file, not a pipe: a full pipe would block the server
-    proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "bentos.service:Persona", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, cwd=Path(__file__).parents[1],
-                            stdout=server_log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail((root / "server.log").read_text()[-3000:])
-        time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("bentoml serve did not become ready: " + (root / "server.log").read_text()[-3000:])
+    proc, url, server_log = serve(env, root / "server.log")
     with httpx.Client(base_url=url, headers={"X-API-Key": API_KEY}, timeout=30) as client:
         client.workspace = ws
         client.env = env
         yield client
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    server_log.close()
+    stop(proc, server_log)
 
 
 def test_rank_profile_and_health(server, shop):
@@ -198,21 +206,9 @@ def test_redis_outage_gives_503_and_recovers(tmp_path, shop, pg_url):
     subprocess.run([str(BIN / "persona"), "train", "-w", str(ws), "--bert", default_tiny_bert(tmp_path), "--epochs",
                     "1", "--max-positives", "100", "--splits", "global", "--no-baselines", "--no-refit"],
                    env=env, check=True, capture_output=True, timeout=600)
-    port = _free_port()
-    log_file = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "bentos.service:Persona", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, cwd=Path(__file__).parents[1], stdout=log_file,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url, log_file = serve(env, tmp_path / "server.log")
     user = shop["events"]["user_id"].iloc[0]
     try:
-        for _ in range(120):
-            try:
-                if httpx.post(f"{url}/rank", json={"user_id": user}, timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
         assert httpx.post(f"{url}/rank", json={"user_id": user}).json()["cold_start"] is False
         subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], capture_output=True, timeout=30)
         down = httpx.post(f"{url}/rank", json={"user_id": user}, timeout=30)
@@ -237,12 +233,7 @@ def test_redis_outage_gives_503_and_recovers(tmp_path, shop, pg_url):
         assert "during-outage" in set(check.read_table("events")["event_id"])
         check.dispose()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log_file.close()
+        stop(proc, log_file)
 
 
 def default_tiny_bert(root: Path) -> str:
