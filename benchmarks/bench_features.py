@@ -10,9 +10,7 @@ Needs local Postgres and Redis (``make bench`` starts them). Writes benchmarks/f
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -22,9 +20,8 @@ import numpy as np
 import pandas as pd
 import redis
 import sqlalchemy as sa
+from bench_common import load_log, timed, write_results
 
-from eventlog.sources import normalise
-from eventlog.store import EventLog, new_batch_id
 from feature_repo.pipeline import stores
 from feature_repo.pipeline.build import build
 from persona import sample_data
@@ -32,12 +29,6 @@ from persona import sample_data
 N_USERS = int(os.environ.get("BENCH_USERS", 29_000))
 HIST_ROWS = int(os.environ.get("BENCH_HIST_ROWS", 1_000_000))
 PG_ADMIN = os.environ.get("PERSONA_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
 
 
 def percentiles(samples: list[float]) -> dict:
@@ -78,13 +69,7 @@ def main() -> None:
         tmp = Path(tmp)
         shop = sample_data.generate(N_USERS, 10_000, 30, seed=0)
         ws = tmp / "local"
-        ws.mkdir()
-        log = EventLog(f"sqlite:///{ws / 'eventlog.db'}")
-        with log.engine.begin() as conn:
-            bid = new_batch_id()
-            for name, frame in shop.items():
-                tb = normalise(name, frame, name)
-                log.write(conn, name, tb.frame, tb.present, bid)
+        log = load_log(ws, shop)
         tables, secs = timed(lambda: build(log, "local", ws))
         results["pipeline_local"] = {"events": len(shop["events"]), "seconds": round(secs, 2)}
         print(f"feature pipeline: {len(shop['events']):,} events in {secs:.1f} s", flush=True)
@@ -173,10 +158,7 @@ def main() -> None:
         except ImportError:
             results["historical_spark"] = "pyspark not installed"
         log.dispose()
-    out = Path(__file__).parent / "features_results.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
-    print(f"wrote {out}", file=sys.stderr)
+    write_results("features", results)
 
 
 if __name__ == "__main__":

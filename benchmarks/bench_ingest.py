@@ -1,22 +1,20 @@
 """`make bench`: generation throughput and the validation gate's share of ingestion time.
 
 Targets (issues 2 and 3): 1M events generated in <= 60 s; validating 1M events adds <= 25% to the
-time ingestion takes without the gate. Results print as a table and go to benchmarks/results.json;
+time ingestion takes without the gate. Results print as a table and go to benchmarks/ingest_results.json;
 copy them into BENCHMARKS.md with the machine and date.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
+from bench_common import timed, write_results
 
 from eventlog.ingest import ingest
 from eventlog.sources import load_batch
@@ -25,12 +23,6 @@ from persona import sample_data
 from validation.gate import Gate, GateSettings
 
 N_USERS, N_ITEMS, DAYS = int(os.environ.get("BENCH_USERS", 29_000)), 10_000, 30
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
 
 
 def main() -> None:
@@ -79,11 +71,8 @@ def main() -> None:
                              "gate_overhead": round((gated_s - plain_s) / (load_s + plain_s), 3),
                              "reingest_seconds": round(again_s, 2),
                              "events_per_second_with_gate": round(n / (load_s + gated_s))}
-    print(json.dumps(results, indent=2))
-    out = Path(__file__).parent / "results.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}; target: gate_overhead <= 0.25", file=sys.stderr)
-    np.seterr(all="ignore")
+    write_results("ingest", results)
+    print("target: gate_overhead <= 0.25", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,15 @@ Writes benchmarks/training_results.json.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from eventlog.sources import normalise
-from eventlog.store import EventLog, new_batch_id
+from bench_common import load_log, write_results
+
 from feature_repo.pipeline import stores
 from feature_repo.pipeline.build import build
 from persona import sample_data
@@ -34,13 +32,7 @@ POSITIVES = {"click": 1.0, "add_to_cart": 2.0, "purchase": 4.0, "review": 3.0}
 
 def workspace(root: Path, users: int, items: int, days: int):
     shop = sample_data.generate(users, items, days, seed=0)
-    root.mkdir(parents=True)
-    log = EventLog(f"sqlite:///{root / 'eventlog.db'}")
-    with log.engine.begin() as conn:
-        bid = new_batch_id()
-        for name, frame in shop.items():
-            tb = normalise(name, frame, name)
-            log.write(conn, name, tb.frame, tb.present, bid)
+    log = load_log(root, shop)
     store, _ = stores.apply(root, "local")
     build(log, "local", root)
     stores.materialize(root, full=True)
@@ -94,10 +86,7 @@ def main() -> None:
         print("recommend:", results["recommend_10k_x_10k"], flush=True)
         log.dispose()
     results["peak_rss_mb"] = round(peak_mb())
-    out = Path(__file__).parent / "training_results.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
-    print(f"wrote {out}", file=sys.stderr)
+    write_results("training", results)
 
 
 if __name__ == "__main__":

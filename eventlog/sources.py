@@ -114,16 +114,16 @@ def _read_file(path: Path) -> pd.DataFrame:
 def _read_sql(url: str) -> dict[str, tuple[pd.DataFrame, str]]:
     try:
         engine = sa.create_engine(url)
+    except Exception as exc:
+        raise StructuralError(f"{_redact(url)}: unreadable: {type(exc).__name__}: {exc}") from exc
+    try:
         with engine.connect() as conn:
             names = set(sa.inspect(conn).get_table_names())
             return {t: (pd.read_sql_table(t, conn), f"{_redact(url)}#{t}") for t in TABLES if t in names}
-    except StructuralError:
-        raise
     except Exception as exc:
         raise StructuralError(f"{_redact(url)}: unreadable: {type(exc).__name__}: {exc}") from exc
     finally:
-        if "engine" in locals():
-            engine.dispose()
+        engine.dispose()
 
 
 def normalise(table: str, frame: pd.DataFrame, origin: str) -> TableBatch:

@@ -108,10 +108,9 @@ class EventLog:
             update_cols.append("extra")
         records = _records(frame, contract_cols, extras)
         now = utcnow()
+        stamp = {"batch_id": batch_id, "ingested_at": now} if table == "events" else {"updated_at": now}
         for rec in records:
-            rec["batch_id" if table == "events" else "updated_at"] = batch_id if table == "events" else now
-            if table == "events":
-                rec["ingested_at"] = now
+            rec.update(stamp)
         before = conn.execute(sa.select(sa.func.count()).select_from(tbl)).scalar_one()
         dialect = conn.dialect.name
         if dialect in ("sqlite", "postgresql"):

@@ -380,6 +380,18 @@ Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Splits = Annotated[str, typer.Option(help="global, loo, or global,loo.")]
 
 
+def _run_protocol(cfg, run_cfg, kind: str):
+    """Train the model and baselines on the splits, print the metrics, write the report."""
+    from training.workflow import run
+
+    store, events, items = _training_inputs(cfg)
+    folder = cfg.reports_dir / kind / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    result = run(store, events, items, cfg.positives, run_cfg, folder)
+    _print_metrics(result["metrics"])
+    console.print(f"report: {result['report']}")
+    return store, events, result
+
+
 def _print_metrics(metrics) -> None:
     overall = metrics[metrics["segment"] == "all"]
     cols = [c for c in ("split", "model", "NDCG@10", "Recall@10", "Recall@50", "MRR@10", "coverage", "AUC")
@@ -404,15 +416,11 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
               ) -> None:
     """Train, evaluate against baselines, refit on everything, and save to the BentoML model store."""
     from training.workflow import refit as refit_model
-    from training.workflow import run, save_to_bentoml
+    from training.workflow import save_to_bentoml
 
     cfg = _config(workspace, profile)
-    store, events, items = _training_inputs(cfg)
     run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, baselines, refit)
-    folder = cfg.reports_dir / "training" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    result = run(store, events, items, cfg.positives, run_cfg, folder)
-    _print_metrics(result["metrics"])
-    console.print(f"report: {result['report']}")
+    store, events, result = _run_protocol(cfg, run_cfg, "training")
     if refit:
         console.print("refitting on all data up to the newest event")
         run_cfg.train.checkpoint_dir = str(cfg.workspace / "checkpoints" / "refit")  # one per epoch
@@ -431,15 +439,9 @@ def evaluate_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epo
                  batch_size: BatchSize = 64, finetune_layers: Finetune = 2, max_positives: MaxPositives = 20_000,
                  bert: Bert = None, device: Device = "auto", splits: Splits = "global,loo") -> None:
     """The ranking-quality protocol: model and baselines on the same temporal splits, with a report."""
-    from training.workflow import run
-
     cfg = _config(workspace, profile)
-    store, events, items = _training_inputs(cfg)
     run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, True, False)
-    folder = cfg.reports_dir / "evaluation" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    result = run(store, events, items, cfg.positives, run_cfg, folder)
-    _print_metrics(result["metrics"])
-    console.print(f"report: {result['report']}")
+    _run_protocol(cfg, run_cfg, "evaluation")
 
 
 @app.command("recommend")

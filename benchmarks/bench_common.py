@@ -1,0 +1,38 @@
+"""What every benchmark script shares: a timer, an ungated log loader, and result files."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from eventlog.sources import normalise
+from eventlog.store import EventLog, new_batch_id
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def load_log(folder: Path, tables: dict[str, pd.DataFrame]) -> EventLog:
+    """Write generated tables straight into a fresh SQLite event log (no gate: it is timed elsewhere)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log = EventLog(f"sqlite:///{folder / 'eventlog.db'}")
+    with log.engine.begin() as conn:
+        bid = new_batch_id()
+        for name, frame in tables.items():
+            tb = normalise(name, frame, name)
+            log.write(conn, name, tb.frame, tb.present, bid)
+    return log
+
+
+def write_results(name: str, results: dict) -> None:
+    out = Path(__file__).parent / f"{name}_results.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    print(f"wrote {out}", file=sys.stderr)
