@@ -1,29 +1,42 @@
 """Persona's BentoML service: /rank, /profile and /events over one workspace.
 
 The model comes from the BentoML model store (``PERSONA_MODEL_TAG``, default the latest
-``persona-profile``); features come only through its Feast FeatureServices; the whole catalogue's
-item vectors sit in one tensor on the device. Events are validated with the ingestion gate,
+``persona-profile``, packaged into the bento by ``persona build``); features come only through its
+Feast FeatureServices; the whole catalogue's item vectors sit in one tensor on the device and are
+rebuilt when a newer model or a changed catalogue appears. Query text goes through a separate
+``TextEncoder`` service with adaptive batching. Events are validated with the ingestion gate,
 appended to the event log first, and then the user's fresh state is pushed online, so the next
 /rank and /profile see them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import threading
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
+import numpy as np
 from pydantic import BaseModel, Field
 
 WORKSPACE = Path(os.environ.get("PERSONA_WORKSPACE", "workspace")).resolve()
 os.environ.setdefault("BENTOML_HOME", str(WORKSPACE / "bentoml"))
+MODEL_TAG = os.environ.get("PERSONA_MODEL_TAG", "latest")
+MODEL_REF = f"persona-profile:{MODEL_TAG}"  # training.workflow.MODEL_NAME
+PINNED = MODEL_TAG != "latest"  # a pinned tag is never swapped for a newer model
+REFRESH_SECONDS = float(os.environ.get("PERSONA_REFRESH_SECONDS", "30"))
+SESSION_GAP = timedelta(minutes=30)  # a search this recent is still the live query (as in training)
+TEXT_CACHE_SIZE = 50_000  # user-text embeddings kept in memory (about 75 MB for MiniLM)
 MAX_EVENTS = 500
 MAX_BODY_BYTES = 2_000_000
 MAX_CANDIDATES = 10_000
+logger = logging.getLogger("persona.service")
 
 
 class RequestGuard:
@@ -74,58 +87,193 @@ class RequestContext(BaseModel):
     timestamp: datetime | None = Field(None, description="Request time; defaults to now (UTC).")
 
 
-@bentoml.service(resources={"gpu": 1, "cpu": "2"}, traffic={"timeout": 30})
-class Persona:
+@dataclass(frozen=True)
+class Ranker:
+    """One model and the catalogue's item vectors, swapped as a whole so a request sees one version."""
+
+    tag: str
+    model: Any
+    meta: dict
+    catalogue: str  # fingerprint of the items and their materialised features
+    item_ids: list[str]
+    item_index: dict[str, int]
+    items: Any  # item features, one row per item_ids entry
+    item_vectors: Any  # (n_items, dim) tensor on the device
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_model(tag: str | None, device: str):
+    """The pinned (or latest) model from the store; the bento's own store when built."""
+    from training.model import ProfileModel
+
+    stored = bentoml.models.get(tag or MODEL_REF)
+    model = ProfileModel.load(Path(stored.path), device)
+    model.text_cache_size = TEXT_CACHE_SIZE
+    return str(stored.tag), model, stored.info.metadata
+
+
+@bentoml.service(resources={"gpu": 1, "cpu": "1"}, workers=1, traffic={"timeout": 30})
+class TextEncoder:
+    """BERT over user text with adaptive batching: concurrent /rank queries share one forward pass."""
+
+    model_ref = bentoml.models.BentoModel(MODEL_REF)
+
     def __init__(self) -> None:
+        self.device = _device()
+        self.tag, self.model, _ = _load_model(str(self.model_ref.tag), self.device)
+
+    @bentoml.api(batchable=True, max_batch_size=32, max_latency_ms=20)
+    def encode(self, texts: list[str]) -> np.ndarray:
         import torch
 
+        with torch.no_grad():
+            return self.model.encode_text(texts, self.model.cfg.user_max_len).float().cpu().numpy()
+
+    @bentoml.api
+    def use_model(self, tag: str) -> str:
+        """Switch to ``tag`` (the ranking service calls this when it swaps models)."""
+        if tag != self.tag:
+            self.tag, self.model, _ = _load_model(tag, self.device)
+        return self.tag
+
+
+@bentoml.service(resources={"gpu": 1, "cpu": "2"}, traffic={"timeout": 30})
+class Persona:
+    model_ref = bentoml.models.BentoModel(MODEL_REF)  # packaged into the bento by `persona build`
+    encoder = bentoml.depends(TextEncoder)
+
+    def __init__(self) -> None:
         from eventlog.store import EventLog
         from feature_repo.pipeline import stores
         from persona import config
-        from training.workflow import load_from_bentoml
 
         self.cfg = config.load(WORKSPACE)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.meta = load_from_bentoml(os.environ.get("PERSONA_MODEL_TAG", "latest"), self.device)
+        self.device = _device()
         self.store = stores.feature_store(WORKSPACE)
         self.log = EventLog(self.cfg.resolved_event_log_url())
         self.lock = threading.Lock()
-        self.refresh_catalogue()
+        self.ranker = self._ranker(*_load_model(str(self.model_ref.tag), self.device))
+        self.encoder_tag: str | None = None  # the model the encoder runs; the batch path needs ours
+        self.watcher: asyncio.Task | None = None
 
-    def refresh_catalogue(self) -> None:
+    @bentoml.on_startup
+    async def _start_watching(self) -> None:
+        self.watcher = asyncio.create_task(self._watch())
+
+    @bentoml.on_shutdown
+    async def _stop_watching(self) -> None:
+        if self.watcher:
+            self.watcher.cancel()
+
+    # --- model and catalogue -------------------------------------------------------------------
+    def _catalogue_fingerprint(self) -> str:
+        """Changes when items are added or updated, or item features are materialised again."""
+        import sqlalchemy as sa
+
+        from eventlog.store import items
+
+        with self.log.engine.connect() as conn:
+            count, updated = conn.execute(sa.select(sa.func.count(), sa.func.max(items.c.updated_at))).one()
+        view = self.store.get_feature_view("item_features", allow_registry_cache=False)
+        materialised = view.materialization_intervals[-1][1] if view.materialization_intervals else None
+        return f"{count}|{updated}|{materialised}"
+
+    def _ranker(self, tag: str, model, meta: dict, fingerprint: str | None = None) -> Ranker:
         """Item vectors for the whole catalogue, in one tensor on the device."""
         import torch
 
         from training.dataset import ITEM_SERVICE, prefix_items
 
-        items = self.log.read_table("items")
-        self.item_ids = items["item_id"].astype(str).tolist()
-        self.item_index = {i: n for n, i in enumerate(self.item_ids)}
-        rows = [{"item_id": i} for i in self.item_ids]
+        fingerprint = fingerprint or self._catalogue_fingerprint()
+        item_ids = self.log.read_table("items")["item_id"].astype(str).tolist()
         feats = self.store.get_online_features(features=self.store.get_feature_service(ITEM_SERVICE),
-                                               entity_rows=rows).to_df()
-        self.items = prefix_items(feats)
+                                               entity_rows=[{"item_id": i} for i in item_ids]).to_df()
+        items = prefix_items(feats)
         with torch.no_grad():
-            parts = [self.model.item_vectors(self.items.iloc[s:s + 512]) for s in range(0, len(self.items), 512)]
-        self.item_vectors = torch.cat(parts).to(self.device)
+            parts = [model.item_vectors(items.iloc[s:s + 512]) for s in range(0, len(items), 512)]
+        vectors = torch.cat(parts).to(self.device)
+        return Ranker(tag, model, meta, fingerprint, item_ids, {i: n for n, i in enumerate(item_ids)}, items, vectors)
 
+    def _changed_ranker(self) -> Ranker | None:
+        """A ranker for a newer model (unless pinned) or a changed catalogue; None when nothing changed."""
+        current = self.ranker
+        latest = current.tag if PINNED else str(bentoml.models.get(MODEL_REF).tag)
+        fingerprint = self._catalogue_fingerprint()
+        if latest == current.tag and fingerprint == current.catalogue:
+            return None
+        same = latest == current.tag
+        loaded = (current.tag, current.model, current.meta) if same else _load_model(latest, self.device)
+        return self._ranker(*loaded, fingerprint=fingerprint)
+
+    async def _sync_encoder(self, tag: str) -> None:
+        if self.encoder_tag != tag:
+            remote = getattr(self.encoder, "to_async", None)  # a local instance when run in-process
+            self.encoder_tag = await remote.use_model(tag) if remote else self.encoder.use_model(tag)
+
+    async def _watch(self) -> None:
+        """Every ``PERSONA_REFRESH_SECONDS``: swap in a newer model or a changed catalogue.
+
+        The encoder switches first; until it runs the same model, query text is encoded in process.
+        """
+        while True:
+            await asyncio.sleep(REFRESH_SECONDS)
+            try:
+                fresh = await asyncio.to_thread(self._changed_ranker)
+                await self._sync_encoder((fresh or self.ranker).tag)
+                if fresh is not None:
+                    self.ranker = fresh
+                    logger.info("ranker refreshed: model %s, catalogue %s (%d items)", fresh.tag, fresh.catalogue,
+                                len(fresh.item_ids))
+            except Exception as exc:  # noqa: BLE001 - keep serving the current version; try again next tick
+                logger.warning("refresh skipped: %s: %s", type(exc).__name__, exc)
+
+    # --- features ---------------------------------------------------------------------------------
     def _user_frame(self, user_id: str, query: str | None, context: RequestContext | None):
+        """Online user + context features; the live query is the request's, else the session's last search."""
         import pandas as pd
 
         from training.dataset import USER_SERVICE
 
         ctx = context or RequestContext()
-        when = ctx.timestamp or datetime.now(UTC)
+        when = pd.Timestamp(ctx.timestamp or datetime.now(UTC))
+        when = when.tz_localize("UTC") if when.tzinfo is None else when
         row = {"user_id": user_id, "device": ctx.device, "channel": ctx.channel, "request_timestamp": when}
         try:
             frame = self.store.get_online_features(features=self.store.get_feature_service(USER_SERVICE),
                                                    entity_rows=[row]).to_df()
         except Exception as exc:  # noqa: BLE001 - Redis, SQLite and gRPC raise different types
             raise StoreUnavailable(f"online feature store unavailable: {type(exc).__name__}") from exc
+        source = "request" if query else None
+        if not query and isinstance(frame.get("last_search_query", pd.Series([None])).iloc[0], str):
+            searched = pd.Timestamp(frame["last_search_at"].iloc[0])
+            searched = searched.tz_localize("UTC") if searched.tzinfo is None else searched
+            if pd.Timedelta(0) <= when - searched <= SESSION_GAP:  # the same rule that made training rows
+                query, source = frame["last_search_query"].iloc[0], "session"
         frame["query"] = query
         known = pd.notna(frame.get("view_count_30d", pd.Series([None])).iloc[0]) or pd.notna(
             frame.get("age", pd.Series([None])).iloc[0])
-        return frame, bool(known)
+        return frame, bool(known), source
+
+    def _user_vector(self, ranker: Ranker, frame, batched: bool):
+        """With a query the text goes through the batching encoder; without, the cached in-process one."""
+        import torch
+
+        from training.model import user_text
+
+        text = None
+        if batched and ranker.model.bert is not None and ranker.model.cfg.use_text and self.encoder_tag == ranker.tag:
+            try:
+                encoded = np.array(self.encoder.encode(user_text(frame)), dtype=np.float32)
+                text = torch.from_numpy(encoded).to(self.device)
+            except Exception as exc:  # noqa: BLE001 - overloaded or restarting: encode in process instead
+                logger.warning("text encoder unavailable (%s); encoding in process", type(exc).__name__)
+        with torch.no_grad():
+            return ranker.model.user_vectors(frame, text)
 
     def _seen(self, user_id: str) -> set[str]:
         import sqlalchemy as sa
@@ -156,49 +304,50 @@ class Persona:
         """
         import torch
 
+        ranker = self.ranker
         try:
-            frame, known = self._user_frame(user_id, query, context)
+            frame, known, source = self._user_frame(user_id, query, context)
         except StoreUnavailable as exc:
             return _unavailable(ctx, exc)
+        live_query = frame["query"].iloc[0]
         with torch.no_grad():
-            user = self.model.user_vectors(frame)
-            scores = (user @ self.item_vectors.T).squeeze(0) / self.model.cfg.temperature
-        allowed = torch.ones(len(self.item_ids), dtype=torch.bool, device=scores.device)
+            user = self._user_vector(ranker, frame, batched=live_query is not None)
+            scores = (user @ ranker.item_vectors.T).squeeze(0) / ranker.model.cfg.temperature
+        allowed = torch.ones(len(ranker.item_ids), dtype=torch.bool, device=scores.device)
         unknown: list[str] = []
         if candidates is not None:
             allowed[:] = False
             for c in candidates:
-                if c in self.item_index:
-                    allowed[self.item_index[c]] = True
+                if c in ranker.item_index:
+                    allowed[ranker.item_index[c]] = True
                 else:
                     unknown.append(c)
         if exclude_seen:
             for item in self._seen(user_id):
-                if item in self.item_index:
-                    allowed[self.item_index[item]] = False
+                if item in ranker.item_index:
+                    allowed[ranker.item_index[item]] = False
         scores = scores.masked_fill(~allowed, float("-inf"))
         top = torch.topk(scores, min(k, int(allowed.sum()))) if allowed.any() else None
         results = []
         if top is not None:
             for score, idx in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-                item = self.items.iloc[idx]
-                results.append({"item_id": self.item_ids[idx], "score": round(float(score), 4),
-                                "title": item.get("item_title"), "reasons": _reasons(frame.iloc[0], item, query)})
+                item = ranker.items.iloc[idx]
+                results.append({"item_id": ranker.item_ids[idx], "score": round(float(score), 4),
+                                "title": item.get("item_title"),
+                                "reasons": _reasons(frame.iloc[0], item, live_query, source)})
         return {"user_id": user_id, "items": results, "cold_start": not known, "unknown_candidates": unknown,
-                "model": self.meta.get("code_version", "")}
+                "query": live_query, "query_source": source, "model": ranker.tag}
 
     @bentoml.api(route="/profile")
     def profile(self, user_id: Annotated[str, Field(min_length=1, max_length=256, examples=["u000001"])],
                 ctx: bentoml.Context = None) -> dict[str, Any]:
         """The profile vector and a readable summary of the user."""
-        import torch
-
+        ranker = self.ranker
         try:
-            frame, known = self._user_frame(user_id, None, None)
+            frame, known, _ = self._user_frame(user_id, None, None)
         except StoreUnavailable as exc:
             return _unavailable(ctx, exc)
-        with torch.no_grad():
-            vector = self.model.user_vectors(frame).squeeze(0).cpu().tolist()
+        vector = self._user_vector(ranker, frame, batched=False).squeeze(0).cpu().tolist()
         row = frame.iloc[0]
         return {"user_id": user_id, "known": known, "vector": [round(v, 5) for v in vector],
                 "summary": _summary(row, self._last_event(user_id))}
@@ -252,14 +401,15 @@ class Persona:
                 "pushed_users": users if online == "updated" else [], "online_update": online}
 
 
-def _reasons(user, item, query: str | None) -> list[str]:
+def _reasons(user, item, query: str | None, source: str | None) -> list[str]:
     import pandas as pd
 
     reasons = []
     if query and isinstance(item.get("item_title"), str):
         words = set(query.lower().split()) & set(item["item_title"].lower().replace(",", " ").split())
         if words:
-            reasons.append(f"matches your search for '{' '.join(sorted(words))}'")
+            recent = "recent " if source == "session" else ""
+            reasons.append(f"matches your {recent}search for '{' '.join(sorted(words))}'")
     category = item.get("item_category")
     for n in (1, 2, 3):
         top = user.get(f"top_category_{n}_30d")

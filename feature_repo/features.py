@@ -114,12 +114,14 @@ user_behaviour = FeatureView(
 # Fresh queries and engaged titles reach the online store through this push source.
 user_text_push = PushSource(name="user_text_push", batch_source=offline_source("user_text"))
 
-# What the user said and looked at: recent queries and engaged titles, newest first, for BERT.
+# What the user said and looked at: recent queries and engaged titles, newest first, for BERT;
+# the last search and its time tell the service whether a search intent is still in session.
 user_text = FeatureView(
     name="user_text",
     entities=[user],
     ttl=timedelta(days=3650),
-    schema=[Field(name="recent_queries", dtype=String), Field(name="recent_titles", dtype=String)],
+    schema=[Field(name="recent_queries", dtype=String), Field(name="recent_titles", dtype=String),
+            Field(name="last_search_query", dtype=String), Field(name="last_search_at", dtype=UnixTimestamp)],
     source=user_text_push,
     online=True,
     tags={"family": "text"},

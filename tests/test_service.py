@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import pandas as pd
 import pytest
 
 from eventlog.ingest import ingest
@@ -62,18 +64,17 @@ def stop(proc, log_file) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, shop):
-    from transformers import AutoTokenizer, BertConfig, BertModel
+def live_shop():
+    """Big enough (about 35k events) for the text branch to learn what a search means."""
+    return sample_data.generate(n_users=1000, n_items=500, days=30, seed=11)
 
-    from training.model import default_bert_path
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, live_shop):
+    """A workspace with the real all-MiniLM-L6-v2 (frozen) under a `bentoml serve`."""
     root = tmp_path_factory.mktemp("service")
-    bert = root / "bert"
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(bert)
-    AutoTokenizer.from_pretrained(default_bert_path()).save_pretrained(bert)
     ws = root / "ws"
-    sample_data.write(shop, root / "data")
+    sample_data.write(live_shop, root / "data")
     log = EventLog(f"sqlite:///{ws / 'eventlog.db'}") if ws.mkdir() is None else None
     ingest(load_batch(root / "data"), log, Gate())
     stores.apply(ws, "local")
@@ -81,21 +82,27 @@ def server(tmp_path_factory, shop):
     stores.materialize(ws)
     log.dispose()
     env = {**os.environ, "PERSONA_WORKSPACE": str(ws), "BENTOML_HOME": str(ws / "bentoml"),
-           "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "PERSONA_API_KEY": API_KEY}
-    subprocess.run([str(BIN / "persona"), "train", "-w", str(ws), "--bert", str(bert), "--epochs", "1",
-                    "--max-positives", "200", "--splits", "global", "--no-baselines", "--no-refit"],
-                   env=env, check=True, capture_output=True, timeout=600)
+           "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "PERSONA_API_KEY": API_KEY,
+           "PERSONA_REFRESH_SECONDS": "1"}
+    subprocess.run([str(BIN / "persona"), "train", "-w", str(ws), "--finetune-layers", "0", "--epochs", "3",
+                    "--max-positives", "3000", "--splits", "global", "--no-baselines", "--no-refit"],
+                   env=env, check=True, capture_output=True, timeout=900)
     proc, url, server_log = serve(env, root / "server.log")
     with httpx.Client(base_url=url, headers={"X-API-Key": API_KEY}, timeout=30) as client:
         client.workspace = ws
         client.env = env
+        client.log_path = root / "server.log"
         yield client
     stop(proc, server_log)
 
 
-def test_rank_profile_and_health(server, shop):
+def _iso(ts) -> str:
+    return pd.Timestamp(ts).isoformat().replace("+00:00", "Z")
+
+
+def test_rank_profile_and_health(server, live_shop):
     assert server.get("/healthz").status_code == 200
-    user = shop["events"]["user_id"].iloc[0]
+    user = live_shop["events"]["user_id"].iloc[0]
     r = server.post("/rank", json={"user_id": user, "k": 5, "context": {"device": "app"}})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -105,12 +112,12 @@ def test_rank_profile_and_health(server, shop):
     assert scores == sorted(scores, reverse=True)
     cold = server.post("/rank", json={"user_id": "someone-new", "query": "espresso machine"}).json()
     assert cold["cold_start"] is True and len(cold["items"]) == 10
-    some = list(shop["items"]["item_id"].head(3))
+    some = list(live_shop["items"]["item_id"].head(3))
     cand = server.post("/rank", json={"user_id": user, "candidates": some + ["nope"],
                                               "exclude_seen": False}).json()
     assert {i["item_id"] for i in cand["items"]} <= set(some) and cand["unknown_candidates"] == ["nope"]
     profile = server.post("/profile", json={"user_id": user}).json()
-    assert len(profile["vector"]) == 16 or len(profile["vector"]) > 0
+    assert len(profile["vector"]) == 128 and abs(np.linalg.norm(profile["vector"]) - 1) < 1e-3
     assert profile["summary"]["segment"] in {"new", "browser", "shopper", "buyer"}
 
 
@@ -121,14 +128,15 @@ def test_bad_rank_input_is_4xx_json(server, body):
     assert 400 <= r.status_code < 500 and r.json()
 
 
-def test_events_validate_append_and_push(server, shop):
-    user = shop["events"]["user_id"].iloc[0]
-    item = shop["items"]["item_id"].iloc[5]
+def test_events_validate_append_and_push(server, live_shop):
+    user = live_shop["events"]["user_id"].iloc[0]
+    item = live_shop["items"]["item_id"].iloc[5]
+    end = live_shop["events"]["event_timestamp"].max()
     before = server.post("/profile", json={"user_id": user}).json()["summary"]
     good = {"event_id": "live-1", "user_id": user, "item_id": item, "event_type": "purchase",
-            "event_timestamp": "2026-06-29T23:59:59.5Z", "value": 12.5}
+            "event_timestamp": _iso(end + pd.Timedelta("500ms")), "value": 12.5}
     bad = {"event_id": "live-2", "user_id": user, "item_id": item, "event_type": "review", "rating": 9,
-           "event_timestamp": "2026-06-29T23:59:59.6Z"}
+           "event_timestamp": _iso(end + pd.Timedelta("600ms"))}
     r = server.post("/events", json={"events": [good, bad]})
     assert r.status_code == 422
     body = r.json()
@@ -141,6 +149,111 @@ def test_events_validate_append_and_push(server, shop):
     # The push reached the online store: the next /profile counts the new purchase.
     assert after["activity_30d"]["purchases"] == before["activity_30d"]["purchases"] + 1
     assert server.post("/events", json={"events": []}).status_code == 400
+
+
+def _no_coffee_users(shop, n: int) -> list[str]:
+    """Active users who never touched or searched for anything coffee."""
+    ev = shop["events"].merge(shop["items"][["item_id", "category"]], on="item_id", how="left")
+    coffee = ev["category"].fillna("").str.contains("Coffee") | ev["query"].fillna("").str.contains(
+        "coffee|espresso|grinder")
+    touched = set(ev.loc[coffee, "user_id"])
+    return [u for u in ev["user_id"].drop_duplicates() if u not in touched][:n]
+
+
+def test_pushed_search_moves_that_intent_up(server, live_shop):
+    """A profile leans elsewhere; a pushed search for espresso moves coffee items up in the next /rank."""
+    items = live_shop["items"]
+    coffee = set(items.loc[items["category"].str.contains("Coffee"), "item_id"])
+    end = live_shop["events"]["event_timestamp"].max()
+    request_at = end + pd.Timedelta(minutes=5)
+
+    def coffee_rank(user: str, at) -> tuple[float, dict]:
+        body = server.post("/rank", json={"user_id": user, "k": 200, "context": {"timestamp": _iso(at)}}).json()
+        position = {item["item_id"]: n for n, item in enumerate(body["items"])}
+        return float(np.mean([position.get(i, 200) for i in coffee])), body
+
+    before, after, hours_later, reasons = [], [], [], []
+    for n, user in enumerate(_no_coffee_users(live_shop, 5)):
+        rank, body = coffee_rank(user, request_at)
+        assert body["query_source"] is None
+        before.append(rank)
+        search = {"event_id": f"intent-{n}", "user_id": user, "event_type": "search", "query": "espresso machine",
+                  "event_timestamp": _iso(end + pd.Timedelta(minutes=1)), "device": "app"}
+        assert server.post("/events", json={"events": [search]}).json()["pushed_users"] == [user]
+        rank, body = coffee_rank(user, request_at)
+        assert body["query"] == "espresso machine" and body["query_source"] == "session"
+        after.append(rank)
+        reasons += [r for item in body["items"][:10] for r in item["reasons"]]
+        rank, body = coffee_rank(user, request_at + pd.Timedelta(hours=2))  # the session is over
+        assert body["query_source"] is None
+        hours_later.append(rank)
+    assert all(a < b for a, b in zip(after, before, strict=True)), (before, after)
+    assert np.mean(after) < 0.75 * np.mean(before), (before, after)
+    assert np.mean(hours_later) < np.mean(before), (before, hours_later)  # still in the recent searches
+    assert any("recent search for" in r for r in reasons)
+
+
+def test_new_model_and_changed_catalogue_are_picked_up(server, live_shop, tmp_path):
+    """A newer model in the store and a newly ingested, materialised item reach /rank without a restart."""
+    user = live_shop["events"]["user_id"].iloc[3]
+    first = server.post("/rank", json={"user_id": user, "k": 3}).json()["model"]
+    resave = tmp_path / "resave.py"
+    resave.write_text(
+        "import shutil, bentoml\n"
+        "src = bentoml.models.get('persona-profile:latest')\n"
+        "with bentoml.models.create('persona-profile', metadata=src.info.metadata) as m:\n"
+        "    shutil.copytree(src.path, m.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns('model.yaml'))\n"
+        "print(m.tag)\n")
+    out = subprocess.run([sys.executable, str(resave)], env=server.env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    newer = out.stdout.strip().splitlines()[-1]
+    assert newer != first
+
+    new_item = live_shop["items"].head(1).assign(item_id="i-new-espresso", title="Brand-new lever espresso machine")
+    folder = tmp_path / "new_items"
+    folder.mkdir()
+    new_item.to_csv(folder / "items.csv", index=False)
+    persona = str(BIN / "persona")
+    for args in (["ingest", "--source", str(folder)], ["features", "build"], ["features", "materialize"]):
+        done = subprocess.run([persona, *args, "-w", str(server.workspace)], env=server.env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        body = server.post("/rank", json={"user_id": user, "candidates": ["i-new-espresso"],
+                                          "exclude_seen": False}).json()
+        if body["model"] == newer and not body["unknown_candidates"]:
+            break
+        time.sleep(0.5)
+    assert body["model"] == newer, server.log_path.read_text()[-3000:]
+    assert body["unknown_candidates"] == [] and body["items"][0]["item_id"] == "i-new-espresso"
+
+
+def test_in_process_asgi_app(server, live_shop, monkeypatch):
+    """The same service class in this process, through `to_asgi()` and Starlette's TestClient."""
+    import importlib
+
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+    from starlette.testclient import TestClient
+
+    monkeypatch.setenv("PERSONA_WORKSPACE", str(server.workspace))
+    monkeypatch.delenv("PERSONA_API_KEY", raising=False)
+    BentoMLContainer.model_store.set(ModelStore(str(server.workspace / "bentoml" / "models")))
+    try:
+        import bentos.service as service
+
+        service = importlib.reload(service)
+        with TestClient(service.Persona.to_asgi()) as client:
+            user = live_shop["events"]["user_id"].iloc[1]
+            ranked = client.post("/rank", json={"user_id": user, "k": 5, "query": "trail running shoes"})
+            assert ranked.status_code == 200, ranked.text
+            assert len(ranked.json()["items"]) == 5 and ranked.json()["query_source"] == "request"
+            assert client.post("/profile", json={"user_id": user}).json()["known"] is True
+            assert client.post("/rank", json={"user_id": user, "k": 0}).status_code == 400
+            assert client.get("/readyz").status_code == 200
+    finally:
+        BentoMLContainer.model_store.reset()
 
 
 def test_api_key_is_required_when_set(server):

@@ -9,6 +9,7 @@ dot product divided by a temperature.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -161,6 +162,7 @@ class ProfileModel(nn.Module):
         if bert is not None:
             self._set_trainable(cfg.finetune_layers)
         self._text_cache: dict[tuple[str, int], torch.Tensor] = {}
+        self.text_cache_size: int | None = None  # a long-running service bounds it; training keeps all
         self.user_tower = Tower(len(spec.user_numeric), [len(spec.vocab[c]) for c in spec.user_categorical],
                                 cfg, text_dim)
         self.item_tower = Tower(len(spec.item_numeric), [len(spec.vocab[c]) for c in spec.item_categorical],
@@ -206,8 +208,14 @@ class ProfileModel(nn.Module):
             if missing:
                 with torch.no_grad():
                     fresh = self._encode(missing, max_len)
-                self._text_cache.update({(t, max_len): v for t, v in zip(missing, fresh, strict=True)})
-            return torch.stack([self._text_cache[(t, max_len)] for t in texts])
+                out = dict(zip(missing, fresh, strict=True))
+                self._text_cache.update({(t, max_len): v for t, v in out.items()})
+                overflow = len(self._text_cache) - (self.text_cache_size or len(self._text_cache))
+                for key in list(itertools.islice(self._text_cache, max(0, overflow))):
+                    del self._text_cache[key]  # oldest first
+            else:
+                out = {}
+            return torch.stack([out[t] if t in out else self._text_cache[(t, max_len)] for t in texts])
         return self._encode(texts, max_len)
 
     def _encode(self, texts: list[str], max_len: int) -> torch.Tensor:

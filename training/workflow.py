@@ -28,10 +28,10 @@ from training.model import FeatureSpec, ModelConfig, ProfileModel
 from training.train import TrainConfig, config_dict, pick_device, train
 
 MODEL_NAME = "persona-profile"
-TEXT_COLUMNS = {"recent_queries", "recent_titles", "item_title", "query"}
+TEXT_COLUMNS = {"recent_queries", "recent_titles", "item_title", "query", "last_search_query"}
 NOT_FEATURES = {"example_id", "user_id", "item_id", "event_timestamp", "request_timestamp", "label", "weight",
                 "kind", "session", "device", "channel", "history_events", "cold", "event_id", "event_type",
-                "signup_timestamp"}
+                "signup_timestamp", "last_search_at"}
 
 
 @dataclass

@@ -98,13 +98,16 @@ def user_text(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
             WHERE (e.event_type = 'search' AND e.query IS NOT NULL)
                OR (e.event_type IN ({_inlist(ENGAGED)}) AND i.title IS NOT NULL)
         )
-        SELECT user_id, ts, list(query) OVER w AS queries, list(title) OVER w AS titles
+        SELECT user_id, ts, list(query) OVER w AS queries, list(title) OVER w AS titles,
+               last_value(query IGNORE NULLS) OVER w AS last_search_query,
+               max(CASE WHEN query IS NOT NULL THEN ts END) OVER w AS last_search_at
         FROM ev
         WINDOW w AS (PARTITION BY user_id ORDER BY t RANGE BETWEEN {30 * DAY_US - 1} PRECEDING AND CURRENT ROW)
         QUALIFY row_number() OVER (PARTITION BY user_id, t ORDER BY t) = 1
     """).df()
     frame["recent_queries"] = [_newest_first(q) for q in frame.pop("queries")]
     frame["recent_titles"] = [_newest_first(t) for t in frame.pop("titles")]
+    frame["last_search_at"] = pd.to_datetime(frame["last_search_at"], utc=True).astype("datetime64[us, UTC]")
     return _stamp(frame)
 
 
