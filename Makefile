@@ -31,6 +31,7 @@ bench: install services
 	$(BIN)/python benchmarks/bench_ingest.py
 	$(BIN)/python benchmarks/bench_features.py
 	$(BIN)/python benchmarks/bench_training.py
+	cd benchmarks && ../$(BIN)/python bench_serving.py
 
 lint: install
 	$(BIN)/ruff check .

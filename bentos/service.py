@@ -98,6 +98,7 @@ class Ranker:
     item_ids: list[str]
     item_index: dict[str, int]
     items: Any  # item features, one row per item_ids entry
+    catalogue_table: Any  # the event log's items table (what the push path joins events to)
     item_vectors: Any  # (n_items, dim) tensor on the device
 
 
@@ -157,6 +158,7 @@ class Persona:
         self.store = stores.feature_store(WORKSPACE)
         self.log = EventLog(self.cfg.resolved_event_log_url())
         self.lock = threading.Lock()
+        self.user_service = self._user_service()
         self.ranker = self._ranker(*_load_model(str(self.model_ref.tag), self.device))
         self.encoder_tag: str | None = None  # the model the encoder runs; the batch path needs ours
         self.watcher: asyncio.Task | None = None
@@ -190,14 +192,16 @@ class Persona:
         from training.dataset import ITEM_SERVICE, prefix_items
 
         fingerprint = fingerprint or self._catalogue_fingerprint()
-        item_ids = self.log.read_table("items")["item_id"].astype(str).tolist()
+        table = self.log.read_table("items")
+        item_ids = table["item_id"].astype(str).tolist()
         feats = self.store.get_online_features(features=self.store.get_feature_service(ITEM_SERVICE),
                                                entity_rows=[{"item_id": i} for i in item_ids]).to_df()
         items = prefix_items(feats)
         with torch.no_grad():
             parts = [model.item_vectors(items.iloc[s:s + 512]) for s in range(0, len(items), 512)]
         vectors = torch.cat(parts).to(self.device)
-        return Ranker(tag, model, meta, fingerprint, item_ids, {i: n for n, i in enumerate(item_ids)}, items, vectors)
+        return Ranker(tag, model, meta, fingerprint, item_ids, {i: n for n, i in enumerate(item_ids)}, items, table,
+                      vectors)
 
     def _changed_ranker(self) -> Ranker | None:
         """A ranker for a newer model (unless pinned) or a changed catalogue; None when nothing changed."""
@@ -209,6 +213,12 @@ class Persona:
         same = latest == current.tag
         loaded = (current.tag, current.model, current.meta) if same else _load_model(latest, self.device)
         return self._ranker(*loaded, fingerprint=fingerprint)
+
+    def _user_service(self):
+        """The registry lookup costs ~4 ms: fetched at start and on each refresh tick, not per request."""
+        from training.dataset import USER_SERVICE
+
+        return self.store.get_feature_service(USER_SERVICE, allow_cache=False)
 
     async def _sync_encoder(self, tag: str) -> None:
         if self.encoder_tag != tag:
@@ -223,6 +233,7 @@ class Persona:
         while True:
             await asyncio.sleep(REFRESH_SECONDS)
             try:
+                self.user_service = await asyncio.to_thread(self._user_service)  # `features apply` may change it
                 fresh = await asyncio.to_thread(self._changed_ranker)
                 await self._sync_encoder((fresh or self.ranker).tag)
                 if fresh is not None:
@@ -237,15 +248,13 @@ class Persona:
         """Online user + context features; the live query is the request's, else the session's last search."""
         import pandas as pd
 
-        from training.dataset import USER_SERVICE
 
         ctx = context or RequestContext()
         when = pd.Timestamp(ctx.timestamp or datetime.now(UTC))
         when = when.tz_localize("UTC") if when.tzinfo is None else when
         row = {"user_id": user_id, "device": ctx.device, "channel": ctx.channel, "request_timestamp": when}
         try:
-            frame = self.store.get_online_features(features=self.store.get_feature_service(USER_SERVICE),
-                                                   entity_rows=[row]).to_df()
+            frame = self.store.get_online_features(features=self.user_service, entity_rows=[row]).to_df()
         except Exception as exc:  # noqa: BLE001 - Redis, SQLite and gRPC raise different types
             raise StoreUnavailable(f"online feature store unavailable: {type(exc).__name__}") from exc
         source = "request" if query else None
@@ -380,7 +389,7 @@ class Persona:
             return {"accepted": [], "rejected": [{"index": None, "reason": str(exc).replace("request: ", "")}]}
         v = self.cfg.validation
         gate = Gate(GateSettings(max_reject_share=1.0, clock_skew_minutes=v.clock_skew_minutes,
-                                 on_schema_drift="accept"))
+                                 on_schema_drift="accept", engine="pandas"))  # the same suites, in-process
         with self.lock:
             report, result = ingest(Batch("POST /events", {"events": tb}), self.log, gate)
         verdict = result.verdicts["events"]
@@ -391,7 +400,9 @@ class Persona:
         users = sorted(set(tb.frame["user_id"].iloc[ok].dropna()))
         online = "updated"
         try:
-            push_users(self.store, self.log, users)
+            ranker = self.ranker
+            known_items = set(tb.frame["item_id"].iloc[ok].dropna()) <= ranker.item_index.keys()
+            push_users(self.store, self.log, users, items=ranker.catalogue_table if known_items else None)
         except Exception as exc:  # noqa: BLE001 - the events are safe in the log; features catch up at the next build
             online = f"deferred: online store unavailable ({type(exc).__name__}); the events are in the event log"
             ctx.response.status_code = HTTPStatus.ACCEPTED

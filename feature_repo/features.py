@@ -167,11 +167,16 @@ request_context = RequestSource(
 )
 def context_features(inputs: dict) -> dict:
     import math  # the UDF travels as source through the registry: imports live inside it
+    from datetime import UTC, datetime
 
     out: dict = {"hour_sin": [], "hour_cos": [], "weekday": [], "is_weekend": [],
                  "context_device": [], "context_channel": []}
     for ts, device, channel in zip(inputs["request_timestamp"], inputs["device"], inputs["channel"],
                                    strict=True):
+        if isinstance(ts, int | float):  # JSON clients of `feast serve` send epoch seconds or ISO text
+            ts = datetime.fromtimestamp(ts, tz=UTC)
+        elif isinstance(ts, str):
+            ts = datetime.fromisoformat(ts.replace("Z", "+00:00"))
         hour = ts.hour + ts.minute / 60.0 if ts is not None else 12.0
         weekday = ts.weekday() if ts is not None else 0
         out["hour_sin"].append(math.sin(2 * math.pi * hour / 24))

@@ -9,6 +9,8 @@ All windows (1d, 7d, 30d) end at the user's latest event, as the push path compu
 
 from __future__ import annotations
 
+from functools import cache
+
 import duckdb
 import numpy as np
 import pandas as pd
@@ -202,8 +204,14 @@ def _stamp(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+@cache
+def _database() -> duckdb.DuckDBPyConnection:
+    """One in-memory DuckDB per process; opening one costs ~15 ms, a cursor on it ~1 ms (the push path)."""
+    return duckdb.connect()
+
+
 def _connect(events: pd.DataFrame, items: pd.DataFrame) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect()
+    con = _database().cursor()  # its own connection: registered frames stay private to the caller
     ev = events[["user_id", "event_timestamp", "event_type", "item_id", "query", "value", "device",
                  "channel"]].copy()
     ev["event_timestamp"] = pd.to_datetime(ev["event_timestamp"], utc=True)

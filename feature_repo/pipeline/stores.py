@@ -18,7 +18,6 @@ import yaml
 REPO_DIR = Path(__file__).resolve().parents[1]
 PROJECT = "persona"
 TABLES = ("user_personal", "user_behaviour", "user_text", "item_features")
-PUSH_SOURCES = {"user_behaviour": "user_behaviour_push", "user_text": "user_text_push"}
 
 
 def yaml_path(workspace: Path) -> Path:
@@ -194,9 +193,12 @@ def materialize(workspace: Path, full: bool = False, end: datetime | None = None
 
 
 def push_latest(store, states: dict[str, pd.DataFrame]) -> None:
-    """Write users' fresh state straight to the online store (the event log holds the events)."""
-    from feast.data_source import PushMode
+    """Write users' fresh state straight to the online store (the event log holds the events).
 
+    This is what ``store.push`` does through the view's PushSource, minus its
+    re-listing of every FeatureService from the registry on each call (for pre-computed vectors,
+    which Persona does not use): about 10 ms per push on the SQL registry.
+    """
     for name, frame in states.items():
         if len(frame):
-            store.push(PUSH_SOURCES[name], _microseconds(frame), to=PushMode.ONLINE)
+            store.write_to_online_store(name, _microseconds(frame), allow_registry_cache=True)

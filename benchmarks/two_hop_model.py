@@ -1,0 +1,52 @@
+"""The baseline a team would otherwise build: features from `feast serve`, then this separate model call.
+
+It holds the same model and catalogue vectors as Persona and ranks from features posted to it, so
+the only difference from ``/rank`` is the extra network hop and the JSON round trip of the features.
+Served by ``bench_serving.py``; not part of the product.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import bentoml
+
+WORKSPACE = Path(os.environ["PERSONA_WORKSPACE"]).resolve()
+
+
+@bentoml.service(resources={"cpu": "2"})
+class TwoHopModel:
+    def __init__(self) -> None:
+        import torch
+
+        from eventlog.store import EventLog
+        from feature_repo.pipeline import stores
+        from persona import config
+        from training.dataset import ITEM_SERVICE, prefix_items
+        from training.workflow import load_from_bentoml
+
+        self.model, _ = load_from_bentoml("latest")
+        store = stores.feature_store(WORKSPACE)
+        log = EventLog(config.load(WORKSPACE).resolved_event_log_url())
+        self.item_ids = log.read_table("items")["item_id"].astype(str).tolist()
+        items = prefix_items(store.get_online_features(features=store.get_feature_service(ITEM_SERVICE),
+                                                       entity_rows=[{"item_id": i} for i in self.item_ids]).to_df())
+        with torch.no_grad():
+            self.item_vectors = torch.cat([self.model.item_vectors(items.iloc[s:s + 512])
+                                           for s in range(0, len(items), 512)])
+
+    @bentoml.api
+    def score(self, features: dict[str, list[Any]], query: str | None = None, k: int = 10) -> list[dict]:
+        """``features`` is the ``feast serve`` response turned into columns."""
+        import pandas as pd
+        import torch
+
+        frame = pd.DataFrame(features)
+        frame["query"] = query
+        with torch.no_grad():
+            scores = (self.model.user_vectors(frame) @ self.item_vectors.T).squeeze(0)
+        top = torch.topk(scores, k)
+        return [{"item_id": self.item_ids[i], "score": float(s)}
+                for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
