@@ -99,6 +99,7 @@ class Ranker:
     item_index: dict[str, int]
     items: Any  # item features, one row per item_ids entry
     catalogue_table: Any  # the event log's items table (what the push path joins events to)
+    item_info: list[dict]  # title, category and weekly views per item, for the reasons
     item_vectors: Any  # (n_items, dim) tensor on the device
 
 
@@ -200,8 +201,9 @@ class Persona:
         with torch.no_grad():
             parts = [model.item_vectors(items.iloc[s:s + 512]) for s in range(0, len(items), 512)]
         vectors = torch.cat(parts).to(self.device)
+        info = items.reindex(columns=["item_title", "item_category", "item_views_7d"]).to_dict("records")
         return Ranker(tag, model, meta, fingerprint, item_ids, {i: n for n, i in enumerate(item_ids)}, items, table,
-                      vectors)
+                      info, vectors)
 
     def _changed_ranker(self) -> Ranker | None:
         """A ranker for a newer model (unless pinned) or a changed catalogue; None when nothing changed."""
@@ -337,13 +339,13 @@ class Persona:
                     allowed[ranker.item_index[item]] = False
         scores = scores.masked_fill(~allowed, float("-inf"))
         top = torch.topk(scores, min(k, int(allowed.sum()))) if allowed.any() else None
-        results = []
+        results, user_row = [], frame.iloc[0]
         if top is not None:
             for score, idx in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-                item = ranker.items.iloc[idx]
+                item = ranker.item_info[idx]
                 results.append({"item_id": ranker.item_ids[idx], "score": round(float(score), 4),
                                 "title": item.get("item_title"),
-                                "reasons": _reasons(frame.iloc[0], item, live_query, source)})
+                                "reasons": _reasons(user_row, item, live_query, source)})
         return {"user_id": user_id, "items": results, "cold_start": not known, "unknown_candidates": unknown,
                 "query": live_query, "query_source": source, "model": ranker.tag}
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -102,6 +104,9 @@ def _iso(ts) -> str:
 
 def test_rank_profile_and_health(server, live_shop):
     assert server.get("/healthz").status_code == 200
+    spec = server.get("/docs.json").json()
+    assert {"/rank", "/profile", "/events"} <= set(spec["paths"])
+    assert "u000001" in json.dumps(spec)  # the OpenAPI schema carries sample values
     user = live_shop["events"]["user_id"].iloc[0]
     r = server.post("/rank", json={"user_id": user, "k": 5, "context": {"device": "app"}})
     assert r.status_code == 200, r.text
@@ -167,10 +172,15 @@ def test_pushed_search_moves_that_intent_up(server, live_shop):
     end = live_shop["events"]["event_timestamp"].max()
     request_at = end + pd.Timedelta(minutes=5)
 
+    # Coffee items among other items, fewer than k=200 in all, so every candidate gets an exact rank.
+    pool = sorted(coffee) + sorted(set(items["item_id"]) - coffee)[:200 - len(coffee)]
+
     def coffee_rank(user: str, at) -> tuple[float, dict]:
-        body = server.post("/rank", json={"user_id": user, "k": 200, "context": {"timestamp": _iso(at)}}).json()
+        body = server.post("/rank", json={"user_id": user, "k": 200, "candidates": pool, "exclude_seen": False,
+                                          "context": {"timestamp": _iso(at)}}).json()
         position = {item["item_id"]: n for n, item in enumerate(body["items"])}
-        return float(np.mean([position.get(i, 200) for i in coffee])), body
+        assert len(position) == len(pool)
+        return float(np.mean([position[i] for i in coffee])), body
 
     before, after, hours_later, reasons = [], [], [], []
     for n, user in enumerate(_no_coffee_users(live_shop, 5)):
@@ -188,7 +198,7 @@ def test_pushed_search_moves_that_intent_up(server, live_shop):
         assert body["query_source"] is None
         hours_later.append(rank)
     assert all(a < b for a, b in zip(after, before, strict=True)), (before, after)
-    assert np.mean(after) < 0.75 * np.mean(before), (before, after)
+    assert np.mean(after) < 0.9 * np.mean(before), (before, after)
     assert np.mean(hours_later) < np.mean(before), (before, hours_later)  # still in the recent searches
     assert any("recent search for" in r for r in reasons)
 
@@ -279,6 +289,16 @@ def test_persona_build_makes_a_bento_offline(server):
     assert "built bento persona:" in out.stdout and "persona serve" in out.stdout
     listed = subprocess.run([str(BIN / "bentoml"), "list"], env=server.env, capture_output=True, text=True)
     assert "persona:" in listed.stdout
+    # The model is part of the bento: referenced by both services, and inside the exported archive.
+    info = json.loads(subprocess.run([str(BIN / "bentoml"), "get", "persona:latest", "-o", "json"], env=server.env,
+                                     capture_output=True, text=True, check=True).stdout)
+    tags = {m["tag"].split(":")[0] for svc in info["services"] for m in svc["models"]}
+    assert tags == {"persona-profile"} and {svc["name"] for svc in info["services"]} == {"Persona", "TextEncoder"}
+    archive = server.workspace.parent / "persona.bento"
+    subprocess.run([str(BIN / "bentoml"), "export", "persona:latest", str(archive)], env=server.env, check=True,
+                   capture_output=True, timeout=300)
+    with tarfile.open(archive) as bento:
+        assert any(name.startswith("./models/persona-profile/") for name in bento.getnames())
 
 
 def test_schemathesis_finds_no_server_errors(server):

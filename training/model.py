@@ -70,20 +70,28 @@ class FeatureSpec:
         return spec
 
     def numeric(self, frame: pd.DataFrame, cols: list[str]) -> torch.Tensor:
-        out = np.zeros((len(frame), len(cols)), dtype=np.float32)
-        for j, col in enumerate(cols):
-            mean, std = self.stats[col]
-            values = _signed_log(frame[col].astype(float).to_numpy()) if col in frame else np.full(len(frame), np.nan)
-            out[:, j] = np.nan_to_num((values - mean) / std, nan=0.0, posinf=0.0, neginf=0.0)
-        return torch.from_numpy(out)
+        """Normalised signed-log values; missing columns and values become 0 (the training mean)."""
+        if not cols:
+            return torch.zeros((len(frame), 0), dtype=torch.float32)
+        block = frame.reindex(columns=cols).astype("float64").to_numpy(dtype=np.float64, na_value=np.nan)
+        mean, std = (np.array([self.stats[c][i] for c in cols]) for i in (0, 1))
+        with np.errstate(invalid="ignore"):
+            out = (_signed_log(block) - mean) / std
+        return torch.from_numpy(np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32))
 
     def categorical(self, frame: pd.DataFrame, cols: list[str]) -> torch.Tensor:
         out = np.zeros((len(frame), len(cols)), dtype=np.int64)
         for j, col in enumerate(cols):
-            index = {v: i + 1 for i, v in enumerate(self.vocab[col])}  # 0 = unknown
+            index = self._index(col)  # 0 = unknown
             values = frame[col].astype("string").fillna(MISSING) if col in frame else pd.Series([MISSING] * len(frame))
             out[:, j] = [index.get(v, 0) for v in values]
         return torch.from_numpy(out)
+
+    def _index(self, col: str) -> dict[str, int]:
+        cache = self.__dict__.setdefault("_indexes", {})
+        if col not in cache:
+            cache[col] = {v: i + 1 for i, v in enumerate(self.vocab[col])}
+        return cache[col]
 
     def to_dict(self) -> dict:
         return asdict(self)
