@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,12 +36,12 @@ def _free_port() -> int:
 
 
 def serve(env: dict, log_path: Path, wait_for: str = "/readyz"):
-    """Start `bentoml serve` for env's workspace; logs go to a file (a full pipe would block it)."""
+    """`persona serve` for env's workspace; logs go to a file (a full pipe would block it)."""
     port = _free_port()
     log_file = log_path.open("wb")
-    proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "bentos.service:Persona", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, cwd=Path(__file__).parents[1], stdout=log_file,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([str(BIN / "persona"), "serve", "--workspace", env["PERSONA_WORKSPACE"], "--host",
+                             "127.0.0.1", "--port", str(port)], env=env, cwd=Path(__file__).parents[1],
+                            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     headers = {"X-API-Key": env["PERSONA_API_KEY"]} if env.get("PERSONA_API_KEY") else {}
     for _ in range(180):
@@ -53,15 +54,18 @@ def serve(env: dict, log_path: Path, wait_for: str = "/readyz"):
             break
         time.sleep(1)
     stop(proc, log_file)
-    pytest.fail("bentoml serve did not become ready: " + log_path.read_text()[-3000:])
+    pytest.fail("persona serve did not become ready: " + log_path.read_text()[-3000:])
 
 
 def stop(proc, log_file) -> None:
-    proc.terminate()
+    """Stop `persona serve` and the `bentoml serve` processes under it (one process group)."""
     try:
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
     log_file.close()
 
 
