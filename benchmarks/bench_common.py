@@ -7,10 +7,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from eventlog.sources import normalise
 from eventlog.store import EventLog, new_batch_id
+
+
+def percentiles(samples: list[float], digits: int = 3) -> dict:
+    """Latency figures in ms from samples in seconds."""
+    ms = np.array(samples) * 1000
+    p50, p99 = (round(float(np.percentile(ms, q)), digits) for q in (50, 99))
+    return {"p50_ms": p50, "p99_ms": p99, "mean_ms": round(float(ms.mean()), digits), "n": len(samples)}
 
 
 def timed(fn):

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import redis
 import sqlalchemy as sa
-from bench_common import load_log, timed, write_results
+from bench_common import load_log, percentiles, timed, write_results
 
 from feature_repo.pipeline import stores
 from feature_repo.pipeline.build import build
@@ -29,11 +29,6 @@ from persona import sample_data
 N_USERS = int(os.environ.get("BENCH_USERS", 29_000))
 HIST_ROWS = int(os.environ.get("BENCH_HIST_ROWS", 1_000_000))
 PG_ADMIN = os.environ.get("PERSONA_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-
-
-def percentiles(samples: list[float]) -> dict:
-    ms = np.array(samples) * 1000
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3)}
 
 
 def online_latency(store, users: list[str], n: int = 500) -> dict:

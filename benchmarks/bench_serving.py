@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pandas as pd
-from bench_common import write_results
+from bench_common import percentiles, write_results
 from tqdm import tqdm
 
 from eventlog.ingest import ingest
@@ -46,12 +46,6 @@ N_USERS = int(os.environ.get("BENCH_SERVE_USERS", 2_000))
 N_REQ = int(os.environ.get("BENCH_REQUESTS", 500))
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def percentiles(samples: list[float]) -> dict:
-    ms = np.array(samples) * 1000
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
-            "mean_ms": round(float(ms.mean()), 2), "n": len(samples)}
 
 
 def prepare(ws: Path) -> dict[str, pd.DataFrame]:

@@ -24,18 +24,16 @@ class TwoHopModel:
         from eventlog.store import EventLog
         from feature_repo.pipeline import stores
         from persona import config
-        from training.dataset import ITEM_SERVICE, prefix_items
+        from training.dataset import online_catalogue
+        from training.model import in_batches
         from training.workflow import load_from_bentoml
 
-        self.model, _ = load_from_bentoml("latest")
+        self.model, _, _ = load_from_bentoml("latest")
         store = stores.feature_store(WORKSPACE)
         log = EventLog(config.load(WORKSPACE).resolved_event_log_url())
         self.item_ids = log.read_table("items")["item_id"].astype(str).tolist()
-        items = prefix_items(store.get_online_features(features=store.get_feature_service(ITEM_SERVICE),
-                                                       entity_rows=[{"item_id": i} for i in self.item_ids]).to_df())
         with torch.no_grad():
-            self.item_vectors = torch.cat([self.model.item_vectors(items.iloc[s:s + 512])
-                                           for s in range(0, len(items), 512)])
+            self.item_vectors = in_batches(self.model.item_vectors, online_catalogue(store, self.item_ids), 512)
 
     @bentoml.api
     def score(self, features: dict[str, list[Any]], query: str | None = None, k: int = 10) -> list[dict]:

@@ -97,7 +97,6 @@ class Ranker:
     catalogue: str  # fingerprint of the items and their materialised features
     item_ids: list[str]
     item_index: dict[str, int]
-    items: Any  # item features, one row per item_ids entry
     catalogue_table: Any  # the event log's items table (what the push path joins events to)
     item_info: list[dict]  # title, category and weekly views per item, for the reasons
     item_vectors: Any  # (n_items, dim) tensor on the device
@@ -109,14 +108,20 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load_model(tag: str | None, device: str):
-    """The pinned (or latest) model from the store; the bento's own store when built."""
-    from training.model import ProfileModel
+def _load_model(tag: str, device: str):
+    """A model from the store (the bento's own store when built), with its text cache bounded."""
+    from training.workflow import load_from_bentoml
 
-    stored = bentoml.models.get(tag or MODEL_REF)
-    model = ProfileModel.load(Path(stored.path), device)
+    model, meta, full_tag = load_from_bentoml(tag, device)
     model.text_cache_size = TEXT_CACHE_SIZE
-    return str(stored.tag), model, stored.info.metadata
+    return full_tag, model, meta
+
+
+def _utc(value) -> Any:
+    import pandas as pd
+
+    ts = pd.Timestamp(value)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts
 
 
 @bentoml.service(resources={"gpu": 1, "cpu": "1"}, workers=1, traffic={"timeout": 30})
@@ -190,31 +195,29 @@ class Persona:
         """Item vectors for the whole catalogue, in one tensor on the device."""
         import torch
 
-        from training.dataset import ITEM_SERVICE, prefix_items
+        from training.dataset import online_catalogue
+        from training.model import in_batches
 
         fingerprint = fingerprint or self._catalogue_fingerprint()
         table = self.log.read_table("items")
         item_ids = table["item_id"].astype(str).tolist()
-        feats = self.store.get_online_features(features=self.store.get_feature_service(ITEM_SERVICE),
-                                               entity_rows=[{"item_id": i} for i in item_ids]).to_df()
-        items = prefix_items(feats)
+        items = online_catalogue(self.store, item_ids)
         with torch.no_grad():
-            parts = [model.item_vectors(items.iloc[s:s + 512]) for s in range(0, len(items), 512)]
-        vectors = torch.cat(parts).to(self.device)
+            vectors = in_batches(model.item_vectors, items, 512).to(self.device)
         info = items.reindex(columns=["item_title", "item_category", "item_views_7d"]).to_dict("records")
-        return Ranker(tag, model, meta, fingerprint, item_ids, {i: n for n, i in enumerate(item_ids)}, items, table,
-                      info, vectors)
+        return Ranker(tag, model, meta, fingerprint, item_ids, {i: n for n, i in enumerate(item_ids)}, table, info,
+                      vectors)
 
     def _changed_ranker(self) -> Ranker | None:
         """A ranker for a newer model (unless pinned) or a changed catalogue; None when nothing changed."""
         current = self.ranker
         latest = current.tag if PINNED else str(bentoml.models.get(MODEL_REF).tag)
         fingerprint = self._catalogue_fingerprint()
-        if latest == current.tag and fingerprint == current.catalogue:
-            return None
-        same = latest == current.tag
-        loaded = (current.tag, current.model, current.meta) if same else _load_model(latest, self.device)
-        return self._ranker(*loaded, fingerprint=fingerprint)
+        if latest != current.tag:
+            return self._ranker(*_load_model(latest, self.device), fingerprint=fingerprint)
+        if fingerprint != current.catalogue:
+            return self._ranker(current.tag, current.model, current.meta, fingerprint=fingerprint)
+        return None
 
     def _user_service(self):
         """The registry lookup costs ~4 ms: fetched at start and on each refresh tick, not per request."""
@@ -250,21 +253,19 @@ class Persona:
         """Online user + context features; the live query is the request's, else the session's last search."""
         import pandas as pd
 
-
         ctx = context or RequestContext()
-        when = pd.Timestamp(ctx.timestamp or datetime.now(UTC))
-        when = when.tz_localize("UTC") if when.tzinfo is None else when
+        when = _utc(ctx.timestamp or datetime.now(UTC))
         row = {"user_id": user_id, "device": ctx.device, "channel": ctx.channel, "request_timestamp": when}
         try:
             frame = self.store.get_online_features(features=self.user_service, entity_rows=[row]).to_df()
         except Exception as exc:  # noqa: BLE001 - Redis, SQLite and gRPC raise different types
             raise StoreUnavailable(f"online feature store unavailable: {type(exc).__name__}") from exc
         source = "request" if query else None
-        if not query and isinstance(frame.get("last_search_query", pd.Series([None])).iloc[0], str):
-            searched = pd.Timestamp(frame["last_search_at"].iloc[0])
-            searched = searched.tz_localize("UTC") if searched.tzinfo is None else searched
-            if pd.Timedelta(0) <= when - searched <= SESSION_GAP:  # the same rule that made training rows
-                query, source = frame["last_search_query"].iloc[0], "session"
+        last_search = frame["last_search_query"].iloc[0] if "last_search_query" in frame else None
+        # A search within the session gap is the live query: the same rule that made the training rows.
+        if not query and isinstance(last_search, str) and (
+                pd.Timedelta(0) <= when - _utc(frame["last_search_at"].iloc[0]) <= SESSION_GAP):
+            query, source = last_search, "session"
         frame["query"] = query
         known = pd.notna(frame.get("view_count_30d", pd.Series([None])).iloc[0]) or pd.notna(
             frame.get("age", pd.Series([None])).iloc[0])

@@ -464,7 +464,7 @@ def recommend_cmd(
     cfg = _config(workspace, profile)
     store, events, items = _training_inputs(cfg)
     try:
-        model, _ = load_from_bentoml(model_tag)
+        model, _, _ = load_from_bentoml(model_tag)
     except Exception as exc:  # noqa: BLE001 - bentoml raises its own NotFound
         _fail(f"no trained model {model_tag!r} in {os.environ['BENTOML_HOME']}: {exc}. Run `persona train`.")
     when = events["event_timestamp"].max() if as_of == "latest" else pd.Timestamp(as_of)

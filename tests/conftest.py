@@ -24,6 +24,22 @@ def shop() -> dict[str, pd.DataFrame]:
     return sample_data.generate(n_users=150, n_items=120, days=14, seed=11)
 
 
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A randomly initialised two-layer BERT with MiniLM's tokenizer: fast unit-test training."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from training.model import default_bert_path
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(default_bert_path()).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture
 def shop_dir(tmp_path: Path, shop) -> Path:
     folder = tmp_path / "shop"

@@ -317,7 +317,7 @@ def test_schemathesis_finds_no_server_errors(server):
 
 @pytest.mark.redis
 @pytest.mark.postgres
-def test_redis_outage_gives_503_and_recovers(tmp_path, shop, pg_url):
+def test_redis_outage_gives_503_and_recovers(tmp_path, shop, pg_url, tiny_bert):
     """prod profile: stop Redis under a running service, then start it again."""
     from persona import config as config_mod
 
@@ -340,7 +340,7 @@ def test_redis_outage_gives_503_and_recovers(tmp_path, shop, pg_url):
     finally:
         for k, v in old.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    subprocess.run([str(BIN / "persona"), "train", "-w", str(ws), "--bert", default_tiny_bert(tmp_path), "--epochs",
+    subprocess.run([str(BIN / "persona"), "train", "-w", str(ws), "--bert", tiny_bert, "--epochs",
                     "1", "--max-positives", "100", "--splits", "global", "--no-baselines", "--no-refit"],
                    env=env, check=True, capture_output=True, timeout=600)
     proc, url, log_file = serve(env, tmp_path / "server.log")
@@ -371,15 +371,3 @@ def test_redis_outage_gives_503_and_recovers(tmp_path, shop, pg_url):
         check.dispose()
     finally:
         stop(proc, log_file)
-
-
-def default_tiny_bert(root: Path) -> str:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from training.model import default_bert_path
-
-    folder = root / "tiny_bert"
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(default_bert_path()).save_pretrained(folder)
-    return str(folder)

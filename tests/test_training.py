@@ -23,24 +23,12 @@ from feature_repo.pipeline.build import build
 from persona import sample_data
 from persona.cli import app
 from training import dataset
-from training.model import ModelConfig, ProfileModel, default_bert_path
+from training.model import ModelConfig, ProfileModel
 from training.train import TrainConfig
 from training.workflow import RunConfig, load_from_bentoml, refit, run, save_to_bentoml
 from validation.gate import Gate
 
 POSITIVES = {"click": 1.0, "add_to_cart": 2.0, "purchase": 4.0, "review": 3.0}
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> str:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(default_bert_path()).save_pretrained(folder)
-    return str(folder)
 
 
 def _workspace(root: Path, tables: dict[str, pd.DataFrame]):
@@ -117,7 +105,7 @@ def test_train_evaluate_refit_and_bentoml_roundtrip(trained_ws, tiny_bert, tmp_p
 
     model = refit(store, result["frame"], result["spec"], cfg, epochs=1, progress=False)
     tag = save_to_bentoml(model, store, metrics, events, cfg)
-    loaded, meta = load_from_bentoml(str(tag.version))
+    loaded, meta, _ = load_from_bentoml(str(tag.version))
     assert meta["feature_services"] == {"user": "profile_v1", "item": "items_v1"}
     assert "click_count_30d" in meta["features"]["user"] and meta["normalisation"]
     frame = result["frame"].head(50)

@@ -133,3 +133,10 @@ def catalogue_features(store, item_ids: list[str], as_of: pd.Timestamp) -> pd.Da
     feats = store.get_historical_features(entity_df=entity, features=store.get_feature_service(ITEM_SERVICE)).to_df()
     feats = feats.drop(columns=["event_timestamp"]).set_index("item_id").loc[item_ids].reset_index()
     return prefix_items(feats)
+
+
+def online_catalogue(store, item_ids: list[str]) -> pd.DataFrame:
+    """Every item's current features from the online store (what serving ranks with)."""
+    feats = store.get_online_features(features=store.get_feature_service(ITEM_SERVICE),
+                                      entity_rows=[{"item_id": i} for i in item_ids]).to_df()
+    return prefix_items(feats)

@@ -126,6 +126,12 @@ def _col(frame: pd.DataFrame, name: str) -> list:
             for v in frame[name].tolist()]
 
 
+def in_batches(fn, frame: pd.DataFrame, size: int = 256) -> torch.Tensor:
+    """``fn`` over row slices of ``frame``, concatenated (bounded memory for whole catalogues)."""
+    parts = [fn(frame.iloc[s:s + size]) for s in range(0, len(frame), size)]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
 class MLP(nn.Module):
     def __init__(self, n_in: int, hidden: int, n_out: int):
         super().__init__()
@@ -234,18 +240,19 @@ class ProfileModel(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def user_vectors(self, frame: pd.DataFrame, text: torch.Tensor | None = None) -> torch.Tensor:
-        num = self.spec.numeric(frame, self.spec.user_numeric).to(self.device)
-        cat = self.spec.categorical(frame, self.spec.user_categorical).to(self.device)
-        if text is None:
-            text = self.encode_text(user_text(frame), self.cfg.user_max_len)
-        return self.user_tower(num, cat, text)
+        """``text``: the user text already encoded (by the serving encoder), else encoded here."""
+        return self._vectors(self.user_tower, frame, self.spec.user_numeric, self.spec.user_categorical,
+                             text if text is not None else self.encode_text(user_text(frame), self.cfg.user_max_len))
 
-    def item_vectors(self, frame: pd.DataFrame, text: torch.Tensor | None = None) -> torch.Tensor:
-        num = self.spec.numeric(frame, self.spec.item_numeric).to(self.device)
-        cat = self.spec.categorical(frame, self.spec.item_categorical).to(self.device)
-        if text is None:
-            text = self.encode_text(item_text(frame), self.cfg.item_max_len)
-        return self.item_tower(num, cat, text)
+    def item_vectors(self, frame: pd.DataFrame) -> torch.Tensor:
+        return self._vectors(self.item_tower, frame, self.spec.item_numeric, self.spec.item_categorical,
+                             self.encode_text(item_text(frame), self.cfg.item_max_len))
+
+    def _vectors(self, tower: Tower, frame: pd.DataFrame, numeric: list[str], categorical: list[str],
+                 text: torch.Tensor | None) -> torch.Tensor:
+        num = self.spec.numeric(frame, numeric).to(self.device)
+        cat = self.spec.categorical(frame, categorical).to(self.device)
+        return tower(num, cat, text)
 
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return users @ items.T / self.cfg.temperature

@@ -24,7 +24,7 @@ from training.evaluate import (
     popularity_scorer,
     seen_before,
 )
-from training.model import FeatureSpec, ModelConfig, ProfileModel
+from training.model import FeatureSpec, ModelConfig, ProfileModel, in_batches
 from training.train import TrainConfig, config_dict, pick_device, train
 
 MODEL_NAME = "persona-profile"
@@ -84,12 +84,12 @@ def user_features(store, requests: pd.DataFrame) -> pd.DataFrame:
 
 @torch.no_grad()
 def model_scorer(model: ProfileModel, store, catalogue: pd.DataFrame):
-    item_vecs = _batched(lambda f: model.item_vectors(f), catalogue)
+    item_vecs = in_batches(model.item_vectors, catalogue)
 
     @torch.no_grad()
     def score(requests: pd.DataFrame) -> np.ndarray:
         frame = user_features(store, requests)
-        users = _batched(lambda f: model.user_vectors(f), frame)
+        users = in_batches(model.user_vectors, frame)
         return (users @ item_vecs.T).float().cpu().numpy()
     return score
 
@@ -98,15 +98,10 @@ def model_scorer(model: ProfileModel, store, catalogue: pd.DataFrame):
 def pair_scorer(model: ProfileModel):
     @torch.no_grad()
     def score(frame: pd.DataFrame) -> np.ndarray:
-        u = _batched(lambda f: model.user_vectors(f), frame)
-        i = _batched(lambda f: model.item_vectors(f), frame)
+        u = in_batches(model.user_vectors, frame)
+        i = in_batches(model.item_vectors, frame)
         return (u * i).sum(-1).float().cpu().numpy()
     return score
-
-
-def _batched(fn, frame: pd.DataFrame, size: int = 256) -> torch.Tensor:
-    parts = [fn(frame.iloc[s:s + size]) for s in range(0, len(frame), size)]
-    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 def _validation(store, split: Split, events: pd.DataFrame, positives: dict, item_ids: list[str]):
@@ -237,11 +232,12 @@ def _metadata_safe(value):
     return value
 
 
-def load_from_bentoml(tag: str = "latest", device: str = "cpu") -> tuple[ProfileModel, dict]:
+def load_from_bentoml(tag: str = "latest", device: str = "cpu") -> tuple[ProfileModel, dict, str]:
+    """The model with a version (or ``latest``, or a full ``name:version`` tag): model, metadata, full tag."""
     import bentoml
 
-    bento_model = bentoml.models.get(f"{MODEL_NAME}:{tag}")
-    return ProfileModel.load(Path(bento_model.path), device), bento_model.info.metadata
+    bento_model = bentoml.models.get(tag if ":" in tag else f"{MODEL_NAME}:{tag}")
+    return ProfileModel.load(Path(bento_model.path), device), bento_model.info.metadata, str(bento_model.tag)
 
 
 def write_report(folder: Path, metrics: pd.DataFrame, histories: dict[str, list[dict]]) -> Path:

@@ -201,10 +201,7 @@ def run_suite_in_process(table: str, frame: pd.DataFrame, now: datetime, skew: t
         column, meta = exp.column, exp.meta or {}
         for row in np.flatnonzero(failing):
             value = data[column].iloc[row] if column in data else None
-            shown = "null" if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)) \
-                else repr(_short(value))
-            out.append(Violation(int(row), column, meta.get("rule", exp.expectation_type),
-                                 f"{meta.get('description', exp.expectation_type)} (got {shown})"))
+            out.append(_violation(int(row), column, meta, exp.expectation_type, value))
     return out
 
 
@@ -231,14 +228,16 @@ def run_suite(table: str, frame: pd.DataFrame, now: datetime, skew: timedelta) -
             continue
         cfg = res.expectation_config
         column = cfg.kwargs.get("column")
-        rule = cfg.meta.get("rule", cfg.type)
-        description = cfg.meta.get("description", cfg.type)
         for entry in res.result.get("unexpected_index_list") or []:
-            value = entry.get(column)
-            shown = "null" if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)) \
-                else repr(_short(value))
-            out.append(Violation(int(entry[ROW]), column, rule, f"{description} (got {shown})"))
+            out.append(_violation(int(entry[ROW]), column, cfg.meta or {}, cfg.type, entry.get(column)))
     return out
+
+
+def _violation(row: int, column: str, meta: dict, kind: str, value) -> Violation:
+    """One failing row of an expectation, worded from its ``meta`` (both engines report alike)."""
+    shown = "null" if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)) \
+        else repr(_short(value))
+    return Violation(row, column, meta.get("rule", kind), f"{meta.get('description', kind)} (got {shown})")
 
 
 def _short(value) -> object:
