@@ -12,6 +12,10 @@ from typing import Literal
 ColumnType = Literal["string", "int", "float", "timestamp"]
 TABLES: tuple[str, ...] = ("users", "items", "events")
 EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase", "search", "review")
+# What a byte that is not UTF-8 reads as. Not U+FFFD: real text may hold that character literally
+# (scraped catalogues often do), and a valid file must not be quarantined for it. U+FFFE is a
+# noncharacter that no valid text contains.
+INVALID_UTF8 = "\ufffe"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ validation gate quarantines its row (the seam between this module and ``validati
 
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,9 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from eventlog.contract import CONTRACT, TABLES, columns, required_columns
+from eventlog.contract import CONTRACT, INVALID_UTF8, TABLES, columns, required_columns
+
+codecs.register_error("persona_mark_invalid", lambda err: (INVALID_UTF8 * (err.end - err.start), err.end))
 
 FILE_SUFFIXES = (".csv", ".parquet")
 _TZ_SUFFIX = re.compile(r"(?:Z|[+-]\d{2}:?\d{2})$", re.IGNORECASE)
@@ -101,10 +104,10 @@ def _read_file(path: Path) -> pd.DataFrame:
         if path.stat().st_size == 0:
             raise StructuralError(f"{path}: the file is empty (not even a header row)")
         # Everything as text: the contract, not pandas' guesses, decides types. Only an empty
-        # field is null ("NA" may be a real region code). Bytes that are not UTF-8 become U+FFFD
+        # field is null ("NA" may be a real region code). Bytes that are not UTF-8 become INVALID_UTF8
         # and the gate quarantines their rows instead of the whole file failing.
         return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""],
-                           encoding="utf-8", encoding_errors="replace")
+                           encoding="utf-8", encoding_errors="persona_mark_invalid")
     except StructuralError:
         raise
     except Exception as exc:  # pandas/pyarrow raise many types; all mean "unreadable"

@@ -357,18 +357,22 @@ def _training_inputs(cfg):
     return store, events, items
 
 
-def _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, baselines, refit):
+def _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, baselines, refit,
+                models: str = "all"):
     from training.model import ModelConfig
     from training.train import TrainConfig
-    from training.workflow import RunConfig
+    from training.workflow import MODEL_ROWS, RunConfig
 
     model = ModelConfig(finetune_layers=finetune_layers, **({"bert_path": bert} if bert else {}))
     chosen = tuple(s.strip() for s in splits.split(",") if s.strip())
     if not set(chosen) <= {"global", "loo"} or not chosen:
         _fail("--splits takes global, loo or both (comma-separated)")
+    rows = tuple(MODEL_ROWS) if models.strip() == "all" else tuple(m.strip() for m in models.split(",") if m.strip())
+    if not rows or not set(rows) <= set(MODEL_ROWS):
+        _fail(f"--models takes all or a comma-separated subset of {', '.join(MODEL_ROWS)}")
     return RunConfig(model=model, train=TrainConfig(epochs=epochs, batch_size=batch_size, device=device,
                                                     max_positives=max_positives or None),
-                     splits=chosen, baselines=baselines, refit=refit)
+                     splits=chosen, baselines=baselines, refit=refit, models=rows)
 
 
 Epochs = Annotated[int, typer.Option(min=1, help="Training epochs (early stopping may end sooner).")]
@@ -378,6 +382,8 @@ MaxPositives = Annotated[int, typer.Option(help="Positives per epoch (0 = all): 
 Bert = Annotated[str | None, typer.Option(help="A Hugging Face BERT folder (default: packaged MiniLM).")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Splits = Annotated[str, typer.Option(help="global, loo, or global,loo.")]
+Models = Annotated[str, typer.Option(help="Rows of the table: all, or some of persona, mlp, frozen, popularity, "
+                                          "cooccurrence, ease, sequential.")]
 
 
 def _run_protocol(cfg, run_cfg, kind: str):
@@ -437,10 +443,12 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
 @app.command("evaluate")
 def evaluate_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs: Epochs = 3,
                  batch_size: BatchSize = 64, finetune_layers: Finetune = 2, max_positives: MaxPositives = 20_000,
-                 bert: Bert = None, device: Device = "auto", splits: Splits = "global,loo") -> None:
+                 bert: Bert = None, device: Device = "auto", splits: Splits = "global,loo",
+                 models: Models = "all") -> None:
     """The ranking-quality protocol: model and baselines on the same temporal splits, with a report."""
     cfg = _config(workspace, profile)
-    run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, True, False)
+    run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, True, False,
+                          models)
     _run_protocol(cfg, run_cfg, "evaluation")
 
 

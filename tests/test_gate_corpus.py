@@ -160,6 +160,20 @@ def test_non_utf8_bytes(tmp_path, good):
                    total=N_EVENTS)
 
 
+def test_a_literal_replacement_character_is_valid_text(tmp_path, good):
+    """Real catalogues hold U+FFFD literally (amazon-office has six such descriptions): the file is
+    valid UTF-8, so nothing is quarantined and the text is kept as it was."""
+    items = good["items"].copy()
+    items.loc[0, "title"] = "CD size (5-1/8\ufffd x 6\ufffd)"
+    report, quarantined, counts = _run(tmp_path, {**good, "items": items})
+    assert report.tables["items"].quarantined == 0 and quarantined.empty
+    assert counts["items"] == len(items) and report.tables["events"].quarantined == 0
+    log = EventLog(f"sqlite:///{tmp_path / 'log.db'}")
+    stored = log.read_table("items").set_index("item_id").loc[items.loc[0, "item_id"], "title"]
+    log.dispose()
+    assert stored == items.loc[0, "title"]
+
+
 def test_mixed_timezone_formats_are_normalised(tmp_path, good):
     events = good["events"].head(4).copy()
     t = events["event_timestamp"]
@@ -220,7 +234,7 @@ def test_in_process_engine_gives_the_same_verdicts_as_gx(tmp_path, good):
     it must find exactly what GX finds (rule, column and reason)."""
     every_kind = [row for rows, _, _ in BAD_ROWS.values() for row in rows]
     every_kind += [{"event_id": "bad0", "event_type": "view", "value": 1.0},  # conflicting duplicate id
-                   {"event_type": "search", "item_id": None, "query": "caf\ufffd au lait"},  # not UTF-8
+                   {"event_type": "search", "item_id": None, "query": "caf\ufffe au lait"},  # not UTF-8
                    {"event_type": None, "item_id": None}, {"session_id": "s" * 300}]
     users = pd.concat([good["users"], good["users"].head(2).assign(user_id=["old", None], age=[200, -1])])
     items = pd.concat([good["items"], good["items"].head(2).assign(item_id=["neg", "long"], price=[-1.0, 5.0],

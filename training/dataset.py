@@ -128,11 +128,46 @@ def fetch_features(store, examples: pd.DataFrame) -> pd.DataFrame:
 
 def catalogue_features(store, item_ids: list[str], as_of: pd.Timestamp) -> pd.DataFrame:
     """Every item's features as of one time (for ranking the whole catalogue)."""
-    entity = pd.DataFrame({"item_id": item_ids, "event_timestamp": as_of})
+    return catalogue_features_at(store, item_ids, [as_of])[0]
+
+
+def catalogue_features_at(store, item_ids: list[str], times: list[pd.Timestamp]) -> list[pd.DataFrame]:
+    """Every item's features as of each of ``times`` (one Feast call), in ``item_ids`` order."""
+    entity = pd.DataFrame({"item_id": np.tile(item_ids, len(times)),
+                           "event_timestamp": np.repeat(micro(pd.Series(times)).to_numpy(), len(item_ids)),
+                           "bucket": np.repeat(np.arange(len(times)), len(item_ids))})
     entity["event_timestamp"] = micro(entity["event_timestamp"])
     feats = store.get_historical_features(entity_df=entity, features=store.get_feature_service(ITEM_SERVICE)).to_df()
-    feats = feats.drop(columns=["event_timestamp"]).set_index("item_id").loc[item_ids].reset_index()
-    return prefix_items(feats)
+    out = []
+    for k in range(len(times)):
+        one = feats[feats["bucket"] == k].drop(columns=["event_timestamp", "bucket"])
+        out.append(prefix_items(one.set_index("item_id").loc[item_ids].reset_index()))
+    return out
+
+
+class ItemCatalogue:
+    """The catalogue's features as of a handful of times, so that a request at time T ranks items with
+    their features from before T (never after: the held-out clicks must not reach item counters).
+
+    The times are quantiles of the request times, the earliest first; a request reads the newest one
+    at or before its own time. Fetching per request would cost requests x items rows.
+    """
+
+    def __init__(self, store, item_ids: list[str], request_times: pd.Series, max_buckets: int = 16):
+        t = micro(request_times)
+        starts = t.quantile(np.linspace(0, 1, max_buckets, endpoint=False)).dt.floor("us") if len(t) else t
+        self.item_ids = item_ids
+        self.starts = sorted(set(starts.tolist()) | ({t.min()} if len(t) else set()))
+        self.frames = catalogue_features_at(store, item_ids, self.starts) if self.starts else []
+
+    def bucket_of(self, times: pd.Series) -> np.ndarray:
+        """Index of the newest start at or before each time (a time before every start is an error)."""
+        t = micro(times).dt.tz_convert(None).to_numpy().astype("datetime64[us]")
+        starts = np.array([s.tz_convert(None).to_datetime64() for s in self.starts], dtype="datetime64[us]")
+        idx = np.searchsorted(starts, t, side="right") - 1
+        if (idx < 0).any():
+            raise ValueError("a request is older than the catalogue's first as-of time")
+        return idx
 
 
 def online_catalogue(store, item_ids: list[str]) -> pd.DataFrame:

@@ -1,6 +1,15 @@
 """The ranking-quality protocol of DESIGN.md: temporal splits, full-catalogue ranking with seen
-items excluded, NDCG@10 / Recall@10 / Recall@50 / MRR@10 / coverage / AUC, the baselines, and
-breakdowns for cold vs active users and requests with vs without a query."""
+items excluded, NDCG@10 / Recall@10 / Recall@50 / MRR@10 / coverage / AUC, and breakdowns for
+cold vs active users and requests with vs without a query.
+
+Nothing here can flatter a model:
+- ties are broken at random in expectation: a target tied with m other items has rank
+  (items scored strictly higher) + m/2 + 1, so a row of equal scores never wins;
+- every split has a validation set before its test set, so early stopping and hyper-parameters never
+  see a test target;
+- in leave-one-out each user has their own cut; training rows and every feature a request sees are
+  from before that user's cut (``Split.before``).
+"""
 
 from __future__ import annotations
 
@@ -10,22 +19,39 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from training.baselines import Scorer
+
 COLD_EVENTS = 5  # a user with fewer events before the request is "cold"
+VALIDATION_REQUESTS = 1000  # validation is a sample: it runs after every epoch
 
 
 @dataclass
 class Split:
     name: str
-    train_end: pd.Timestamp  # global: the cut; loo: the newest training event
-    val_start: pd.Timestamp  # validation requests from here to the test period
-    requests: pd.DataFrame  # user_id, item_id (target), event_timestamp, device, channel, query, cold
-    per_user_end: pd.Series | None = None  # loo: each user's held-out time
+    requests: pd.DataFrame  # test: user_id, item_id (target), event_timestamp, device, channel, query, cold
+    validation: pd.DataFrame  # the same columns, strictly before each user's test request
+    fit_cut: pd.Timestamp | pd.Series  # models fit on rows before this (per user in leave-one-out)
+    test_cut: pd.Timestamp | pd.Series  # baselines' final fit and seen items: rows before this
+
+    @property
+    def per_user(self) -> bool:
+        return isinstance(self.test_cut, pd.Series)
+
+    def before(self, frame: pd.DataFrame, cut: pd.Timestamp | pd.Series) -> pd.DataFrame:
+        """Rows stamped strictly before the cut (the row's user's own cut in leave-one-out).
+
+        A user with no cut of their own (no request in this split) keeps every row.
+        """
+        if isinstance(cut, pd.Series):
+            end = frame["user_id"].map(cut).fillna(pd.Timestamp.max.tz_localize("UTC"))
+            return frame[frame["event_timestamp"] < end]
+        return frame[frame["event_timestamp"] < cut]
 
 
 def new_item_positives(events: pd.DataFrame, positives: dict[str, float]) -> pd.DataFrame:
-    """First positive of each (user, item), in time order: the events a recommender should predict."""
+    """First positive of each (user, item), ordered by time then item id: what a recommender predicts."""
     pos = events[events["event_type"].isin(list(positives)) & events["item_id"].notna()]
-    pos = pos.sort_values("event_timestamp", kind="stable").drop_duplicates(["user_id", "item_id"])
+    pos = pos.sort_values(["event_timestamp", "item_id"], kind="stable").drop_duplicates(["user_id", "item_id"])
     return pos
 
 
@@ -34,7 +60,10 @@ def _with_context(requests: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
     from training.dataset import _attach_session_query, _session_key
 
     ev = events.assign(session=_session_key(events))
-    requests = requests.merge(ev[["event_id", "session"]], on="event_id", how="left")
+    if "query" not in ev:  # a log without searches
+        ev["query"] = None
+    requests = requests.merge(ev[["event_id", "session"]], on="event_id", how="left") if "event_id" in requests \
+        else requests.assign(session=None)
     requests = _attach_session_query(requests, ev)
     times = ev.sort_values("event_timestamp")
     counts = []
@@ -45,7 +74,10 @@ def _with_context(requests: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
     requests["history_events"] = counts
     requests["cold"] = requests["history_events"] < COLD_EVENTS
     requests["request_timestamp"] = requests["event_timestamp"]
-    return requests
+    for col in ("device", "channel"):
+        if col not in requests:
+            requests[col] = None
+    return requests.sort_values(["event_timestamp", "user_id"], kind="stable").reset_index(drop=True)
 
 
 def _us(series: pd.Series) -> np.ndarray:
@@ -54,22 +86,29 @@ def _us(series: pd.Series) -> np.ndarray:
 
 def global_split(events: pd.DataFrame, positives: dict[str, float], test_share: float = 0.2,
                  val_share: float = 0.1) -> Split:
+    """One time cut for everyone: test on first-time positives after it, validate on those just before."""
     ts = events["event_timestamp"]
     cut = ts.quantile(1 - test_share).floor("us")  # quantiles interpolate to nanoseconds
     val_start = ts.quantile(1 - test_share - val_share).floor("us")
     firsts = new_item_positives(events, positives)
     requests = firsts[firsts["event_timestamp"] >= cut]
-    return Split("global time cut", cut, val_start, _with_context(requests, events))
+    val = firsts[(firsts["event_timestamp"] >= val_start) & (firsts["event_timestamp"] < cut)]
+    val = val.sample(min(len(val), VALIDATION_REQUESTS), random_state=0)
+    return Split("global time cut", _with_context(requests, events), _with_context(val, events), val_start, cut)
 
 
 def last_per_user_split(events: pd.DataFrame, positives: dict[str, float]) -> Split:
-    """Each user's newest first-time positive is held out; training sees what came before it."""
+    """Leave-one-out by time: each user's newest first-time positive (by time, then item id) is the
+    test target; their one before it is the validation target. Models fit on what came before the
+    validation target, baselines' final fit on what came before the test target."""
     firsts = new_item_positives(events, positives)
-    counts = firsts.groupby("user_id")["item_id"].transform("size")
-    last = firsts[counts >= 2].groupby("user_id").tail(1)
-    per_user = last.set_index("user_id")["event_timestamp"]
-    val_start = per_user.quantile(0.9).floor("us")
-    return Split("last interaction per user", per_user.max(), val_start, _with_context(last, events), per_user)
+    last = firsts.groupby("user_id", sort=False).tail(1)
+    val = firsts.drop(last.index).groupby("user_id", sort=False).tail(1)
+    test_cut = last.set_index("user_id")["event_timestamp"]
+    fit_cut = val.set_index("user_id")["event_timestamp"].reindex(test_cut.index).fillna(test_cut)
+    val = val.sample(min(len(val), VALIDATION_REQUESTS), random_state=0)
+    return Split("last interaction per user", _with_context(last, events), _with_context(val, events),
+                 fit_cut, test_cut)
 
 
 def seen_before(events: pd.DataFrame, positives: dict[str, float], requests: pd.DataFrame,
@@ -88,21 +127,42 @@ def seen_before(events: pd.DataFrame, positives: dict[str, float], requests: pd.
     return out
 
 
-def ranking_metrics(scores: np.ndarray, targets: np.ndarray, excluded: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Per-request rank of the target among all non-excluded items, and the top-10 lists."""
-    scores = scores.astype(np.float64, copy=True)
+def tie_aware_ranks(scores: np.ndarray, targets: np.ndarray, excluded: list[np.ndarray]) -> np.ndarray:
+    """The target's rank among the non-excluded items: higher + tied/2 + 1 (a tie is half a loss).
+
+    A NaN score counts as the lowest possible score. The target itself is never excluded.
+    """
+    scores = np.where(np.isnan(scores), -np.inf, scores.astype(np.float64))
+    allowed = np.ones(scores.shape, dtype=bool)
     for r, ex in enumerate(excluded):
-        ex = ex[ex != targets[r]]
+        allowed[r, ex[ex != targets[r]]] = False
+    rows = np.arange(len(targets))
+    allowed[rows, targets] = False  # the target does not tie with itself
+    target_scores = scores[rows, targets][:, None]
+    higher = ((scores > target_scores) & allowed).sum(axis=1)
+    tied = ((scores == target_scores) & allowed).sum(axis=1)
+    return higher + tied / 2 + 1
+
+
+def top_k(scores: np.ndarray, excluded: list[np.ndarray], k: int = 10) -> np.ndarray:
+    """Indexes of each row's k best non-excluded items (for coverage)."""
+    scores = np.where(np.isnan(scores), -np.inf, scores.astype(np.float64))
+    for r, ex in enumerate(excluded):
         scores[r, ex] = -np.inf
-    target_scores = scores[np.arange(len(targets)), targets]
-    ranks = (scores > target_scores[:, None]).sum(axis=1) + 1
-    top10 = np.argpartition(-scores, min(10, scores.shape[1] - 1), axis=1)[:, :10]
-    return {"rank": ranks, "top10": top10}
+    k = min(k, scores.shape[1])
+    return np.argpartition(-scores, k - 1, axis=1)[:, :k] if k else np.zeros((len(scores), 0), dtype=int)
+
+
+def ranking_metrics(scores: np.ndarray, targets: np.ndarray, excluded: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-request tie-aware rank of the target, and the top-10 lists."""
+    return {"rank": tie_aware_ranks(scores, targets, excluded), "top10": top_k(scores, excluded)}
 
 
 def summarise(ranks: np.ndarray, top10: np.ndarray, n_items: int) -> dict[str, float]:
+    """NDCG@10, Recall@10/50, MRR@10 from ranks (a fractional rank such as 10.5 is a miss) and coverage."""
     if len(ranks) == 0:
         return {"requests": 0}
+    ranks = np.asarray(ranks, dtype=np.float64)
     return {
         "requests": int(len(ranks)),
         "NDCG@10": float(np.mean(np.where(ranks <= 10, 1 / np.log2(ranks + 1), 0.0))),
@@ -114,7 +174,7 @@ def summarise(ranks: np.ndarray, top10: np.ndarray, n_items: int) -> dict[str, f
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Mann-Whitney AUC of scores for labelled positives vs negatives."""
+    """Mann-Whitney AUC of scores for labelled positives vs negatives (ties count one half)."""
     labels = labels.astype(bool)
     if labels.all() or not labels.any():
         return float("nan")
@@ -123,46 +183,21 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-Scorer = Callable[[pd.DataFrame], np.ndarray]  # requests -> [n_requests, n_items] scores
-
-
-def popularity_scorer(train_events: pd.DataFrame, positives: dict[str, float], item_ids: list[str]) -> Scorer:
-    pos = train_events[train_events["event_type"].isin(list(positives))]
-    counts = pos["item_id"].value_counts().reindex(item_ids).fillna(0).to_numpy(dtype=float)
-
-    def score(requests: pd.DataFrame) -> np.ndarray:
-        return np.tile(counts, (len(requests), 1))
-    return score
-
-
-def cooccurrence_scorer(train_events: pd.DataFrame, positives: dict[str, float], item_ids: list[str]) -> Scorer:
-    """Item-item cosine over the user x item matrix of training positives."""
-    index = {i: k for k, i in enumerate(item_ids)}
-    pos = train_events[train_events["event_type"].isin(list(positives)) & train_events["item_id"].isin(index)]
-    users = {u: k for k, u in enumerate(pos["user_id"].unique())}
-    x = np.zeros((len(users), len(item_ids)), dtype=np.float32)
-    x[pos["user_id"].map(users).to_numpy(), pos["item_id"].map(index).to_numpy()] = 1.0
-    norms = np.linalg.norm(x, axis=0) + 1e-9
-    sim = (x.T @ x) / np.outer(norms, norms)
-    np.fill_diagonal(sim, 0.0)
-    history = {u: g for u, g in pos.groupby("user_id")}
-
-    def score(requests: pd.DataFrame) -> np.ndarray:
-        out = np.zeros((len(requests), len(item_ids)), dtype=np.float32)
-        for r, (user, ts) in enumerate(zip(requests["user_id"], requests["event_timestamp"], strict=True)):
-            g = history.get(user)
-            if g is None:
-                continue
-            seen = g.loc[g["event_timestamp"] < ts, "item_id"].map(index).dropna().astype(int).unique()
-            if len(seen):
-                out[r] = sim[seen].sum(axis=0)
-        return out
-    return score
+def ndcg_at_10(scorer: Scorer, requests: pd.DataFrame, events: pd.DataFrame, positives: dict[str, float],
+               item_ids: list[str]) -> float:
+    """NDCG@10 of one scorer on some requests (validation, hyper-parameter choice)."""
+    item_index = {i: k for k, i in enumerate(item_ids)}
+    req = requests[requests["item_id"].isin(item_index)].reset_index(drop=True)
+    if req.empty:
+        return float("nan")
+    ranks = tie_aware_ranks(scorer(req), req["item_id"].map(item_index).to_numpy(),
+                            seen_before(events, positives, req, item_index))
+    return float(np.mean(np.where(ranks <= 10, 1 / np.log2(ranks + 1), 0.0)))
 
 
 def evaluate_scorers(scorers: dict[str, Scorer], split: Split, events: pd.DataFrame, positives: dict[str, float],
                      item_ids: list[str], pair_scorers: dict[str, Callable] | None = None,
-                     labelled: pd.DataFrame | None = None) -> pd.DataFrame:
+                     labelled: pd.DataFrame | None = None, chunk: int = 2048) -> pd.DataFrame:
     """One row per (model, segment): overall, cold/active users, with/without query."""
     item_index = {i: k for k, i in enumerate(item_ids)}
     req = split.requests[split.requests["item_id"].isin(item_index)].reset_index(drop=True)
@@ -173,10 +208,16 @@ def evaluate_scorers(scorers: dict[str, Scorer], split: Split, events: pd.DataFr
                 "active users": ~req["cold"].to_numpy(), "with query": req["query"].notna().to_numpy(),
                 "without query": req["query"].isna().to_numpy()}
     for name, scorer in scorers.items():
-        result = ranking_metrics(scorer(req), targets, excluded)
+        ranks, top10 = [], []
+        for s in range(0, len(req), chunk):  # bounded memory: requests x catalogue per chunk
+            m = ranking_metrics(scorer(req.iloc[s:s + chunk]), targets[s:s + chunk], excluded[s:s + chunk])
+            ranks.append(m["rank"])
+            top10.append(m["top10"])
+        rank = np.concatenate(ranks) if ranks else np.zeros(0)
+        top = np.concatenate(top10) if top10 else np.zeros((0, 10), dtype=int)
         for seg, mask in segments.items():
             row = {"split": split.name, "model": name, "segment": seg,
-                   **summarise(result["rank"][mask], result["top10"][mask], len(item_ids))}
+                   **summarise(rank[mask], top[mask], len(item_ids))}
             if seg == "all" and pair_scorers and name in pair_scorers and labelled is not None and len(labelled):
                 row["AUC"] = auc(pair_scorers[name](labelled), labelled["label"].to_numpy())
             rows.append(row)

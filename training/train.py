@@ -102,10 +102,12 @@ def train(model: ProfileModel, examples: pd.DataFrame, cfg: TrainConfig,
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         model.eval()
-        score = validate(model) if validate else -float(np.mean(losses))
-        cfg.history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_ndcg10": score})
+        val = validate(model) if validate else None
+        cfg.history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_ndcg10": val})
         if progress:
-            tqdm.write(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}, validation NDCG@10 {score:.4f}")
+            shown = f", validation NDCG@10 {val:.4f}" if val is not None else " (no validation set)"
+            tqdm.write(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}{shown}")
+        score = val if val is not None else float(epoch)  # without validation the newest epoch wins
         if score > best:
             best, stale = score, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

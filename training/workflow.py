@@ -15,15 +15,16 @@ import pandas as pd
 import torch
 
 from training import dataset
-from training.evaluate import (
-    Split,
+from training.baselines import (
+    EASE_LAMBDAS,
+    EASE_MAX_ITEMS,
+    Scorer,
     cooccurrence_scorer,
-    evaluate_scorers,
-    global_split,
-    last_per_user_split,
+    ease_scorer,
     popularity_scorer,
-    seen_before,
+    sequential_scorer,
 )
+from training.evaluate import Split, evaluate_scorers, global_split, last_per_user_split, ndcg_at_10, seen_before
 from training.model import FeatureSpec, ModelConfig, ProfileModel, in_batches
 from training.train import TrainConfig, config_dict, pick_device, train
 
@@ -34,6 +35,19 @@ NOT_FEATURES = {"example_id", "user_id", "item_id", "event_timestamp", "request_
                 "signup_timestamp", "last_search_at"}
 
 
+# The rows of the metrics table, by the key `--models` takes.
+PERSONA = "Persona: BERT fine-tuned + MLP"
+MODEL_ROWS = {
+    "persona": PERSONA,
+    "mlp": "MLP tower, no text",
+    "frozen": "frozen BERT + MLP",
+    "popularity": "popularity",
+    "cooccurrence": "item co-occurrence",
+    "ease": "EASE",
+    "sequential": "sequential (SASRec-style, ids only)",
+}
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -42,6 +56,10 @@ class RunConfig:
     splits: tuple[str, ...] = ("global", "loo")
     baselines: bool = True
     refit: bool = True
+    models: tuple[str, ...] = tuple(MODEL_ROWS)  # which rows to train and report (keys of MODEL_ROWS)
+
+    def wants(self, key: str) -> bool:
+        return key in self.models and (key == "persona" or self.baselines)
 
 
 def _service_features(store, name: str) -> list[str]:
@@ -82,15 +100,22 @@ def user_features(store, requests: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([keep, feats], axis=1)
 
 
-@torch.no_grad()
-def model_scorer(model: ProfileModel, store, catalogue: pd.DataFrame):
-    item_vecs = in_batches(model.item_vectors, catalogue)
+def model_scorer(model: ProfileModel, store, catalogue: dataset.ItemCatalogue) -> Scorer:
+    """Scores requests against the catalogue as of each request's own time (its as-of bucket)."""
+    item_vecs: dict[int, torch.Tensor] = {}
 
     @torch.no_grad()
     def score(requests: pd.DataFrame) -> np.ndarray:
-        frame = user_features(store, requests)
-        users = in_batches(model.user_vectors, frame)
-        return (users @ item_vecs.T).float().cpu().numpy()
+        requests = requests.reset_index(drop=True)
+        users = in_batches(model.user_vectors, user_features(store, requests))
+        buckets = catalogue.bucket_of(requests["event_timestamp"])
+        out = np.zeros((len(requests), len(catalogue.item_ids)), dtype=np.float32)
+        for b in np.unique(buckets):
+            if b not in item_vecs:
+                item_vecs[b] = in_batches(model.item_vectors, catalogue.frames[b])
+            rows = np.flatnonzero(buckets == b)
+            out[rows] = (users[rows] @ item_vecs[b].T).float().cpu().numpy()
+        return out
     return score
 
 
@@ -104,82 +129,87 @@ def pair_scorer(model: ProfileModel):
     return score
 
 
-def _validation(store, split: Split, events: pd.DataFrame, positives: dict, item_ids: list[str]):
-    """NDCG@10 on first-time positives between the validation start and the training end.
-
-    Only the global split has such a window; for last-interaction-per-user the epochs are fixed.
-    """
-    from training.evaluate import ranking_metrics, summarise
-
-    if split.per_user_end is not None:
+def _validation(store, split: Split, events: pd.DataFrame, positives: dict, item_ids: list[str],
+                catalogue: dataset.ItemCatalogue):
+    """NDCG@10 on the split's validation requests (before any test request): early stopping."""
+    if split.validation.empty:
         return None
-    firsts = events[events["event_type"].isin(list(positives))].drop_duplicates(["user_id", "item_id"])
-    val = firsts[(firsts["event_timestamp"] >= split.val_start) & (firsts["event_timestamp"] < split.train_end)]
-    val = val[val["item_id"].isin(item_ids)].sample(frac=1.0, random_state=0).head(600)
-    if val.empty:
-        return None
-    val = val.assign(query=None, request_timestamp=val["event_timestamp"])
-    catalogue = dataset.catalogue_features(store, item_ids, split.val_start)
-    index = {i: k for k, i in enumerate(item_ids)}
-    excluded = seen_before(events, positives, val, index)
-    targets = val["item_id"].map(index).to_numpy()
 
     def validate(model: ProfileModel) -> float:
-        scores = model_scorer(model, store, catalogue)(val)
-        m = ranking_metrics(scores, targets, excluded)
-        return summarise(m["rank"], m["top10"], len(item_ids))["NDCG@10"]
+        return ndcg_at_10(model_scorer(model, store, catalogue), split.validation, events, positives, item_ids)
     return validate
+
+
+def baseline_scorers(split: Split, events: pd.DataFrame, positives: dict[str, float], item_ids: list[str],
+                     cfg: RunConfig, progress: bool = True) -> dict[str, Scorer]:
+    """The id-based baselines: hyper-parameters and early stopping on the validation requests only."""
+    fit_events = split.before(events, split.fit_cut)
+    train_events = split.before(events, split.test_cut)
+
+    def validated(scorer: Scorer) -> float:
+        return ndcg_at_10(scorer, split.validation, events, positives, item_ids)
+
+    out: dict[str, Scorer] = {}
+    if cfg.wants("popularity"):
+        out[MODEL_ROWS["popularity"]] = popularity_scorer(train_events, positives, item_ids)
+    if cfg.wants("cooccurrence"):
+        out[MODEL_ROWS["cooccurrence"]] = cooccurrence_scorer(train_events, positives, item_ids, events)
+    if cfg.wants("ease") and len(item_ids) <= EASE_MAX_ITEMS:
+        lam = EASE_LAMBDAS[0]
+        if len(split.validation):
+            lam = max(EASE_LAMBDAS, key=lambda v: validated(ease_scorer(fit_events, positives, item_ids, v, events)))
+        out[f"{MODEL_ROWS['ease']} (λ={lam:g})"] = ease_scorer(train_events, positives, item_ids, lam, events)
+    if cfg.wants("sequential"):
+        out[MODEL_ROWS["sequential"]] = sequential_scorer(
+            fit_events, positives, item_ids, events, validated if len(split.validation) else None,
+            progress=progress)
+    return out
 
 
 def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, float], cfg: RunConfig,
         report_dir: Path, progress: bool = True) -> dict:
-    """Train and evaluate the model and baselines on each split; returns metrics and artefacts."""
+    """Train and evaluate the model and baselines on each split; returns metrics and artefacts.
+
+    Per split, the model's statistics and vocabularies are fitted on its training rows only.
+    """
     item_ids = items["item_id"].astype(str).tolist()
-    examples = dataset.build_examples(events, items, positives, cfg.neg_per_pos, seed=cfg.train.seed)
-    frame = dataset.fetch_features(store, examples)
-    spec = feature_spec(store, frame)
-    variants = {"Persona: BERT fine-tuned + MLP": cfg.model}
-    if cfg.baselines:
-        variants |= {"MLP tower, no text": replace(cfg.model, use_text=False),
-                     "frozen BERT + MLP": replace(cfg.model, finetune_layers=0)}
+    variants = {MODEL_ROWS["persona"]: cfg.model, MODEL_ROWS["mlp"]: replace(cfg.model, use_text=False),
+                MODEL_ROWS["frozen"]: replace(cfg.model, finetune_layers=0)}
+    variants = {name: mcfg for key, name in MODEL_ROWS.items() if name in variants and cfg.wants(key)
+                for mcfg in [variants[name]]}
+    frame = None
+    if variants:  # the baselines read the event log only: no training set needed for them alone
+        examples = dataset.build_examples(events, items, positives, cfg.neg_per_pos, seed=cfg.train.seed)
+        frame = dataset.fetch_features(store, examples)
     tables, histories, best_epochs, evaluated_model = [], {}, {}, None
     for split_name in cfg.splits:
         split = global_split(events, positives) if split_name == "global" else last_per_user_split(events, positives)
-        if split.per_user_end is not None:
-            end = frame["user_id"].map(split.per_user_end).fillna(pd.Timestamp.max.tz_localize("UTC"))
-            train_frame = frame[frame["event_timestamp"] < end]
-            train_events = events[events["event_timestamp"] < events["user_id"].map(split.per_user_end)
-                                  .fillna(pd.Timestamp.max.tz_localize("UTC"))]
-        else:
-            train_frame = frame[frame["event_timestamp"] < split.val_start]
-            train_events = events[events["event_timestamp"] < split.train_end]
-        validate = _validation(store, split, events, positives, item_ids)
-        catalogue = dataset.catalogue_features(store, item_ids, split.train_end)
-        scorers = {"popularity": popularity_scorer(train_events, positives, item_ids),
-                   "item co-occurrence": cooccurrence_scorer(train_events, positives, item_ids)}
-        pairs = {}
+        scorers = baseline_scorers(split, events, positives, item_ids, cfg, progress)
+        pairs, test_rows = {}, None
+        if variants:
+            fit_frame = split.before(frame, split.fit_cut)
+            spec = feature_spec(store, fit_frame)
+            catalogue = dataset.ItemCatalogue(store, item_ids, pd.concat([split.requests["event_timestamp"],
+                                                                          split.validation["event_timestamp"]]))
+            validate = _validation(store, split, events, positives, item_ids, catalogue)
+            labelled = frame["kind"].isin(["positive", "exposure"])
+            test_rows = frame[labelled & ~frame.index.isin(split.before(frame, split.test_cut).index)].head(5000)
         for name, mcfg in variants.items():
             tcfg = replace(cfg.train, history=[], checkpoint_dir=None, resume=False)
             model = ProfileModel.build(mcfg, spec).to(pick_device(tcfg.device))
-            train(model, train_frame, tcfg, validate, progress)
+            train(model, fit_frame, tcfg, validate, progress)
             histories[f"{split.name}: {name}"] = tcfg.history
-            if name.startswith("Persona") and split_name == cfg.splits[0]:
-                best = max(tcfg.history, key=lambda h: h["val_ndcg10"]) if tcfg.history else {"epoch": 1}
+            if name == PERSONA and split_name == cfg.splits[0]:
+                best = max(tcfg.history, key=lambda h: h["val_ndcg10"] or 0.0) if tcfg.history else {"epoch": 1}
                 best_epochs["Persona"] = best["epoch"]
                 evaluated_model = model
             scorers[name] = model_scorer(model, store, catalogue)
             pairs[name] = pair_scorer(model)
-        labelled = frame["kind"].isin(["positive", "exposure"])
-        if split.per_user_end is not None:  # each user's rows from their held-out time on
-            start = frame["user_id"].map(split.per_user_end).fillna(pd.Timestamp.max.tz_localize("UTC"))
-        else:
-            start = split.train_end
-        test_labelled = frame[(frame["event_timestamp"] >= start) & labelled].head(5000)
-        tables.append(evaluate_scorers(scorers, split, events, positives, item_ids, pairs, test_labelled))
+        tables.append(evaluate_scorers(scorers, split, events, positives, item_ids, pairs, test_rows))
     metrics = pd.concat(tables, ignore_index=True)
     report = write_report(report_dir, metrics, histories)
-    return {"metrics": metrics, "spec": spec, "frame": frame, "best_epochs": best_epochs, "report": report,
-            "histories": histories, "model": evaluated_model}
+    return {"metrics": metrics, "spec": feature_spec(store, frame) if frame is not None else None, "frame": frame,
+            "best_epochs": best_epochs, "report": report, "histories": histories, "model": evaluated_model}
 
 
 def refit(store, frame: pd.DataFrame, spec: FeatureSpec, cfg: RunConfig, epochs: int,
@@ -274,7 +304,8 @@ def write_report(folder: Path, metrics: pd.DataFrame, histories: dict[str, list[
     for name, hist in histories.items():
         if hist:
             ax1.plot([h["epoch"] for h in hist], [h["loss"] for h in hist], marker="o", label=name)
-            ax2.plot([h["epoch"] for h in hist], [h["val_ndcg10"] for h in hist], marker="o", label=name)
+            ax2.plot([h["epoch"] for h in hist], [h["val_ndcg10"] if h["val_ndcg10"] is not None else np.nan
+                                                  for h in hist], marker="o", label=name)
     ax1.set_title("training loss")
     ax2.set_title("validation NDCG@10")
     ax1.set_xlabel("epoch")
@@ -293,7 +324,7 @@ def recommend(model: ProfileModel, store, events: pd.DataFrame, items: pd.DataFr
     users = users if users is not None else sorted(events["user_id"].unique())
     requests = pd.DataFrame({"user_id": users, "event_timestamp": as_of, "device": None, "channel": None,
                              "request_timestamp": as_of, "query": None})
-    catalogue = dataset.catalogue_features(store, item_ids, as_of)
+    catalogue = dataset.ItemCatalogue(store, item_ids, requests["event_timestamp"], max_buckets=1)
     scores = model_scorer(model, store, catalogue)(requests)
     if exclude_seen:
         index = {i: n for n, i in enumerate(item_ids)}

@@ -20,9 +20,9 @@ import great_expectations as gx
 import numpy as np
 import pandas as pd
 
-from eventlog.contract import KEY_COLUMN
+from eventlog.contract import INVALID_UTF8, KEY_COLUMN
 from eventlog.sources import Batch, TableBatch
-from validation.suites import NOT_FUTURE_PARAM, REPLACEMENT_CHAR, load_suite
+from validation.suites import NOT_FUTURE_PARAM, load_suite
 
 log = logging.getLogger(__name__)
 ROW = "__row__"
@@ -136,7 +136,7 @@ def _can_fail(exp, frame: pd.DataFrame) -> bool:
         return False
     if rule == "max_length":
         return bool((column.str.len() > exp.max_value).any())
-    return bool(column.str.contains(REPLACEMENT_CHAR, regex=False).any())
+    return bool(column.str.contains(INVALID_UTF8, regex=False).any())
 
 
 def _failing_rows(exp, data: pd.DataFrame, latest: pd.Timestamp) -> np.ndarray | None:

@@ -15,12 +15,11 @@ import great_expectations as gx
 import great_expectations.expectations as gxe
 from great_expectations.expectations.row_conditions import Column as Col
 
-from eventlog.contract import CONTRACT, EVENT_TYPES, KEY_COLUMN
+from eventlog.contract import CONTRACT, EVENT_TYPES, INVALID_UTF8, KEY_COLUMN
 
 GX_DIR = Path(__file__).parent / "gx"
 SUITE_DIR = GX_DIR / "expectations"
 NOT_FUTURE_PARAM = "latest_allowed_timestamp"  # now + clock skew, supplied at validation time
-REPLACEMENT_CHAR = "\ufffd"  # what bytes that are not UTF-8 decode to
 
 
 def _meta(rule: str, description: str) -> dict:
@@ -40,7 +39,7 @@ def build_suite(table: str) -> gx.ExpectationSuite:
                 column=col.name, max_value=col.max_length,
                 meta=_meta("max_length", f"{col.name} is longer than {col.max_length} characters")))
             add(gxe.ExpectColumnValuesToNotMatchRegex(
-                column=col.name, regex=REPLACEMENT_CHAR,
+                column=col.name, regex=INVALID_UTF8,
                 meta=_meta("valid_utf8", f"{col.name} holds bytes that are not valid UTF-8")))
         if col.type == "timestamp":
             # No lower bound on dates: real logs go back decades.
@@ -82,6 +81,7 @@ def suite_json(table: str) -> dict:
 
 
 def write_suites(folder: Path = SUITE_DIR) -> list[Path]:
+    gx.get_context(mode="ephemeral")  # GX 1.x builds suites only inside an active context
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for table in CONTRACT:
