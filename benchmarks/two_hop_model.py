@@ -43,8 +43,11 @@ class TwoHopModel:
 
         frame = pd.DataFrame(features)
         frame["query"] = query
+        from training.model import Catalogue
+
+        lookup = Catalogue({i: n for n, i in enumerate(self.item_ids)}, self.item_vectors)
         with torch.no_grad():
-            scores = (self.model.user_vectors(frame) @ self.item_vectors.T).squeeze(0)
+            scores = self.model.score(self.model.user_vectors(frame, catalogue=lookup), self.item_vectors).squeeze(0)
         top = torch.topk(scores, k)
         return [{"item_id": self.item_ids[i], "score": float(s)}
                 for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]

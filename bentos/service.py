@@ -101,6 +101,13 @@ class Ranker:
     item_info: list[dict]  # title, category and weekly views per item, for the reasons
     item_vectors: Any  # (n_items, dim) tensor on the device
 
+    @property
+    def history_lookup(self):
+        """The catalogue the user tower reads the user's engaged items from."""
+        from training.model import Catalogue
+
+        return Catalogue(self.item_index, self.item_vectors)
+
 
 def _device() -> str:
     import torch
@@ -267,6 +274,7 @@ class Persona:
                 pd.Timedelta(0) <= when - _utc(frame["last_search_at"].iloc[0]) <= SESSION_GAP):
             query, source = last_search, "session"
         frame["query"] = query
+        frame["request_timestamp"] = when  # the sequence's time gaps are measured to the request
         known = pd.notna(frame.get("view_count_30d", pd.Series([None])).iloc[0]) or pd.notna(
             frame.get("age", pd.Series([None])).iloc[0])
         return frame, bool(known), source
@@ -285,7 +293,7 @@ class Persona:
             except Exception as exc:  # noqa: BLE001 - overloaded or restarting: encode in process instead
                 logger.warning("text encoder unavailable (%s); encoding in process", type(exc).__name__)
         with torch.no_grad():
-            return ranker.model.user_vectors(frame, text)
+            return ranker.model.user_vectors(frame, text, catalogue=ranker.history_lookup)
 
     def _seen(self, user_id: str) -> set[str]:
         import sqlalchemy as sa
@@ -324,7 +332,7 @@ class Persona:
         live_query = frame["query"].iloc[0]
         with torch.no_grad():
             user = self._user_vector(ranker, frame, batched=live_query is not None)
-            scores = (user @ ranker.item_vectors.T).squeeze(0) / ranker.model.cfg.temperature
+            scores = ranker.model.score(user, ranker.item_vectors).squeeze(0)
         allowed = torch.ones(len(ranker.item_ids), dtype=torch.bool, device=scores.device)
         unknown: list[str] = []
         if candidates is not None:

@@ -127,6 +127,22 @@ user_text = FeatureView(
     tags={"family": "text"},
 )
 
+# Fresh engaged items reach the online store through this push source.
+user_sequence_push = PushSource(name="user_sequence_push", batch_source=offline_source("user_sequence"))
+
+# The order of what the user engaged with: the last 50 items, oldest first, with event types and
+# times (JSON lists), for the user tower's sequence encoder.
+user_sequence = FeatureView(
+    name="user_sequence",
+    entities=[user],
+    ttl=timedelta(days=36500),  # a user's history does not expire: an idle user comes back to it
+    schema=[Field(name="sequence_items", dtype=String), Field(name="sequence_types", dtype=String),
+            Field(name="sequence_times", dtype=String)],
+    source=user_sequence_push,
+    online=True,
+    tags={"family": "behaviour"},
+)
+
 # What the item is and how it sells: catalogue attributes and daily popularity and CTR.
 item_features = FeatureView(
     name="item_features",
@@ -135,7 +151,7 @@ item_features = FeatureView(
     schema=[
         Field(name="title", dtype=String), Field(name="category", dtype=String),
         Field(name="top_category", dtype=String), Field(name="brand", dtype=String),
-        Field(name="price", dtype=Float64),
+        Field(name="description", dtype=String), Field(name="price", dtype=Float64),
         Field(name="views_7d", dtype=Int64), Field(name="views_30d", dtype=Int64),
         Field(name="clicks_7d", dtype=Int64), Field(name="clicks_30d", dtype=Int64),
         Field(name="purchases_7d", dtype=Int64), Field(name="purchases_30d", dtype=Int64),
@@ -193,6 +209,13 @@ profile_v1 = FeatureService(
     name="profile_v1",
     features=[user_personal, user_behaviour, user_text, context_features],
     tags={"model": "profile", "version": "1"},
+)
+
+# Exactly what profile model v2 reads: v1 plus the engaged-item sequence.
+profile_v2 = FeatureService(
+    name="profile_v2",
+    features=[user_personal, user_behaviour, user_text, user_sequence, context_features],
+    tags={"model": "profile", "version": "2"},
 )
 
 # The item tower's inputs.

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from datetime import timedelta
@@ -65,12 +66,12 @@ def test_profile_end_to_end(workspace, shop):
     cfg, log, t0 = workspace
     store, objects = stores.apply(cfg.workspace, cfg.profile)
     assert {fv.name for fv in store.list_feature_views()} == {"user_personal", "user_behaviour", "user_text",
-                                                              "item_features"}
+                                                              "user_sequence", "item_features"}
     for view in store.list_feature_views() + store.list_on_demand_feature_views():
         assert view.tags["family"] in {"personal", "behaviour", "context", "item", "text"}
     tables = build(log, cfg.profile, cfg.workspace)
     stores.materialize(cfg.workspace)
-    service = store.get_feature_service("profile_v1")
+    service = store.get_feature_service("profile_v2")
 
     # Leakage: the label event at T0 (and its tie) must not be in its own training row.
     entity = pd.DataFrame({"user_id": ["u_leak"] * 3,
@@ -85,6 +86,10 @@ def test_profile_end_to_end(workspace, shop):
     assert hist.loc[t0, "purchase_count_1d"] == 2  # not the purchase at T0
     assert hist.loc[t0, "view_count_1d"] == 0  # nor the tie at T0
     assert hist.loc[t0 + timedelta(microseconds=1), "purchase_count_1d"] == 3
+    # The sequence too: two purchases before T0, the third (at T0) only after it; views are not engagement.
+    assert len(json.loads(hist.loc[t0 - timedelta(hours=2), "sequence_items"])) == 1
+    assert json.loads(hist.loc[t0, "sequence_types"]) == ["purchase", "purchase"]
+    assert len(json.loads(hist.loc[t0 + timedelta(microseconds=1), "sequence_items"])) == 3
     assert hist["age"].notna().all() and hist["hour_sin"].notna().all()
 
     # Offline/online parity: online equals the newest offline row of each user.
@@ -98,6 +103,11 @@ def test_profile_end_to_end(workspace, shop):
             continue
         for col in BEHAVIOUR:
             _assert_same(row[col], newest.loc[row["user_id"], col], f"{row['user_id']}.{col}")
+    sequences = tables["user_sequence"].sort_values("event_timestamp").groupby("user_id").tail(1).set_index("user_id")
+    for _, row in online.iterrows():
+        for col in ("sequence_items", "sequence_types", "sequence_times"):
+            expected = sequences.loc[row["user_id"], col] if row["user_id"] in sequences.index else None
+            _assert_same(row[col], expected, f"{row['user_id']}.{col}")
     assert online.loc[online.user_id == "u_leak", "purchase_count_1d"].item() == 3
 
     # Push: a new event reaches the log, and the pushed state is online at once.
@@ -112,9 +122,15 @@ def test_profile_end_to_end(workspace, shop):
     after = store.get_online_features(features=["user_behaviour:purchase_count_1d", "user_behaviour:spend_30d"],
                                       entity_rows=[{"user_id": user}]).to_dict()
     assert after["purchase_count_1d"] == [4]
+    pushed = store.get_online_features(features=["user_sequence:sequence_items"],
+                                       entity_rows=[{"user_id": user}]).to_dict()["sequence_items"][0]
+    assert json.loads(pushed)[-1] == shop["items"]["item_id"].iloc[1] and len(json.loads(pushed)) == 4
     assert after["spend_30d"][0] == pytest.approx(3 * 10.0 + 99.0)
-    rebuilt = build(log, cfg.profile, cfg.workspace)["user_behaviour"]
+    rebuilt_tables = build(log, cfg.profile, cfg.workspace)
+    rebuilt = rebuilt_tables["user_behaviour"]
     assert rebuilt.loc[rebuilt.user_id == user, "purchase_count_1d"].max() == 4  # rebuilt offline from the log
+    seq = rebuilt_tables["user_sequence"].sort_values("event_timestamp")
+    assert seq.loc[seq.user_id == user, "sequence_items"].iloc[-1] == pushed  # the push equals the rebuild
 
 
 def _assert_same(a, b, what: str) -> None:
@@ -156,3 +172,27 @@ def test_spark_build_equals_the_duckdb_build(tmp_path, shop, monkeypatch):
         b = spark_tables[name][list(local.columns)].sort_values([key, "event_timestamp"]).reset_index(drop=True)
         b["event_timestamp"] = pd.to_datetime(b["event_timestamp"], utc=True).astype(a["event_timestamp"].dtype)
         pd.testing.assert_frame_equal(a, b, check_dtype=False, check_exact=False, rtol=1e-9, obj=name)
+
+
+def test_pushed_sequence_equals_the_rebuild_for_an_old_history(tmp_path, shop, sqlite_log):
+    """A user's sequence reaches back past every 30-day window: the push path must fetch it too."""
+    from feature_repo.pipeline.build import recent_user_events
+    from feature_repo.pipeline.compute import SEQUENCE_LENGTH, compute_user_tables, latest_user_state
+
+    items = shop["items"]["item_id"].tolist()
+    start = pd.Timestamp("2018-01-01", tz="UTC")
+    rows = [{"event_id": f"old{k}", "user_id": "u_old", "item_id": items[k % len(items)], "event_type": "purchase",
+             "event_timestamp": start + pd.Timedelta(days=40 * k)} for k in range(SEQUENCE_LENGTH + 5)]
+    rows.append({"event_id": "new", "user_id": "u_old", "item_id": items[3], "event_type": "view",
+                 "event_timestamp": rows[-1]["event_timestamp"] + pd.Timedelta(days=90)})
+    user = shop["users"].head(1).assign(user_id="u_old")
+    folder = tmp_path / "old"
+    sample_data.write({"users": user, "items": shop["items"], "events": pd.DataFrame(rows)}, folder)
+    ingest(load_batch(folder), sqlite_log, Gate(GateSettings(on_schema_drift="accept")))
+    catalogue = sqlite_log.read_table("items")
+    pushed = latest_user_state(recent_user_events(sqlite_log, ["u_old"]), catalogue)["user_sequence"]
+    rebuilt = compute_user_tables(sqlite_log.read_table("events"), catalogue)["user_sequence"]
+    newest = rebuilt.sort_values("event_timestamp").tail(1)
+    assert pushed["sequence_items"].item() == newest["sequence_items"].item()
+    assert len(json.loads(pushed["sequence_items"].item())) == SEQUENCE_LENGTH  # the 50 newest, 5 dropped
+    assert json.loads(pushed["sequence_items"].item())[-1] == rows[-2]["item_id"]  # a view is not engagement

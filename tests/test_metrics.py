@@ -144,3 +144,14 @@ def test_sequential_baseline_learns_a_deterministic_order():
     req = pd.DataFrame({"user_id": ["u3", "u3"],  # u3 bought i0..i4
                         "event_timestamp": pd.to_datetime(["2024-01-05", "2024-01-03"], utc=True)})
     assert np.argmax(scorer(req), axis=1).tolist() == [4, 2]  # after i0..i3 comes i4; after i0, i1 comes i2
+
+
+def test_events_before_counts_strictly_older_events_of_the_same_user():
+    from training.evaluate import _events_before
+
+    events = _log([("a", "x", "2024-01-01"), ("a", "y", "2024-01-02"), ("a", "z", "2024-01-03"),
+                   ("b", "x", "2024-01-01")])
+    requests = pd.DataFrame({"user_id": ["a", "a", "b", "c"],
+                             "event_timestamp": pd.to_datetime(["2024-01-02", "2024-01-05", "2024-01-01",
+                                                                "2024-01-09"], utc=True)})
+    assert _events_before(events, requests).tolist() == [1, 3, 0, 0]  # an event at the same time is not before

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-USER_SERVICE = "profile_v1"
+USER_SERVICE = "profile_v2"
 ITEM_SERVICE = "items_v1"
 ITEM_PREFIX = "item_"  # item features share names with user ones (ctr_30d): prefix them in frames
 

@@ -65,13 +65,7 @@ def _with_context(requests: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
     requests = requests.merge(ev[["event_id", "session"]], on="event_id", how="left") if "event_id" in requests \
         else requests.assign(session=None)
     requests = _attach_session_query(requests, ev)
-    times = ev.sort_values("event_timestamp")
-    counts = []
-    by_user = {u: _us(g["event_timestamp"]) for u, g in times.groupby("user_id")}
-    for user, ts in zip(requests["user_id"], _us(requests["event_timestamp"]), strict=True):
-        history = by_user.get(user, np.array([], dtype="datetime64[us]"))
-        counts.append(int(np.searchsorted(history, ts, side="left")))
-    requests["history_events"] = counts
+    requests["history_events"] = _events_before(ev, requests)
     requests["cold"] = requests["history_events"] < COLD_EVENTS
     requests["request_timestamp"] = requests["event_timestamp"]
     for col in ("device", "channel"):
@@ -80,8 +74,20 @@ def _with_context(requests: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
     return requests.sort_values(["event_timestamp", "user_id"], kind="stable").reset_index(drop=True)
 
 
-def _us(series: pd.Series) -> np.ndarray:
-    return pd.to_datetime(series, utc=True).dt.tz_convert(None).to_numpy().astype("datetime64[us]")
+def _events_before(events: pd.DataFrame, requests: pd.DataFrame) -> np.ndarray:
+    """How many of the user's events are strictly older than each request (one sort, no loop)."""
+    ev = pd.DataFrame({"user_id": events["user_id"].to_numpy(), "t": pd.to_datetime(events["event_timestamp"],
+                       utc=True).to_numpy(), "is_request": 0, "row": -1})
+    rq = pd.DataFrame({"user_id": requests["user_id"].to_numpy(), "t": pd.to_datetime(requests["event_timestamp"],
+                       utc=True).to_numpy(), "is_request": 1, "row": np.arange(len(requests))})
+    both = pd.concat([ev, rq], ignore_index=True)
+    # at equal times the request sorts first: an event at the request's own time is not "before" it
+    both = both.sort_values(["user_id", "t", "is_request"], ascending=[True, True, False], kind="stable")
+    before = (1 - both["is_request"]).groupby(both["user_id"]).cumsum()
+    out = np.zeros(len(requests), dtype=np.int64)
+    mask = both["is_request"].to_numpy() == 1
+    out[both["row"].to_numpy()[mask]] = before.to_numpy()[mask]
+    return out
 
 
 def global_split(events: pd.DataFrame, positives: dict[str, float], test_share: float = 0.2,

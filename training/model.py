@@ -1,16 +1,25 @@
-"""The profile model: a BERT + MLP user tower and an item tower that share one vector space.
+"""The profile model (v2): a BERT + MLP user tower and item tower that share one vector space.
 
-User tower: BERT over the user's text (the live query, recent queries, recently engaged titles)
-fused with an MLP over behaviour, personal and context features (numerics normalised with
-statistics saved in the artefact; categoricals embedded). Item tower: the same BERT over the item
-text plus an MLP over the item features. Both end in an L2-normalised vector; the score is their
-dot product divided by a temperature.
+Item tower: an item-id embedding (dropped at random in training, so that an item never seen in
+training still gets a good vector from the rest) + BERT's vector of the item text (title, brand,
+category, description) through a trained adapter + an MLP over the item features.
+
+User tower: a small transformer over the user's last engaged items (the ``user_sequence`` feature:
+each step is that item's vector from the item tower, its event type and the time since it), fused by
+an MLP with BERT's vectors of the live query and the recent queries and an MLP over the behaviour,
+personal and context features.
+
+BERT is frozen: each distinct text goes through it once and its mean-pooled vector is cached, and the
+adapters on top are trained. This keeps training to minutes on a CPU. The score is the cosine of the
+two vectors divided by a temperature; training is a full softmax over the catalogue.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +29,8 @@ import torch
 from torch import nn
 
 MISSING = "<missing>"
+EVENT_TYPES = ("click", "add_to_cart", "purchase", "review", "view", "search")  # index 0 = padding / unknown
+GAP_BUCKETS = 24  # log2(hours since the step + 1) buckets
 
 
 def default_bert_path() -> str:
@@ -32,19 +43,26 @@ def default_bert_path() -> str:
 @dataclass
 class ModelConfig:
     bert_path: str = field(default_factory=default_bert_path)  # any Hugging Face BERT folder or id
-    dim: int = 128  # profile-vector size
-    temperature: float = 0.05
-    finetune_layers: int = 2  # top BERT layers trained; -1 = all, 0 = frozen BERT
-    use_text: bool = True  # False = the MLP-only tower (a baseline)
+    dim: int = 64  # profile-vector size
+    temperature: float = 0.07
+    finetune_layers: int = 0  # kept for compatibility: v2 trains adapters over cached frozen BERT vectors
+    use_text: bool = True  # False = no BERT at all (the "MLP tower, no text" baseline)
+    use_ids: bool = True  # item-id embeddings
+    use_sequence: bool = True  # the transformer over the user's engaged items
     hidden: int = 256
     embed_dim: int = 16
-    user_max_len: int = 48
-    item_max_len: int = 32
+    seq_len: int = 50
+    seq_layers: int = 2
+    heads: int = 2
+    dropout: float = 0.2
+    id_dropout: float = 0.2  # share of item ids hidden in each training step
+    user_max_len: int = 32  # query tokens
+    item_max_len: int = 64  # item-text tokens
 
 
 @dataclass
 class FeatureSpec:
-    """Which columns feed each tower, with the statistics and vocabularies learned from training."""
+    """Which columns feed each tower, with the statistics and vocabularies learned from training rows."""
 
     user_numeric: list[str]
     user_categorical: list[str]
@@ -52,11 +70,13 @@ class FeatureSpec:
     item_categorical: list[str]
     stats: dict[str, tuple[float, float]] = field(default_factory=dict)  # column -> (mean, std) of log1p
     vocab: dict[str, list[str]] = field(default_factory=dict)  # column -> known values
+    item_ids: list[str] = field(default_factory=list)  # items with an id embedding (seen in training)
 
     @classmethod
     def fit(cls, users: pd.DataFrame, items: pd.DataFrame, user_num: list[str], user_cat: list[str],
-            item_num: list[str], item_cat: list[str], max_vocab: int = 200) -> FeatureSpec:
-        spec = cls(user_num, user_cat, item_num, item_cat)
+            item_num: list[str], item_cat: list[str], max_vocab: int = 200,
+            item_ids: Sequence[str] = ()) -> FeatureSpec:
+        spec = cls(user_num, user_cat, item_num, item_cat, item_ids=sorted(set(item_ids)))
         for frame, cols in ((users, user_num), (items, item_num)):
             for col in cols:
                 values = _signed_log(frame[col].astype(float).to_numpy())
@@ -87,6 +107,13 @@ class FeatureSpec:
             out[:, j] = [index.get(v, 0) for v in values]
         return torch.from_numpy(out)
 
+    def item_id_index(self, ids) -> torch.Tensor:
+        """1-based embedding rows; 0 for an item never seen in training."""
+        if "_ids" not in self.__dict__:
+            self.__dict__["_ids"] = {i: k + 1 for k, i in enumerate(self.item_ids)}
+        cache = self.__dict__["_ids"]
+        return torch.tensor([cache.get(i, 0) for i in ids], dtype=torch.long)
+
     def _index(self, col: str) -> dict[str, int]:
         cache = self.__dict__.setdefault("_indexes", {})
         if col not in cache:
@@ -94,7 +121,7 @@ class FeatureSpec:
         return cache[col]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
 
 
 def _signed_log(x: np.ndarray) -> np.ndarray:
@@ -102,21 +129,18 @@ def _signed_log(x: np.ndarray) -> np.ndarray:
 
 
 def user_text(frame: pd.DataFrame) -> list[str]:
-    """The user's text for BERT: live query first, then recent queries, then engaged titles."""
-    parts = []
-    for query, queries, titles in zip(_col(frame, "query"), _col(frame, "recent_queries"),
-                                      _col(frame, "recent_titles"), strict=True):
-        bits = [f"query: {query}" if query else "", f"searched: {queries}" if queries else "",
-                f"viewed: {titles}" if titles else ""]
-        parts.append(" . ".join(b for b in bits if b) or "new shopper")
-    return parts
+    """The user's two texts for BERT, per row: the live query, then the recent queries ("" if none)."""
+    out = []
+    for query, queries in zip(_col(frame, "query"), _col(frame, "recent_queries"), strict=True):
+        out += [query or "", queries or ""]
+    return out
 
 
 def item_text(frame: pd.DataFrame) -> list[str]:
-    """Title, category path and brand (item feature columns carry the ``item_`` prefix)."""
+    """Title, brand, category path and the start of the description (item columns carry ``item_``)."""
     return [" . ".join(str(v) for v in row if isinstance(v, str) and v)
-            for row in zip(_col(frame, "item_title"), _col(frame, "item_category"), _col(frame, "item_brand"),
-                           strict=True)]
+            for row in zip(_col(frame, "item_title"), _col(frame, "item_brand"), _col(frame, "item_category"),
+                           _col(frame, "item_description"), strict=True)]
 
 
 def _col(frame: pd.DataFrame, name: str) -> list:
@@ -132,37 +156,199 @@ def in_batches(fn, frame: pd.DataFrame, size: int = 256) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
+@dataclass
+class Catalogue:
+    """Item vectors the user tower looks history items up in: ``index`` maps item id -> row."""
+
+    index: dict[str, int]
+    vectors: torch.Tensor
+
+
+@dataclass
+class ItemInputs:
+    """An item frame as tensors (built once per catalogue, reused every training step)."""
+
+    ids: torch.Tensor
+    numeric: torch.Tensor
+    categorical: torch.Tensor
+    text: torch.Tensor | None
+
+    def to(self, device) -> ItemInputs:
+        return ItemInputs(*(t.to(device) if t is not None else None for t in
+                            (self.ids, self.numeric, self.categorical, self.text)))
+
+
+@dataclass
+class UserInputs:
+    """A user frame as tensors; ``history`` holds item ids, resolved against a catalogue when scoring."""
+
+    numeric: torch.Tensor
+    categorical: torch.Tensor
+    query: torch.Tensor | None  # [n, H] BERT vectors (zeros when there is no text)
+    recent: torch.Tensor | None
+    has_text: torch.Tensor  # [n, 2] 1 where the query / recent queries exist
+    history: list[list[str]]
+    types: torch.Tensor  # [n, seq_len] event-type indexes, left-padded with 0
+    gaps: torch.Tensor  # [n, seq_len] log-hour buckets
+    history_rows: torch.Tensor | None = None  # ``history`` resolved to catalogue rows once (training)
+
+    TENSORS = ("numeric", "categorical", "query", "recent", "has_text", "types", "gaps", "history_rows")
+
+    def _map(self, fn, history: list[list[str]]) -> UserInputs:
+        moved = {k: fn(getattr(self, k)) if getattr(self, k) is not None else None for k in self.TENSORS}
+        return UserInputs(history=history, **moved)
+
+    def select(self, idx: torch.Tensor) -> UserInputs:
+        return self._map(lambda t: t[idx], [self.history[i] for i in idx.tolist()])
+
+    def to(self, device) -> UserInputs:
+        return self._map(lambda t: t.to(device), self.history)
+
+
 class MLP(nn.Module):
-    def __init__(self, n_in: int, hidden: int, n_out: int):
+    def __init__(self, n_in: int, hidden: int, n_out: int, dropout: float = 0.1):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Dropout(0.1),
+        self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Dropout(dropout),
                                  nn.Linear(hidden, n_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
-class Tower(nn.Module):
-    """Tabular MLP (+ optional text projection) into the shared space."""
+class Tabular(nn.Module):
+    """Numeric features and embedded categoricals through an MLP."""
 
-    def __init__(self, n_numeric: int, vocab_sizes: list[int], cfg: ModelConfig, text_dim: int | None):
+    def __init__(self, n_numeric: int, vocab_sizes: list[int], cfg: ModelConfig):
         super().__init__()
         self.embeddings = nn.ModuleList(nn.Embedding(n + 1, cfg.embed_dim) for n in vocab_sizes)
-        n_in = n_numeric + cfg.embed_dim * len(vocab_sizes)
-        self.mlp = MLP(max(n_in, 1), cfg.hidden, cfg.dim)
-        self.text = nn.Linear(text_dim, cfg.dim) if text_dim else None
-        self.fuse = nn.Linear(2 * cfg.dim, cfg.dim) if text_dim else None
+        self.mlp = MLP(max(n_numeric + cfg.embed_dim * len(vocab_sizes), 1), cfg.hidden, cfg.dim)
 
-    def forward(self, numeric: torch.Tensor, categorical: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, numeric: torch.Tensor, categorical: torch.Tensor) -> torch.Tensor:
         parts = [numeric] + [emb(categorical[:, j]) for j, emb in enumerate(self.embeddings)]
-        x = torch.cat(parts, dim=1) if parts else numeric
+        x = torch.cat(parts, dim=1)
         if x.shape[1] == 0:
             x = torch.zeros(len(numeric), 1, device=numeric.device)
-        tab = self.mlp(x)
-        if self.text is None or text is None:
-            return nn.functional.normalize(tab, dim=-1)
-        fused = self.fuse(torch.cat([tab, self.text(text)], dim=1))
-        return nn.functional.normalize(fused, dim=-1)
+        return self.mlp(x)
+
+
+class ItemTower(nn.Module):
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig, text_dim: int | None):
+        super().__init__()
+        self.cfg = cfg
+        self.ids = nn.Embedding(len(spec.item_ids) + 1, cfg.dim, padding_idx=0) if cfg.use_ids else None
+        if self.ids is not None:
+            nn.init.normal_(self.ids.weight, std=0.02)
+        self.text = MLP(text_dim, cfg.hidden, cfg.dim) if text_dim else None
+        self.tabular = Tabular(len(spec.item_numeric), [len(spec.vocab[c]) for c in spec.item_categorical], cfg)
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def forward(self, x: ItemInputs) -> torch.Tensor:
+        out = self.tabular(x.numeric, x.categorical)
+        if self.text is not None and x.text is not None:
+            out = out + self.text(x.text)
+        if self.ids is not None:
+            ids = x.ids
+            if self.training and self.cfg.id_dropout > 0:  # learn to do without: unseen items have no id
+                ids = ids.masked_fill(torch.rand(ids.shape, device=ids.device) < self.cfg.id_dropout, 0)
+            out = out + self.ids(ids)
+        return self.norm(out)
+
+
+class UserTower(nn.Module):
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig, text_dim: int | None):
+        super().__init__()
+        self.cfg = cfg
+        self.tabular = Tabular(len(spec.user_numeric), [len(spec.vocab[c]) for c in spec.user_categorical], cfg)
+        self.query = MLP(text_dim, cfg.hidden, cfg.dim) if text_dim else None
+        self.recent = MLP(text_dim, cfg.hidden, cfg.dim) if text_dim else None
+        if cfg.use_sequence:
+            self.start = nn.Parameter(torch.zeros(cfg.dim))  # the sequence is never empty: cold users too
+            self.types = nn.Embedding(len(EVENT_TYPES) + 1, cfg.dim, padding_idx=0)
+            self.gaps = nn.Embedding(GAP_BUCKETS + 1, cfg.dim, padding_idx=0)
+            self.positions = nn.Embedding(cfg.seq_len + 1, cfg.dim)
+            for emb in (self.types, self.gaps, self.positions):
+                nn.init.normal_(emb.weight, std=0.02)
+            layer = nn.TransformerEncoderLayer(cfg.dim, cfg.heads, cfg.dim * 2, cfg.dropout, batch_first=True,
+                                               norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, cfg.seq_layers, enable_nested_tensor=False)
+        self.fuse = MLP(cfg.dim * 4, cfg.hidden, cfg.dim, cfg.dropout)
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def sequence(self, x: UserInputs, catalogue: Catalogue) -> torch.Tensor:
+        """The newest state of the engaged-item sequence (the start token for a user with none)."""
+        n, length = x.types.shape
+        device = catalogue.vectors.device
+        rows = x.history_rows if x.history_rows is not None else history_rows(x.history, catalogue.index, length)
+        rows = rows.to(device)
+        table = torch.cat([torch.zeros(1, self.cfg.dim, device=device, dtype=catalogue.vectors.dtype),
+                           catalogue.vectors])
+        steps = table[rows] + self.types(x.types * (rows > 0)) + self.gaps(x.gaps * (rows > 0))
+        tokens = torch.cat([self.start.expand(n, 1, -1), steps], dim=1) + self.positions.weight[None, :length + 1]
+        pad = torch.cat([torch.zeros(n, 1, dtype=torch.bool, device=device), rows == 0], dim=1)
+        keep = (~pad).sum(0) > 0  # drop columns that are padding in every row: short histories cost less
+        keep[0] = True
+        return self.encoder(tokens[:, keep], src_key_padding_mask=pad[:, keep])[:, -1]
+
+    def forward(self, x: UserInputs, catalogue: Catalogue | None) -> torch.Tensor:
+        n = len(x.numeric)
+        zeros = torch.zeros(n, self.cfg.dim, device=x.numeric.device)
+        seq = self.sequence(x, catalogue) if self.cfg.use_sequence and catalogue is not None else zeros
+        query = self.query(x.query) * x.has_text[:, :1] if self.query is not None and x.query is not None else zeros
+        recent = (self.recent(x.recent) * x.has_text[:, 1:] if self.recent is not None and x.recent is not None
+                  else zeros)
+        tab = self.tabular(x.numeric, x.categorical)
+        return self.norm(seq + query + self.fuse(torch.cat([seq, query, recent, tab], dim=1)))
+
+
+def history_rows(history: list[list[str]], index: dict[str, int], length: int) -> torch.Tensor:
+    """Catalogue rows + 1 of each history, left-padded with 0 (items not in the catalogue are skipped)."""
+    rows = torch.zeros((len(history), length), dtype=torch.long)
+    for r, items in enumerate(history):
+        known = [index[i] + 1 for i in items if i in index][-length:]
+        if known:
+            rows[r, length - len(known):] = torch.tensor(known)
+    return rows
+
+
+class TextCache:
+    """Frozen BERT's mean-pooled vectors, one forward pass per distinct text, kept by text."""
+
+    def __init__(self, bert: nn.Module, tokenizer, max_size: int | None = None):
+        self.bert, self.tokenizer, self.max_size = bert, tokenizer, max_size
+        self.vectors: dict[tuple[str, int], torch.Tensor] = {}
+
+    def encode(self, texts: list[str], max_len: int) -> torch.Tensor:
+        missing = list(dict.fromkeys(t for t in texts if (t, max_len) not in self.vectors))
+        missing.sort(key=len)  # batches of similar length: little padding
+        fresh = {}
+        for s in range(0, len(missing), 64):
+            chunk = missing[s:s + 64]
+            fresh.update(zip(chunk, self._forward(chunk, max_len), strict=True))
+        self.vectors.update({(t, max_len): v for t, v in fresh.items()})
+        overflow = len(self.vectors) - (self.max_size or len(self.vectors))
+        for key in list(itertools.islice(self.vectors, max(0, overflow))):
+            del self.vectors[key]  # oldest first
+        return torch.stack([fresh[t] if t in fresh else self.vectors[(t, max_len)] for t in texts]) if texts \
+            else torch.zeros(0, self.bert.config.hidden_size)
+
+    @torch.no_grad()
+    def _forward(self, texts: list[str], max_len: int) -> torch.Tensor:
+        device = next(self.bert.parameters()).device
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        enc = {k: v.to(device) for k, v in enc.items()}
+        hidden = self.bert(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)).float().cpu()
+
+
+_TEXT_CACHES: dict[str, TextCache] = {}
+
+
+def _shared_text_cache(bert_path: str, bert: nn.Module, tokenizer) -> TextCache:
+    """One cache per BERT in a process: the model variants and the refit reuse each other's vectors."""
+    if bert_path not in _TEXT_CACHES:
+        _TEXT_CACHES[bert_path] = TextCache(bert, tokenizer)
+    return _TEXT_CACHES[bert_path]
 
 
 class ProfileModel(nn.Module):
@@ -174,13 +360,21 @@ class ProfileModel(nn.Module):
         self.bert = bert
         text_dim = bert.config.hidden_size if (bert is not None and cfg.use_text) else None
         if bert is not None:
-            self._set_trainable(cfg.finetune_layers)
-        self._text_cache: dict[tuple[str, int], torch.Tensor] = {}
-        self.text_cache_size: int | None = None  # a long-running service bounds it; training keeps all
-        self.user_tower = Tower(len(spec.user_numeric), [len(spec.vocab[c]) for c in spec.user_categorical],
-                                cfg, text_dim)
-        self.item_tower = Tower(len(spec.item_numeric), [len(spec.vocab[c]) for c in spec.item_categorical],
-                                cfg, text_dim)
+            bert.eval()
+            for p in bert.parameters():
+                p.requires_grad = False
+        self.texts = _shared_text_cache(cfg.bert_path, bert, tokenizer) if text_dim else None
+        self.user_tower = UserTower(spec, cfg, text_dim)
+        self.item_tower = ItemTower(spec, cfg, text_dim)
+
+    @property
+    def text_cache_size(self) -> int | None:
+        return self.texts.max_size if self.texts else None
+
+    @text_cache_size.setter
+    def text_cache_size(self, size: int | None) -> None:
+        if self.texts:
+            self.texts.max_size = size
 
     @classmethod
     def build(cls, cfg: ModelConfig, spec: FeatureSpec) -> ProfileModel:
@@ -188,79 +382,84 @@ class ProfileModel(nn.Module):
 
         if not cfg.use_text:
             return cls(cfg, spec)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.bert_path)
-        bert = AutoModel.from_pretrained(cfg.bert_path)
-        return cls(cfg, spec, bert, tokenizer)
-
-    def _set_trainable(self, top_k: int) -> None:
-        for p in self.bert.parameters():
-            p.requires_grad = top_k < 0
-        if top_k > 0:
-            for layer in self.bert.encoder.layer[-top_k:]:
-                for p in layer.parameters():
-                    p.requires_grad = True
+        return cls(cfg, spec, AutoModel.from_pretrained(cfg.bert_path), AutoTokenizer.from_pretrained(cfg.bert_path))
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return next(p for n, p in self.named_parameters() if not n.startswith("bert.")).device
 
     def train(self, mode: bool = True) -> ProfileModel:
-        if mode and self.cfg.finetune_layers != 0:
-            self._text_cache.clear()  # BERT is about to change: cached embeddings go stale
-        return super().train(mode)
+        super().train(mode)
+        if self.bert is not None:
+            self.bert.eval()  # frozen: no dropout in the cached vectors
+        return self
 
     def encode_text(self, texts: list[str], max_len: int) -> torch.Tensor | None:
-        """Mean-pooled BERT output (gradients only through the layers being fine-tuned).
-
-        While BERT cannot change (frozen, or the model is in eval mode) embeddings are cached by
-        text, so repeated titles and histories are encoded once.
-        """
-        if self.bert is None or not self.cfg.use_text:
+        """Frozen BERT's vectors of ``texts`` (cached by text); None without text."""
+        if self.texts is None:
             return None
-        if self.cfg.finetune_layers == 0 or not self.training:
-            missing = list(dict.fromkeys(t for t in texts if (t, max_len) not in self._text_cache))
-            if missing:
-                with torch.no_grad():
-                    fresh = self._encode(missing, max_len)
-                out = dict(zip(missing, fresh, strict=True))
-                self._text_cache.update({(t, max_len): v for t, v in out.items()})
-                overflow = len(self._text_cache) - (self.text_cache_size or len(self._text_cache))
-                for key in list(itertools.islice(self._text_cache, max(0, overflow))):
-                    del self._text_cache[key]  # oldest first
-            else:
-                out = {}
-            return torch.stack([out[t] if t in out else self._text_cache[(t, max_len)] for t in texts])
-        return self._encode(texts, max_len)
+        return self.texts.encode(texts, max_len)
 
-    def _encode(self, texts: list[str], max_len: int) -> torch.Tensor:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-        enc = {k: v.to(self.device) for k, v in enc.items()}
-        hidden = self.bert(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    # --- inputs -------------------------------------------------------------------------------
+    def item_inputs(self, frame: pd.DataFrame) -> ItemInputs:
+        text = self.encode_text(item_text(frame), self.cfg.item_max_len)
+        return ItemInputs(self.spec.item_id_index(frame["item_id"].astype(str)),
+                          self.spec.numeric(frame, self.spec.item_numeric),
+                          self.spec.categorical(frame, self.spec.item_categorical), text)
 
-    def user_vectors(self, frame: pd.DataFrame, text: torch.Tensor | None = None) -> torch.Tensor:
-        """``text``: the user text already encoded (by the serving encoder), else encoded here."""
-        return self._vectors(self.user_tower, frame, self.spec.user_numeric, self.spec.user_categorical,
-                             text if text is not None else self.encode_text(user_text(frame), self.cfg.user_max_len))
+    def user_inputs(self, frame: pd.DataFrame, text: torch.Tensor | None = None) -> UserInputs:
+        """``text``: the rows' ``user_text`` already encoded (by the serving encoder), else encoded here."""
+        texts = user_text(frame)
+        if text is None:
+            text = self.encode_text(texts, self.cfg.user_max_len)
+        has = torch.tensor([[bool(texts[2 * r]), bool(texts[2 * r + 1])] for r in range(len(frame))],
+                           dtype=torch.float32).reshape(len(frame), 2)
+        query = recent = None
+        if text is not None:
+            text = text.float().cpu().reshape(len(frame), 2, -1)
+            query, recent = text[:, 0], text[:, 1]
+        history, types, gaps = self._sequences(frame)
+        return UserInputs(self.spec.numeric(frame, self.spec.user_numeric),
+                          self.spec.categorical(frame, self.spec.user_categorical), query, recent, has,
+                          history, types, gaps)
 
+    def _sequences(self, frame: pd.DataFrame) -> tuple[list[list[str]], torch.Tensor, torch.Tensor]:
+        """History ids, event types and log-hour gaps to the request time, left-padded to seq_len."""
+        n, length = len(frame), self.cfg.seq_len
+        types = np.zeros((n, length), dtype=np.int64)
+        gaps = np.zeros((n, length), dtype=np.int64)
+        history: list[list[str]] = []
+        type_index = {t: k + 1 for k, t in enumerate(EVENT_TYPES)}
+        now = _epoch_seconds(frame)
+        for r, (items, kinds, times) in enumerate(zip(_col(frame, "sequence_items"), _col(frame, "sequence_types"),
+                                                      _col(frame, "sequence_times"), strict=True)):
+            items = json.loads(items)[-length:] if items else []
+            history.append(items)
+            if not items:
+                continue
+            kinds = json.loads(kinds)[-length:]
+            times = np.array(json.loads(times)[-length:], dtype=np.float64)
+            ref = now[r] if np.isfinite(now[r]) else times.max()
+            hours = np.clip((ref - times) / 3600.0, 0, None)
+            types[r, length - len(items):] = [type_index.get(k, 0) for k in kinds]
+            gaps[r, length - len(items):] = np.minimum(np.log2(hours + 1).astype(np.int64) + 1, GAP_BUCKETS)
+        return history, torch.from_numpy(types), torch.from_numpy(gaps)
+
+    # --- towers -------------------------------------------------------------------------------
     def item_vectors(self, frame: pd.DataFrame) -> torch.Tensor:
-        return self._vectors(self.item_tower, frame, self.spec.item_numeric, self.spec.item_categorical,
-                             self.encode_text(item_text(frame), self.cfg.item_max_len))
+        return self.item_tower(self.item_inputs(frame).to(self.device))
 
-    def _vectors(self, tower: Tower, frame: pd.DataFrame, numeric: list[str], categorical: list[str],
-                 text: torch.Tensor | None) -> torch.Tensor:
-        num = self.spec.numeric(frame, numeric).to(self.device)
-        cat = self.spec.categorical(frame, categorical).to(self.device)
-        return tower(num, cat, text)
+    def user_vectors(self, frame: pd.DataFrame, text: torch.Tensor | None = None,
+                     catalogue: Catalogue | None = None) -> torch.Tensor:
+        return self.user_tower(self.user_inputs(frame, text).to(self.device), catalogue)
 
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return users @ items.T / self.cfg.temperature
+        """Cosine over the temperature: what training optimises and serving ranks by."""
+        return nn.functional.normalize(users, dim=-1) @ nn.functional.normalize(items, dim=-1).T \
+            / self.cfg.temperature
 
     # --- artefact --------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
-        import json
-
         folder.mkdir(parents=True, exist_ok=True)
         torch.save({k: v for k, v in self.state_dict().items() if not k.startswith("bert.")},
                    folder / "towers.pt")
@@ -272,8 +471,6 @@ class ProfileModel(nn.Module):
 
     @classmethod
     def load(cls, folder: Path, device: str = "cpu") -> ProfileModel:
-        import json
-
         from transformers import AutoModel, AutoTokenizer
 
         meta = json.loads((folder / "model.json").read_text())
@@ -289,3 +486,13 @@ class ProfileModel(nn.Module):
         model = cls(cfg, spec, bert, tok)
         model.load_state_dict(torch.load(folder / "towers.pt", map_location=device), strict=False)
         return model.to(device).eval()
+
+
+def _epoch_seconds(frame: pd.DataFrame) -> np.ndarray:
+    """The request time of each row in epoch seconds (NaN when unknown)."""
+    for col in ("request_timestamp", "event_timestamp"):
+        if col in frame:
+            ts = pd.to_datetime(frame[col], utc=True, errors="coerce")
+            return ((ts - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=np.float64,
+                                                                                       na_value=np.nan)
+    return np.full(len(frame), np.nan)

@@ -1,9 +1,8 @@
 """One readable training loop for the profile model (in the spirit of nanoGPT's train.py).
 
-Loss: in-batch sampled softmax over the positives' items with logQ correction (item frequency
-among positives), plus BCE on the explicit negatives (exposures and time-aware samples). AMP and
-CUDA when present, gradient accumulation, seeds, checkpoint and resume, early stopping on
-validation NDCG@10, and a progress bar with the loss.
+Loss: each positive against the whole catalogue (full softmax; sampled above ``max_softmax_items``),
+weighted by its event type. bfloat16 autocast and CUDA when present, gradient accumulation, seeds,
+checkpoint and resume, early stopping on validation NDCG@10, and a progress bar with the loss.
 """
 
 from __future__ import annotations
@@ -20,19 +19,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from training.model import ProfileModel
+from training.dataset import ItemCatalogue
+from training.model import Catalogue, ItemInputs, ProfileModel, UserInputs, history_rows
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 2e-3  # towers
-    bert_lr: float = 3e-5  # the fine-tuned BERT layers
+    epochs: int = 8
+    batch_size: int = 256
+    lr: float = 1e-3
     weight_decay: float = 0.01
     grad_accum: int = 1
-    bce_weight: float = 0.5
-    max_positives: int | None = 20_000  # per epoch: caps CPU time on big logs
+    max_positives: int | None = 100_000  # per epoch: caps CPU time on big logs
+    max_softmax_items: int = 20_000  # above this catalogue size, a sampled softmax
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bfloat16/float16 autocast on CUDA only
@@ -54,25 +53,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(model: ProfileModel, examples: pd.DataFrame, cfg: TrainConfig,
+def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue, cfg: TrainConfig,
           validate: Callable[[ProfileModel], float] | None = None, progress: bool = True) -> ProfileModel:
-    """Train in place; returns the model restored to its best validation state."""
+    """Train in place; returns the model restored to its best validation state.
+
+    Each positive is a next-item target: a softmax over the whole catalogue as of the positive's time
+    (its ``catalogue`` bucket), so a step sees item features from before its own examples only.
+    Batches are drawn within one bucket; the item tower runs over the catalogue once per step.
+    """
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device)
-    positives = examples[examples["label"] == 1].reset_index(drop=True)
-    negatives = examples[examples["label"] == 0].reset_index(drop=True)
+    positives = examples[(examples["label"] == 1) & examples["item_id"].isin(catalogue.item_ids)]
+    positives = positives.reset_index(drop=True)
     if positives.empty:
         raise ValueError("no positive examples to train on: check the configured positive event types")
-    freq = positives["item_id"].value_counts(normalize=True)
-    bert_params = [p for n, p in model.named_parameters() if n.startswith("bert.") and p.requires_grad]
-    tower_params = [p for n, p in model.named_parameters() if not n.startswith("bert.") and p.requires_grad]
-    groups = [{"params": tower_params, "lr": cfg.lr}]
-    if bert_params:
-        groups.append({"params": bert_params, "lr": cfg.bert_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    index = {i: k for k, i in enumerate(catalogue.item_ids)}
+    targets = torch.tensor(positives["item_id"].map(index).to_numpy(), dtype=torch.long)
+    weights = torch.tensor(positives["weight"].to_numpy(), dtype=torch.float32)
+    buckets = catalogue.bucket_of(positives["event_timestamp"])
+    users = model.user_inputs(positives)  # BERT runs once per distinct text, here
+    users.history_rows = history_rows(users.history, index, model.cfg.seq_len)  # the same rows in every bucket
+    lengths = (users.history_rows > 0).sum(1).numpy()
+    items = {int(b): model.item_inputs(catalogue.frames[b]).to(device) for b in np.unique(buckets)}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     ckpt = Path(cfg.checkpoint_dir) / "checkpoint.pt" if cfg.checkpoint_dir else None
     start_epoch, best, best_state, stale = 0, -1.0, None, 0
     if cfg.resume and ckpt and ckpt.exists():
@@ -84,23 +90,21 @@ def train(model: ProfileModel, examples: pd.DataFrame, cfg: TrainConfig,
     rng = np.random.default_rng(cfg.seed)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        order = rng.permutation(len(positives))[: cfg.max_positives or None]
-        steps = range(0, len(order), cfg.batch_size)
-        bar = tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        batches = _batches(buckets, lengths, cfg.batch_size, cfg.max_positives, rng)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         losses = []
         optimizer.zero_grad()
-        for step, start in enumerate(bar):
-            batch = positives.iloc[order[start:start + cfg.batch_size]]
-            neg = negatives.iloc[rng.integers(0, len(negatives), len(batch))] if len(negatives) else None
-            with torch.autocast(device_type=device.type, enabled=use_amp):
-                loss = _loss(model, batch, neg, freq, cfg.bce_weight)
-            scaler.scale(loss / cfg.grad_accum).backward()
-            if (step + 1) % cfg.grad_accum == 0 or step == len(steps) - 1:
-                scaler.step(optimizer)
-                scaler.update()
+        for step, (bucket, rows) in enumerate(bar):
+            idx = torch.from_numpy(rows)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = _loss(model, users.select(idx).to(device), items[bucket], catalogue, index,
+                             targets[idx].to(device), weights[idx].to(device), cfg.max_softmax_items)
+            (loss / cfg.grad_accum).backward()
+            if (step + 1) % cfg.grad_accum == 0 or step == len(batches) - 1:
+                optimizer.step()
                 optimizer.zero_grad()
             losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", best=f"{max(best, 0.0):.4f}")
         model.eval()
         val = validate(model) if validate else None
         cfg.history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_ndcg10": val})
@@ -125,29 +129,37 @@ def train(model: ProfileModel, examples: pd.DataFrame, cfg: TrainConfig,
     return model.eval()
 
 
-def _loss(model: ProfileModel, batch: pd.DataFrame, neg: pd.DataFrame | None, freq: pd.Series,
-          bce_weight: float) -> torch.Tensor:
-    device = model.device
-    users = model.user_vectors(batch)
-    items = model.item_vectors(batch)
-    logits = model.score(users, items)
-    log_q = torch.tensor(np.log(batch["item_id"].map(freq).fillna(1e-6).to_numpy()), device=device,
-                         dtype=logits.dtype)
-    logits = logits - log_q[None, :]  # logQ correction: popular items are over-sampled negatives
-    same = torch.tensor(batch["item_id"].to_numpy()[:, None] == batch["item_id"].to_numpy()[None, :],
-                        device=device)
-    eye = torch.eye(len(batch), dtype=torch.bool, device=device)
-    logits = logits.masked_fill(same & ~eye, torch.finfo(logits.dtype).min)  # no in-batch false negatives
-    weights = torch.tensor(batch["weight"].to_numpy(), device=device, dtype=logits.dtype)
-    ce = nn.functional.cross_entropy(logits, torch.arange(len(batch), device=device), reduction="none")
-    loss = (ce * weights).sum() / weights.sum()
-    if neg is not None and bce_weight > 0:
-        neg_scores = (model.user_vectors(neg) * model.item_vectors(neg)).sum(-1) / model.cfg.temperature
-        pos_scores = (users * items).sum(-1) / model.cfg.temperature
-        scores = torch.cat([pos_scores, neg_scores])
-        labels = torch.cat([torch.ones_like(pos_scores), torch.zeros_like(neg_scores)])
-        loss = loss + bce_weight * nn.functional.binary_cross_entropy_with_logits(scores, labels)
-    return loss
+def _batches(buckets: np.ndarray, lengths: np.ndarray, size: int, cap: int | None,
+             rng: np.random.Generator) -> list:
+    """Shuffled batches of positive rows, each from one catalogue bucket and of similar history length
+    (a batch is as long as its longest history); at most ``cap`` rows an epoch."""
+    order = rng.permutation(len(buckets))[: cap or None]
+    out = []
+    for b in np.unique(buckets[order]):
+        rows = order[buckets[order] == b]
+        rows = rows[np.argsort(lengths[rows], kind="stable")]  # stable: random order within a length
+        out += [(int(b), rows[s:s + size]) for s in range(0, len(rows), size)]
+    return [out[k] for k in rng.permutation(len(out))]
+
+
+def _loss(model: ProfileModel, users: UserInputs, items: ItemInputs, catalogue: ItemCatalogue, index: dict,
+          targets: torch.Tensor, weights: torch.Tensor, max_softmax_items: int) -> torch.Tensor:
+    """Weighted cross-entropy of each target against the catalogue (a full softmax while it fits; else
+    the targets plus a uniform sample, whose constant logQ correction cancels)."""
+    vectors = model.item_tower(items)
+    user = model.user_tower(users, Catalogue(index, vectors))
+    if len(vectors) > max_softmax_items:
+        sample = torch.randint(0, len(vectors), (max_softmax_items,), device=vectors.device)
+        candidates = torch.cat([targets, sample])
+        logits = model.score(user, vectors[candidates])
+        same = targets[:, None] == candidates[None, :]  # other copies of the target are not negatives
+        same[torch.arange(len(targets)), torch.arange(len(targets))] = False
+        logits = logits.masked_fill(same, torch.finfo(logits.dtype).min)
+        ce = nn.functional.cross_entropy(logits.float(), torch.arange(len(targets), device=logits.device),
+                                         reduction="none")
+    else:
+        ce = nn.functional.cross_entropy(model.score(user, vectors).float(), targets, reduction="none")
+    return (ce * weights).sum() / weights.sum()
 
 
 def config_dict(cfg: TrainConfig) -> dict:

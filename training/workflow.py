@@ -25,27 +25,33 @@ from training.baselines import (
     sequential_scorer,
 )
 from training.evaluate import Split, evaluate_scorers, global_split, last_per_user_split, ndcg_at_10, seen_before
-from training.model import FeatureSpec, ModelConfig, ProfileModel, in_batches
+from training.model import Catalogue, FeatureSpec, ModelConfig, ProfileModel, in_batches, item_text
 from training.train import TrainConfig, config_dict, pick_device, train
 
 MODEL_NAME = "persona-profile"
-TEXT_COLUMNS = {"recent_queries", "recent_titles", "item_title", "query", "last_search_query"}
+TEXT_COLUMNS = {"recent_queries", "recent_titles", "item_title", "item_description", "query", "last_search_query",
+                "sequence_items", "sequence_types", "sequence_times"}
 NOT_FEATURES = {"example_id", "user_id", "item_id", "event_timestamp", "request_timestamp", "label", "weight",
                 "kind", "session", "device", "channel", "history_events", "cold", "event_id", "event_type",
                 "signup_timestamp", "last_search_at"}
 
 
 # The rows of the metrics table, by the key `--models` takes.
-PERSONA = "Persona: BERT fine-tuned + MLP"
+PERSONA = "Persona: BERT + MLP, ids, sequence"
 MODEL_ROWS = {
     "persona": PERSONA,
     "mlp": "MLP tower, no text",
-    "frozen": "frozen BERT + MLP",
+    "frozen": "frozen BERT, no training",
+    "no-ids": "Persona without item ids",
+    "no-sequence": "Persona without the sequence",
     "popularity": "popularity",
     "cooccurrence": "item co-occurrence",
     "ease": "EASE",
     "sequential": "sequential (SASRec-style, ids only)",
 }
+
+DEFAULT_MODELS = ("persona", "mlp", "frozen", "popularity", "cooccurrence", "ease", "sequential")
+ABLATIONS = {"mlp": "text", "no-ids": "item ids", "no-sequence": "sequence"}  # row -> what it leaves out
 
 
 @dataclass
@@ -56,7 +62,7 @@ class RunConfig:
     splits: tuple[str, ...] = ("global", "loo")
     baselines: bool = True
     refit: bool = True
-    models: tuple[str, ...] = tuple(MODEL_ROWS)  # which rows to train and report (keys of MODEL_ROWS)
+    models: tuple[str, ...] = DEFAULT_MODELS  # which rows to train and report (keys of MODEL_ROWS)
 
     def wants(self, key: str) -> bool:
         return key in self.models and (key == "persona" or self.baselines)
@@ -80,7 +86,7 @@ def feature_spec(store, frame: pd.DataFrame) -> FeatureSpec:
 
     un, uc = kinds(user_cols)
     inum, icat = kinds(item_cols)
-    return FeatureSpec.fit(frame, frame, un, uc, inum, icat)
+    return FeatureSpec.fit(frame, frame, un, uc, inum, icat, item_ids=frame.loc[frame["label"] == 1, "item_id"])
 
 
 def user_features(store, requests: pd.DataFrame) -> pd.DataFrame:
@@ -102,30 +108,85 @@ def user_features(store, requests: pd.DataFrame) -> pd.DataFrame:
 
 def model_scorer(model: ProfileModel, store, catalogue: dataset.ItemCatalogue) -> Scorer:
     """Scores requests against the catalogue as of each request's own time (its as-of bucket)."""
-    item_vecs: dict[int, torch.Tensor] = {}
+    vectors = _catalogue_vectors(model, catalogue)
 
     @torch.no_grad()
     def score(requests: pd.DataFrame) -> np.ndarray:
         requests = requests.reset_index(drop=True)
-        users = in_batches(model.user_vectors, user_features(store, requests))
+        frame = user_features(store, requests)
         buckets = catalogue.bucket_of(requests["event_timestamp"])
         out = np.zeros((len(requests), len(catalogue.item_ids)), dtype=np.float32)
         for b in np.unique(buckets):
-            if b not in item_vecs:
-                item_vecs[b] = in_batches(model.item_vectors, catalogue.frames[b])
             rows = np.flatnonzero(buckets == b)
-            out[rows] = (users[rows] @ item_vecs[b].T).float().cpu().numpy()
+            items = vectors(int(b))
+            users = in_batches(lambda f, items=items: model.user_vectors(f, catalogue=items), frame.iloc[rows])
+            out[rows] = model.score(users, items.vectors).float().cpu().numpy()
         return out
     return score
 
 
-@torch.no_grad()
-def pair_scorer(model: ProfileModel):
+def _catalogue_vectors(model: ProfileModel, catalogue: dataset.ItemCatalogue):
+    """Item vectors per as-of bucket, computed on first use."""
+    index = {i: k for k, i in enumerate(catalogue.item_ids)}
+    cache: dict[int, Catalogue] = {}
+
+    @torch.no_grad()
+    def vectors(bucket: int) -> Catalogue:
+        if bucket not in cache:
+            cache[bucket] = Catalogue(index, in_batches(model.item_vectors, catalogue.frames[bucket], 512))
+        return cache[bucket]
+    return vectors
+
+
+def pair_scorer(model: ProfileModel, catalogue: dataset.ItemCatalogue):
+    """Score of each labelled row's own item (for AUC); rows already carry their user features."""
+    vectors = _catalogue_vectors(model, catalogue)
+
     @torch.no_grad()
     def score(frame: pd.DataFrame) -> np.ndarray:
-        u = in_batches(model.user_vectors, frame)
-        i = in_batches(model.item_vectors, frame)
-        return (u * i).sum(-1).float().cpu().numpy()
+        frame = frame.reset_index(drop=True)
+        buckets = catalogue.bucket_of(frame["event_timestamp"])
+        out = np.full(len(frame), np.nan, dtype=np.float32)
+        for b in np.unique(buckets):
+            rows = np.flatnonzero(buckets == b)
+            items = vectors(int(b))
+            users = in_batches(lambda f, items=items: model.user_vectors(f, catalogue=items), frame.iloc[rows])
+            cols = frame["item_id"].iloc[rows].map(items.index)
+            known = cols.notna().to_numpy()
+            scores = model.score(users[known], items.vectors[cols[known].astype(int).to_numpy()])
+            out[rows[known]] = torch.diagonal(scores).float().cpu().numpy()
+        return out
+    return score
+
+
+def frozen_text_scorer(model: ProfileModel, store, catalogue: dataset.ItemCatalogue) -> Scorer:
+    """No training at all: cosine between frozen BERT's vector of the item text and the mean of the
+    user's last engaged items' text vectors plus the live query's (a pure text baseline)."""
+    item_vecs = {}
+
+    def vectors(bucket: int) -> torch.Tensor:
+        if bucket not in item_vecs:
+            texts = item_text(catalogue.frames[bucket])
+            item_vecs[bucket] = torch.nn.functional.normalize(model.encode_text(texts, model.cfg.item_max_len), dim=-1)
+        return item_vecs[bucket]
+
+    index = {i: k for k, i in enumerate(catalogue.item_ids)}
+
+    @torch.no_grad()
+    def score(requests: pd.DataFrame) -> np.ndarray:
+        requests = requests.reset_index(drop=True)
+        frame = user_features(store, requests)
+        inputs = model.user_inputs(frame)
+        buckets = catalogue.bucket_of(requests["event_timestamp"])
+        out = np.zeros((len(requests), len(catalogue.item_ids)), dtype=np.float32)
+        for r, history in enumerate(inputs.history):
+            items = vectors(int(buckets[r]))
+            rows = [index[i] for i in history[-10:] if i in index]
+            user = items[rows].mean(0) if rows else torch.zeros(items.shape[1])
+            if inputs.query is not None and inputs.has_text[r, 0]:
+                user = user + torch.nn.functional.normalize(inputs.query[r], dim=-1)
+            out[r] = (items @ user).numpy()
+        return out
     return score
 
 
@@ -174,11 +235,11 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
     """
     item_ids = items["item_id"].astype(str).tolist()
     variants = {MODEL_ROWS["persona"]: cfg.model, MODEL_ROWS["mlp"]: replace(cfg.model, use_text=False),
-                MODEL_ROWS["frozen"]: replace(cfg.model, finetune_layers=0)}
-    variants = {name: mcfg for key, name in MODEL_ROWS.items() if name in variants and cfg.wants(key)
-                for mcfg in [variants[name]]}
+                MODEL_ROWS["no-ids"]: replace(cfg.model, use_ids=False),
+                MODEL_ROWS["no-sequence"]: replace(cfg.model, use_sequence=False)}
+    variants = {name: variants[name] for key, name in MODEL_ROWS.items() if name in variants and cfg.wants(key)}
     frame = None
-    if variants:  # the baselines read the event log only: no training set needed for them alone
+    if variants or cfg.wants("frozen"):  # the id baselines read the event log only: no training set for them
         examples = dataset.build_examples(events, items, positives, cfg.neg_per_pos, seed=cfg.train.seed)
         frame = dataset.fetch_features(store, examples)
     tables, histories, best_epochs, evaluated_model = [], {}, {}, None
@@ -186,7 +247,7 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
         split = global_split(events, positives) if split_name == "global" else last_per_user_split(events, positives)
         scorers = baseline_scorers(split, events, positives, item_ids, cfg, progress)
         pairs, test_rows = {}, None
-        if variants:
+        if variants or cfg.wants("frozen"):
             fit_frame = split.before(frame, split.fit_cut)
             spec = feature_spec(store, fit_frame)
             catalogue = dataset.ItemCatalogue(store, item_ids, pd.concat([split.requests["event_timestamp"],
@@ -194,30 +255,39 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
             validate = _validation(store, split, events, positives, item_ids, catalogue)
             labelled = frame["kind"].isin(["positive", "exposure"])
             test_rows = frame[labelled & ~frame.index.isin(split.before(frame, split.test_cut).index)].head(5000)
+        if cfg.wants("frozen"):
+            scorers[MODEL_ROWS["frozen"]] = frozen_text_scorer(ProfileModel.build(cfg.model, spec), store, catalogue)
+        train_catalogue = dataset.ItemCatalogue(store, item_ids, fit_frame["event_timestamp"]) if variants else None
         for name, mcfg in variants.items():
             tcfg = replace(cfg.train, history=[], checkpoint_dir=None, resume=False)
             model = ProfileModel.build(mcfg, spec).to(pick_device(tcfg.device))
-            train(model, fit_frame, tcfg, validate, progress)
+            train(model, fit_frame, train_catalogue, tcfg, validate, progress)
             histories[f"{split.name}: {name}"] = tcfg.history
             if name == PERSONA and split_name == cfg.splits[0]:
                 best = max(tcfg.history, key=lambda h: h["val_ndcg10"] or 0.0) if tcfg.history else {"epoch": 1}
                 best_epochs["Persona"] = best["epoch"]
                 evaluated_model = model
             scorers[name] = model_scorer(model, store, catalogue)
-            pairs[name] = pair_scorer(model)
+            pairs[name] = pair_scorer(model, catalogue)
         tables.append(evaluate_scorers(scorers, split, events, positives, item_ids, pairs, test_rows))
     metrics = pd.concat(tables, ignore_index=True)
     report = write_report(report_dir, metrics, histories)
     return {"metrics": metrics, "spec": feature_spec(store, frame) if frame is not None else None, "frame": frame,
+            "item_ids": item_ids,
             "best_epochs": best_epochs, "report": report, "histories": histories, "model": evaluated_model}
 
 
 def refit(store, frame: pd.DataFrame, spec: FeatureSpec, cfg: RunConfig, epochs: int,
-          progress: bool = True) -> ProfileModel:
-    """Train the deployed model on every example up to the newest event (no hold-out)."""
+          progress: bool = True, item_ids: list[str] | None = None) -> ProfileModel:
+    """Train the deployed model on every example up to the newest event (no hold-out).
+
+    ``item_ids``: the catalogue to train against (default: every item the examples name).
+    """
     tcfg = replace(cfg.train, epochs=max(1, epochs), patience=epochs + 1, history=[])
     model = ProfileModel.build(cfg.model, spec).to(pick_device(tcfg.device))
-    return train(model, frame, tcfg, None, progress)
+    item_ids = item_ids or sorted(set(spec.item_ids) | set(frame["item_id"].dropna().astype(str)))
+    catalogue = dataset.ItemCatalogue(store, item_ids, frame["event_timestamp"])
+    return train(model, frame, catalogue, tcfg, None, progress)
 
 
 def code_version() -> str:

@@ -10,7 +10,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from eventlog.store import EventLog, events
-from feature_repo.pipeline.compute import compute_all, latest_user_state
+from feature_repo.pipeline.compute import ENGAGED, SEQUENCE_LENGTH, compute_all, latest_user_state
 from feature_repo.pipeline.stores import feature_store_config, push_latest, write_offline
 
 # A user's state depends only on events in the 30 days before their newest one (the longest window);
@@ -42,11 +42,33 @@ def build(log: EventLog, profile: str, workspace: Path) -> dict[str, pd.DataFram
 def read_offline_spark(workspace: Path) -> dict[str, pd.DataFrame]:
     """The tables Spark wrote, for the feature-level checks (pyarrow reads the part files)."""
     return {name: pd.read_parquet(workspace / "offline" / name) for name in
-            ("user_behaviour", "user_text", "user_personal", "item_features")}
+            ("user_behaviour", "user_text", "user_sequence", "user_personal", "item_features")}
 
 
 def recent_user_events(log: EventLog, user_ids: list[str]) -> pd.DataFrame:
-    """Each user's events in the 30 days up to their newest event: enough to rebuild their state."""
+    """Each user's events in the 30 days up to their newest event, plus their last
+    ``SEQUENCE_LENGTH`` engaged events of any age: enough to rebuild their newest state (older events
+    fall outside every window, so the extra ones change nothing else)."""
+    frame = _windowed_user_events(log, user_ids)
+    older = _last_engaged_events(log, user_ids)
+    return pd.concat([frame, older[~older["event_id"].isin(frame["event_id"])]], ignore_index=True)
+
+
+def _last_engaged_events(log: EventLog, user_ids: list[str]) -> pd.DataFrame:
+    ranked = (sa.select(events, sa.func.row_number().over(
+        partition_by=events.c.user_id,
+        order_by=(events.c.event_timestamp.desc(), events.c.item_id.desc(), events.c.event_type.desc()))
+        .label("newest_rank"))
+        .where(events.c.user_id.in_(user_ids), events.c.event_type.in_(ENGAGED), events.c.item_id.is_not(None))
+        .subquery())
+    stmt = sa.select(*[ranked.c[c.name] for c in events.columns]).where(ranked.c.newest_rank <= SEQUENCE_LENGTH)
+    with log.engine.connect() as conn:
+        frame = pd.read_sql(stmt, conn)
+    frame["event_timestamp"] = pd.to_datetime(frame["event_timestamp"]).dt.tz_localize("UTC")
+    return frame
+
+
+def _windowed_user_events(log: EventLog, user_ids: list[str]) -> pd.DataFrame:
     newest = (sa.select(events.c.user_id, sa.func.max(events.c.event_timestamp).label("newest"))
               .where(events.c.user_id.in_(user_ids)).group_by(events.c.user_id).subquery())
     stmt = (sa.select(events).join(newest, events.c.user_id == newest.c.user_id)

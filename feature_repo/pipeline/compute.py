@@ -9,6 +9,7 @@ All windows (1d, 7d, 30d) end at the user's latest event, as the push path compu
 
 from __future__ import annotations
 
+import json
 from functools import cache
 
 import duckdb
@@ -21,6 +22,8 @@ WINDOWS = {"1d": 1, "7d": 7, "30d": 30}
 RECENCY_TYPES = ("view", "click", "add_to_cart", "purchase", "search")
 DAY_US = 86_400_000_000
 TEXT_ITEMS = 5  # recent queries / titles kept per user
+SEQUENCE_LENGTH = 50  # engaged items kept in a user's sequence (the user tower's history)
+DESCRIPTION_CHARS = 500  # item text for BERT: the start of the description is enough
 EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
 AGE_BANDS = ([0, 25, 35, 50, 65, 200], ["<25", "25-34", "35-49", "50-64", "65+"])
 
@@ -113,6 +116,27 @@ def user_text(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     return _stamp(frame)
 
 
+def user_sequence(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """The user's last ``SEQUENCE_LENGTH`` engaged items, oldest first, with their event types and times
+    (epoch seconds). JSON-encoded lists: every offline and online store keeps a string."""
+    frame = con.execute(f"""
+        WITH ev AS (
+            SELECT user_id, event_timestamp AS ts, epoch_us(event_timestamp) AS t, item_id, event_type
+            FROM events WHERE event_type IN ({_inlist(ENGAGED)}) AND item_id IS NOT NULL
+        )
+        SELECT user_id, ts, list(item_id) OVER w AS items, list(event_type) OVER w AS types,
+               list(t // 1000000) OVER w AS times
+        FROM ev
+        WINDOW w AS (PARTITION BY user_id ORDER BY t, item_id, event_type
+                     ROWS BETWEEN {SEQUENCE_LENGTH - 1} PRECEDING AND CURRENT ROW)
+        QUALIFY row_number() OVER (PARTITION BY user_id, t ORDER BY item_id DESC, event_type DESC) = 1
+    """).df()
+    frame["sequence_items"] = [json.dumps(list(v)) for v in frame.pop("items")]
+    frame["sequence_types"] = [json.dumps(list(v)) for v in frame.pop("types")]
+    frame["sequence_times"] = [json.dumps([int(x) for x in v]) for v in frame.pop("times")]
+    return _stamp(frame)
+
+
 def _newest_first(values) -> str:
     """The last distinct non-null values, newest first, joined for the text encoder."""
     seen = dict.fromkeys(v for v in reversed(list(values)) if v is not None)
@@ -179,6 +203,8 @@ def item_features(con: duckdb.DuckDBPyConnection, items: pd.DataFrame, last_day:
         "category": items["category"],
         "top_category": items["category"].astype(str).str.split(r"[>|]", regex=True).str[0],
         "brand": items.get("brand", None),
+        "description": items["description"].astype("string").str.slice(0, DESCRIPTION_CHARS).astype(object)
+        if "description" in items else None,
         "price": pd.to_numeric(items["price"], errors="coerce") if "price" in items else np.nan,
     })
     frame = frame.merge(catalogue, on="item_id", how="inner")
@@ -221,10 +247,10 @@ def _connect(events: pd.DataFrame, items: pd.DataFrame) -> duckdb.DuckDBPyConnec
 
 
 def compute_user_tables(events: pd.DataFrame, items: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """``user_behaviour`` and ``user_text`` for whatever users ``events`` holds (all their events)."""
+    """``user_behaviour``, ``user_text`` and ``user_sequence`` for whatever users ``events`` holds."""
     con = _connect(events, items)
     try:
-        return {"user_behaviour": user_behaviour(con), "user_text": user_text(con)}
+        return {"user_behaviour": user_behaviour(con), "user_text": user_text(con), "user_sequence": user_sequence(con)}
     finally:
         con.close()
 

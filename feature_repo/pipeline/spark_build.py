@@ -43,7 +43,7 @@ def build_with_spark(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFr
     ev["event_timestamp"] = pd.to_datetime(ev["event_timestamp"], utc=True).astype("datetime64[us, UTC]")
     for col in ("user_id", "event_type", "item_id", "query", "device", "channel"):
         ev[col] = ev[col].astype(object).where(ev[col].notna(), None)
-    catalogue = items[["item_id", "category", "price", "title", "brand"]].copy()
+    catalogue = items.reindex(columns=["item_id", "category", "price", "title", "brand", "description"]).copy()
     sdf = spark.createDataFrame(ev, schema="user_id string, event_timestamp timestamp, event_type string, "
                                            "item_id string, query string, value double, device string, "
                                            "channel string")
@@ -69,7 +69,7 @@ def build_with_spark(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFr
     folder = workspace / "offline"
     counts = {}
     by_user = sdf.repartition(partitions, "user_id")
-    for kind in ("user_behaviour", "user_text"):
+    for kind in ("user_behaviour", "user_text", "user_sequence"):
         out = by_user.mapInPandas(per_users(kind), schema=_ddl(sample[kind]))
         out.write.mode("overwrite").parquet(str(folder / kind))
         counts[kind] = spark.read.parquet(str(folder / kind)).count()
