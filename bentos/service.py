@@ -367,7 +367,10 @@ class Persona:
             frame, known, _ = self._user_frame(user_id, None, None)
         except StoreUnavailable as exc:
             return _unavailable(ctx, exc)
-        vector = self._user_vector(ranker, frame, batched=False).squeeze(0).cpu().tolist()
+        import torch
+
+        vector = torch.nn.functional.normalize(self._user_vector(ranker, frame, batched=False), dim=-1)
+        vector = vector.squeeze(0).cpu().tolist()  # unit length: ranking is by cosine
         row = frame.iloc[0]
         return {"user_id": user_id, "known": known, "vector": [round(v, 5) for v in vector],
                 "summary": _summary(row, self._last_event(user_id))}

@@ -90,8 +90,8 @@ def server(tmp_path_factory, live_shop):
     env = {**os.environ, "PERSONA_WORKSPACE": str(ws), "BENTOML_HOME": str(ws / "bentoml"),
            "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "PERSONA_API_KEY": API_KEY,
            "PERSONA_REFRESH_SECONDS": "1"}
-    subprocess.run([str(BIN / "persona"), "train", "-w", str(ws), "--finetune-layers", "0", "--epochs", "3",
-                    "--max-positives", "3000", "--splits", "global", "--no-baselines", "--no-refit"],
+    subprocess.run([str(BIN / "persona"), "train", "-w", str(ws), "--epochs", "8", "--splits", "global",
+                    "--no-baselines", "--no-refit"],
                    env=env, check=True, capture_output=True, timeout=900)
     proc, url, server_log = serve(env, root / "server.log")
     with httpx.Client(base_url=url, headers={"X-API-Key": API_KEY}, timeout=30) as client:
@@ -126,7 +126,7 @@ def test_rank_profile_and_health(server, live_shop):
                                               "exclude_seen": False}).json()
     assert {i["item_id"] for i in cand["items"]} <= set(some) and cand["unknown_candidates"] == ["nope"]
     profile = server.post("/profile", json={"user_id": user}).json()
-    assert len(profile["vector"]) == 128 and abs(np.linalg.norm(profile["vector"]) - 1) < 1e-3
+    assert len(profile["vector"]) == 64 and abs(np.linalg.norm(profile["vector"]) - 1) < 1e-3  # the model's dim
     assert profile["summary"]["segment"] in {"new", "browser", "shopper", "buyer"}
 
 
@@ -186,11 +186,12 @@ def test_pushed_search_moves_that_intent_up(server, live_shop):
         assert len(position) == len(pool)
         return float(np.mean([position[i] for i in coffee])), body
 
-    before, after, hours_later, reasons = [], [], [], []
+    before, before_later, after, hours_later, reasons = [], [], [], [], []
     for n, user in enumerate(_no_coffee_users(live_shop, 5)):
         rank, body = coffee_rank(user, request_at)
         assert body["query_source"] is None
         before.append(rank)
+        before_later.append(coffee_rank(user, request_at + pd.Timedelta(hours=2))[0])  # same time, no search
         search = {"event_id": f"intent-{n}", "user_id": user, "event_type": "search", "query": "espresso machine",
                   "event_timestamp": _iso(end + pd.Timedelta(minutes=1)), "device": "app"}
         assert server.post("/events", json={"events": [search]}).json()["pushed_users"] == [user]
@@ -203,7 +204,9 @@ def test_pushed_search_moves_that_intent_up(server, live_shop):
         hours_later.append(rank)
     assert all(a < b for a, b in zip(after, before, strict=True)), (before, after)
     assert np.mean(after) < 0.9 * np.mean(before), (before, after)
-    assert np.mean(hours_later) < np.mean(before), (before, hours_later)  # still in the recent searches
+    # Two hours on, the search is no longer live but still in the recent searches: it still helps,
+    # measured against the same request time without the search (the hour of day is a feature too).
+    assert np.mean(hours_later) < np.mean(before_later), (before_later, hours_later)
     assert any("recent search for" in r for r in reasons)
 
 

@@ -204,15 +204,22 @@ def ndcg_at_10(scorer: Scorer, requests: pd.DataFrame, events: pd.DataFrame, pos
 def evaluate_scorers(scorers: dict[str, Scorer], split: Split, events: pd.DataFrame, positives: dict[str, float],
                      item_ids: list[str], pair_scorers: dict[str, Callable] | None = None,
                      labelled: pd.DataFrame | None = None, chunk: int = 2048) -> pd.DataFrame:
-    """One row per (model, segment): overall, cold/active users, with/without query."""
+    """One row per (model, segment): overall, cold/active users, cold/warm items, with/without query.
+
+    A cold item had no positive in the models' training rows (before the split's fit cut): only its
+    text and features can place it.
+    """
     item_index = {i: k for k, i in enumerate(item_ids)}
+    fit = split.before(events, split.fit_cut)
+    warm = set(fit.loc[fit["event_type"].isin(list(positives)), "item_id"].dropna())
     req = split.requests[split.requests["item_id"].isin(item_index)].reset_index(drop=True)
     targets = req["item_id"].map(item_index).to_numpy()
     excluded = seen_before(events, positives, req, item_index)
     rows = []
     segments = {"all": np.ones(len(req), bool), "cold users": req["cold"].to_numpy(),
                 "active users": ~req["cold"].to_numpy(), "with query": req["query"].notna().to_numpy(),
-                "without query": req["query"].isna().to_numpy()}
+                "without query": req["query"].isna().to_numpy(),
+                "cold items": ~req["item_id"].isin(warm).to_numpy(), "warm items": req["item_id"].isin(warm).to_numpy()}
     for name, scorer in scorers.items():
         ranks, top10 = [], []
         for s in range(0, len(req), chunk):  # bounded memory: requests x catalogue per chunk

@@ -259,8 +259,10 @@ class UserTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tabular = Tabular(len(spec.user_numeric), [len(spec.vocab[c]) for c in spec.user_categorical], cfg)
+        # One adapter for the live query and the recent queries: what the strongly supervised live query
+        # teaches it carries over to searches from earlier sessions, which count with a learned weight.
         self.query = MLP(text_dim, cfg.hidden, cfg.dim) if text_dim else None
-        self.recent = MLP(text_dim, cfg.hidden, cfg.dim) if text_dim else None
+        self.recent_weight = nn.Parameter(torch.tensor(0.5)) if text_dim else None
         if cfg.use_sequence:
             self.start = nn.Parameter(torch.zeros(cfg.dim))  # the sequence is never empty: cold users too
             self.types = nn.Embedding(len(EVENT_TYPES) + 1, cfg.dim, padding_idx=0)
@@ -294,10 +296,10 @@ class UserTower(nn.Module):
         zeros = torch.zeros(n, self.cfg.dim, device=x.numeric.device)
         seq = self.sequence(x, catalogue) if self.cfg.use_sequence and catalogue is not None else zeros
         query = self.query(x.query) * x.has_text[:, :1] if self.query is not None and x.query is not None else zeros
-        recent = (self.recent(x.recent) * x.has_text[:, 1:] if self.recent is not None and x.recent is not None
-                  else zeros)
+        recent = (self.query(x.recent) * x.has_text[:, 1:] * self.recent_weight
+                  if self.query is not None and x.recent is not None else zeros)
         tab = self.tabular(x.numeric, x.categorical)
-        return self.norm(seq + query + self.fuse(torch.cat([seq, query, recent, tab], dim=1)))
+        return self.norm(seq + query + recent + self.fuse(torch.cat([seq, query, recent, tab], dim=1)))
 
 
 def history_rows(history: list[list[str]], index: dict[str, int], length: int) -> torch.Tensor:

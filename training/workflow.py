@@ -360,6 +360,7 @@ def write_report(folder: Path, metrics: pd.DataFrame, histories: dict[str, list[
                "Requests per segment:", "",
                seg[seg["model"] == seg["model"].iloc[0]].set_index("segment")[["requests"]].T.to_markdown(index=False),
                ""]
+    md += _ablation(overall)
     md += ["![metrics](metrics.png)", "", "![training curve](training_curve.png)", ""]
     (folder / "report.md").write_text("\n".join(md))
     fig, axes = plt.subplots(1, max(1, overall["split"].nunique()), figsize=(11, 4), squeeze=False)
@@ -385,6 +386,23 @@ def write_report(folder: Path, metrics: pd.DataFrame, histories: dict[str, list[
     fig.savefig(folder / "training_curve.png", dpi=110)
     plt.close(fig)
     return folder / "report.md"
+
+
+def _ablation(overall: pd.DataFrame) -> list[str]:
+    """Where the lift comes from: Persona against itself without one part at a time."""
+    lines = []
+    for split, group in overall.groupby("split", sort=False):
+        ndcg = group.set_index("model")["NDCG@10"]
+        if PERSONA not in ndcg:
+            continue
+        rows = [{"left out": part, "model": MODEL_ROWS[key], "NDCG@10": ndcg[MODEL_ROWS[key]],
+                 "Persona's lift over it": ndcg[PERSONA] - ndcg[MODEL_ROWS[key]],
+                 "share of Persona's NDCG@10": (ndcg[PERSONA] - ndcg[MODEL_ROWS[key]]) / ndcg[PERSONA]
+                 if ndcg[PERSONA] else float("nan")}
+                for key, part in ABLATIONS.items() if MODEL_ROWS[key] in ndcg]
+        if rows:
+            lines += [f"## Ablation ({split})", "", pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f"), ""]
+    return lines
 
 
 def recommend(model: ProfileModel, store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, float],

@@ -1,0 +1,50 @@
+"""Quality guard: on a fixed sample of a real shop log, the default profile model must beat popularity
+and EASE under the leave-one-out protocol. A change that breaks the model fails CI here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from eventlog.ingest import ingest
+from eventlog.sources import load_batch
+from eventlog.store import EventLog
+from feature_repo.pipeline import stores
+from feature_repo.pipeline.build import build
+from persona import sample_data
+from training.workflow import MODEL_ROWS, PERSONA, RunConfig, run
+from validation.gate import Gate, GateSettings
+
+AMAZON = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-office"
+SAMPLE_USERS = 1000
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (AMAZON / "events.csv").exists(), reason="needs ../shared/data/amazon-office")
+def test_persona_beats_popularity_and_ease_on_real_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    events = pd.read_csv(AMAZON / "events.csv", dtype=str)
+    users = pd.read_csv(AMAZON / "users.csv", dtype=str)
+    items = pd.read_csv(AMAZON / "items.csv", dtype=str, keep_default_na=False)
+    chosen = users["user_id"].sample(SAMPLE_USERS, random_state=0)
+    events = events[events["user_id"].isin(chosen)]
+    tables = {"users": users[users["user_id"].isin(chosen)], "items": items[items["item_id"].isin(events["item_id"])],
+              "events": events}
+    sample_data.write(tables, tmp_path / "data")
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    log = EventLog(f"sqlite:///{ws / 'eventlog.db'}")
+    report, _ = ingest(load_batch(tmp_path / "data"), log, Gate(GateSettings(on_schema_drift="accept")))
+    assert report.quarantined == 0
+    store, _ = stores.apply(ws, "local")
+    build(log, "local", ws)
+    cfg = RunConfig(splits=("loo",), models=("persona", "popularity", "ease"), refit=False)  # model defaults
+    result = run(store, log.read_table("events"), log.read_table("items"), {"purchase": 1.0}, cfg,
+                 tmp_path / "report", progress=False)
+    log.dispose()
+    overall = result["metrics"][result["metrics"]["segment"] == "all"].set_index("model")["NDCG@10"]
+    ease = overall[[m for m in overall.index if m.startswith(MODEL_ROWS["ease"])]].max()
+    assert overall[PERSONA] > overall[MODEL_ROWS["popularity"]]
+    assert overall[PERSONA] > ease, overall.to_dict()
