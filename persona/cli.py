@@ -358,18 +358,20 @@ def _training_inputs(cfg):
 
 
 def _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, baselines, refit,
-                models: str = "all"):
+                models: str = "default"):
     from training.model import ModelConfig
     from training.train import TrainConfig
-    from training.workflow import MODEL_ROWS, RunConfig
+    from training.workflow import DEFAULT_MODELS, MODEL_ROWS, RunConfig
 
     model = ModelConfig(finetune_layers=finetune_layers, **({"bert_path": bert} if bert else {}))
     chosen = tuple(s.strip() for s in splits.split(",") if s.strip())
     if not set(chosen) <= {"global", "loo"} or not chosen:
         _fail("--splits takes global, loo or both (comma-separated)")
-    rows = tuple(MODEL_ROWS) if models.strip() == "all" else tuple(m.strip() for m in models.split(",") if m.strip())
+    named = {"default": DEFAULT_MODELS, "all": tuple(MODEL_ROWS)}
+    rows = named.get(models.strip()) or tuple(m.strip() for m in models.split(",") if m.strip())
     if not rows or not set(rows) <= set(MODEL_ROWS):
-        _fail(f"--models takes all or a comma-separated subset of {', '.join(MODEL_ROWS)}")
+        _fail(f"--models takes default, all (with the ablations) or a comma-separated subset of "
+              f"{', '.join(MODEL_ROWS)}")
     return RunConfig(model=model, train=TrainConfig(epochs=epochs, batch_size=batch_size, device=device,
                                                     max_positives=max_positives or None),
                      splits=chosen, baselines=baselines, refit=refit, models=rows)
@@ -383,8 +385,9 @@ MaxPositives = Annotated[int, typer.Option(help="Positives per epoch (0 = all): 
 Bert = Annotated[str | None, typer.Option(help="A Hugging Face BERT folder (default: packaged MiniLM).")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Splits = Annotated[str, typer.Option(help="global, loo, or global,loo.")]
-Models = Annotated[str, typer.Option(help="Rows of the table: all, or some of persona, mlp, frozen, popularity, "
-                                          "cooccurrence, ease, sequential.")]
+Models = Annotated[str, typer.Option(help="Rows of the table: default, all (adds the ablations no-ids and "
+                                          "no-sequence), or some of persona, mlp, frozen, popularity, "
+                                          "cooccurrence, ease, sequential, no-ids, no-sequence.")]
 
 
 def _run_protocol(cfg, run_cfg, kind: str):
@@ -413,9 +416,9 @@ def _print_metrics(metrics) -> None:
 
 
 @app.command("train")
-def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs: Epochs = 8,
+def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs: Epochs = 40,
               batch_size: BatchSize = 256, finetune_layers: Finetune = 0, max_positives: MaxPositives = 100_000,
-              bert: Bert = None, device: Device = "auto", splits: Splits = "global,loo",
+              bert: Bert = None, device: Device = "auto", splits: Splits = "loo",
               baselines: Annotated[bool, typer.Option(help="Train and report the baselines too.")] = True,
               refit: Annotated[bool, typer.Option(help="Refit on all data before saving (else the evaluated "
                                                   "model is saved).")] = True,
@@ -442,10 +445,10 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
 
 
 @app.command("evaluate")
-def evaluate_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs: Epochs = 8,
+def evaluate_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs: Epochs = 40,
                  batch_size: BatchSize = 256, finetune_layers: Finetune = 0, max_positives: MaxPositives = 100_000,
-                 bert: Bert = None, device: Device = "auto", splits: Splits = "global,loo",
-                 models: Models = "all") -> None:
+                 bert: Bert = None, device: Device = "auto", splits: Splits = "loo",
+                 models: Models = "default") -> None:
     """The ranking-quality protocol: model and baselines on the same temporal splits, with a report."""
     cfg = _config(workspace, profile)
     run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, True, False,
@@ -565,7 +568,7 @@ def quickstart(
     features_materialize(workspace=workspace, profile=None, full=False)
     console.rule("4/6 train and evaluate against the baselines, save to the BentoML store")
     # The global split only, and the evaluated model saved without a refit: within minutes on two cores.
-    train_cmd(workspace=workspace, profile=None, epochs=8, batch_size=256, finetune_layers=0,
+    train_cmd(workspace=workspace, profile=None, epochs=40, batch_size=256, finetune_layers=0,
               max_positives=100_000, bert=None, device="auto", splits="global", baselines=True, refit=False,
               resume=False)
     console.rule("5/6 status")

@@ -131,7 +131,7 @@ class SequentialConfig:
     lr: float = 1e-3
     batch_size: int = 128
     max_epochs: int = 200
-    max_seconds: float = 150.0  # a baseline must not dominate `persona train`
+    max_seconds: float = 120.0  # a baseline must not dominate `persona train`
     eval_every: int = 5
     patience: int = 3  # evaluations without a better validation NDCG@10
     seed: int = 0

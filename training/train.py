@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,9 +26,9 @@ from training.model import Catalogue, ItemInputs, ProfileModel, UserInputs, hist
 
 @dataclass
 class TrainConfig:
-    epochs: int = 8
+    epochs: int = 40  # at most: early stopping on validation NDCG@10 (or max_seconds) ends it sooner
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.01
     grad_accum: int = 1
     max_positives: int | None = 100_000  # per epoch: caps CPU time on big logs
@@ -35,7 +36,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bfloat16/float16 autocast on CUDA only
-    patience: int = 2  # epochs without a better validation NDCG@10
+    patience: int = 3  # epochs without a better validation NDCG@10
+    max_seconds: float | None = 240.0  # wall-clock budget per model: a laptop finishes in minutes
     checkpoint_dir: str | None = None
     resume: bool = False
     history: list[dict] = field(default_factory=list)
@@ -88,6 +90,7 @@ def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
         start_epoch, best, stale, cfg.history = state["epoch"] + 1, state["best"], state["stale"], state["history"]
         best_state = state.get("best_state")
     rng = np.random.default_rng(cfg.seed)
+    started = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         batches = _batches(buckets, lengths, cfg.batch_size, cfg.max_positives, rng)
@@ -123,6 +126,10 @@ def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
                         "best": best, "stale": stale, "history": cfg.history, "best_state": best_state}, ckpt)
             (ckpt.parent / "history.json").write_text(json.dumps(cfg.history, indent=2))
         if stale >= cfg.patience:
+            break
+        if cfg.max_seconds and time.monotonic() - started > cfg.max_seconds:
+            if progress:
+                tqdm.write(f"stopping after epoch {epoch + 1}: the {cfg.max_seconds:.0f} s budget is spent")
             break
     if best_state is not None:
         model.load_state_dict(best_state)
