@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.baselines import cooccurrence_scorer, ease_weights, popularity_scorer, sequential_scorer
+from training.baselines import Histories, cooccurrence_scorer, ease_weights, popularity_scorer, sequential_scorer
 from training.evaluate import auc, last_per_user_split, ranking_metrics, summarise, tie_aware_ranks, top_k
 
 NONE = np.array([], dtype=int)
@@ -139,7 +139,7 @@ def test_sequential_baseline_learns_a_deterministic_order():
     items = [f"i{k}" for k in range(6)]
     from training.baselines import SequentialConfig
 
-    scorer = sequential_scorer(events, {"purchase": 1.0}, items, events,
+    scorer = sequential_scorer(events, {"purchase": 1.0}, items, Histories(events, {"purchase": 1.0}, items),
                                cfg=SequentialConfig(max_epochs=300, max_seconds=30, dim=16, max_len=8), progress=False)
     req = pd.DataFrame({"user_id": ["u3", "u3"],  # u3 bought i0..i4
                         "event_timestamp": pd.to_datetime(["2024-01-05", "2024-01-03"], utc=True)})

@@ -79,10 +79,8 @@ def popularity_scorer(train_events: pd.DataFrame, positives: dict[str, float], i
     return score
 
 
-def _history_scorer(weights: np.ndarray, events: pd.DataFrame, positives: dict[str, float],
-                    item_ids: list[str]) -> Scorer:
+def _history_scorer(weights: np.ndarray, histories: Histories, item_ids: list[str]) -> Scorer:
     """score = history (binary, before the request) @ an item x item weight matrix."""
-    histories = Histories(events, positives, item_ids)
 
     def score(requests: pd.DataFrame) -> np.ndarray:
         return histories.matrix(requests, len(item_ids)) @ weights
@@ -90,16 +88,16 @@ def _history_scorer(weights: np.ndarray, events: pd.DataFrame, positives: dict[s
 
 
 def cooccurrence_scorer(train_events: pd.DataFrame, positives: dict[str, float], item_ids: list[str],
-                        events: pd.DataFrame | None = None) -> Scorer:
+                        histories: Histories | None = None) -> Scorer:
     """ItemKNN: cosine over the binary user x item matrix; score = sum of similarities to the history.
 
-    ``events`` (default: the training events) supplies each request's history.
+    ``histories`` (default: the training events') supplies each request's history.
     """
     x = interaction_matrix(train_events, positives, item_ids).astype(np.float32)
     norms = np.sqrt(x.sum(axis=0)) + 1e-12
     sim = (x.T @ x) / np.outer(norms, norms)
     np.fill_diagonal(sim, 0.0)
-    return _history_scorer(sim, train_events if events is None else events, positives, item_ids)
+    return _history_scorer(sim, histories or Histories(train_events, positives, item_ids), item_ids)
 
 
 def ease_weights(x: np.ndarray, lam: float) -> np.ndarray:
@@ -113,9 +111,9 @@ def ease_weights(x: np.ndarray, lam: float) -> np.ndarray:
 
 
 def ease_scorer(train_events: pd.DataFrame, positives: dict[str, float], item_ids: list[str],
-                lam: float = EASE_LAMBDAS[0], events: pd.DataFrame | None = None) -> Scorer:
+                lam: float = EASE_LAMBDAS[0], histories: Histories | None = None) -> Scorer:
     return _history_scorer(ease_weights(interaction_matrix(train_events, positives, item_ids), lam),
-                           train_events if events is None else events, positives, item_ids)
+                           histories or Histories(train_events, positives, item_ids), item_ids)
 
 
 # --- SASRec-style sequential baseline: item ids only, no text, no features ---------------------------
@@ -175,17 +173,16 @@ def _left_pad(seqs: list[np.ndarray], max_len: int) -> torch.Tensor:
 
 
 def sequential_scorer(train_events: pd.DataFrame, positives: dict[str, float], item_ids: list[str],
-                      events: pd.DataFrame, validate: Callable[[Scorer], float] | None = None,
+                      histories: Histories, validate: Callable[[Scorer], float] | None = None,
                       cfg: SequentialConfig | None = None, progress: bool = True) -> Scorer:
     """Train SASRec on the training positives (early stopping on ``validate``), then score requests
-    from each user's history in ``events`` before the request."""
+    from each user's history (``histories``) before the request."""
     cfg = cfg or SequentialConfig()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     train_hist = Histories(train_events, positives, item_ids)
     seqs = [s[-(cfg.max_len + 1):] for s in train_hist.sequences() if len(s) >= 2]
     model = SASRec(len(item_ids), cfg)
-    histories = Histories(events, positives, item_ids)
 
     @torch.no_grad()
     def score(requests: pd.DataFrame) -> np.ndarray:

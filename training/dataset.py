@@ -126,11 +126,6 @@ def fetch_features(store, examples: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values("example_id").reset_index(drop=True)
 
 
-def catalogue_features(store, item_ids: list[str], as_of: pd.Timestamp) -> pd.DataFrame:
-    """Every item's features as of one time (for ranking the whole catalogue)."""
-    return catalogue_features_at(store, item_ids, [as_of])[0]
-
-
 def catalogue_features_at(store, item_ids: list[str], times: list[pd.Timestamp]) -> list[pd.DataFrame]:
     """Every item's features as of each of ``times`` (one Feast call), in ``item_ids`` order."""
     entity = pd.DataFrame({"item_id": np.tile(item_ids, len(times)),

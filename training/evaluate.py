@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from training.baselines import Scorer
+from training.baselines import Histories, Scorer
 
 COLD_EVENTS = 5  # a user with fewer events before the request is "cold"
 VALIDATION_REQUESTS = 1000  # validation is a sample: it runs after every epoch
@@ -120,17 +120,9 @@ def last_per_user_split(events: pd.DataFrame, positives: dict[str, float]) -> Sp
 def seen_before(events: pd.DataFrame, positives: dict[str, float], requests: pd.DataFrame,
                 item_index: dict[str, int]) -> list[np.ndarray]:
     """Catalogue positions each user engaged with before the request (excluded from the ranking)."""
-    pos = events[events["event_type"].isin(list(positives)) & events["item_id"].notna()]
-    by_user = {u: g.sort_values("event_timestamp") for u, g in pos.groupby("user_id")}
-    out = []
-    for user, ts in zip(requests["user_id"], requests["event_timestamp"], strict=True):
-        g = by_user.get(user)
-        if g is None:
-            out.append(np.array([], dtype=int))
-            continue
-        earlier = g.loc[g["event_timestamp"] < ts, "item_id"]
-        out.append(np.array([item_index[i] for i in earlier.unique() if i in item_index], dtype=int))
-    return out
+    histories = Histories(events, positives, list(item_index))
+    return [np.unique(histories.before(user, ts)) for user, ts in
+            zip(requests["user_id"], requests["event_timestamp"], strict=True)]
 
 
 def tie_aware_ranks(scores: np.ndarray, targets: np.ndarray, excluded: list[np.ndarray]) -> np.ndarray:

@@ -18,6 +18,7 @@ from training import dataset
 from training.baselines import (
     EASE_LAMBDAS,
     EASE_MAX_ITEMS,
+    Histories,
     Scorer,
     cooccurrence_scorer,
     ease_scorer,
@@ -207,6 +208,7 @@ def baseline_scorers(split: Split, events: pd.DataFrame, positives: dict[str, fl
     """The id-based baselines: hyper-parameters and early stopping on the validation requests only."""
     fit_events = split.before(events, split.fit_cut)
     train_events = split.before(events, split.test_cut)
+    histories = Histories(events, positives, item_ids)  # each request's own history, shared by every scorer
 
     def validated(scorer: Scorer) -> float:
         return ndcg_at_10(scorer, split.validation, events, positives, item_ids)
@@ -215,15 +217,15 @@ def baseline_scorers(split: Split, events: pd.DataFrame, positives: dict[str, fl
     if cfg.wants("popularity"):
         out[MODEL_ROWS["popularity"]] = popularity_scorer(train_events, positives, item_ids)
     if cfg.wants("cooccurrence"):
-        out[MODEL_ROWS["cooccurrence"]] = cooccurrence_scorer(train_events, positives, item_ids, events)
+        out[MODEL_ROWS["cooccurrence"]] = cooccurrence_scorer(train_events, positives, item_ids, histories)
     if cfg.wants("ease") and len(item_ids) <= EASE_MAX_ITEMS:
         lam = EASE_LAMBDAS[0]
         if len(split.validation):
-            lam = max(EASE_LAMBDAS, key=lambda v: validated(ease_scorer(fit_events, positives, item_ids, v, events)))
-        out[f"{MODEL_ROWS['ease']} (λ={lam:g})"] = ease_scorer(train_events, positives, item_ids, lam, events)
+            lam = max(EASE_LAMBDAS, key=lambda v: validated(ease_scorer(fit_events, positives, item_ids, v, histories)))
+        out[f"{MODEL_ROWS['ease']} (λ={lam:g})"] = ease_scorer(train_events, positives, item_ids, lam, histories)
     if cfg.wants("sequential"):
         out[MODEL_ROWS["sequential"]] = sequential_scorer(
-            fit_events, positives, item_ids, events, validated if len(split.validation) else None,
+            fit_events, positives, item_ids, histories, validated if len(split.validation) else None,
             progress=progress)
     return out
 
