@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
 
-from eventlog.store import EventLog, events
+from eventlog.store import EventLog, events, utcnow
 from feature_repo.pipeline.compute import ENGAGED, SEQUENCE_LENGTH, compute_all, latest_user_state
 from feature_repo.pipeline.stores import feature_store_config, push_latest, write_offline
 
@@ -18,30 +21,70 @@ from feature_repo.pipeline.stores import feature_store_config, push_latest, writ
 FETCH_WINDOW = timedelta(days=31)
 
 
-def build(log: EventLog, profile: str, workspace: Path) -> dict[str, pd.DataFrame]:
-    """Recompute every feature table from the whole event log and replace the offline tables."""
+class FeatureChecksFailed(RuntimeError):
+    """The new tables broke a feature-level rule: the previous offline tables stay in place."""
+
+    def __init__(self, report) -> None:
+        super().__init__(f"feature checks failed (see {report.path})")
+        self.report = report
+
+
+def build(log: EventLog, profile: str, workspace: Path,
+          check: Callable[[dict[str, pd.DataFrame]], Any] | None = None) -> dict[str, pd.DataFrame]:
+    """Recompute every feature table from the whole event log and replace the offline tables.
+
+    ``check`` sees the new tables before they replace the old ones; a report with ``failed`` set
+    raises :class:`FeatureChecksFailed` and leaves the previous tables (and online store) as they were.
+    """
+    workspace = Path(workspace)
+    log_read_at = utcnow()  # keys touched after this are synced online from the log, not this build
     events_, items, users = log.read_table("events"), log.read_table("items"), log.read_table("users")
     if profile == "spark":
         from feature_repo.pipeline.spark_build import build_with_spark
 
-        spark_conf = feature_store_config("spark", Path(workspace))["offline_store"]["spark_conf"]
-        build_with_spark(events_, items, users, Path(workspace), spark_conf)
-        tables = read_offline_spark(Path(workspace))
+        spark_conf = feature_store_config("spark", workspace)["offline_store"]["spark_conf"]
+        staging = workspace / "offline" / ".staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        build_with_spark(events_, items, users, workspace, spark_conf, out_dir=staging)
+        tables = read_offline_spark(workspace, staging)
+        _checked(check, tables)
+        swap_in_spark_tables(workspace, staging)
     else:
         tables = compute_all(events_, items, users)
+        _checked(check, tables)
         write_offline(profile, workspace, tables)
     newest = tables["user_behaviour"]["event_timestamp"].max() if len(tables["user_behaviour"]) else None
-    (Path(workspace) / "feast").mkdir(parents=True, exist_ok=True)
-    (Path(workspace) / "feast" / "last_build.json").write_text(json.dumps({
+    (workspace / "feast").mkdir(parents=True, exist_ok=True)
+    (workspace / "feast" / "last_build.json").write_text(json.dumps({
         "built_at": datetime.now(UTC).isoformat(timespec="seconds"), "profile": profile,
+        "log_read_at": log_read_at.isoformat(),
         "newest_feature_timestamp": newest.isoformat() if newest is not None else None,
         "rows": {k: len(v) for k, v in tables.items()}}, indent=2))
     return tables
 
 
-def read_offline_spark(workspace: Path) -> dict[str, pd.DataFrame]:
+def _checked(check, tables: dict[str, pd.DataFrame]) -> None:
+    if check is not None and getattr(report := check(tables), "failed", False):
+        raise FeatureChecksFailed(report)
+
+
+def swap_in_spark_tables(workspace: Path, staging: Path) -> None:
+    """Move each staged table folder over the live one (a rename per table)."""
+    for folder in sorted(p for p in staging.iterdir() if p.is_dir()):
+        live = workspace / "offline" / folder.name
+        old = workspace / "offline" / f".{folder.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if live.exists():
+            live.rename(old)
+        folder.rename(live)
+        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_offline_spark(workspace: Path, folder: Path | None = None) -> dict[str, pd.DataFrame]:
     """The tables Spark wrote, for the feature-level checks (pyarrow reads the part files)."""
-    return {name: pd.read_parquet(workspace / "offline" / name) for name in
+    folder = folder or workspace / "offline"
+    return {name: pd.read_parquet(folder / name) for name in
             ("user_behaviour", "user_text", "user_sequence", "user_personal", "item_features")}
 
 

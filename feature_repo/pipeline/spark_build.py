@@ -36,8 +36,9 @@ def spark_session(spark_conf: dict[str, str]):
 
 
 def build_with_spark(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, workspace: Path,
-                     spark_conf: dict[str, str], partitions: int = 8) -> dict[str, int]:
-    """Compute and write every feature table with Spark; returns row counts per table."""
+                     spark_conf: dict[str, str], partitions: int = 8, out_dir: Path | None = None) -> dict[str, int]:
+    """Compute and write every feature table with Spark (to ``out_dir``, by default the workspace's
+    offline store); returns row counts per table."""
     spark = spark_session(spark_conf)
     ev = events[EVENT_COLUMNS].copy()
     ev["event_timestamp"] = pd.to_datetime(ev["event_timestamp"], utc=True).astype("datetime64[us, UTC]")
@@ -66,7 +67,7 @@ def build_with_spark(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFr
             present = catalogue[catalogue["item_id"].isin(frame["item_id"])]
             yield compute.compute_item_table(frame, present, last_day)
 
-    folder = workspace / "offline"
+    folder = out_dir or workspace / "offline"
     counts = {}
     by_user = sdf.repartition(partitions, "user_id")
     for kind in ("user_behaviour", "user_text", "user_sequence"):

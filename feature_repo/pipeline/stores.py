@@ -171,25 +171,31 @@ def _write_postgres(tables: dict[str, pd.DataFrame]) -> None:
                 frame.head(0).to_sql(table, conn, index=False)
                 conn.execute(sa.text(f'CREATE INDEX ON "{table}" ({frame.columns[0]}, event_timestamp)'))
                 buffer = io.StringIO()
-                frame.to_csv(buffer, index=False, header=False, date_format="%Y-%m-%d %H:%M:%S.%f%z")
+                # An explicit NULL marker: in CSV, COPY would read an empty string as NULL.
+                frame.to_csv(buffer, index=False, header=False, date_format="%Y-%m-%d %H:%M:%S.%f%z",
+                             na_rep="\\N")
                 buffer.seek(0)
                 cols = ", ".join(f'"{c}"' for c in frame.columns)
                 with conn.connection.cursor() as cur, cur.copy(
-                        f'COPY "{table}" ({cols}) FROM STDIN WITH (FORMAT csv)') as copy:
+                        f'COPY "{table}" ({cols}) FROM STDIN WITH (FORMAT csv, NULL \'\\N\')') as copy:
                     while chunk := buffer.read(1 << 20):
                         copy.write(chunk)
     finally:
         engine.dispose()
 
 
-def materialize(workspace: Path, full: bool = False, end: datetime | None = None) -> None:
-    """Incremental by default (Feast tracks what was loaded); ``full`` reloads everything."""
-    store = feature_store(workspace)
+def materialize(workspace: Path, full: bool = False, end: datetime | None = None, store=None):
+    """Incremental by default (Feast tracks what was loaded); ``full`` reloads everything.
+
+    This loads only rows stamped inside the window: ``online.sync_online`` brings the rest."""
+    store = store or feature_store(workspace)
+    _skip_dedup(store, False)  # a stale build's row never replaces a newer pushed one on Redis
     end = end or datetime.now(UTC)
     if full:
         store.materialize(start_date=datetime(1970, 1, 1, tzinfo=UTC), end_date=end)
     else:
         store.materialize_incremental(end_date=end)
+    return store
 
 
 def push_latest(store, states: dict[str, pd.DataFrame]) -> None:
@@ -198,7 +204,19 @@ def push_latest(store, states: dict[str, pd.DataFrame]) -> None:
     This is what ``store.push`` does through the view's PushSource, minus its
     re-listing of every FeatureService from the registry on each call (for pre-computed vectors,
     which Persona does not use): about 10 ms per push on the SQL registry.
+
+    The state comes from the event log, so it is written even when its stamp is not newer than the
+    stored one (a late event, an edit): Feast's Redis writer would skip that row, so its timestamp
+    check is turned off for these writes (``skip_dedup``). Materialization keeps it.
     """
+    _skip_dedup(store, True)
     for name, frame in states.items():
         if len(frame):
             store.write_to_online_store(name, _microseconds(frame), allow_registry_cache=True)
+
+
+def _skip_dedup(store, skip: bool) -> None:
+    """Redis only: whether a write may replace a stored row that is not older."""
+    online = store.config.online_store
+    if hasattr(online, "skip_dedup"):
+        online.skip_dedup = skip
