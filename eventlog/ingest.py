@@ -15,7 +15,11 @@ import pandas as pd
 from eventlog.contract import KEY_COLUMN
 from eventlog.sources import Batch, normalise
 from eventlog.store import EventLog, WriteCounts, new_batch_id
-from validation.gate import Gate, GateResult, KnownIds
+from validation.gate import Gate, GateResult, KnownIds, Violation
+
+# How the batch record is filed, by how the batch arrived. Only "accepted" (file and SQL batches)
+# is a column baseline for schema drift; held batches are filed "held" whatever their kind.
+_STATUS = {"files": "accepted", "sql": "accepted", "replay": "replay", "api": "api"}
 
 
 @dataclass
@@ -73,7 +77,21 @@ def ingest(batch: Batch, log: EventLog, gate: Gate, *, dry_run: bool = False,
         for table, verdict in result.verdicts.items():
             tb = batch.tables[table]
             retried = replayed.get(table, {})
-            for row in range(verdict.rows) if result.held else verdict.rejected_rows:
+            failed = list(range(verdict.rows)) if result.held else verdict.rejected_rows
+            if not result.held:
+                mask = verdict.write_mask()
+                counts: WriteCounts = log.write(conn, table, tb.frame[mask], tb.present, batch_id,
+                                                checked=verdict.in_log)
+                tr = report.tables[table]
+                tr.written = counts.new if table == "events" else int(mask.sum())
+                tr.already_present = counts.existing if table == "events" else 0
+                late = _write_conflicts(tb, verdict, counts.conflicts)
+                tr.quarantined += len(late)
+                tr.accepted -= len(late)
+                tr.rules.update(v.rule for row in late for v in verdict.violations[row])
+                failed = sorted([*failed, *late])
+                resolved += [qid for row, qid in retried.items() if row not in verdict.violations]
+            for row in failed:
                 record = _quarantine_record(batch_id, tb, row, verdict.violations.get(row),
                                             "held" if result.held else "open", result.hold_reasons)
                 if row in retried:  # still failing: refresh its record with today's reasons
@@ -81,23 +99,37 @@ def ingest(batch: Batch, log: EventLog, gate: Gate, *, dry_run: bool = False,
                         "rule", "column_name", "reason", "status")})
                 else:
                     quarantine_rows.append(record)
-            if result.held:
-                continue
-            mask = verdict.write_mask()
-            counts: WriteCounts = log.write(conn, table, tb.frame[mask], tb.present, batch_id)
-            tr = report.tables[table]
-            tr.written = counts.new if table == "events" else int(mask.sum())
-            tr.already_present = counts.existing if table == "events" else 0
-            resolved += [qid for row, qid in retried.items() if row not in verdict.violations]
         log.quarantine_rows(conn, quarantine_rows)
         log.resolve_quarantine(conn, resolved)
-        summary = report.to_dict() | {"columns": {t: b.present for t, b in batch.tables.items()}}
-        log.record_batch(conn, batch_id, batch.source, "held" if result.held else "accepted", summary)
+        summary = report.to_dict() | {"kind": batch.kind,
+                                      "columns": {t: b.present for t, b in batch.tables.items()}}
+        log.record_batch(conn, batch_id, batch.source, "held" if result.held else _STATUS.get(batch.kind, "api"),
+                         summary)
     return report, result
 
 
+def _write_conflicts(tb, verdict, conflicts: dict) -> list[int]:
+    """Rows the write found in conflict with an event another writer stored after the gate looked.
+
+    They become ``event_id_conflict`` violations (the gate's rule and wording), as do exact copies
+    of them in this batch, so that nothing is dropped silently. Returns the rows, added to ``verdict``.
+    """
+    if not conflicts:
+        return []
+    ids = tb.frame["event_id"]
+    rows = {int(row): cols for row, cols in conflicts.items()}
+    by_id = {ids.iloc[row]: row for row in rows}
+    rows |= {int(p): rows[by_id[ids.iloc[p]]] for p in verdict.duplicates if ids.iloc[p] in by_id}
+    for row, cols in rows.items():
+        verdict.violations[row] = [Violation(row, "event_id", "event_id_conflict",
+                                             f"event_id {ids.iloc[row]!r} is already in the log with "
+                                             f"different {', '.join(cols)}")]
+    return sorted(rows)
+
+
 def _quarantine_record(batch_id: str, tb, row: int, violations, status: str, hold: list[str]) -> dict:
-    payload = {k: v for k, v in tb.raw.iloc[row].items() if v is not None}
+    # Every column of the row, nulls included: a replay then has the columns the batch had.
+    payload = dict(tb.raw.iloc[row].items())
     key = tb.frame[KEY_COLUMN[tb.table]].iloc[row]
     if violations:
         rule = "; ".join(dict.fromkeys(v.rule for v in violations))
@@ -116,12 +148,20 @@ def replay(log: EventLog, gate: Gate, *, batch_id: str | None = None,
 
     With ``corrected``, the fixed rows come from a corrected file: they are ingested like any batch
     and the quarantine records with the same keys are resolved. Without it, the stored rows are
-    re-validated as they stand (after a rule or setting change, or once missing users arrived).
+    re-validated as they stand (after a rule or setting change, or once missing users arrived),
+    one by one: the reject-share and schema-drift checks do not apply to them.
+
+    Without ``batch_id`` only ``open`` rows (rows that broke a rule) are retried, never the rows of
+    a held batch. A held batch is released only when named by ``batch_id``: its batch-level checks
+    are then knowingly waived, for that batch alone.
     """
     pending = log.quarantined()
-    pending = pending[pending["status"].isin(["open", "held"])]
     if batch_id:
-        pending = pending[pending["batch_id"] == batch_id]
+        pending = pending[(pending["batch_id"] == batch_id) & pending["status"].isin(["open", "held"])]
+    elif corrected is not None:
+        pending = pending[pending["status"].isin(["open", "held"])]  # a fixed row resolves its record
+    else:
+        pending = pending[pending["status"] == "open"]
     if corrected is not None:
         replayed: dict[str, dict[int, int]] = {}
         for table, tb in corrected.tables.items():
@@ -138,7 +178,12 @@ def replay(log: EventLog, gate: Gate, *, batch_id: str | None = None,
         tb.row_numbers = group["row_number"].to_numpy()
         tables[table] = tb
         replayed[table] = dict(enumerate(group["id"].astype(int)))
-    batch = Batch(source="quarantine replay", tables=tables)
+    batch = Batch(source="quarantine replay", tables=tables, kind="replay")
     # Replayed rows are judged one by one: no batch-level hold for share or column drift.
     lenient = Gate(replace(gate.settings, max_reject_share=1.0, on_schema_drift="accept"), gate.now)
-    return ingest(batch, log, lenient, replayed=replayed)
+    report, result = ingest(batch, log, lenient, replayed=replayed)
+    if batch_id and (pending["status"] == "held").any():
+        reasons = json.loads(log.batch_summary(batch_id) or "{}").get("hold_reasons") or ["held"]
+        report.notes.append(f"batch {batch_id} was held; its batch-level checks were waived on request: "
+                            + "; ".join(reasons))
+    return report, result

@@ -10,6 +10,7 @@ validation gate quarantines its row (the seam between this module and ``validati
 from __future__ import annotations
 
 import codecs
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ codecs.register_error("persona_mark_invalid", lambda err: (INVALID_UTF8 * (err.e
 
 FILE_SUFFIXES = (".csv", ".parquet")
 _TZ_SUFFIX = re.compile(r"(?:Z|[+-]\d{2}:?\d{2})$", re.IGNORECASE)
+# How "not a number" and infinity are spelled in text (CSV), and by str() of a float.
+_NON_FINITE = {f"{sign}{word}" for sign in ("", "+", "-") for word in ("nan", "inf", "infinity")}
 
 
 class StructuralError(ValueError):
@@ -55,8 +58,17 @@ class TableBatch:
 
 @dataclass
 class Batch:
+    """One delivery of contract tables.
+
+    ``kind`` says how it arrived: ``"files"`` or ``"sql"`` (:func:`load_batch`), ``"replay"``
+    (quarantined rows retried) or ``"api"`` (built in code, such as ``POST /events``). Only file and
+    SQL batches set the column baseline that schema drift is checked against: a request that
+    carries four fields, or a replay of a few rows, says nothing about the shape of the next file.
+    """
+
     source: str
     tables: dict[str, TableBatch]
+    kind: str = "api"
 
     @property
     def rows(self) -> int:
@@ -76,7 +88,7 @@ def load_batch(source: str | Path) -> Batch:
             f"{_redact(src)}: no contract table found (expected users, items and/or events "
             f"as {' or '.join(FILE_SUFFIXES)} files, or SQL tables with those names)")
     tables = {name: normalise(name, frame, origin) for name, (frame, origin) in raw_tables.items()}
-    return Batch(source=_redact(src), tables=tables)
+    return Batch(source=_redact(src), tables=tables, kind="sql" if is_url(src) else "files")
 
 
 def _redact(url: str) -> str:
@@ -93,25 +105,60 @@ def _read_folder(folder: Path) -> dict[str, tuple[pd.DataFrame, str]]:
         if len(found) > 1:
             raise StructuralError(f"{folder}: both {found[0].name} and {found[1].name} exist; keep one")
         if found:
-            out[table] = (_read_file(found[0]), str(found[0]))
+            out[table] = (_read_file(found[0], table), str(found[0]))
     return out
 
 
-def _read_file(path: Path) -> pd.DataFrame:
+def _read_file(path: Path, table: str) -> pd.DataFrame:
     try:
         if path.suffix == ".parquet":
-            return pd.read_parquet(path)
+            return _read_parquet(path, table)
         if path.stat().st_size == 0:
             raise StructuralError(f"{path}: the file is empty (not even a header row)")
+        csv = {"encoding": "utf-8", "encoding_errors": "persona_mark_invalid"}
+        # pandas renames a repeated header (a second user_id becomes "user_id.1"), so the header
+        # is checked as written before the data is read.
+        header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False, **csv)
+        named = [n for n in (header.iloc[0] if len(header) else []) if n.strip()]  # "" is "Unnamed: n"
+        _no_duplicate_columns(named, str(path))
         # Everything as text: the contract, not pandas' guesses, decides types. Only an empty
         # field is null ("NA" may be a real region code). Bytes that are not UTF-8 become INVALID_UTF8
         # and the gate quarantines their rows instead of the whole file failing.
-        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""],
-                           encoding="utf-8", encoding_errors="persona_mark_invalid")
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], **csv)
     except StructuralError:
         raise
     except Exception as exc:  # pandas/pyarrow raise many types; all mean "unreadable"
         raise StructuralError(f"{path}: unreadable: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_parquet(path: Path, table: str) -> pd.DataFrame:
+    """A Parquet file; a NaN stored in a numeric contract column is kept apart from a null.
+
+    pandas reads both a null and a NaN float as NaN, so a NaN (which a CSV spells "NaN" and the gate
+    quarantines) would pass as a missing value. Such cells are handed on as the text "NaN".
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    _no_duplicate_columns(pq.read_schema(path).names, str(path))
+    frame = pd.read_parquet(path)
+    numeric = [c.name for c in CONTRACT[table] if c.type in ("int", "float") and c.name in frame.columns
+               and pd.api.types.is_float_dtype(frame[c.name])]
+    if numeric:
+        stored = pq.read_table(path, columns=numeric)
+        for name in numeric:
+            is_nan = pc.fill_null(pc.is_nan(stored[name].cast("float64")), False).to_numpy()
+            if is_nan.any():
+                frame[name] = frame[name].astype(object).where(~is_nan, "NaN")
+    return frame
+
+
+def _no_duplicate_columns(names: list, origin: str) -> None:
+    """Two columns of one name (spaces around a name do not count) are a structural error."""
+    stripped = [str(n).strip() for n in names]
+    dupes = [n for i, n in enumerate(stripped) if n in stripped[:i]]
+    if dupes:
+        raise StructuralError(f"{origin}: column {dupes[0]!r} appears more than once")
 
 
 def _read_sql(url: str) -> dict[str, tuple[pd.DataFrame, str]]:
@@ -129,13 +176,19 @@ def _read_sql(url: str) -> dict[str, tuple[pd.DataFrame, str]]:
         engine.dispose()
 
 
-def normalise(table: str, frame: pd.DataFrame, origin: str) -> TableBatch:
-    """Check structure and coerce every contract column to its type."""
+def normalise(table: str, frame: pd.DataFrame | list[dict], origin: str) -> TableBatch:
+    """Check structure and coerce every contract column to its type.
+
+    ``frame`` may also be the records themselves (dicts, as parsed from JSON). Prefer that for JSON
+    input: a DataFrame cannot tell a NaN from a missing value, since pandas stores both as NaN, so
+    a NaN ``value`` in a DataFrame passes as null, while in records it is quarantined as it is
+    when a CSV spells it "NaN". Infinity is quarantined either way.
+    """
+    if not isinstance(frame, pd.DataFrame):
+        frame = _records_frame(table, frame)
     frame = frame.reset_index(drop=True)
+    _no_duplicate_columns(list(frame.columns), origin)
     frame.columns = [str(c).strip() for c in frame.columns]
-    dupes = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
-    if dupes:
-        raise StructuralError(f"{origin}: column {dupes[0]!r} appears more than once")
     missing = [c for c in required_columns(table) if c not in frame.columns]
     if missing:
         raise StructuralError(
@@ -143,6 +196,16 @@ def normalise(table: str, frame: pd.DataFrame, origin: str) -> TableBatch:
             f"(found: {', '.join(frame.columns) or 'no columns'})")
     present = list(frame.columns)
     raw = frame.astype(object).where(frame.notna(), None).astype(str).where(frame.notna(), None)
+    for name in [c for c in frame.columns if pd.api.types.is_object_dtype(frame[c])]:
+        # Nested values (a JSON object or list) stay Python objects: the event log stores them as
+        # JSON and a quarantine payload keeps them, instead of their repr() text.
+        cells = frame[name].to_numpy(dtype=object)
+        nested = np.fromiter((isinstance(v, dict | list | np.ndarray) for v in cells), dtype=bool, count=len(cells))
+        if nested.any():
+            kept = raw[name].to_numpy(dtype=object).copy()
+            for i in np.flatnonzero(nested):  # one by one: equal-length lists must not become a 2-D array
+                kept[i] = _plain(cells[i])
+            raw[name] = kept
     out = pd.DataFrame(index=frame.index)
     issues: list[CellIssue] = []
     notes: list[str] = []
@@ -152,15 +215,20 @@ def normalise(table: str, frame: pd.DataFrame, origin: str) -> TableBatch:
             out[name] = pd.Series(pd.NA, index=frame.index, dtype=_dtype(col.type))
             continue
         values, bad, note = _coerce(frame[name], col.type)
-        filled = int(frame[name].notna().sum())
-        if len(bad) == filled and filled >= max(2, len(frame) / 2):
+        non_finite = _non_finite(frame[name]) if col.type in ("int", "float") else np.zeros(len(frame), bool)
+        mistyped = bad[~non_finite[bad]]
+        filled = int(frame[name].notna().sum() - non_finite.sum())
+        if len(mistyped) and len(mistyped) == filled and filled >= max(2, len(frame) / 2):
             # The whole column is of another type (a sparse column's one bad cell is a row issue).
-            example = frame[name].iloc[bad[0]]
+            example = frame[name].iloc[mistyped[0]]
             raise StructuralError(
                 f"{origin}: column {name!r} cannot be read as {col.type}: none of its "
-                f"{filled} values parse (row {bad[0] + 1} has {str(example)[:60]!r})")
+                f"{filled} values parse (row {mistyped[0] + 1} has {str(example)[:60]!r})")
         out[name] = values
-        issues += [CellIssue(int(i), name, "type",
+        issues += [CellIssue(int(i), name, "finite_number",
+                             f"{name}={str(frame[name].iloc[i])[:60]!r} is not a finite number")
+                   if non_finite[i] else
+                   CellIssue(int(i), name, "type",
                              f"{name}={str(frame[name].iloc[i])[:60]!r} is not a valid {col.type}")
                    for i in bad]
         if note:
@@ -174,6 +242,39 @@ def normalise(table: str, frame: pd.DataFrame, origin: str) -> TableBatch:
     ordered = [c.name for c in CONTRACT[table]] + [c for c in out.columns if c not in spec]
     return TableBatch(table, origin, out[ordered], raw, present, np.arange(1, len(frame) + 1),
                       issues, notes)
+
+
+def _records_frame(table: str, records: list[dict]) -> pd.DataFrame:
+    """Records (dicts from JSON) as a frame, a NaN in a numeric contract field kept apart from null.
+
+    ``pd.DataFrame`` turns a missing key, a None and a NaN alike into NaN. A non-finite float in a
+    numeric field is handed on as its text ("NaN", "inf"), which the loader quarantines as in a CSV.
+    """
+    numeric = {c.name for c in CONTRACT[table] if c.type in ("int", "float")}
+
+    def mark(key, value):
+        if key in numeric and isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        return value
+
+    return pd.DataFrame([{k: mark(k, v) for k, v in r.items()} for r in records])
+
+
+def _plain(value):
+    """A nested value as plain JSON-able Python (Parquet lists arrive as NumPy arrays)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _non_finite(series: pd.Series) -> np.ndarray:
+    """Cells that hold NaN or infinity, as a float or as text; a null is not one of them."""
+    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+        return np.isinf(series.to_numpy(dtype=float, na_value=0.0))
+    text = series.astype("string").str.strip().str.lower()
+    return (series.notna() & text.isin(_NON_FINITE).fillna(False)).to_numpy(dtype=bool)
 
 
 def _dtype(kind: str) -> str:

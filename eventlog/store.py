@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
@@ -43,9 +43,12 @@ batches = sa.Table(
     sa.Column("batch_id", sa.String(36), primary_key=True),
     sa.Column("source", sa.Text, nullable=False),
     sa.Column("created_at", sa.DateTime, nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),  # accepted | held | replay
-    sa.Column("summary", sa.Text, nullable=False),  # JSON: counts, columns per table, notes
+    # accepted (a file or SQL batch: the column baseline) | held | replay | api (POST /events)
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("summary", sa.Text, nullable=False),  # JSON: kind, counts, columns per table, notes
 )
+# Batches that older versions recorded as "accepted" although they set no column baseline.
+_NOT_A_BASELINE = ("POST /events", "quarantine replay")
 
 quarantine = sa.Table(
     "quarantine", metadata,
@@ -66,10 +69,19 @@ quarantine = sa.Table(
 TABLES = {"users": users, "items": items, "events": events}
 
 
+# What makes two events with one event_id the same event (an idempotent re-delivery).
+COMPARED_COLUMNS = ["user_id", "event_timestamp", "event_type", "item_id", "query", "text", "rating",
+                    "value", "device", "channel", "session_id"]
+
+
 @dataclass
 class WriteCounts:
     new: int = 0  # rows that were not in the log before
-    existing: int = 0  # events already in the log (idempotent skip) or users/items updated
+    existing: int = 0  # events already in the log with the same content (idempotent skip), or users/items updated
+    # Events not written because the log holds their event_id with other content (another writer
+    # got there first): frame index label -> the compared columns that differ. Not written, never
+    # silently: the caller quarantines them.
+    conflicts: dict = field(default_factory=dict)
 
 
 def utcnow() -> datetime:
@@ -95,8 +107,15 @@ class EventLog:
 
     # --- writing ------------------------------------------------------------------------------
     def write(self, conn: sa.Connection, table: str, frame: pd.DataFrame, present: Iterable[str],
-              batch_id: str) -> WriteCounts:
-        """Append events (skip known ids) or upsert users/items, inside the caller's transaction."""
+              batch_id: str, *, checked: Iterable[str] = ()) -> WriteCounts:
+        """Append events (skip known ids) or upsert users/items, inside the caller's transaction.
+
+        The counts come from the write itself (the ids the insert returned, or a keyed lookup of
+        the batch's own keys), never from counting the table, so a write costs the same on a log
+        of any size. An event whose id the log already holds is compared with the stored row: the
+        same content is an idempotent re-delivery (``existing``), other content is a conflict
+        (``conflicts``). ``checked`` names event ids already compared (by the gate) and found equal.
+        """
         if frame.empty:
             return WriteCounts()
         tbl = TABLES[table]
@@ -111,30 +130,44 @@ class EventLog:
         stamp = {"batch_id": batch_id, "ingested_at": now} if table == "events" else {"updated_at": now}
         for rec in records:
             rec.update(stamp)
-        before = conn.execute(sa.select(sa.func.count()).select_from(tbl)).scalar_one()
+        keys = [r[key] for r in records]
         dialect = conn.dialect.name
-        if dialect in ("sqlite", "postgresql"):
-            insert = (sqlite.insert if dialect == "sqlite" else postgresql.insert)(tbl)
-            if table == "events":
-                stmt = insert.on_conflict_do_nothing(index_elements=[key])
-            else:
-                cols = update_cols + ["updated_at"]
-                stmt = insert.on_conflict_do_update(index_elements=[key],
-                                                    set_={c: insert.excluded[c] for c in cols})
+        insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(dialect)
+        if table == "events":
+            if insert is not None:
+                stmt = insert(tbl).on_conflict_do_nothing(index_elements=[key]).returning(tbl.c[key])
+                inserted: set = set()
+                for chunk in _chunks(records, 20_000):
+                    inserted.update(conn.execute(stmt, chunk).scalars())
+            else:  # any other SQLAlchemy backend: look up existing keys first
+                known = self._keys_in(conn, table, keys)
+                fresh = [r for r in records if r[key] not in known]
+                if fresh:
+                    conn.execute(tbl.insert(), fresh)
+                inserted = {r[key] for r in fresh}
+            skipped = [k for k in keys if k not in inserted]
+            unchecked = set(skipped) - set(checked)
+            conflicts: dict = {}
+            if unchecked:
+                mine = frame[frame[key].isin(unchecked).to_numpy(dtype=bool)]
+                stored = self._stored_events(conn, sorted(unchecked))
+                conflicts = {label: cols for label, cols in differing_columns(mine, stored).items() if cols}
+            return WriteCounts(new=len(inserted), existing=len(skipped) - len(conflicts), conflicts=conflicts)
+        known = self._keys_in(conn, table, keys)
+        if insert is not None:
+            ins = insert(tbl)
+            stmt = ins.on_conflict_do_update(index_elements=[key], set_={
+                c: ins.excluded[c] for c in update_cols + ["updated_at"]})
             for chunk in _chunks(records, 20_000):
                 conn.execute(stmt, chunk)
-        else:  # any other SQLAlchemy backend: look up existing keys first
-            known = {r[0] for r in conn.execute(sa.select(tbl.c[key]).where(
-                tbl.c[key].in_([r[key] for r in records])))}
+        else:
             fresh = [r for r in records if r[key] not in known]
             if fresh:
                 conn.execute(tbl.insert(), fresh)
-            if table != "events":
-                for r in (r for r in records if r[key] in known):
-                    conn.execute(tbl.update().where(tbl.c[key] == r[key]).values(
-                        {c: r[c] for c in update_cols + ["updated_at"]}))
-        after = conn.execute(sa.select(sa.func.count()).select_from(tbl)).scalar_one()
-        return WriteCounts(new=after - before, existing=len(records) - (after - before))
+            for r in (r for r in records if r[key] in known):
+                conn.execute(tbl.update().where(tbl.c[key] == r[key]).values(
+                    {c: r[c] for c in update_cols + ["updated_at"]}))
+        return WriteCounts(new=len(records) - len(known), existing=len(known))
 
     def record_batch(self, conn: sa.Connection, batch_id: str, source: str, status: str,
                      summary: dict) -> None:
@@ -163,7 +196,19 @@ class EventLog:
         return _as_utc(lo), _as_utc(hi)
 
     def existing_keys(self, table: str, keys: Iterable[str]) -> set[str]:
-        """Which of ``keys`` are already stored.
+        """Which of ``keys`` are already stored."""
+        keys = list(dict.fromkeys(str(k) for k in keys))
+        if not keys:
+            return set()
+        col = TABLES[table].c[KEY_COLUMN[table]]
+        with self.engine.connect() as conn:
+            if conn.execute(sa.select(col).limit(1)).first() is None:
+                return set()  # an empty table holds none of them: the first load skips the lookup
+            return self._keys_in(conn, table, keys)
+
+    @staticmethod
+    def _keys_in(conn: sa.Connection, table: str, keys: Iterable[str]) -> set[str]:
+        """Which of ``keys`` ``table`` holds, seen from ``conn`` (a keyed lookup, not a scan).
 
         SQLite and Postgres take the whole key list as one parameter (a JSON array or a text
         array), which is far faster than rendering an IN list of a million bound values.
@@ -171,31 +216,30 @@ class EventLog:
         keys = list(dict.fromkeys(str(k) for k in keys))
         if not keys:
             return set()
-        tbl = TABLES[table]
         name = KEY_COLUMN[table]
-        col = tbl.c[name]
+        col = TABLES[table].c[name]
+        dialect = conn.dialect.name
+        if dialect == "sqlite":
+            stmt = sa.text(f"SELECT {name} FROM {table} WHERE {name} IN (SELECT value FROM json_each(:keys))")
+            return {r[0] for r in conn.execute(stmt, {"keys": json.dumps(keys)})}
+        if dialect == "postgresql":
+            stmt = sa.select(col).where(col == sa.func.any(sa.bindparam("keys", type_=postgresql.ARRAY(sa.Text))))
+            return {r[0] for r in conn.execute(stmt, {"keys": keys})}
         found: set[str] = set()
-        with self.engine.connect() as conn:
-            if conn.execute(sa.select(col).limit(1)).first() is None:
-                return set()  # an empty table holds none of them: the first load skips the lookup
-            dialect = conn.dialect.name
-            if dialect == "sqlite":
-                stmt = sa.text(f"SELECT {name} FROM {table} WHERE {name} IN (SELECT value FROM json_each(:keys))")
-                return {r[0] for r in conn.execute(stmt, {"keys": json.dumps(keys)})}
-            if dialect == "postgresql":
-                stmt = sa.select(col).where(col == sa.func.any(sa.bindparam("keys", type_=postgresql.ARRAY(sa.Text))))
-                return {r[0] for r in conn.execute(stmt, {"keys": keys})}
-            for chunk in _chunks(keys, 5_000):
-                found |= {r[0] for r in conn.execute(sa.select(col).where(col.in_(chunk)))}
+        for chunk in _chunks(keys, 5_000):
+            found |= {r[0] for r in conn.execute(sa.select(col).where(col.in_(chunk)))}
         return found
 
     def stored_events(self, event_ids: Iterable[str]) -> pd.DataFrame:
         """Full stored rows for those of ``event_ids`` the log already holds."""
         ids = sorted(self.existing_keys("events", event_ids))
-        frames = []
         with self.engine.connect() as conn:
-            for chunk in _chunks(ids, 5_000):
-                frames.append(pd.read_sql(sa.select(events).where(events.c.event_id.in_(chunk)), conn))
+            return self._stored_events(conn, ids)
+
+    @staticmethod
+    def _stored_events(conn: sa.Connection, ids: list[str]) -> pd.DataFrame:
+        frames = [pd.read_sql(sa.select(events).where(events.c.event_id.in_(chunk)), conn)
+                  for chunk in _chunks(ids, 5_000)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     def read_table(self, table: str) -> pd.DataFrame:
@@ -207,15 +251,27 @@ class EventLog:
         return frame
 
     def last_columns(self, table: str) -> list[str] | None:
-        """The columns of the newest accepted batch that carried ``table`` (for schema drift)."""
+        """The columns of the newest accepted file or SQL batch that carried ``table`` (for schema drift).
+
+        API requests and replays are recorded under their own status and never set the baseline.
+        """
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(batches.c.summary).where(batches.c.status == "accepted")
-                                .order_by(batches.c.created_at.desc())).scalars()
-            for summary in rows:
-                cols = json.loads(summary).get("columns", {}).get(table)
+            rows = conn.execute(sa.select(batches.c.source, batches.c.summary)
+                                .where(batches.c.status == "accepted")
+                                .order_by(batches.c.created_at.desc()))
+            for source, summary in rows:
+                data = json.loads(summary)
+                if data.get("kind", "files" if source not in _NOT_A_BASELINE else None) not in ("files", "sql"):
+                    continue
+                cols = data.get("columns", {}).get(table)
                 if cols is not None:
                     return cols
         return None
+
+    def batch_summary(self, batch_id: str) -> str | None:
+        """The JSON summary recorded for ``batch_id`` (None for an unknown batch)."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(batches.c.summary).where(batches.c.batch_id == batch_id)).scalar()
 
     def quarantined(self, status: str | None = None) -> pd.DataFrame:
         stmt = sa.select(quarantine).order_by(quarantine.c.id)
@@ -232,6 +288,36 @@ class EventLog:
         for chunk in _chunks(ids, 20_000):
             conn.execute(quarantine.update().where(quarantine.c.id.in_(chunk))
                          .values(status="replayed", resolved_at=now))
+
+
+def differing_columns(mine: pd.DataFrame, stored: pd.DataFrame) -> dict:
+    """For each event of ``mine`` (by index label) whose event_id ``stored`` holds: the compared
+    columns whose values differ (an empty list: the same event, re-delivered).
+
+    ``stored`` is read from the log (naive UTC timestamps); ``mine`` is a normalised batch frame.
+    """
+    if stored.empty or mine.empty:
+        return {}
+    stored = stored[["event_id", *COMPARED_COLUMNS]].copy()
+    stored["event_timestamp"] = pd.to_datetime(stored["event_timestamp"]).dt.tz_localize("UTC")
+    left = mine[["event_id", *COMPARED_COLUMNS]].assign(_label=mine.index)
+    both = left.merge(stored, on="event_id", suffixes=("", "_log"))
+    differs = np.column_stack([~_equal(both[c], both[f"{c}_log"]) for c in COMPARED_COLUMNS]) \
+        if len(both) else np.zeros((0, len(COMPARED_COLUMNS)), dtype=bool)
+    return {label: [c for c, f in zip(COMPARED_COLUMNS, flags, strict=True) if f]
+            for label, flags in zip(both["_label"], differs, strict=True)}
+
+
+def _equal(a: pd.Series, b: pd.Series) -> np.ndarray:
+    """Element-wise equality where null equals null and numbers compare with a tolerance."""
+    a_na, b_na = a.isna().to_numpy(), b.isna().to_numpy()
+    if pd.api.types.is_numeric_dtype(a) and pd.api.types.is_numeric_dtype(b):
+        close = np.isclose(a.to_numpy(dtype=float, na_value=np.nan), b.to_numpy(dtype=float, na_value=np.nan))
+    elif pd.api.types.is_datetime64_any_dtype(a):
+        close = (a == b).fillna(False).to_numpy(dtype=bool)
+    else:
+        close = (a.astype("string") == b.astype("string")).fillna(False).to_numpy(dtype=bool)
+    return (a_na & b_na) | (~a_na & ~b_na & close)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

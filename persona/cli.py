@@ -195,8 +195,13 @@ def _models(workspace: Path) -> list[dict]:
 
     bentoml_home(workspace)
     import bentoml
+    from bentoml.exceptions import NotFound
 
-    models = sorted(bentoml.models.list(MODEL_NAME), key=lambda m: m.info.creation_time, reverse=True)
+    try:
+        found = bentoml.models.list(MODEL_NAME)
+    except NotFound:  # a model store without any Persona model yet
+        return []
+    models = sorted(found, key=lambda m: m.info.creation_time, reverse=True)
     return [{"tag": str(m.tag), "created": m.info.creation_time.isoformat()} for m in models]
 
 
@@ -258,9 +263,14 @@ def quarantine_replay(
     profile: Profile = None,
     source: Annotated[str | None, typer.Option(help="Corrected files or URL; without it, stored rows "
                                                "are re-validated as they stand.")] = None,
-    batch: Annotated[str | None, typer.Option(help="Only this batch id (a prefix works).")] = None,
+    batch: Annotated[str | None, typer.Option(help="Only this batch id (a prefix works). A held batch is "
+                                              "replayed only when named here, and its batch-level "
+                                              "checks are then waived.")] = None,
 ) -> None:
-    """Re-validate quarantined rows (fixed or as they stand) and ingest what now passes."""
+    """Re-validate quarantined rows (fixed or as they stand) and ingest what now passes.
+
+    Without --batch only rows that broke a rule are retried; held batches stay held until named.
+    """
     from eventlog.ingest import replay
 
     cfg = _config(workspace, profile)
@@ -273,9 +283,14 @@ def quarantine_replay(
     corrected = _load(source) if source else None
     report, _ = replay(log, _gate(cfg), batch_id=batch, corrected=corrected)
     remaining = log.counts()["quarantined"]
+    held = log.quarantined("held")["batch_id"].unique()
     log.dispose()
     _print_ingest(report)
     console.print(f"{remaining} row(s) remain in the quarantine")
+    if len(held) and not batch:
+        console.print(f"{len(held)} held batch(es) were not replayed: {', '.join(b[:8] for b in held)}. "
+                      "Release one with `persona quarantine replay --batch ID` (this waives its "
+                      "batch-level checks).", highlight=False)
     if report.held:
         raise typer.Exit(1)
 
@@ -299,45 +314,73 @@ def features_apply(workspace: Workspace = DEFAULT_WS, profile: Profile = None) -
 @features_app.command("build")
 def features_build(workspace: Workspace = DEFAULT_WS, profile: Profile = None,
                    check: Annotated[bool, typer.Option(help="Run the feature-level GX suite.")] = True) -> None:
-    """Compute every feature view from the event log and write the offline store."""
-    from feature_repo.pipeline.build import build
+    """Compute every feature view from the event log and write the offline store.
+
+    The feature checks run on the new tables before they replace the old ones: a failing build
+    leaves the previous tables in place."""
+    from feature_repo.pipeline.build import FeatureChecksFailed, build
 
     cfg = _config(workspace, profile)
     log = _event_log(cfg)
     started = time.perf_counter()
-    with console.status(f"building features from the event log ({cfg.profile})"):
-        tables = build(log, cfg.profile, cfg.workspace)
-    log.dispose()
+    checks = (lambda tables: _check_features(cfg, tables)) if check else None
+    try:
+        with console.status(f"building features from the event log ({cfg.profile})"):
+            tables = build(log, cfg.profile, cfg.workspace, check=checks)
+    except FeatureChecksFailed as exc:
+        err.print(f"[bold red]feature checks failed[/] (see {exc.report.path}); the previous offline tables "
+                  "are unchanged", highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        log.dispose()
     for name, frame in tables.items():
         console.print(f"{name:>15}: {len(frame):,} rows")
     console.print(f"built in {time.perf_counter() - started:.1f} s")
-    if check:
-        _check_features(cfg, tables)
 
 
-def _check_features(cfg, tables) -> None:
+def _check_features(cfg, tables):
     from validation.feature_suite import check_features
 
     report = check_features(tables, cfg.reports_dir / "features", cfg.validation.feature_drift)
     for line in report.lines:
         console.print(line, highlight=False)
-    if report.failed:
-        err.print("[bold red]feature checks failed[/] (see " + str(report.path) + ")", highlight=False)
-        raise typer.Exit(1)
+    return report
 
 
 @features_app.command("materialize")
 def features_materialize(workspace: Workspace = DEFAULT_WS, profile: Profile = None,
                          full: Annotated[bool, typer.Option(help="Reload everything, not only new rows.")] = False,
                          ) -> None:
-    """Load the offline store's newest values into the online store (incremental by default)."""
+    """Load the offline store's newest values into the online store (incremental by default), then
+    write online every user and item the event log changed since the last sync (new users and
+    items, edits, late events), recomputed from the log."""
     from feature_repo.pipeline import stores
+    from feature_repo.pipeline.online import sync_online
 
     cfg = _config(workspace, profile)
     try:
-        stores.materialize(cfg.workspace, full=full)
+        with console.status("feast materialize"):
+            store = stores.materialize(cfg.workspace, full=full)
     except FileNotFoundError as exc:
         _fail(str(exc))
+    from tqdm import tqdm
+
+    log = _event_log(cfg)
+    bar = None
+
+    def progress(total: int):
+        nonlocal bar
+        bar = tqdm(total=total, desc="sync changed keys online", unit="key", disable=total == 0)
+        return bar.update
+
+    try:
+        synced = sync_online(store, log, cfg.workspace, progress)
+    finally:
+        log.dispose()
+        if bar is not None:
+            bar.close()
+    console.print(f"materialized; synced {synced['users']:,} changed users and {synced['items']:,} changed items "
+                  f"from the event log (changes since {synced['since']})", highlight=False)
 
 
 def _training_inputs(cfg):
@@ -506,15 +549,20 @@ def _service_env(cfg) -> dict:
 @app.command()
 def serve(workspace: Workspace = DEFAULT_WS, profile: Profile = None,
           port: Annotated[int, typer.Option(min=1, max=65535)] = 3000, host: str = "127.0.0.1") -> None:
-    """Serve /rank, /profile and /events for the workspace with `bentoml serve`."""
-    import subprocess
+    """Serve /rank, /profile and /events for the workspace with `bentoml serve`.
+
+    The command becomes `bentoml serve` (exec, same process id), so a supervisor's SIGTERM reaches
+    BentoML itself, which stops its workers and frees the port."""
     import sys
 
     cfg = _config(workspace, profile)
     bentoml = str(Path(sys.executable).parent / "bentoml")
     console.print(f"serving {cfg.workspace} on http://{host}:{port} (OpenAPI at /docs)")
-    raise typer.Exit(subprocess.call([bentoml, "serve", "bentos.service:Persona", "--host", host, "--port",
-                                      str(port)], cwd=REPO_ROOT, env=_service_env(cfg)))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.chdir(REPO_ROOT)
+    os.execve(bentoml, [bentoml, "serve", "bentos.service:Persona", "--host", host, "--port", str(port)],
+              _service_env(cfg))
 
 
 @app.command("build")

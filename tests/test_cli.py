@@ -107,8 +107,13 @@ def test_held_batch_exits_non_zero_and_replays_after_setting_change(tmp_path, sh
     result = _invoke("ingest", "--source", str(folder), "--workspace", str(ws))
     assert result.exit_code == 1 and "batch held" in result.output
     assert json.loads(_invoke("status", "--workspace", str(ws), "--json").output)["events"] == 0
-    # A reviewer decides the batch may pass with its bad rows quarantined: replay it.
+    # A plain replay retries rows that broke a rule, never a held batch: it stays held.
     result = _invoke("quarantine", "replay", "--workspace", str(ws))
+    assert "held batch(es) were not replayed" in result.output, result.output
+    assert json.loads(_invoke("status", "--workspace", str(ws), "--json").output)["events"] == 0
+    # A reviewer decides the batch may pass with its bad rows quarantined: replay it by name.
+    batch_id = json.loads(_invoke("quarantine", "list", "--workspace", str(ws), "--json").output)[0]["batch_id"]
+    result = _invoke("quarantine", "replay", "--workspace", str(ws), "--batch", batch_id[:8])
     assert result.exit_code == 0, result.output
     status = json.loads(_invoke("status", "--workspace", str(ws), "--json").output)
     assert status["events"] == 30 and status["quarantined"] == 10
@@ -131,3 +136,20 @@ def test_structural_error_is_clear_and_writes_nothing(tmp_path, shop):
     assert result.exit_code == 2
     assert "users.csv: required column 'user_id' is missing" in result.output
     assert "Nothing was written" in result.output
+
+
+def test_status_with_a_model_store_that_has_no_persona_model(tmp_path):
+    """`status --json` answers (no models) when BENTOML_HOME is a store without any Persona model.
+    A fresh process: BentoML reads BENTOML_HOME once, at import."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    other = tmp_path / "bentoml-home"
+    (other / "models").mkdir(parents=True)
+    out = subprocess.run([str(Path(sys.executable).parent / "persona"), "status", "--workspace",
+                          str(tmp_path / "ws"), "--json"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "BENTOML_HOME": str(other)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["models"] == []

@@ -252,3 +252,13 @@ def test_in_process_engine_gives_the_same_verdicts_as_gx(tmp_path, good):
     gx_found, pandas_found = verdicts("gx"), verdicts("pandas")
     assert len(gx_found) >= len(every_kind) + 4
     assert pandas_found == gx_found
+
+
+@pytest.mark.parametrize("text", ["NaN", "nan", "inf", "-Infinity"])
+def test_nan_or_infinity_in_a_csv_is_quarantined_like_json(text, tmp_path, good):
+    """The same rule, column and reason as a NaN that arrives from JSON (tests/test_intake_life.py)."""
+    tables = {**good, "events": _events_with(good, [{"value": text}])}
+    report, quarantined, counts = _run(tmp_path, tables)
+    _assert_caught(report, quarantined, counts, rule="finite_number", column="value", rows=[N_EVENTS + 1],
+                   total=N_EVENTS + 1)
+    assert "not a finite number" in quarantined["reason"].iloc[0]

@@ -15,9 +15,8 @@ from eventlog.ingest import ingest, replay
 from eventlog.sources import load_batch
 from eventlog.store import EventLog
 from feature_repo.pipeline import stores
-from persona import cli
+from persona import cli, sample_data
 from persona import config as config_mod
-from persona import sample_data
 from validation.gate import Gate, GateSettings
 
 USER_VIEWS = ("user_personal", "user_behaviour", "user_text", "user_sequence")

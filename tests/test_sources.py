@@ -128,3 +128,38 @@ def test_sql_source_error_hides_password():
     with pytest.raises(StructuralError) as info:
         load_batch("postgresql+psycopg://someone:s3cret@127.0.0.1:1/none")
     assert "s3cret" not in str(info.value)
+
+
+def test_duplicate_csv_column_is_structural_and_named(tmp_path, shop):
+    """pandas would read a second ``user_id`` as ``user_id.1``: an extra column the gate holds as
+    drift and a replay then ingests. Two columns of one name are a structural error instead."""
+    events = shop["events"].head(5)
+    header = ",".join([*events.columns, "user_id"])
+    lines = [",".join([*(str(v) for v in row.astype(object).where(row.notna(), "")), "u_other"])
+             for _, row in events.iterrows()]
+    (tmp_path / "events.csv").write_text("\n".join([header, *lines]) + "\n")
+    with pytest.raises(StructuralError, match=r"events\.csv: column 'user_id' appears more than once"):
+        load_batch(tmp_path)
+    # Spelled apart only by spaces around the name: the same column twice.
+    (tmp_path / "events.csv").write_text("\n".join([header.replace(",user_id", ", user_id "), *lines]) + "\n")
+    with pytest.raises(StructuralError, match=r"events\.csv: column 'user_id' appears more than once"):
+        load_batch(tmp_path)
+
+
+def test_duplicate_parquet_column_is_structural_and_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_arrays([pa.array(["u1"]), pa.array(["u2"]), pa.array([30])],
+                                 names=["user_id", "user_id", "age"])
+    pq.write_table(table, tmp_path / "users.parquet")
+    with pytest.raises(StructuralError, match=r"users\.parquet: column 'user_id' appears more than once"):
+        load_batch(tmp_path)
+
+
+def test_duplicate_column_in_a_frame_is_structural():
+    from eventlog.sources import normalise
+
+    frame = pd.DataFrame([["u1", "u2", 30]], columns=["user_id", "user_id", "age"])
+    with pytest.raises(StructuralError, match=r"request: column 'user_id' appears more than once"):
+        normalise("users", frame, "request")

@@ -5,7 +5,9 @@ reason). Row rules come from the checked-in GX suites; beside them run three che
 that need the event log: cell types (from the loader), referential integrity (an event's user and
 item exist in the log or the batch), and ``event_id`` conflicts with the log. Exact duplicate rows
 are collapsed, not rejected: re-delivery is normal. If too large a share of a table fails, or its
-columns drift from the previous accepted batch, the whole batch is held.
+columns drift from the previous accepted file or SQL batch (API requests and replays set no
+baseline), the whole batch is held. NaN and infinity in a numeric cell are quarantined
+(``finite_number``) whatever the source.
 """
 
 from __future__ import annotations
@@ -22,13 +24,12 @@ import pandas as pd
 
 from eventlog.contract import INVALID_UTF8, KEY_COLUMN
 from eventlog.sources import Batch, TableBatch
+from eventlog.store import differing_columns
 from validation.suites import NOT_FUTURE_PARAM, load_suite
 
 log = logging.getLogger(__name__)
 ROW = "__row__"
 TABLE_ORDER = ("users", "items", "events")  # events are checked against accepted users/items
-_COMPARED = ["user_id", "event_timestamp", "event_type", "item_id", "query", "text", "rating", "value",
-             "device", "channel", "session_id"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class TableVerdict:
     rows: int
     violations: dict[int, list[Violation]] = field(default_factory=dict)
     duplicates: np.ndarray = field(default_factory=lambda: np.array([], dtype=int))  # exact copies
+    # Event ids the log already held with the same content when the gate looked: the write need not
+    # compare them again (the log is append-only, a stored event never changes).
+    in_log: set[str] = field(default_factory=set)
 
     @property
     def rejected_rows(self) -> list[int]:
@@ -288,7 +292,8 @@ class Gate:
                 found.append(Violation(row, v.column, v.rule, v.reason))
         if tb.table == "events":
             found += self._referential(frame, unique_pos, known, accepted_keys)
-            found += self._conflicts_with_log(frame, unique_pos, known)
+            conflicts, verdict.in_log = self._conflicts_with_log(frame, unique_pos, known)
+            found += conflicts
         for v in found:
             verdict.violations.setdefault(v.row, []).append(v)
         for pos in np.flatnonzero(is_copy):  # an exact copy shares its original's fate
@@ -315,22 +320,25 @@ class Gate:
         return out
 
     @staticmethod
-    def _conflicts_with_log(frame: pd.DataFrame, rows: np.ndarray, known: KnownIds) -> list[Violation]:
-        """Events whose id the log already holds with other content (same content is a re-delivery)."""
-        mine = frame.iloc[rows][["event_id", *_COMPARED]].assign(_pos=rows)
+    def _conflicts_with_log(frame: pd.DataFrame, rows: np.ndarray,
+                            known: KnownIds) -> tuple[list[Violation], set[str]]:
+        """Events whose id the log already holds with other content (same content is a re-delivery).
+
+        Returns the conflicts, and the ids the log holds with the same content.
+        """
+        mine = frame.iloc[rows]
         stored = known.stored_events(set(mine["event_id"].dropna()))
         if stored.empty:
-            return []
-        stored["event_timestamp"] = pd.to_datetime(stored["event_timestamp"]).dt.tz_localize("UTC")
-        both = mine.merge(stored[["event_id", *_COMPARED]], on="event_id", suffixes=("", "_log"))
-        differs = pd.DataFrame({c: ~_equal(both[c], both[f"{c}_log"]) for c in _COMPARED})
-        out = []
-        for pos, event_id, flags in zip(both["_pos"], both["event_id"], differs.to_numpy(), strict=True):
-            if flags.any():
-                cols = ", ".join(c for c, f in zip(_COMPARED, flags, strict=True) if f)
-                out.append(Violation(int(pos), "event_id", "event_id_conflict",
-                                     f"event_id {event_id!r} is already in the log with different {cols}"))
-        return out
+            return [], set()
+        out, same = [], set()
+        for label, cols in differing_columns(mine.set_axis(rows), stored).items():
+            event_id = frame["event_id"].iloc[label]
+            if not cols:
+                same.add(event_id)
+                continue
+            out.append(Violation(int(label), "event_id", "event_id_conflict",
+                                 f"event_id {event_id!r} is already in the log with different {', '.join(cols)}"))
+        return out, same
 
     def _hold_reasons(self, batch: Batch, verdicts: dict[str, TableVerdict], known: KnownIds) -> list[str]:
         reasons = []
@@ -364,15 +372,3 @@ def _exact_copies(frame: pd.DataFrame, key: str) -> tuple[np.ndarray, np.ndarray
         is_copy[candidates] = first != candidates
         first_of[candidates] = first
     return is_copy, first_of
-
-
-def _equal(a: pd.Series, b: pd.Series) -> np.ndarray:
-    """Element-wise equality where null equals null and numbers compare with a tolerance."""
-    a_na, b_na = a.isna().to_numpy(), b.isna().to_numpy()
-    if pd.api.types.is_numeric_dtype(a) and pd.api.types.is_numeric_dtype(b):
-        close = np.isclose(a.to_numpy(dtype=float, na_value=np.nan), b.to_numpy(dtype=float, na_value=np.nan))
-    elif pd.api.types.is_datetime64_any_dtype(a):
-        close = (a == b).fillna(False).to_numpy(dtype=bool)
-    else:
-        close = (a.astype("string") == b.astype("string")).fillna(False).to_numpy(dtype=bool)
-    return (a_na & b_na) | (~a_na & ~b_na & close)
