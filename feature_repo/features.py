@@ -100,13 +100,29 @@ _behaviour_fields = (
 user_behaviour_push = PushSource(name="user_behaviour_push", batch_source=offline_source("user_behaviour"))
 
 # What the user did: windowed counts, recency, spend, conversion, category affinity, device mix.
-# A row stamped T holds the state after the user's events before T (the push path's state).
+# A row stamped T holds the state after the user's events before T, windows ending at their newest
+# event. Kept for applications that read it; models read ``user_behaviour_now`` (request time).
 user_behaviour = FeatureView(
     name="user_behaviour",
     entities=[user],
     ttl=timedelta(days=3650),
     schema=_behaviour_fields,
     source=user_behaviour_push,
+    online=True,
+    tags={"family": "behaviour"},
+)
+
+# Fresh activity tiles reach the online store through this push source.
+user_activity_push = PushSource(name="user_activity_push", batch_source=offline_source("user_activity"))
+
+# What the user did, hour by hour: tiles for the 30 days before their newest event and the newest
+# time of each event type (JSON), from which the request-time windows below are summed.
+user_activity = FeatureView(
+    name="user_activity",
+    entities=[user],
+    ttl=timedelta(days=36500),  # an idle user's tiles stay; the windows, not the TTL, empty them out
+    schema=[Field(name="activity_tiles", dtype=String), Field(name="activity_last", dtype=String)],
+    source=user_activity_push,
     online=True,
     tags={"family": "behaviour"},
 )
@@ -204,17 +220,44 @@ def context_features(inputs: dict) -> dict:
     return out
 
 
+# The behaviour features at the request time: "the N days before the request", offline at each
+# training row's time and online at each request, by the same code (``pipeline/windows.py``).
+@on_demand_feature_view(
+    sources=[user_activity, request_context],
+    schema=_behaviour_fields,
+    mode="python",
+    tags={"family": "behaviour"},
+)
+def user_behaviour_now(inputs: dict) -> dict:
+    from datetime import UTC, datetime  # the UDF travels as source through the registry
+
+    from feature_repo.pipeline.windows import BEHAVIOUR_FEATURES, behaviour_at
+
+    out: dict = {name: [] for name in BEHAVIOUR_FEATURES}
+    for tiles, last, ts in zip(inputs["activity_tiles"], inputs["activity_last"], inputs["request_timestamp"],
+                               strict=True):
+        if isinstance(ts, str):
+            ts = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+        if ts is None:
+            ts = datetime.now(UTC)
+        seconds = float(ts) if isinstance(ts, int | float) else (
+            ts if ts.tzinfo else ts.replace(tzinfo=UTC)).timestamp()
+        for name, value in behaviour_at(tiles, last, seconds).items():
+            out[name].append(value)
+    return out
+
+
 # Exactly what profile model v1 reads; the model's metadata names this service.
 profile_v1 = FeatureService(
     name="profile_v1",
-    features=[user_personal, user_behaviour, user_text, context_features],
+    features=[user_personal, user_behaviour_now, user_text, context_features],
     tags={"model": "profile", "version": "1"},
 )
 
 # Exactly what profile model v2 reads: v1 plus the engaged-item sequence.
 profile_v2 = FeatureService(
     name="profile_v2",
-    features=[user_personal, user_behaviour, user_text, user_sequence, context_features],
+    features=[user_personal, user_behaviour_now, user_text, user_sequence, context_features],
     tags={"model": "profile", "version": "2"},
 )
 

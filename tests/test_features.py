@@ -65,8 +65,8 @@ def workspace(request, tmp_path, shop, monkeypatch):
 def test_profile_end_to_end(workspace, shop):
     cfg, log, t0 = workspace
     store, objects = stores.apply(cfg.workspace, cfg.profile)
-    assert {fv.name for fv in store.list_feature_views()} == {"user_personal", "user_behaviour", "user_text",
-                                                              "user_sequence", "item_features"}
+    assert {fv.name for fv in store.list_feature_views()} == {"user_personal", "user_behaviour", "user_activity",
+                                                              "user_text", "user_sequence", "item_features"}
     for view in store.list_feature_views() + store.list_on_demand_feature_views():
         assert view.tags["family"] in {"personal", "behaviour", "context", "item", "text"}
     tables = build(log, cfg.profile, cfg.workspace)
@@ -92,12 +92,23 @@ def test_profile_end_to_end(workspace, shop):
     assert len(json.loads(hist.loc[t0 + timedelta(microseconds=1), "sequence_items"])) == 3
     assert hist["age"].notna().all() and hist["hour_sin"].notna().all()
 
-    # Offline/online parity: online equals the newest offline row of each user.
+    # Offline/online parity, after the last event: the service online equals Feast's offline answer
+    # at the same request time (windows summed by the same code on both sides)...
+    after_all = shop["events"]["event_timestamp"].max() + timedelta(hours=1)
     users = list(shop["users"]["user_id"].sample(12, random_state=1)) + ["u_leak"]
-    rows = [{"user_id": u, "device": "app", "channel": "search", "request_timestamp": t0} for u in users]
+    rows = [{"user_id": u, "device": "app", "channel": "search", "request_timestamp": after_all} for u in users]
     online = pd.DataFrame(store.get_online_features(features=service, entity_rows=rows).to_dict())
-    newest = tables["user_behaviour"].sort_values("event_timestamp").groupby("user_id").tail(1).set_index("user_id")
+    offline = store.get_historical_features(entity_df=pd.DataFrame(rows).assign(event_timestamp=after_all),
+                                            features=service).to_df().set_index("user_id")
     for _, row in online.iterrows():
+        for col in [*BEHAVIOUR, "ctr_30d", "top_device_30d", "age"]:
+            _assert_same(row[col], offline.loc[row["user_id"], col], f"{row['user_id']}.{col}")
+    # ...and the user_behaviour view (windows at each user's newest event) equals its newest offline row.
+    refs = [f"user_behaviour:{c}" for c in BEHAVIOUR]
+    direct = pd.DataFrame(store.get_online_features(features=refs, entity_rows=[{"user_id": u} for u in users])
+                          .to_dict())
+    newest = tables["user_behaviour"].sort_values("event_timestamp").groupby("user_id").tail(1).set_index("user_id")
+    for _, row in direct.iterrows():
         if row["user_id"] not in newest.index:
             assert pd.isna(row["view_count_30d"])  # a user with no events has no behaviour row
             continue
@@ -109,6 +120,14 @@ def test_profile_end_to_end(workspace, shop):
             expected = sequences.loc[row["user_id"], col] if row["user_id"] in sequences.index else None
             _assert_same(row[col], expected, f"{row['user_id']}.{col}")
     assert online.loc[online.user_id == "u_leak", "purchase_count_1d"].item() == 3
+
+    # Windows end at the request time: two days on, the 1-day window is empty; 40 days on, all are.
+    idle = [{"user_id": "u_leak", "device": None, "channel": None, "request_timestamp": after_all + timedelta(days=d)}
+            for d in (2, 40)]
+    later = store.get_online_features(features=service, entity_rows=idle).to_dict()
+    assert later["purchase_count_1d"] == [0, 0] and later["purchase_count_7d"][0] == 3
+    assert later["purchase_count_30d"] == [3, 0] and later["view_count_30d"][1] == 0
+    assert later["hours_since_last_purchase"][0] > 48 and later["hours_since_last_purchase"][1] is None
 
     # Push: a new event reaches the log, and the pushed state is online at once.
     user = "u_leak"

@@ -19,7 +19,7 @@ from persona import cli, sample_data
 from persona import config as config_mod
 from validation.gate import Gate, GateSettings
 
-USER_VIEWS = ("user_personal", "user_behaviour", "user_text", "user_sequence")
+USER_VIEWS = ("user_personal", "user_behaviour", "user_activity", "user_text", "user_sequence")
 
 
 @pytest.fixture(params=["local", "prod"])

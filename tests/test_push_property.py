@@ -19,7 +19,7 @@ from validation.gate import Gate, GateSettings
 USERS = ("u1", "u2", "u3")
 TYPES = ("view", "click", "add_to_cart", "purchase", "search")
 START = pd.Timestamp("2026-03-01", tz="UTC")
-VIEWS = ("user_behaviour", "user_text", "user_sequence")
+VIEWS = ("user_behaviour", "user_activity", "user_text", "user_sequence")
 
 event = st.fixed_dictionaries({
     "user_id": st.sampled_from(USERS), "event_type": st.sampled_from(TYPES), "item": st.integers(0, 5),

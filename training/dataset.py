@@ -106,6 +106,16 @@ def micro(series) -> pd.Series:
     return pd.to_datetime(series, utc=True).dt.floor("us").astype("datetime64[us, UTC]")
 
 
+# Inputs of an on-demand view that Feast hands back beside its outputs: state, not features.
+STATE_COLUMNS = ("activity_tiles", "activity_last")
+
+
+def historical_user_features(store, entity: pd.DataFrame) -> pd.DataFrame:
+    """The user FeatureService, point in time, without the state columns its ODFVs read."""
+    frame = store.get_historical_features(entity_df=entity, features=store.get_feature_service(USER_SERVICE)).to_df()
+    return frame.drop(columns=[c for c in STATE_COLUMNS if c in frame])
+
+
 def fetch_features(store, examples: pd.DataFrame) -> pd.DataFrame:
     """User features (with the context ODFV) and item features, point in time, through Feast."""
     user_entity = examples[["example_id", "user_id", "event_timestamp", "device", "channel",
@@ -114,8 +124,7 @@ def fetch_features(store, examples: pd.DataFrame) -> pd.DataFrame:
     user_entity["request_timestamp"] = micro(user_entity["request_timestamp"])
     user_entity["device"] = user_entity["device"].astype(object).where(user_entity["device"].notna(), None)
     user_entity["channel"] = user_entity["channel"].astype(object).where(user_entity["channel"].notna(), None)
-    users = store.get_historical_features(entity_df=user_entity,
-                                          features=store.get_feature_service(USER_SERVICE)).to_df()
+    users = historical_user_features(store, user_entity)
     item_entity = examples[["example_id", "item_id", "event_timestamp"]].assign(
         event_timestamp=lambda f: micro(f["event_timestamp"]))
     item_feats = store.get_historical_features(entity_df=item_entity,

@@ -99,8 +99,7 @@ def user_features(store, requests: pd.DataFrame) -> pd.DataFrame:
     entity["request_timestamp"] = dataset.micro(entity["request_timestamp"])
     for col in ("device", "channel"):
         entity[col] = entity[col].astype(object).where(entity[col].notna(), None)
-    feats = store.get_historical_features(entity_df=entity,
-                                          features=store.get_feature_service(dataset.USER_SERVICE)).to_df()
+    feats = dataset.historical_user_features(store, entity)
     feats = feats.sort_values("example_id").reset_index(drop=True)
     keep = requests.reset_index(drop=True)
     feats = feats.drop(columns=[c for c in ("user_id", "event_timestamp", "device", "channel",

@@ -18,7 +18,7 @@ import pandas as pd
 
 DRIFT_TOLERANCE = 0.5  # a key feature's mean may move by half before it counts as drift
 KEYS = {"user_personal": "user_id", "user_behaviour": "user_id", "user_text": "user_id", "user_sequence": "user_id",
-        "item_features": "item_id"}
+        "user_activity": "user_id", "item_features": "item_id"}
 DRIFT_FEATURES = {
     "user_behaviour": ["view_count_30d", "click_count_30d", "purchase_count_30d", "spend_30d", "ctr_30d"],
     "item_features": ["views_30d", "ctr_30d", "price"],

@@ -85,7 +85,7 @@ def read_offline_spark(workspace: Path, folder: Path | None = None) -> dict[str,
     """The tables Spark wrote, for the feature-level checks (pyarrow reads the part files)."""
     folder = folder or workspace / "offline"
     return {name: pd.read_parquet(folder / name) for name in
-            ("user_behaviour", "user_text", "user_sequence", "user_personal", "item_features")}
+            ("user_behaviour", "user_activity", "user_text", "user_sequence", "user_personal", "item_features")}
 
 
 def recent_user_events(log: EventLog, user_ids: list[str]) -> pd.DataFrame:

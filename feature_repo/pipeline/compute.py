@@ -4,7 +4,9 @@ and for the online push of a single user, so training and serving see the same v
 Point in time: a user row is the state *after* the user's events up to time t, stamped ``t + 1µs``.
 Feast's point-in-time join takes the newest row stamped ``<=`` the label time T0, so a training
 row for an event at T0 sees only events strictly before T0 — never itself, never a tie at T0.
-All windows (1d, 7d, 30d) end at the user's latest event, as the push path computes them.
+``user_behaviour``'s windows (1d, 7d, 30d) end at the user's latest event (kept for applications
+that read that view); the feature services read ``user_behaviour_now`` instead, whose windows end at
+the request time, summed from ``user_activity``'s hourly tiles (``windows.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from functools import cache
 import duckdb
 import numpy as np
 import pandas as pd
+
+from feature_repo.pipeline import windows
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "search", "review")
 ENGAGED = ("click", "add_to_cart", "purchase", "review")
@@ -137,6 +141,35 @@ def user_sequence(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     return _stamp(frame)
 
 
+def user_activity(events: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
+    """Each user's hourly activity tiles after the events up to each of their event times (see
+    ``windows.py``): the state the request-time windows are summed from."""
+    ev = events[["user_id", "event_timestamp", "event_type", "item_id", "value", "device", "channel"]].merge(
+        items[["item_id", "category", "price"]], on="item_id", how="left")
+    ev["ts"] = pd.to_datetime(ev["event_timestamp"], utc=True).astype("datetime64[us, UTC]")
+    ev = ev.sort_values(["user_id", "ts"], kind="stable")
+    seconds = (ev["ts"].astype("int64") / 1e6).to_numpy()
+    rows: list[tuple] = []
+    state, user, stamp = None, None, None
+    columns = [ev[c].astype(object).where(ev[c].notna(), None).to_numpy() for c in (
+        "user_id", "event_type", "item_id", "category", "price", "value", "device", "channel")]
+    times = ev["ts"].to_numpy()
+    for i in range(len(ev)):
+        uid = columns[0][i]
+        if uid != user or times[i] != stamp:
+            if state is not None:
+                rows.append((user, stamp, *windows.encode(windows.trim(state))))
+            if uid != user:
+                state, user = windows.new_state(), uid
+            stamp = times[i]
+        windows.add_event(state, seconds[i], *(c[i] for c in columns[1:]))
+    if state is not None:
+        rows.append((user, stamp, *windows.encode(windows.trim(state))))
+    frame = pd.DataFrame(rows, columns=["user_id", "ts", "activity_tiles", "activity_last"])
+    frame["ts"] = pd.to_datetime(frame["ts"], utc=True)
+    return _stamp(frame)
+
+
 def _newest_first(values) -> str:
     """The last distinct non-null values, newest first, joined for the text encoder."""
     seen = dict.fromkeys(v for v in reversed(list(values)) if v is not None)
@@ -247,10 +280,12 @@ def _connect(events: pd.DataFrame, items: pd.DataFrame) -> duckdb.DuckDBPyConnec
 
 
 def compute_user_tables(events: pd.DataFrame, items: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """``user_behaviour``, ``user_text`` and ``user_sequence`` for whatever users ``events`` holds."""
+    """``user_behaviour``, ``user_activity``, ``user_text`` and ``user_sequence`` for whatever users
+    ``events`` holds."""
     con = _connect(events, items)
     try:
-        return {"user_behaviour": user_behaviour(con), "user_text": user_text(con), "user_sequence": user_sequence(con)}
+        return {"user_behaviour": user_behaviour(con), "user_activity": user_activity(events, items),
+                "user_text": user_text(con), "user_sequence": user_sequence(con)}
     finally:
         con.close()
 

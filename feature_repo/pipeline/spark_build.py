@@ -70,7 +70,7 @@ def build_with_spark(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFr
     folder = out_dir or workspace / "offline"
     counts = {}
     by_user = sdf.repartition(partitions, "user_id")
-    for kind in ("user_behaviour", "user_text", "user_sequence"):
+    for kind in ("user_behaviour", "user_activity", "user_text", "user_sequence"):
         out = by_user.mapInPandas(per_users(kind), schema=_ddl(sample[kind]))
         out.write.mode("overwrite").parquet(str(folder / kind))
         counts[kind] = spark.read.parquet(str(folder / kind)).count()

@@ -17,7 +17,7 @@ import yaml
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 PROJECT = "persona"
-TABLES = ("user_personal", "user_behaviour", "user_text", "user_sequence", "item_features")
+TABLES = ("user_personal", "user_behaviour", "user_activity", "user_text", "user_sequence", "item_features")
 
 
 def yaml_path(workspace: Path) -> Path:
