@@ -27,12 +27,13 @@ HOUR = 3600
 
 
 def new_state() -> dict:
-    return {"tiles": {}, "last": {}}
+    return {"tiles": {}, "last": {}, "text": {}}  # text: each tile's JSON, kept until the tile changes
 
 
 def add_event(state: dict, ts: float, event_type: str, item_id, category, price, value, device, channel) -> None:
     """Fold one event (epoch seconds ``ts``) into ``state``; the order of calls does not matter."""
     hour = int(ts // HOUR)
+    state.setdefault("text", {}).pop(hour, None)
     tile = state["tiles"].setdefault(hour, {"n": {}, "spend": 0.0, "ps": 0.0, "pn": 0, "cat": {}, "dev": {},
                                             "ch": {}, "items": []})
     tile["n"][event_type] = tile["n"].get(event_type, 0) + 1
@@ -57,21 +58,27 @@ def trim(state: dict) -> dict:
     if state["tiles"]:
         oldest = max(state["tiles"]) - RETAINED_HOURS
         state["tiles"] = {h: t for h, t in state["tiles"].items() if h > oldest}
+        state["text"] = {h: t for h, t in state.get("text", {}).items() if h > oldest}
         state["last"] = {e: ts for e, ts in state["last"].items() if int(ts // HOUR) > oldest}
     return state
 
 
 def encode(state: dict) -> tuple[str, str]:
-    """``activity_tiles`` and ``activity_last`` as canonical JSON (sorted, so equal states are equal text)."""
-    tiles = [[hour, _canonical(tile)] for hour, tile in sorted(state["tiles"].items())]
-    return (json.dumps(tiles, separators=(",", ":"), sort_keys=True),
-            json.dumps(state["last"], separators=(",", ":"), sort_keys=True))
+    """``activity_tiles`` and ``activity_last`` as canonical JSON (sorted, so equal states are equal
+    text). A tile's text is reused until it changes: the build encodes a state after every event."""
+    text = state.setdefault("text", {})
+    parts = []
+    for hour in sorted(state["tiles"]):
+        if hour not in text:
+            text[hour] = json.dumps([hour, _canonical(state["tiles"][hour])], separators=(",", ":"), sort_keys=True)
+        parts.append(text[hour])
+    return "[" + ",".join(parts) + "]", json.dumps(state["last"], separators=(",", ":"), sort_keys=True)
 
 
 def decode(tiles_json: str | None, last_json: str | None) -> dict:
     """The state from its JSON; no state (a user without events) is empty."""
     tiles = {int(h): t for h, t in json.loads(tiles_json)} if tiles_json else {}
-    return {"tiles": tiles, "last": json.loads(last_json) if last_json else {}}
+    return {"tiles": tiles, "last": json.loads(last_json) if last_json else {}, "text": {}}
 
 
 def _canonical(tile: dict) -> dict:
