@@ -2,28 +2,43 @@
 
 The model comes from the BentoML model store (``PERSONA_MODEL_TAG``, default the latest
 ``persona-profile``, packaged into the bento by ``persona build``); features come only through its
-Feast FeatureServices; the whole catalogue's item vectors sit in one tensor on the device and are
-rebuilt when a newer model or a changed catalogue appears. Query text goes through a separate
-``TextEncoder`` service with adaptive batching. Events are validated with the ingestion gate,
+Feast FeatureServices; the item vectors of every item with online features sit in one tensor on the
+device and are rebuilt when a newer model or a changed catalogue appears. Query text goes through a
+separate ``TextEncoder`` service with adaptive batching. Events are validated with the ingestion gate,
 appended to the event log first, and then the user's fresh state is pushed online, so the next
 /rank and /profile see them.
+
+The ``Persona`` class only routes; each job is its own small piece, in the order a request meets them:
+
+- ``RequestGuard``: what the API cannot take (API key, non-JSON, a body over 2 MB however it arrives);
+- ``Intake``: /events: bounds on fields outside the contract, the gate, the append, the push;
+- ``UserFeatures`` and ``UserHistory``: one user's online features, and what the event log says;
+- ``Rankers``, ``QueryEncoder`` and ``top_items``: the model with its item vectors, the user vector, top-k;
+- ``rank_answer`` and ``profile_answer`` (with ``reasons`` and ``summary``): the wording of the answers;
+- ``answer``: a store outage is a 503 to retry; any other failure a JSON 500, with its cause in the log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import threading
+import traceback
+import uuid
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import bentoml
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 WORKSPACE = Path(os.environ.get("PERSONA_WORKSPACE", "workspace")).resolve()
 os.environ.setdefault("BENTOML_HOME", str(WORKSPACE / "bentoml"))
@@ -32,61 +47,223 @@ MODEL_REF = f"persona-profile:{MODEL_TAG}"  # training.workflow.MODEL_NAME
 PINNED = MODEL_TAG != "latest"  # a pinned tag is never swapped for a newer model
 REFRESH_SECONDS = float(os.environ.get("PERSONA_REFRESH_SECONDS", "30"))
 SESSION_GAP = timedelta(minutes=30)  # a search this recent is still the live query (as in training)
-TEXT_CACHE_SIZE = 50_000  # user-text embeddings kept in memory (about 75 MB for MiniLM)
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)  # request times taken
+# Text embeddings kept in memory (about 75 MB for MiniLM at 50k).
+TEXT_CACHE_SIZE = int(os.environ.get("PERSONA_TEXT_CACHE_SIZE", "50000"))
+THREADS = int(os.environ.get("PERSONA_THREADS", "4"))  # requests the ranking service runs side by side
 MAX_EVENTS = 500
 MAX_BODY_BYTES = 2_000_000
 MAX_CANDIDATES = 10_000
+MAX_UNKNOWN_FIELDS = 32  # fields outside the events contract, per event (the log keeps them as `extra`)
+MAX_UNKNOWN_FIELD_BYTES = 4096  # each one's size as JSON
 logger = logging.getLogger("persona.service")
+logger.setLevel(logging.INFO)  # the server's root logger stops at WARNING: refreshes are worth a line
 
 
+# --- the HTTP edge ---------------------------------------------------------------------------------
 class RequestGuard:
     """Reject what the API cannot take with a JSON 4xx before it reaches BentoML.
 
     - an API key, when ``PERSONA_API_KEY`` is set (401; the health probes stay open);
-    - a POST body that is not JSON (415) or larger than ``MAX_BODY_BYTES`` (413).
+    - a POST body that is not JSON (415) or larger than ``MAX_BODY_BYTES`` (413), whether it says
+      so in Content-Length or not (chunked transfer encoding): the bytes are counted as they arrive.
     """
 
     OPEN = ("/healthz", "/livez", "/readyz", "/metrics", "/docs", "/docs.json", "/")
+    BODY_METHODS = ("POST", "PUT", "PATCH")
+    DRAIN_BYTES = 4 * MAX_BODY_BYTES  # read (and drop) this much of an oversized body, so the 413 is read
 
     def __init__(self, app) -> None:
         self.app = app
         self.key = os.environ.get("PERSONA_API_KEY")
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.OPEN:
-            headers = {k.decode().lower(): v.decode(errors="replace") for k, v in scope.get("headers") or []}
-            given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
-            problem = None
-            if self.key and given != self.key:
-                problem = (401, "missing or wrong API key (header X-API-Key)")
-            elif scope.get("method") == "POST":
-                if not headers.get("content-type", "").lower().startswith("application/json"):
-                    problem = (415, "send the request body as JSON (Content-Type: application/json)")
-                elif int(headers.get("content-length") or 0) > MAX_BODY_BYTES:
-                    problem = (413, f"request body over {MAX_BODY_BYTES} bytes")
-            if problem:
-                from starlette.responses import JSONResponse
-
-                await JSONResponse({"error": problem[1]}, status_code=problem[0])(scope, receive, send)
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode().lower(): v.decode(errors="replace") for k, v in scope.get("headers") or []}
+        problem = self._problem(scope, headers)
+        if problem is None and scope.get("method") in self.BODY_METHODS:
+            body = await self._read_body(receive)
+            if body is _GONE:
                 return
+            if body is None:
+                problem = (413, f"request body over {MAX_BODY_BYTES} bytes")
+            else:
+                receive = _replay(body, receive)
+        if problem:
+            from starlette.responses import JSONResponse
+
+            await JSONResponse({"error": problem[1]}, status_code=problem[0])(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
+    def _problem(self, scope, headers: dict[str, str]) -> tuple[int, str] | None:
+        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+        if self.key and given != self.key:
+            return 401, "missing or wrong API key (header X-API-Key)"
+        if scope.get("method") != "POST":
+            return None
+        if not headers.get("content-type", "").lower().startswith("application/json"):
+            return 415, "send the request body as JSON (Content-Type: application/json)"
+        declared = headers.get("content-length") or "0"
+        if not declared.isdigit():
+            return 400, "Content-Length is not a number"
+        if int(declared) > MAX_BODY_BYTES:
+            return 413, f"request body over {MAX_BODY_BYTES} bytes"
+        return None
 
+    async def _read_body(self, receive) -> bytes | object | None:
+        """The whole body; None once it passes ``MAX_BODY_BYTES``; ``_GONE`` if the client left."""
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return _GONE
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            more = message.get("more_body", False)
+            if size > MAX_BODY_BYTES:
+                while more and size <= self.DRAIN_BYTES:  # a client still sending would miss the answer
+                    message = await receive()
+                    size += len(message.get("body", b""))
+                    more = message.get("type") == "http.request" and message.get("more_body", False)
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+_GONE = object()
+
+
+def _replay(body: bytes, receive):
+    """An ASGI ``receive`` that hands the app the body already read, then defers to the server's."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+class QuietClientErrors(logging.Filter):
+    """BentoML logs every failed request at ERROR with a traceback, a client's bad input included
+    (``log_exception``). A 4xx answer becomes one INFO line, without the traceback or the input."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if isinstance(record.exc_info, tuple) else None
+        status = _client_error(exc) if exc is not None else None
+        if status is not None:
+            where = record.args if isinstance(record.args, tuple) and len(record.args) == 2 else ("?", "?")
+            record.msg, record.args = "client error on %s [%s]: %d %s", (*where, status, _what(exc))
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _client_error(exc: BaseException) -> int | None:
+    from bentoml.exceptions import BentoMLException
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return 400
+    status = exc.error_code.value if isinstance(exc, BentoMLException) else getattr(exc, "status_code", None)
+    return status if isinstance(status, int) and 400 <= status < 500 else None
+
+
+def _what(exc: BaseException) -> str:
+    """Which fields were wrong, never their values (they may be a user's text)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        fields = sorted({".".join(str(p) for p in e["loc"]) or "body" for e in exc.errors(include_input=False)})
+        return f"{exc.error_count()} validation error(s): {', '.join(fields)}"
+    return type(exc).__name__
+
+
+def _quiet_client_errors() -> None:
+    target = logging.getLogger("bentoml._internal.server.http_app")  # where BentoML's log_exception writes
+    if not any(type(f).__name__ == QuietClientErrors.__name__ for f in target.filters):  # once, reloads too
+        target.addFilter(QuietClientErrors())
+
+
+_quiet_client_errors()
+
+
+# --- failures ----------------------------------------------------------------------------------------
 class StoreUnavailable(RuntimeError):
     """The online store did not answer: a clear 503, and the next request tries again."""
 
 
-def _unavailable(ctx: bentoml.Context, exc: StoreUnavailable) -> dict[str, Any]:
-    ctx.response.status_code = HTTPStatus.SERVICE_UNAVAILABLE
-    return {"error": str(exc), "retry": True}
+def _outage_types() -> tuple[type[BaseException], ...]:
+    """Errors that mean a store did not answer (connection, timeout, locked), not a bug in a request."""
+    import sqlite3
+
+    import sqlalchemy.exc
+
+    kinds: list[type[BaseException]] = [OSError, sqlite3.OperationalError, sqlalchemy.exc.OperationalError,
+                                        sqlalchemy.exc.DisconnectionError]
+    with contextlib.suppress(ImportError):
+        import redis.exceptions
+
+        kinds += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+    with contextlib.suppress(ImportError):
+        import psycopg
+
+        kinds.append(psycopg.OperationalError)
+    return tuple(kinds)
 
 
-class RequestContext(BaseModel):
-    device: str | None = Field(None, max_length=256, examples=["app"])
-    channel: str | None = Field(None, max_length=256, examples=["search"])
-    timestamp: datetime | None = Field(None, description="Request time; defaults to now (UTC).")
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from, is a store not answering."""
+    kinds, seen = _outage_types(), set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kinds):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
+def _cause(exc: BaseException) -> str:
+    """The error chain's types and where each was raised, without the messages (which may quote a
+    user's text or features): enough to find the bug, nothing personal in the log."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        frames = traceback.extract_tb(exc.__traceback__)[-8:]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+        parts.append(f"{type(exc).__module__}.{type(exc).__qualname__} at {where or '?'}")
+        exc = exc.__cause__ or exc.__context__
+    return "; raised while handling ".join(parts)
+
+
+def _incident(route: str, user_id: str, exc: BaseException) -> str:
+    incident = uuid.uuid4().hex[:12]
+    logger.error("%s failed for user %r (incident %s): %s", route, user_id[:256], incident, _cause(exc))
+    return incident
+
+
+def answer(ctx: bentoml.Context, route: str, user_id: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one API call: a store outage is a 503 to retry; anything else a 500 without internals,
+    whose cause goes to the log under an incident id the answer carries."""
+    try:
+        return work()
+    except Exception as exc:  # noqa: BLE001 - the one place a request's failure becomes an answer
+        if isinstance(exc, StoreUnavailable) or is_outage(exc):
+            ctx.response.status_code = HTTPStatus.SERVICE_UNAVAILABLE
+            reason = str(exc) if isinstance(exc, StoreUnavailable) else f"a store is unavailable: {type(exc).__name__}"
+            return {"error": reason, "retry": True}
+        ctx.response.status_code = HTTPStatus.INTERNAL_SERVER_ERROR
+        return {"error": "internal error", "retry": False, "incident": _incident(route, user_id, exc)}
+
+
+# --- the model and the catalogue -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Ranker:
     """One model and the catalogue's item vectors, swapped as a whole so a request sees one version."""
@@ -95,9 +272,10 @@ class Ranker:
     model: Any
     meta: dict
     catalogue: str  # fingerprint of the items and their materialised features
-    item_ids: list[str]
+    item_ids: list[str]  # the ranked items: those with online features
     item_index: dict[str, int]
     catalogue_table: Any  # the event log's items table (what the push path joins events to)
+    catalogue_ids: frozenset[str]  # every item in the event log, materialised or not
     item_info: list[dict]  # title, category and weekly views per item, for the reasons
     item_vectors: Any  # (n_items, dim) tensor on the device
 
@@ -124,6 +302,85 @@ def _load_model(tag: str, device: str):
     return full_tag, model, meta
 
 
+class Rankers:
+    """Builds rankers: a model with the vectors of the items whose features are online.
+
+    An item appended to the event log but not materialised yet has no features online: it is left out
+    (null title, the same vector as every other such item) until ``features materialize`` brings them.
+    """
+
+    def __init__(self, store, log, device: str, workspace: Path) -> None:
+        self.store, self.log, self.device, self.workspace = store, log, device, workspace
+
+    def fingerprint(self) -> str:
+        """Changes when items are added or updated, or item features are materialised again (by Feast,
+        or by the sync of changed keys that follows it: a new item's features come that way)."""
+        import sqlalchemy as sa
+
+        from eventlog.store import items
+        from feature_repo.pipeline.online import SYNC_FILE
+
+        with self.log.engine.connect() as conn:
+            count, updated = conn.execute(sa.select(sa.func.count(), sa.func.max(items.c.updated_at))).one()
+        view = self.store.get_feature_view("item_features", allow_registry_cache=False)
+        materialised = view.materialization_intervals[-1][1] if view.materialization_intervals else None
+        try:
+            synced = (self.workspace / "feast" / SYNC_FILE).stat().st_mtime_ns
+        except OSError:  # never synced
+            synced = None
+        return f"{count}|{updated}|{materialised}|{synced}"
+
+    def build(self, tag: str, model, meta: dict, fingerprint: str | None = None) -> Ranker:
+        import torch
+
+        from training.dataset import online_catalogue
+        from training.model import in_batches
+
+        fingerprint = fingerprint or self.fingerprint()
+        table = self.log.read_table("items")
+        logged = table["item_id"].astype(str).tolist()
+        online = online_catalogue(self.store, logged)
+        features = [c for c in online.columns if c != "item_id"]
+        served = online[online[features].notna().any(axis=1)].reset_index(drop=True)
+        with torch.no_grad():
+            vectors = in_batches(model.item_vectors, served, 512) if len(served) else torch.zeros(0, model.cfg.dim)
+        item_ids = served["item_id"].astype(str).tolist()
+        info = served.reindex(columns=["item_title", "item_category", "item_views_7d"]).to_dict("records")
+        return Ranker(tag, model, meta, fingerprint, item_ids, {i: n for n, i in enumerate(item_ids)}, table,
+                      frozenset(logged), info, vectors.to(self.device))
+
+    def changed(self, current: Ranker) -> Ranker | None:
+        """A ranker for a newer model (unless pinned) or a changed catalogue; None when nothing changed."""
+        latest = current.tag if PINNED else str(bentoml.models.get(MODEL_REF).tag)
+        fingerprint = self.fingerprint()
+        if latest != current.tag:
+            return self.build(*_load_model(latest, self.device), fingerprint=fingerprint)
+        if fingerprint != current.catalogue:
+            return self.build(current.tag, current.model, current.meta, fingerprint=fingerprint)
+        return None
+
+
+# --- one user's features -------------------------------------------------------------------------------
+class RequestContext(BaseModel):
+    device: str | None = Field(None, max_length=256, examples=["app"])
+    channel: str | None = Field(None, max_length=256, examples=["search"])
+    timestamp: datetime | None = Field(None, description="Request time; defaults to now (UTC).")
+
+    @field_validator("timestamp")
+    @classmethod
+    def _plausible(cls, value: datetime | None) -> datetime | None:
+        """Times the feature code can compute with (pandas' nanosecond range ends in 2262)."""
+        if value is not None and not EARLIEST <= (value if value.tzinfo else value.replace(tzinfo=UTC)) < LATEST:
+            raise ValueError(f"timestamp must be in [{EARLIEST:%Y-%m-%d}, {LATEST:%Y-%m-%d})")
+        return value
+
+
+class UserFrame(NamedTuple):
+    frame: Any  # one row: the model's input
+    known: bool  # the online store has the user
+    source: str | None  # where the live query came from: "request", "session" or None
+
+
 def _utc(value) -> Any:
     import pandas as pd
 
@@ -131,6 +388,312 @@ def _utc(value) -> Any:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts
 
 
+class UserFeatures:
+    """One user's online features and the request's context, as the model's input frame."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.service = self.fetch_service()
+
+    def fetch_service(self) -> tuple[Any, list[str]]:
+        """The feature service, with the features it reads from stored views (not computed on demand):
+        a user is known when one of those has a value. The registry lookups cost a few ms: done at
+        start and on each refresh tick, not per request."""
+        from training.dataset import USER_SERVICE
+
+        service = self.store.get_feature_service(USER_SERVICE, allow_cache=False)
+        on_demand = {v.name for v in self.store.list_on_demand_feature_views(allow_cache=True)}
+        stored = [f.name for p in service.feature_view_projections if p.name not in on_demand for f in p.features]
+        return service, stored
+
+    def read(self, user_id: str, query: str | None, context: RequestContext | None) -> UserFrame:
+        """The live query is the request's, else the session's last search."""
+        import pandas as pd
+
+        service, stored = self.service
+        ctx = context or RequestContext()
+        when = _utc(ctx.timestamp or datetime.now(UTC))
+        row = {"user_id": user_id, "device": ctx.device, "channel": ctx.channel, "request_timestamp": when}
+        try:
+            frame = self.store.get_online_features(features=service, entity_rows=[row]).to_df()
+        except Exception as exc:
+            if is_outage(exc):  # Redis, SQLite and gRPC raise different types
+                raise StoreUnavailable(f"online feature store unavailable: {type(exc).__name__}") from exc
+            raise
+        source = "request" if query else None
+        last_search = frame["last_search_query"].iloc[0] if "last_search_query" in frame else None
+        # A search within the session gap is the live query: the same rule that made the training rows.
+        if not query and isinstance(last_search, str) and (
+                pd.Timedelta(0) <= when - _utc(frame["last_search_at"].iloc[0]) <= SESSION_GAP):
+            query, source = last_search, "session"
+        frame["query"] = query
+        frame["request_timestamp"] = when  # the sequence's time gaps are measured to the request
+        known = frame.reindex(columns=stored).iloc[0].notna().any()  # on-demand features have values for anyone
+        return UserFrame(frame, bool(known), source)
+
+
+class UserHistory:
+    """What the event log says about one user: the items to leave out, and the newest event."""
+
+    def __init__(self, log, positives: Iterable[str]) -> None:
+        self.log, self.positives = log, list(positives)
+
+    def seen(self, user_id: str) -> set[str]:
+        import sqlalchemy as sa
+
+        from eventlog.store import events
+
+        with self.log.engine.connect() as conn:
+            rows = conn.execute(sa.select(events.c.item_id).where(
+                events.c.user_id == user_id, events.c.event_type.in_(self.positives),
+                events.c.item_id.is_not(None)).distinct())
+            return {r[0] for r in rows}
+
+    def last_event(self, user_id: str) -> str | None:
+        import sqlalchemy as sa
+
+        from eventlog.store import events
+
+        with self.log.engine.connect() as conn:
+            ts = conn.execute(sa.select(sa.func.max(events.c.event_timestamp)).where(
+                events.c.user_id == user_id)).scalar()
+        return ts.isoformat() + "Z" if ts is not None else None
+
+
+# --- ranking -------------------------------------------------------------------------------------------
+class QueryEncoder:
+    """Query text through the batching ``TextEncoder`` service, once that runs the ranker's model."""
+
+    def __init__(self, encoder: Callable[[], Any]) -> None:
+        self.encoder = encoder  # the dependency, looked up when used
+        self.tag: str | None = None  # the model the encoder runs
+
+    async def follow(self, tag: str) -> None:
+        if self.tag != tag:
+            encoder = self.encoder()
+            remote = getattr(encoder, "to_async", None)  # a local instance when run in-process
+            self.tag = await remote.use_model(tag) if remote else encoder.use_model(tag)
+
+    def encode(self, ranker: Ranker, frame):
+        """The user text's vectors, or None: then the model encodes it in process (cached)."""
+        import torch
+
+        from training.model import user_text
+
+        if ranker.model.bert is None or not ranker.model.cfg.use_text or self.tag != ranker.tag:
+            return None
+        try:
+            encoded = np.array(self.encoder().encode(user_text(frame)), dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - overloaded or restarting: encode in process instead
+            logger.warning("text encoder unavailable (%s); encoding in process", type(exc).__name__)
+            return None
+        return torch.from_numpy(encoded).to(ranker.item_vectors.device)
+
+
+def user_vector(ranker: Ranker, frame, text=None):
+    import torch
+
+    with torch.no_grad():
+        return ranker.model.user_vectors(frame, text, catalogue=ranker.history_lookup)
+
+
+class Ranked(NamedTuple):
+    indices: list[int]  # rows of the ranker's items, best first
+    scores: list[float]
+    unknown: list[str]  # candidates the ranker does not rank
+
+
+def top_items(ranker: Ranker, user, k: int, candidates: list[str] | None, leave_out: set[str]) -> Ranked:
+    """The k best items for the user vector, among the candidates (all items if None), less ``leave_out``."""
+    import torch
+
+    with torch.no_grad():
+        scores = ranker.model.score(user, ranker.item_vectors).squeeze(0)
+    allowed = torch.ones(len(ranker.item_ids), dtype=torch.bool, device=scores.device)
+    unknown = []
+    if candidates is not None:
+        allowed[:] = False
+        for c in candidates:
+            if c in ranker.item_index:
+                allowed[ranker.item_index[c]] = True
+            else:
+                unknown.append(c)
+    for item in leave_out:
+        if item in ranker.item_index:
+            allowed[ranker.item_index[item]] = False
+    if not allowed.any():
+        return Ranked([], [], unknown)
+    top = torch.topk(scores.masked_fill(~allowed, float("-inf")), min(k, int(allowed.sum())))
+    return Ranked(top.indices.tolist(), top.values.tolist(), unknown)
+
+
+# --- the wording of the answers ------------------------------------------------------------------------
+def rank_answer(user_id: str, ranker: Ranker, ranked: Ranked, user: UserFrame) -> dict[str, Any]:
+    query = user.frame["query"].iloc[0]
+    row = user.frame.iloc[0]
+    items = []
+    for idx, score in zip(ranked.indices, ranked.scores, strict=True):
+        item = ranker.item_info[idx]
+        items.append({"item_id": ranker.item_ids[idx], "score": round(float(score), 4),
+                      "title": item.get("item_title"), "reasons": reasons(row, item, query, user.source)})
+    return {"user_id": user_id, "items": items, "cold_start": not user.known, "unknown_candidates": ranked.unknown,
+            "query": query, "query_source": user.source, "model": ranker.tag}
+
+
+def profile_answer(user_id: str, user: UserFrame, vector: list[float], last_event: str | None) -> dict[str, Any]:
+    return {"user_id": user_id, "known": user.known, "vector": [round(v, 5) for v in vector],
+            "summary": summary(user.frame.iloc[0], last_event)}
+
+
+def reasons(user, item, query: str | None, source: str | None) -> list[str]:
+    import pandas as pd
+
+    out = []
+    if query and isinstance(item.get("item_title"), str):
+        words = set(query.lower().split()) & set(item["item_title"].lower().replace(",", " ").split())
+        if words:
+            recent = "recent " if source == "session" else ""
+            out.append(f"matches your {recent}search for '{' '.join(sorted(words))}'")
+    category = item.get("item_category")
+    for n in (1, 2, 3):
+        top = user.get(f"top_category_{n}_30d")
+        if isinstance(top, str) and top == category:
+            out.append(f"matches your interest in {category.split('>')[-1].lower()}")
+            break
+    views = item.get("item_views_7d")
+    if pd.notna(views) and views >= 20:
+        out.append("popular this week")
+    return out or ["picked for your profile"]
+
+
+def summary(row, last_event: str | None) -> dict[str, Any]:
+    import pandas as pd
+
+    def num(name):
+        v = row.get(name)
+        return 0 if v is None or pd.isna(v) else v
+
+    cats = [row.get(f"top_category_{n}_30d") for n in (1, 2, 3)]
+    purchases, clicks = num("purchase_count_30d"), num("click_count_30d")
+    segment = ("new" if num("view_count_30d") + clicks == 0 else "buyer" if purchases >= 3
+               else "shopper" if purchases >= 1 else "browser")
+    queries = row.get("recent_queries")
+    return {"top_categories": [c for c in cats if isinstance(c, str)],
+            "recent_intents": queries.split(" | ")[:3] if isinstance(queries, str) and queries else [],
+            "segment": segment, "last_event": last_event, "age_band": row.get("age_band"),
+            "activity_30d": {"views": int(num("view_count_30d")), "clicks": int(clicks),
+                             "purchases": int(purchases), "spend": round(float(num("spend_30d")), 2)}}
+
+
+# --- intake: /events -----------------------------------------------------------------------------------
+class UserLocks:
+    """Per-user ordering: a request holds its users' locks from the append to the push, so a state read
+    before another request's append is never written over that request's newer state. Striped, and
+    taken in one order, so two requests never wait on each other in a circle."""
+
+    def __init__(self, stripes: int = 64) -> None:
+        self.stripes = [threading.Lock() for _ in range(stripes)]
+
+    @contextlib.contextmanager
+    def hold(self, user_ids: Iterable[str]) -> Iterator[None]:
+        wanted = sorted({zlib.crc32(str(u).encode()) % len(self.stripes) for u in user_ids})
+        with contextlib.ExitStack() as stack:
+            for n in wanted:
+                stack.enter_context(self.stripes[n])
+            yield
+
+
+def unknown_field_problems(event: dict[str, Any], known: set[str]) -> list[dict[str, Any]]:
+    """Fields outside the contract are kept (as the log's `extra`), within bounds: how many, how big."""
+    unknown = [k for k in event if str(k).strip() not in known]
+    if len(unknown) > MAX_UNKNOWN_FIELDS:
+        return [{"rule": "unknown_field_count", "column": None,
+                 "reason": f"{len(unknown)} fields outside the contract; at most {MAX_UNKNOWN_FIELDS}"}]
+    problems = []
+    for name in unknown:
+        size = len(json.dumps(event[name], ensure_ascii=False, default=str).encode())
+        if size > MAX_UNKNOWN_FIELD_BYTES:
+            problems.append({"rule": "unknown_field_size", "column": str(name)[:256],
+                             "reason": f"{str(name)[:256]!r} is {size} bytes as JSON; at most "
+                                       f"{MAX_UNKNOWN_FIELD_BYTES} for a field outside the contract"})
+    return problems
+
+
+class Intake:
+    """/events: bound what the contract does not cover, gate, append to the event log, push online."""
+
+    def __init__(self, cfg, log, store) -> None:
+        self.cfg, self.log, self.store = cfg, log, store
+        self.append_lock = threading.Lock()  # one append at a time: idempotent on event_id
+        self.users = UserLocks()
+
+    def post(self, events: list[dict[str, Any]], ranker: Ranker) -> tuple[int, dict[str, Any]]:
+        """The status and the answer: which events were accepted, which rejected and why."""
+        import pandas as pd
+
+        from eventlog.contract import columns
+        from eventlog.sources import StructuralError, normalise
+
+        known = set(columns("events"))
+        rejected, kept = [], []
+        for n, event in enumerate(events):
+            problems = unknown_field_problems(event, known)
+            if problems:
+                given = event.get("event_id")
+                rejected.append({"index": n, "event_id": None if given is None else str(given)[:256],
+                                 "reasons": problems})
+            else:
+                kept.append(n)
+        if not kept:
+            return 422, {"accepted": [], "rejected": rejected, "pushed_users": [], "online_update": "updated"}
+        try:
+            tb = normalise("events", pd.DataFrame([events[n] for n in kept]), "request")
+        except StructuralError as exc:
+            return 422, {"accepted": [], "rejected": rejected + [
+                {"index": None, "reason": str(exc).replace("request: ", "")}]}
+        with self.users.hold(tb.frame["user_id"].dropna()):
+            verdict = self._append(tb)
+            ok = [i for i in range(len(tb.frame)) if i not in verdict.violations]
+            users = sorted(set(tb.frame["user_id"].iloc[ok].dropna()))
+            online = self._push(users, set(tb.frame["item_id"].iloc[ok].dropna()), ranker)
+        rejected += [{"index": kept[row], "event_id": tb.frame["event_id"].iloc[row],
+                      "reasons": [{"rule": x.rule, "column": x.column, "reason": x.reason} for x in vs]}
+                     for row, vs in sorted(verdict.violations.items())]
+        status = 422 if rejected else 200 if online == "updated" else HTTPStatus.ACCEPTED
+        return status, {"accepted": [tb.frame["event_id"].iloc[i] for i in ok],
+                        "rejected": sorted(rejected, key=lambda r: r["index"]),
+                        "pushed_users": users if online == "updated" else [], "online_update": online}
+
+    def _append(self, tb):
+        from eventlog.ingest import ingest
+        from eventlog.sources import Batch
+        from validation.gate import Gate, GateSettings
+
+        v = self.cfg.validation
+        gate = Gate(GateSettings(max_reject_share=1.0, clock_skew_minutes=v.clock_skew_minutes,
+                                 on_schema_drift="accept", engine="pandas"))  # the same suites, in-process
+        with self.append_lock:
+            _, result = ingest(Batch("POST /events", {"events": tb}), self.log, gate)
+        return result.verdicts["events"]
+
+    def _push(self, users: list[str], items: set[str], ranker: Ranker) -> str:
+        """The users' fresh state online; if that fails the events are safe in the log, and features
+        catch up at the next build."""
+        from feature_repo.pipeline.build import push_users
+
+        try:
+            push_users(self.store, self.log, users, items=ranker.catalogue_table if items <= ranker.catalogue_ids
+                       else None)
+        except Exception as exc:  # noqa: BLE001 - the answer says the update is deferred
+            if is_outage(exc):
+                return (f"deferred: online store unavailable ({type(exc).__name__}); "
+                        "the events are in the event log")
+            incident = _incident("/events push", ",".join(users)[:256], exc)
+            return f"deferred: online update failed (incident {incident}); the events are in the event log"
+        return "updated"
+
+
+# --- the services --------------------------------------------------------------------------------------
 @bentoml.service(resources={"gpu": 1, "cpu": "1"}, workers=1, traffic={"timeout": 30})
 class TextEncoder:
     """BERT over user text with adaptive batching: concurrent /rank queries share one forward pass."""
@@ -156,8 +719,13 @@ class TextEncoder:
         return self.tag
 
 
-@bentoml.service(resources={"gpu": 1, "cpu": "2"}, traffic={"timeout": 30})
+UserId = Annotated[str, Field(min_length=1, max_length=256, examples=["u000001"])]
+
+
+@bentoml.service(resources={"gpu": 1, "cpu": "2"}, traffic={"timeout": 30}, threads=THREADS)
 class Persona:
+    """The API: each method hands its request to the pieces above."""
+
     model_ref = bentoml.models.BentoModel(MODEL_REF)  # packaged into the bento by `persona build`
     encoder = bentoml.depends(TextEncoder)
 
@@ -166,14 +734,15 @@ class Persona:
         from feature_repo.pipeline import stores
         from persona import config
 
-        self.cfg = config.load(WORKSPACE)
-        self.device = _device()
-        self.store = stores.feature_store(WORKSPACE)
-        self.log = EventLog(self.cfg.resolved_event_log_url())
-        self.lock = threading.Lock()
-        self.user_service = self._user_service()
-        self.ranker = self._ranker(*_load_model(str(self.model_ref.tag), self.device))
-        self.encoder_tag: str | None = None  # the model the encoder runs; the batch path needs ours
+        cfg = config.load(WORKSPACE)
+        store = stores.feature_store(WORKSPACE)
+        log = EventLog(cfg.resolved_event_log_url())
+        self.rankers = Rankers(store, log, _device(), WORKSPACE)
+        self.features = UserFeatures(store)
+        self.history = UserHistory(log, cfg.positives)
+        self.intake = Intake(cfg, log, store)
+        self.queries = QueryEncoder(lambda: self.encoder)
+        self.ranker = self.rankers.build(*_load_model(str(self.model_ref.tag), self.rankers.device))
         self.watcher: asyncio.Task | None = None
 
     @bentoml.on_startup
@@ -185,58 +754,6 @@ class Persona:
         if self.watcher:
             self.watcher.cancel()
 
-    # --- model and catalogue -------------------------------------------------------------------
-    def _catalogue_fingerprint(self) -> str:
-        """Changes when items are added or updated, or item features are materialised again."""
-        import sqlalchemy as sa
-
-        from eventlog.store import items
-
-        with self.log.engine.connect() as conn:
-            count, updated = conn.execute(sa.select(sa.func.count(), sa.func.max(items.c.updated_at))).one()
-        view = self.store.get_feature_view("item_features", allow_registry_cache=False)
-        materialised = view.materialization_intervals[-1][1] if view.materialization_intervals else None
-        return f"{count}|{updated}|{materialised}"
-
-    def _ranker(self, tag: str, model, meta: dict, fingerprint: str | None = None) -> Ranker:
-        """Item vectors for the whole catalogue, in one tensor on the device."""
-        import torch
-
-        from training.dataset import online_catalogue
-        from training.model import in_batches
-
-        fingerprint = fingerprint or self._catalogue_fingerprint()
-        table = self.log.read_table("items")
-        item_ids = table["item_id"].astype(str).tolist()
-        items = online_catalogue(self.store, item_ids)
-        with torch.no_grad():
-            vectors = in_batches(model.item_vectors, items, 512).to(self.device)
-        info = items.reindex(columns=["item_title", "item_category", "item_views_7d"]).to_dict("records")
-        return Ranker(tag, model, meta, fingerprint, item_ids, {i: n for n, i in enumerate(item_ids)}, table, info,
-                      vectors)
-
-    def _changed_ranker(self) -> Ranker | None:
-        """A ranker for a newer model (unless pinned) or a changed catalogue; None when nothing changed."""
-        current = self.ranker
-        latest = current.tag if PINNED else str(bentoml.models.get(MODEL_REF).tag)
-        fingerprint = self._catalogue_fingerprint()
-        if latest != current.tag:
-            return self._ranker(*_load_model(latest, self.device), fingerprint=fingerprint)
-        if fingerprint != current.catalogue:
-            return self._ranker(current.tag, current.model, current.meta, fingerprint=fingerprint)
-        return None
-
-    def _user_service(self):
-        """The registry lookup costs ~4 ms: fetched at start and on each refresh tick, not per request."""
-        from training.dataset import USER_SERVICE
-
-        return self.store.get_feature_service(USER_SERVICE, allow_cache=False)
-
-    async def _sync_encoder(self, tag: str) -> None:
-        if self.encoder_tag != tag:
-            remote = getattr(self.encoder, "to_async", None)  # a local instance when run in-process
-            self.encoder_tag = await remote.use_model(tag) if remote else self.encoder.use_model(tag)
-
     async def _watch(self) -> None:
         """Every ``PERSONA_REFRESH_SECONDS``: swap in a newer model or a changed catalogue.
 
@@ -245,71 +762,20 @@ class Persona:
         while True:
             await asyncio.sleep(REFRESH_SECONDS)
             try:
-                self.user_service = await asyncio.to_thread(self._user_service)  # `features apply` may change it
-                fresh = await asyncio.to_thread(self._changed_ranker)
-                await self._sync_encoder((fresh or self.ranker).tag)
+                self.features.service = await asyncio.to_thread(self.features.fetch_service)  # `features apply`
+                fresh = await asyncio.to_thread(self.rankers.changed, self.ranker)
+                await self.queries.follow((fresh or self.ranker).tag)
                 if fresh is not None:
                     self.ranker = fresh
-                    logger.info("ranker refreshed: model %s, catalogue %s (%d items)", fresh.tag, fresh.catalogue,
-                                len(fresh.item_ids))
+                    logger.info("ranker refreshed: model %s, catalogue %s (%d items ranked of %d)", fresh.tag,
+                                fresh.catalogue, len(fresh.item_ids), len(fresh.catalogue_ids))
             except Exception as exc:  # noqa: BLE001 - keep serving the current version; try again next tick
                 logger.warning("refresh skipped: %s: %s", type(exc).__name__, exc)
-
-    # --- features ---------------------------------------------------------------------------------
-    def _user_frame(self, user_id: str, query: str | None, context: RequestContext | None):
-        """Online user + context features; the live query is the request's, else the session's last search."""
-        import pandas as pd
-
-        ctx = context or RequestContext()
-        when = _utc(ctx.timestamp or datetime.now(UTC))
-        row = {"user_id": user_id, "device": ctx.device, "channel": ctx.channel, "request_timestamp": when}
-        try:
-            frame = self.store.get_online_features(features=self.user_service, entity_rows=[row]).to_df()
-        except Exception as exc:  # noqa: BLE001 - Redis, SQLite and gRPC raise different types
-            raise StoreUnavailable(f"online feature store unavailable: {type(exc).__name__}") from exc
-        source = "request" if query else None
-        last_search = frame["last_search_query"].iloc[0] if "last_search_query" in frame else None
-        # A search within the session gap is the live query: the same rule that made the training rows.
-        if not query and isinstance(last_search, str) and (
-                pd.Timedelta(0) <= when - _utc(frame["last_search_at"].iloc[0]) <= SESSION_GAP):
-            query, source = last_search, "session"
-        frame["query"] = query
-        frame["request_timestamp"] = when  # the sequence's time gaps are measured to the request
-        known = pd.notna(frame.get("view_count_30d", pd.Series([None])).iloc[0]) or pd.notna(
-            frame.get("age", pd.Series([None])).iloc[0])
-        return frame, bool(known), source
-
-    def _user_vector(self, ranker: Ranker, frame, batched: bool):
-        """With a query the text goes through the batching encoder; without, the cached in-process one."""
-        import torch
-
-        from training.model import user_text
-
-        text = None
-        if batched and ranker.model.bert is not None and ranker.model.cfg.use_text and self.encoder_tag == ranker.tag:
-            try:
-                encoded = np.array(self.encoder.encode(user_text(frame)), dtype=np.float32)
-                text = torch.from_numpy(encoded).to(self.device)
-            except Exception as exc:  # noqa: BLE001 - overloaded or restarting: encode in process instead
-                logger.warning("text encoder unavailable (%s); encoding in process", type(exc).__name__)
-        with torch.no_grad():
-            return ranker.model.user_vectors(frame, text, catalogue=ranker.history_lookup)
-
-    def _seen(self, user_id: str) -> set[str]:
-        import sqlalchemy as sa
-
-        from eventlog.store import events
-
-        with self.log.engine.connect() as conn:
-            rows = conn.execute(sa.select(events.c.item_id).where(
-                events.c.user_id == user_id, events.c.event_type.in_(list(self.cfg.positives)),
-                events.c.item_id.is_not(None)).distinct())
-            return {r[0] for r in rows}
 
     @bentoml.api(route="/rank")
     def rank(
         self,
-        user_id: Annotated[str, Field(min_length=1, max_length=256, examples=["u000001"])],
+        user_id: UserId,
         query: Annotated[str | None, Field(max_length=1000, examples=["waterproof trail running shoes"])] = None,
         context: RequestContext | None = None,
         candidates: Annotated[list[str] | None, Field(max_length=MAX_CANDIDATES)] = None,
@@ -322,148 +788,39 @@ class Persona:
         If the online store is down the answer is a 503 with a JSON reason (no degraded ranking):
         ranking without the user's features would silently be a different product.
         """
-        import torch
+        def work() -> dict[str, Any]:
+            ranker = self.ranker
+            user = self.features.read(user_id, query, context)
+            live = user.frame["query"].iloc[0] is not None  # with a query: the batching encoder
+            vector = user_vector(ranker, user.frame, self.queries.encode(ranker, user.frame) if live else None)
+            leave_out = self.history.seen(user_id) if exclude_seen else set()
+            return rank_answer(user_id, ranker, top_items(ranker, vector, k, candidates, leave_out), user)
 
-        ranker = self.ranker
-        try:
-            frame, known, source = self._user_frame(user_id, query, context)
-        except StoreUnavailable as exc:
-            return _unavailable(ctx, exc)
-        live_query = frame["query"].iloc[0]
-        with torch.no_grad():
-            user = self._user_vector(ranker, frame, batched=live_query is not None)
-            scores = ranker.model.score(user, ranker.item_vectors).squeeze(0)
-        allowed = torch.ones(len(ranker.item_ids), dtype=torch.bool, device=scores.device)
-        unknown: list[str] = []
-        if candidates is not None:
-            allowed[:] = False
-            for c in candidates:
-                if c in ranker.item_index:
-                    allowed[ranker.item_index[c]] = True
-                else:
-                    unknown.append(c)
-        if exclude_seen:
-            for item in self._seen(user_id):
-                if item in ranker.item_index:
-                    allowed[ranker.item_index[item]] = False
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        top = torch.topk(scores, min(k, int(allowed.sum()))) if allowed.any() else None
-        results, user_row = [], frame.iloc[0]
-        if top is not None:
-            for score, idx in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-                item = ranker.item_info[idx]
-                results.append({"item_id": ranker.item_ids[idx], "score": round(float(score), 4),
-                                "title": item.get("item_title"),
-                                "reasons": _reasons(user_row, item, live_query, source)})
-        return {"user_id": user_id, "items": results, "cold_start": not known, "unknown_candidates": unknown,
-                "query": live_query, "query_source": source, "model": ranker.tag}
+        return answer(ctx, "/rank", user_id, work)
 
     @bentoml.api(route="/profile")
-    def profile(self, user_id: Annotated[str, Field(min_length=1, max_length=256, examples=["u000001"])],
-                ctx: bentoml.Context = None) -> dict[str, Any]:
+    def profile(self, user_id: UserId, ctx: bentoml.Context = None) -> dict[str, Any]:
         """The profile vector and a readable summary of the user."""
-        ranker = self.ranker
-        try:
-            frame, known, _ = self._user_frame(user_id, None, None)
-        except StoreUnavailable as exc:
-            return _unavailable(ctx, exc)
-        import torch
+        def work() -> dict[str, Any]:
+            import torch
 
-        vector = torch.nn.functional.normalize(self._user_vector(ranker, frame, batched=False), dim=-1)
-        vector = vector.squeeze(0).cpu().tolist()  # unit length: ranking is by cosine
-        row = frame.iloc[0]
-        return {"user_id": user_id, "known": known, "vector": [round(v, 5) for v in vector],
-                "summary": _summary(row, self._last_event(user_id))}
+            user = self.features.read(user_id, None, None)
+            vector = torch.nn.functional.normalize(user_vector(self.ranker, user.frame), dim=-1)
+            # unit length: ranking is by cosine
+            return profile_answer(user_id, user, vector.squeeze(0).cpu().tolist(), self.history.last_event(user_id))
 
-    def _last_event(self, user_id: str) -> str | None:
-        import sqlalchemy as sa
-
-        from eventlog.store import events
-
-        with self.log.engine.connect() as conn:
-            ts = conn.execute(sa.select(sa.func.max(events.c.event_timestamp)).where(
-                events.c.user_id == user_id)).scalar()
-        return ts.isoformat() + "Z" if ts is not None else None
+        return answer(ctx, "/profile", user_id, work)
 
     @bentoml.api(route="/events")
     def post_events(self, events: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_EVENTS)],
                     ctx: bentoml.Context) -> dict[str, Any]:
         """Validate, append to the event log (idempotent on event_id), then push fresh features."""
-        import pandas as pd
+        def work() -> dict[str, Any]:
+            status, body = self.intake.post(events, self.ranker)
+            ctx.response.status_code = status
+            return body
 
-        from eventlog.ingest import ingest
-        from eventlog.sources import Batch, StructuralError, normalise
-        from feature_repo.pipeline.build import push_users
-        from validation.gate import Gate, GateSettings
-
-        try:
-            tb = normalise("events", pd.DataFrame(events), "request")
-        except StructuralError as exc:
-            ctx.response.status_code = 422
-            return {"accepted": [], "rejected": [{"index": None, "reason": str(exc).replace("request: ", "")}]}
-        v = self.cfg.validation
-        gate = Gate(GateSettings(max_reject_share=1.0, clock_skew_minutes=v.clock_skew_minutes,
-                                 on_schema_drift="accept", engine="pandas"))  # the same suites, in-process
-        with self.lock:
-            report, result = ingest(Batch("POST /events", {"events": tb}), self.log, gate)
-        verdict = result.verdicts["events"]
-        rejected = [{"index": row, "event_id": tb.frame["event_id"].iloc[row],
-                     "reasons": [{"rule": x.rule, "column": x.column, "reason": x.reason} for x in vs]}
-                    for row, vs in sorted(verdict.violations.items())]
-        ok = [i for i in range(len(tb.frame)) if i not in verdict.violations]
-        users = sorted(set(tb.frame["user_id"].iloc[ok].dropna()))
-        online = "updated"
-        try:
-            ranker = self.ranker
-            known_items = set(tb.frame["item_id"].iloc[ok].dropna()) <= ranker.item_index.keys()
-            push_users(self.store, self.log, users, items=ranker.catalogue_table if known_items else None)
-        except Exception as exc:  # noqa: BLE001 - the events are safe in the log; features catch up at the next build
-            online = f"deferred: online store unavailable ({type(exc).__name__}); the events are in the event log"
-            ctx.response.status_code = HTTPStatus.ACCEPTED
-        if rejected:
-            ctx.response.status_code = 422
-        return {"accepted": [tb.frame["event_id"].iloc[i] for i in ok], "rejected": rejected,
-                "pushed_users": users if online == "updated" else [], "online_update": online}
-
-
-def _reasons(user, item, query: str | None, source: str | None) -> list[str]:
-    import pandas as pd
-
-    reasons = []
-    if query and isinstance(item.get("item_title"), str):
-        words = set(query.lower().split()) & set(item["item_title"].lower().replace(",", " ").split())
-        if words:
-            recent = "recent " if source == "session" else ""
-            reasons.append(f"matches your {recent}search for '{' '.join(sorted(words))}'")
-    category = item.get("item_category")
-    for n in (1, 2, 3):
-        top = user.get(f"top_category_{n}_30d")
-        if isinstance(top, str) and top == category:
-            reasons.append(f"matches your interest in {category.split('>')[-1].lower()}")
-            break
-    views = item.get("item_views_7d")
-    if pd.notna(views) and views >= 20:
-        reasons.append("popular this week")
-    return reasons or ["picked for your profile"]
-
-
-def _summary(row, last_event: str | None) -> dict[str, Any]:
-    import pandas as pd
-
-    def num(name):
-        v = row.get(name)
-        return 0 if v is None or pd.isna(v) else v
-
-    cats = [row.get(f"top_category_{n}_30d") for n in (1, 2, 3)]
-    purchases, clicks = num("purchase_count_30d"), num("click_count_30d")
-    segment = ("new" if num("view_count_30d") + clicks == 0 else "buyer" if purchases >= 3
-               else "shopper" if purchases >= 1 else "browser")
-    queries = row.get("recent_queries")
-    return {"top_categories": [c for c in cats if isinstance(c, str)],
-            "recent_intents": queries.split(" | ")[:3] if isinstance(queries, str) and queries else [],
-            "segment": segment, "last_event": last_event, "age_band": row.get("age_band"),
-            "activity_30d": {"views": int(num("view_count_30d")), "clicks": int(clicks),
-                             "purchases": int(purchases), "spend": round(float(num("spend_30d")), 2)}}
+        return answer(ctx, "/events", "-", work)
 
 
 Persona.add_asgi_middleware(RequestGuard)

@@ -6,10 +6,12 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -89,7 +91,10 @@ def server(tmp_path_factory, live_shop):
     log.dispose()
     env = {**os.environ, "PERSONA_WORKSPACE": str(ws), "BENTOML_HOME": str(ws / "bentoml"),
            "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "PERSONA_API_KEY": API_KEY,
-           "PERSONA_REFRESH_SECONDS": "1"}
+           "PERSONA_REFRESH_SECONDS": "1",
+           # Requests run side by side, and the text cache is full (it evicts on every new text), as on a
+           # busy server: what the thread-safety tests need.
+           "PERSONA_THREADS": "8", "PERSONA_TEXT_CACHE_SIZE": "8"}
     subprocess.run([str(BIN / "persona"), "train", "-w", str(ws), "--epochs", "8", "--splits", "global",
                     "--no-baselines", "--no-refit"],
                    env=env, check=True, capture_output=True, timeout=900)
@@ -131,7 +136,8 @@ def test_rank_profile_and_health(server, live_shop):
 
 
 @pytest.mark.parametrize("body", [{}, {"user_id": 5}, {"user_id": "u1", "k": 0}, {"user_id": "u1", "k": 10_000},
-                                  {"user_id": "u1", "candidates": "i1"}, {"user_id": "x" * 300}])
+                                  {"user_id": "u1", "candidates": "i1"}, {"user_id": "x" * 300},
+                                  {"user_id": "u1", "context": {"timestamp": "9419-06-28T20:57:20Z"}}])
 def test_bad_rank_input_is_4xx_json(server, body):
     r = server.post("/rank", json=body)
     assert 400 <= r.status_code < 500 and r.json()
@@ -140,7 +146,7 @@ def test_bad_rank_input_is_4xx_json(server, body):
 def test_events_validate_append_and_push(server, live_shop):
     user = live_shop["events"]["user_id"].iloc[0]
     item = live_shop["items"]["item_id"].iloc[5]
-    end = live_shop["events"]["event_timestamp"].max()
+    end = pd.Timestamp.now(tz="UTC").floor("s") - pd.Timedelta(minutes=1)  # /profile's windows end now
     before = server.post("/profile", json={"user_id": user}).json()["summary"]
     good = {"event_id": "live-1", "user_id": user, "item_id": item, "event_type": "purchase",
             "event_timestamp": _iso(end + pd.Timedelta("500ms")), "value": 12.5}
@@ -286,6 +292,222 @@ def test_non_json_and_oversized_bodies_are_4xx(server):
     assert form.status_code == 415 and form.json()["error"]
     huge = server.post("/events", json={"events": [{"user_id": "u", "text": "x" * 2_100_000}]})
     assert huge.status_code == 413 and huge.json()["error"]
+
+
+def _users(shop) -> list[str]:
+    return shop["events"]["user_id"].drop_duplicates().tolist()
+
+
+def _log_since(server, offset: int, wait: float = 1.0) -> str:
+    time.sleep(wait)  # the server's log lines reach the file
+    return server.log_path.read_bytes()[offset:].decode(errors="replace")
+
+
+def test_chunked_oversized_body_is_413(server, live_shop):
+    """No Content-Length (chunked transfer encoding): the body itself is counted."""
+    def chunks(size: int):
+        yield b'{"events": [{"user_id": "u", "text": "'
+        for _ in range(size // 100_000):
+            yield b"x" * 100_000
+        yield b'"}]}'
+
+    headers = {"content-type": "application/json"}
+    huge = server.post("/events", content=chunks(2_200_000), headers=headers)
+    assert huge.status_code == 413 and "2000000 bytes" in huge.json()["error"]
+    user = live_shop["events"]["user_id"].iloc[0]
+    small = server.post("/rank", content=iter([json.dumps({"user_id": user, "k": 2}).encode()]), headers=headers)
+    assert small.status_code == 200 and len(small.json()["items"]) == 2  # a small chunked body still gets in
+
+
+def test_unknown_event_fields_are_bounded(server, live_shop):
+    user = _users(live_shop)[-3]
+    item = live_shop["items"]["item_id"].iloc[7]
+    end = live_shop["events"]["event_timestamp"].max()
+
+    def view(n: int, **extra) -> dict:
+        return {"event_id": f"extra-{n}", "user_id": user, "item_id": item, "event_type": "view",
+                "event_timestamp": _iso(end + pd.Timedelta(seconds=n)), **extra}
+
+    events = [view(1, campaign="spring"), view(2, note="x" * 5000), view(3, **{f"f{n}": n for n in range(40)}),
+              view(4, payload={"nested": ["y" * 100] * 50})]
+    r = server.post("/events", json={"events": events})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["accepted"] == ["extra-1"]  # the valid event is kept
+    rejected = {x["index"]: x for x in body["rejected"]}
+    assert set(rejected) == {1, 2, 3}
+    assert rejected[1]["event_id"] == "extra-2"
+    assert rejected[1]["reasons"] == [{"rule": "unknown_field_size", "column": "note",
+                                       "reason": rejected[1]["reasons"][0]["reason"]}]
+    assert "4096" in rejected[1]["reasons"][0]["reason"]
+    assert rejected[2]["reasons"][0]["rule"] == "unknown_field_count" and "32" in rejected[2]["reasons"][0]["reason"]
+    assert rejected[3]["reasons"][0]["column"] == "payload"
+    log = EventLog(f"sqlite:///{server.workspace / 'eventlog.db'}")
+    stored = set(log.read_table("events")["event_id"])
+    log.dispose()
+    assert "extra-1" in stored and not {"extra-2", "extra-3", "extra-4"} & stored
+
+
+def test_client_errors_are_one_log_line_without_traceback(server):
+    offset = server.log_path.stat().st_size
+    bodies = [{}, {"user_id": 5}, {"user_id": "u1", "k": 0}, {"user_id": "x" * 300}]
+    for body in bodies:
+        assert server.post("/rank", json=body).status_code == 400
+    logged = _log_since(server, offset)
+    assert "Traceback" not in logged, logged[-3000:]
+    assert "Exception on /rank" not in logged
+    assert logged.count("client error on /rank [POST]: 400") == len(bodies), logged[-3000:]
+
+
+def _corrupt_online_row(workspace: Path, user: str, value: bytes | None) -> bytes:
+    """Swap the stored bytes of one of the user's online features (a view the service reads); returns
+    what was there."""
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    from training.dataset import USER_SERVICE
+
+    store = stores.feature_store(workspace)
+    key = serialize_entity_key(EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=user)]),
+                               entity_key_serialization_version=store.config.entity_key_serialization_version)
+    views = [p.name for p in store.get_feature_service(USER_SERVICE).feature_view_projections]
+    with sqlite3.connect(workspace / "feast" / "online.db") as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table in (f"{store.project}_{v}" for v in views if f"{store.project}_{v}" in tables):
+            row = db.execute(f'SELECT feature_name, value FROM "{table}" WHERE entity_key = ? '
+                             "ORDER BY feature_name LIMIT 1", (key,)).fetchone()
+            if row:
+                db.execute(f'UPDATE "{table}" SET value = ? WHERE entity_key = ? AND feature_name = ?',
+                           (value, key, row[0]))
+                return row[1]
+    raise AssertionError(f"no online row for {user} in {views}")
+
+
+def test_unexpected_errors_are_json_500_with_the_cause_logged(server, live_shop):
+    """Corrupt stored bytes are no outage: a 500 without internals, and the cause in the log (not a 503)."""
+    user = _users(live_shop)[-1]
+    old = _corrupt_online_row(server.workspace, user, b"\xff\xff\xff\xff")
+    offset = server.log_path.stat().st_size
+    try:
+        for route in ("/rank", "/profile"):
+            r = server.post(route, json={"user_id": user})
+            assert r.status_code == 500, r.text
+            body = r.json()
+            assert body["error"] == "internal error" and body["retry"] is False and body["incident"]
+            assert "Decode" not in r.text and "Traceback" not in r.text
+            logged = _log_since(server, offset, wait=0.5)
+            assert body["incident"] in logged and user in logged and "DecodeError" in logged, logged[-3000:]
+    finally:
+        _corrupt_online_row(server.workspace, user, old)
+    assert server.post("/rank", json={"user_id": user}).status_code == 200
+
+
+def test_concurrent_rank_and_profile_are_all_200(server, live_shop):
+    """One shared tokenizer and text cache (full: it evicts on every new text) under side-by-side requests."""
+    users = _users(live_shop)
+    words = ["trail", "espresso", "lamp", "linen", "kettle", "yoga", "desk", "wool"]
+
+    def call(n: int) -> tuple[int, str]:
+        if n % 3 == 0:
+            r = server.post("/profile", json={"user_id": users[100 + n]})
+        elif n % 3 == 1:  # no query: the user's text is encoded in process
+            r = server.post("/rank", json={"user_id": users[200 + n], "k": 3})
+        else:  # a query: the batching encoder service
+            r = server.post("/rank", json={"user_id": users[300 + n], "k": 3,
+                                           "query": f"{words[n % 8]} {n} {time.monotonic_ns()}"})
+        return r.status_code, r.text[:300]
+
+    with ThreadPoolExecutor(32) as pool:
+        for _ in range(3):
+            answers = list(pool.map(call, range(48)))
+            assert [code for code, _ in answers] == [200] * 48, [a for a in answers if a[0] != 200][:3]
+
+
+def test_concurrent_events_for_one_user_all_reach_the_profile(server, live_shop):
+    """Eight clients post one user's views at once, one of them in a batch for 400 users whose push
+    takes longest. /profile counts every view: an older state never overwrites a newer one online."""
+    users = _users(live_shop)
+    user, others = users[-2], users[500:900]
+    item = live_shop["items"]["item_id"].iloc[9]
+    # Stamped now: the 30-day window holds exactly the views posted here (the shop's own end months ago).
+    start = pd.Timestamp.now(tz="UTC").floor("s") - pd.Timedelta(minutes=1)
+
+    def view(n: int) -> dict:  # views: only the window counts them (no second path to the state)
+        return {"event_id": f"race-{n}", "user_id": user, "item_id": item, "event_type": "view",
+                "event_timestamp": _iso(start + pd.Timedelta(milliseconds=n))}
+
+    def post(batch: list[dict]) -> int:
+        return server.post("/events", json={"events": batch}).status_code
+
+    def views() -> int:
+        return server.post("/profile", json={"user_id": user}).json()["summary"]["activity_30d"]["views"]
+
+    assert post([view(0)]) == 200
+    with ThreadPoolExecutor(8) as pool:
+        for round_ in range(1, 4):
+            n = round_ * 8
+            bulk = [view(n)] + [{"event_id": f"race-{round_}-{u}", "user_id": u, "event_type": "search",
+                                 "query": "bulk import",
+                                 "event_timestamp": _iso(start + pd.Timedelta(seconds=1, milliseconds=round_))}
+                                for u in others]
+            futures = [pool.submit(post, bulk)]
+            for k in range(1, 8):
+                time.sleep(0.03)  # the batch first: its push reads the log before these are appended
+                futures.append(pool.submit(post, [view(n + k)]))
+            assert [f.result() for f in futures] == [200] * 8
+            assert views() == 1 + 8 * round_, round_
+    # What an offline recomputation from the log says: the user's views in the last 30 days.
+    log = EventLog(f"sqlite:///{server.workspace / 'eventlog.db'}")
+    logged = log.read_table("events")
+    log.dispose()
+    mine = logged[(logged["user_id"] == user) & (logged["event_type"] == "view")]
+    recent = pd.to_datetime(mine["event_timestamp"], utc=True) > pd.Timestamp.now(tz="UTC") - pd.Timedelta(days=30)
+    assert views() == int(recent.sum()) == 25
+
+
+def test_unmaterialised_items_are_not_ranked(server, live_shop, tmp_path):
+    """An item in the event log without online features yet is never ranked; once materialised it may be."""
+    item = "i-not-yet-online"
+    row = live_shop["items"].head(1).assign(item_id=item, title="Not yet materialised burr grinder")
+    folder = tmp_path / "items"
+    folder.mkdir()
+    row.to_csv(folder / "items.csv", index=False)
+    persona = str(BIN / "persona")
+
+    def run(*args: str) -> None:
+        done = subprocess.run([persona, *args, "-w", str(server.workspace)], env=server.env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def refreshed(items: int) -> bool:
+        return f"items ranked of {items})" in server.log_path.read_text(errors="replace")
+
+    def ranked(body: dict) -> set[str]:
+        return {i["item_id"] for i in body["items"]}
+
+    run("ingest", "--source", str(folder))
+    log = EventLog(f"sqlite:///{server.workspace / 'eventlog.db'}")
+    logged = len(log.read_table("items"))
+    log.dispose()
+    deadline = time.monotonic() + 60  # a refresh that saw the new item
+    while not refreshed(logged) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert refreshed(logged), server.log_path.read_text(errors="replace")[-3000:]
+    cold = server.post("/rank", json={"user_id": "cold-user-unmaterialised", "k": 200}).json()
+    assert item not in ranked(cold) and all(i["title"] is not None for i in cold["items"])
+    asked = server.post("/rank", json={"user_id": "cold-user-unmaterialised", "candidates": [item]}).json()
+    assert item not in ranked(asked) and asked["unknown_candidates"] == [item]
+
+    run("features", "build")
+    run("features", "materialize")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        asked = server.post("/rank", json={"user_id": "cold-user-unmaterialised", "candidates": [item]}).json()
+        if item in ranked(asked):
+            break
+        time.sleep(0.5)
+    assert item in ranked(asked) and asked["items"][0]["title"] == "Not yet materialised burr grinder"
 
 
 def test_persona_build_makes_a_bento_offline(server):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -313,30 +314,41 @@ def history_rows(history: list[list[str]], index: dict[str, int], length: int) -
 
 
 class TextCache:
-    """Frozen BERT's mean-pooled vectors, one forward pass per distinct text, kept by text."""
+    """Frozen BERT's mean-pooled vectors, one forward pass per distinct text, kept by text.
+
+    Safe to share between threads (serving encodes from several at once): the dict is only touched
+    under ``lock``, and the fast tokenizer, which raises "Already borrowed" when two threads use it at
+    once, only under ``tokenizer_lock``. BERT's forward pass runs outside both.
+    """
 
     def __init__(self, bert: nn.Module, tokenizer, max_size: int | None = None):
         self.bert, self.tokenizer, self.max_size = bert, tokenizer, max_size
         self.vectors: dict[tuple[str, int], torch.Tensor] = {}
+        self.lock = threading.Lock()
+        self.tokenizer_lock = threading.Lock()
 
     def encode(self, texts: list[str], max_len: int) -> torch.Tensor:
-        missing = list(dict.fromkeys(t for t in texts if (t, max_len) not in self.vectors))
-        missing.sort(key=len)  # batches of similar length: little padding
+        distinct = list(dict.fromkeys(texts))
+        with self.lock:  # what is cached now: later evictions (by this call or another) cannot lose it
+            found = {t: v for t in distinct if (v := self.vectors.get((t, max_len))) is not None}
+        missing = sorted((t for t in distinct if t not in found), key=len)  # similar lengths: little padding
         fresh = {}
         for s in range(0, len(missing), 64):
             chunk = missing[s:s + 64]
             fresh.update(zip(chunk, self._forward(chunk, max_len), strict=True))
-        self.vectors.update({(t, max_len): v for t, v in fresh.items()})
-        overflow = len(self.vectors) - (self.max_size or len(self.vectors))
-        for key in list(itertools.islice(self.vectors, max(0, overflow))):
-            del self.vectors[key]  # oldest first
-        return torch.stack([fresh[t] if t in fresh else self.vectors[(t, max_len)] for t in texts]) if texts \
-            else torch.zeros(0, self.bert.config.hidden_size)
+        with self.lock:
+            self.vectors.update({(t, max_len): v for t, v in fresh.items()})
+            overflow = len(self.vectors) - (self.max_size or len(self.vectors))
+            for key in list(itertools.islice(self.vectors, max(0, overflow))):
+                del self.vectors[key]  # oldest first
+        found.update(fresh)
+        return torch.stack([found[t] for t in texts]) if texts else torch.zeros(0, self.bert.config.hidden_size)
 
     @torch.no_grad()
     def _forward(self, texts: list[str], max_len: int) -> torch.Tensor:
         device = next(self.bert.parameters()).device
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        with self.tokenizer_lock:
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
         enc = {k: v.to(device) for k, v in enc.items()}
         hidden = self.bert(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -344,13 +356,15 @@ class TextCache:
 
 
 _TEXT_CACHES: dict[str, TextCache] = {}
+_TEXT_CACHES_LOCK = threading.Lock()
 
 
 def _shared_text_cache(bert_path: str, bert: nn.Module, tokenizer) -> TextCache:
     """One cache per BERT in a process: the model variants and the refit reuse each other's vectors."""
-    if bert_path not in _TEXT_CACHES:
-        _TEXT_CACHES[bert_path] = TextCache(bert, tokenizer)
-    return _TEXT_CACHES[bert_path]
+    with _TEXT_CACHES_LOCK:
+        if bert_path not in _TEXT_CACHES:
+            _TEXT_CACHES[bert_path] = TextCache(bert, tokenizer)
+        return _TEXT_CACHES[bert_path]
 
 
 class ProfileModel(nn.Module):
