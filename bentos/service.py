@@ -629,8 +629,6 @@ class Intake:
 
     def post(self, events: list[dict[str, Any]], ranker: Ranker) -> tuple[int, dict[str, Any]]:
         """The status and the answer: which events were accepted, which rejected and why."""
-        import pandas as pd
-
         from eventlog.contract import columns
         from eventlog.sources import StructuralError, normalise
 
@@ -647,7 +645,7 @@ class Intake:
         if not kept:
             return 422, {"accepted": [], "rejected": rejected, "pushed_users": [], "online_update": "updated"}
         try:
-            tb = normalise("events", pd.DataFrame([events[n] for n in kept]), "request")
+            tb = normalise("events", [events[n] for n in kept], "request")  # records: a NaN stays a NaN
         except StructuralError as exc:
             return 422, {"accepted": [], "rejected": rejected + [
                 {"index": None, "reason": str(exc).replace("request: ", "")}]}

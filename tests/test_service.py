@@ -595,3 +595,18 @@ def test_redis_outage_gives_503_and_recovers(tmp_path, shop, pg_url, tiny_bert):
         check.dispose()
     finally:
         stop(proc, log_file)
+
+
+def test_a_json_nan_value_is_quarantined_like_a_csv_nan(server, live_shop):
+    """`NaN` in a JSON body is not stored as a null value: the rule is the one a CSV "NaN" breaks."""
+    user = live_shop["events"]["user_id"].iloc[2]
+    item = live_shop["items"]["item_id"].iloc[2]
+    event = {"event_id": "nan-1", "user_id": user, "item_id": item, "event_type": "purchase",
+             "event_timestamp": _iso(pd.Timestamp.now(tz="UTC").floor("s")), "value": float("nan")}
+    body = json.dumps({"events": [event]})  # Python's json writes the bare NaN token some clients send
+    assert "NaN" in body
+    r = server.post("/events", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code in (400, 422), r.text
+    if r.status_code == 422:  # the parser took NaN: the gate names the rule, the row and the column
+        reasons = r.json()["rejected"][0]["reasons"]
+        assert reasons[0]["rule"] == "finite_number" and reasons[0]["column"] == "value", reasons
