@@ -139,6 +139,11 @@ def test_nested_extra_fields_are_stored_as_json(tmp_path, sqlite_log, shop, base
     assert json.loads(stored) == {"meta": {"id": 2, "tags": ["a", "b"]}}
 
 
+def _dialect_log(dialect: str, request, tmp_path) -> EventLog:
+    """An empty event log on SQLite or on a throw-away Postgres database."""
+    return EventLog(request.getfixturevalue("pg_url") if dialect == "postgresql" else f"sqlite:///{tmp_path / 'l.db'}")
+
+
 # --- 7. a write does not count the whole table -------------------------------------------------
 def _statements(log: EventLog) -> list[str]:
     seen: list[str] = []
@@ -149,8 +154,7 @@ def _statements(log: EventLog) -> list[str]:
 
 @pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_write_counts_come_from_the_insert_not_a_table_scan(dialect, request, tmp_path, shop, base):
-    url = request.getfixturevalue("pg_url") if dialect == "postgresql" else f"sqlite:///{tmp_path / 'l.db'}"
-    log = EventLog(url)
+    log = _dialect_log(dialect, request, tmp_path)
     try:
         _ingest_files(log, tmp_path / "a", base)
         seen = _statements(log)
@@ -187,8 +191,7 @@ class _RacingGate(Gate):
 
 @pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_concurrent_conflicting_event_id_is_quarantined(dialect, request, tmp_path, shop, base):
-    url = request.getfixturevalue("pg_url") if dialect == "postgresql" else f"sqlite:///{tmp_path / 'l.db'}"
-    log = EventLog(url)
+    log = _dialect_log(dialect, request, tmp_path)
     try:
         _ingest_files(log, tmp_path / "a", base)
         batch = shop["events"].iloc[40:60].reset_index(drop=True)
