@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import threading
+import time
 import traceback
 import uuid
 import zlib
@@ -40,6 +42,9 @@ import bentoml
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
+from bentos import explorer, privacy_routes
+from persona.privacy import Privacy
+
 WORKSPACE = Path(os.environ.get("PERSONA_WORKSPACE", "workspace")).resolve()
 os.environ.setdefault("BENTOML_HOME", str(WORKSPACE / "bentoml"))
 MODEL_TAG = os.environ.get("PERSONA_MODEL_TAG", "latest")
@@ -51,6 +56,8 @@ EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo
 # Text embeddings kept in memory (about 75 MB for MiniLM at 50k).
 TEXT_CACHE_SIZE = int(os.environ.get("PERSONA_TEXT_CACHE_SIZE", "50000"))
 THREADS = int(os.environ.get("PERSONA_THREADS", "4"))  # requests the ranking service runs side by side
+TORCH_THREADS = int(os.environ.get("PERSONA_TORCH_THREADS", "1"))  # torch's threads per request
+TIMINGS = os.environ.get("PERSONA_TIMINGS") == "1"  # /rank answers carry their per-stage times (timings_ms)
 MAX_EVENTS = 500
 MAX_BODY_BYTES = 2_000_000
 MAX_CANDIDATES = 10_000
@@ -78,7 +85,7 @@ class RequestGuard:
         self.key = os.environ.get("PERSONA_API_KEY")
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.OPEN:
+        if scope["type"] != "http" or scope["path"] in self.OPEN or explorer.is_public(scope["path"]):
             await self.app(scope, receive, send)
             return
         headers = {k.decode().lower(): v.decode(errors="replace") for k, v in scope.get("headers") or []}
@@ -286,6 +293,24 @@ class Ranker:
 
         return Catalogue(self.item_index, self.item_vectors)
 
+    @functools.cached_property
+    def unit_vectors(self):
+        """The item vectors at unit length, once per ranker: ranking is by cosine, and normalising the
+        whole catalogue on every request cost more than the matmul and top-k together."""
+        import torch
+
+        with torch.inference_mode():
+            return torch.nn.functional.normalize(self.item_vectors, dim=-1)
+
+
+def _torch_threads() -> None:
+    """Requests run side by side (``PERSONA_THREADS``), each on one core: torch's own threads on top
+    of them fought for the same cores (on 2 vCPUs under load, a user tower's p90 went from 8 ms with
+    one thread to 175 ms with two)."""
+    import torch
+
+    torch.set_num_threads(TORCH_THREADS)
+
 
 def _device() -> str:
     import torch
@@ -300,6 +325,39 @@ def _load_model(tag: str, device: str):
     model, meta, full_tag = load_from_bentoml(tag, device)
     model.text_cache_size = TEXT_CACHE_SIZE
     return full_tag, model, meta
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No automatic garbage collection inside the block (a catalogue rebuild: its 10k-row frames set off
+    full collections that stopped every request for 0.1-1 s); then the young generations only."""
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.collect(1)
+            gc.enable()
+
+
+@functools.cache
+def _freeze_startup_heap() -> None:
+    """Once, after the first ranker is built (before any request): import what /events needs (the gate
+    brings in Great Expectations), collect, then move every object alive (modules, the model, the first
+    catalogue) to the collector's permanent generation. Full collections walked that heap on the request
+    path, 0.5-1.2 s each on 2 vCPUs, set off by the allocations of a catalogue rebuild or a push; they now
+    walk only what came later."""
+    import gc
+    import importlib
+
+    for module in ("eventlog.ingest", "validation.gate", "feature_repo.pipeline.build"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+    gc.collect()
+    gc.freeze()
 
 
 class Rankers:
@@ -337,17 +395,20 @@ class Rankers:
         from training.model import in_batches
 
         fingerprint = fingerprint or self.fingerprint()
-        table = self.log.read_table("items")
-        logged = table["item_id"].astype(str).tolist()
-        online = online_catalogue(self.store, logged)
-        features = [c for c in online.columns if c != "item_id"]
-        served = online[online[features].notna().any(axis=1)].reset_index(drop=True)
-        with torch.no_grad():
-            vectors = in_batches(model.item_vectors, served, 512) if len(served) else torch.zeros(0, model.cfg.dim)
-        item_ids = served["item_id"].astype(str).tolist()
-        info = served.reindex(columns=["item_title", "item_category", "item_views_7d"]).to_dict("records")
-        return Ranker(tag, model, meta, fingerprint, item_ids, {i: n for n, i in enumerate(item_ids)}, table,
-                      frozenset(logged), info, vectors.to(self.device))
+        with _collector_paused():  # it runs beside requests: no full collections set off by its objects
+            table = self.log.read_table("items")
+            logged = table["item_id"].astype(str).tolist()
+            online = online_catalogue(self.store, logged)
+            features = [c for c in online.columns if c != "item_id"]
+            served = online[online[features].notna().any(axis=1)].reset_index(drop=True)
+            with torch.no_grad():
+                vectors = in_batches(model.item_vectors, served, 512) if len(served) else torch.zeros(0, model.cfg.dim)
+            item_ids = served["item_id"].astype(str).tolist()
+            info = served.reindex(columns=["item_title", "item_category", "item_views_7d"]).to_dict("records")
+            ranker = Ranker(tag, model, meta, fingerprint, item_ids, {i: n for n, i in enumerate(item_ids)}, table,
+                            frozenset(logged), info, vectors.to(self.device))
+        _freeze_startup_heap()
+        return ranker
 
     def changed(self, current: Ranker) -> Ranker | None:
         """A ranker for a newer model (unless pinned) or a changed catalogue; None when nothing changed."""
@@ -401,21 +462,30 @@ class UserFeatures:
         start and on each refresh tick, not per request."""
         from training.dataset import USER_SERVICE
 
+        self.store.registry.refresh()  # here, each tick: a request never finds Feast's registry cache expired
         service = self.store.get_feature_service(USER_SERVICE, allow_cache=False)
         on_demand = {v.name for v in self.store.list_on_demand_feature_views(allow_cache=True)}
         stored = [f.name for p in service.feature_view_projections if p.name not in on_demand for f in p.features]
+        with contextlib.suppress(Exception):  # the first read after a refresh rebuilds Feast's caches: do it here
+            self.store.get_online_features(features=service, entity_rows=[
+                {"user_id": "", "device": None, "channel": None, "request_timestamp": datetime.now(UTC)}])
         return service, stored
 
-    def read(self, user_id: str, query: str | None, context: RequestContext | None) -> UserFrame:
+    def read(self, user_id: str, query: str | None, context: RequestContext | None,
+             laps: Laps | None = None) -> UserFrame:
         """The live query is the request's, else the session's last search."""
         import pandas as pd
 
+        laps = laps or Laps()
         service, stored = self.service
         ctx = context or RequestContext()
         when = _utc(ctx.timestamp or datetime.now(UTC))
         row = {"user_id": user_id, "device": ctx.device, "channel": ctx.channel, "request_timestamp": when}
         try:
-            frame = self.store.get_online_features(features=service, entity_rows=[row]).to_df()
+            response = self.store.get_online_features(features=service, entity_rows=[row])
+            laps.lap("feast_fetch")
+            frame = response.to_df()
+            laps.lap("feast_to_df")
         except Exception as exc:
             if is_outage(exc):  # Redis, SQLite and gRPC raise different types
                 raise StoreUnavailable(f"online feature store unavailable: {type(exc).__name__}") from exc
@@ -461,6 +531,52 @@ class UserHistory:
 
 
 # --- ranking -------------------------------------------------------------------------------------------
+class Laps:
+    """Wall time per stage of one request, in ms: ``PERSONA_TIMINGS=1`` adds them to the answer as
+    ``timings_ms`` (with their ``total``), else they are only counted."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.ms: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        """The time since the previous lap goes to ``stage``."""
+        now = time.perf_counter()
+        self.ms[stage] = self.ms.get(stage, 0.0) + (now - self.last) * 1000
+        self.last = now
+
+    def attach(self, body: dict[str, Any], stage: str) -> dict[str, Any]:
+        """``body``, its making timed as ``stage``, with ``timings_ms`` when timings are on."""
+        self.lap(stage)
+        if TIMINGS:
+            total = (self.last - self.start) * 1000
+            body["timings_ms"] = {k: round(v, 3) for k, v in {**self.ms, "total": total}.items()}
+        return body
+
+
+def _log_pauses(threshold_ms: float = 20.0) -> None:
+    """With timings on, what can stall a request goes to the log: each garbage collection longer than
+    ``threshold_ms``, and each Feast registry refresh (a request that finds the cache expired does it)."""
+    import gc
+
+    started: dict[str, float] = {}
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        elif "t" in started:
+            ms = (time.perf_counter() - started.pop("t")) * 1000
+            if ms > threshold_ms:
+                logger.warning("gc pause %.0f ms (generation %d)", ms, info["generation"])
+
+    gc.callbacks.append(watch)
+    logging.getLogger("feast.infra.registry.caching_registry").setLevel(logging.INFO)
+
+
+if TIMINGS:
+    _log_pauses()
+
+
 class QueryEncoder:
     """Query text through the batching ``TextEncoder`` service, once that runs the ranker's model."""
 
@@ -491,9 +607,10 @@ class QueryEncoder:
 
 
 def user_vector(ranker: Ranker, frame, text=None):
+    """The user tower's vector (inference mode: no autograd bookkeeping at all, unlike ``no_grad``)."""
     import torch
 
-    with torch.no_grad():
+    with torch.inference_mode():
         return ranker.model.user_vectors(frame, text, catalogue=ranker.history_lookup)
 
 
@@ -507,8 +624,9 @@ def top_items(ranker: Ranker, user, k: int, candidates: list[str] | None, leave_
     """The k best items for the user vector, among the candidates (all items if None), less ``leave_out``."""
     import torch
 
-    with torch.no_grad():
-        scores = ranker.model.score(user, ranker.item_vectors).squeeze(0)
+    with torch.inference_mode():  # the model's score (cosine / temperature), over the cached unit vectors
+        unit_user = torch.nn.functional.normalize(user, dim=-1)
+        scores = (unit_user @ ranker.unit_vectors.T / ranker.model.cfg.temperature).squeeze(0)
     allowed = torch.ones(len(ranker.item_ids), dtype=torch.bool, device=scores.device)
     unknown = []
     if candidates is not None:
@@ -626,6 +744,8 @@ class Intake:
         self.cfg, self.log, self.store = cfg, log, store
         self.append_lock = threading.Lock()  # one append at a time: idempotent on event_id
         self.users = UserLocks()
+        self.privacy = Privacy.for_workspace(cfg.workspace, cfg)  # pseudonyms and tombstones at the door
+        self.stale: set[str] = set()  # users whose last push failed: the next one recomputes from the log
 
     def post(self, events: list[dict[str, Any]], ranker: Ranker) -> tuple[int, dict[str, Any]]:
         """The status and the answer: which events were accepted, which rejected and why."""
@@ -649,11 +769,16 @@ class Intake:
         except StructuralError as exc:
             return 422, {"accepted": [], "rejected": rejected + [
                 {"index": None, "reason": str(exc).replace("request: ", "")}]}
+        tb, erased = privacy_routes.screen(tb, self.log, self.privacy)  # erased users' events are not stored
+        rejected += [privacy_routes.erased_rejection(kept[p]) for p in erased]
+        kept = [k for p, k in enumerate(kept) if p not in set(erased)]
+        if not kept:
+            return 422, {"accepted": [], "rejected": rejected, "pushed_users": [], "online_update": "updated"}
         with self.users.hold(tb.frame["user_id"].dropna()):
-            verdict = self._append(tb)
+            report, verdict = self._append(tb)
             ok = [i for i in range(len(tb.frame)) if i not in verdict.violations]
             users = sorted(set(tb.frame["user_id"].iloc[ok].dropna()))
-            online = self._push(users, set(tb.frame["item_id"].iloc[ok].dropna()), ranker)
+            online = self._push(users, report.new_events)
         rejected += [{"index": kept[row], "event_id": tb.frame["event_id"].iloc[row],
                       "reasons": [{"rule": x.rule, "column": x.column, "reason": x.reason} for x in vs]}
                      for row, vs in sorted(verdict.violations.items())]
@@ -671,18 +796,23 @@ class Intake:
         gate = Gate(GateSettings(max_reject_share=1.0, clock_skew_minutes=v.clock_skew_minutes,
                                  on_schema_drift="accept", engine="pandas"))  # the same suites, in-process
         with self.append_lock:
-            _, result = ingest(Batch("POST /events", {"events": tb}), self.log, gate)
-        return result.verdicts["events"]
+            report, result = ingest(Batch("POST /events", {"events": tb}), self.log, gate, privacy=self.privacy)
+        return report, result.verdicts["events"]
 
-    def _push(self, users: list[str], items: set[str], ranker: Ranker) -> str:
-        """The users' fresh state online; if that fails the events are safe in the log, and features
-        catch up at the next build."""
-        from feature_repo.pipeline.build import push_users
+    def _push(self, users: list[str], new_events) -> str:
+        """Fold the newly stored events into their users' online state (an event the log already
+        held was folded when it arrived). If that fails the events are safe in the log: those users
+        are recomputed from it at their next push, and at the next ``features materialize``."""
+        from feature_repo.pipeline.push import push_events
 
+        if new_events is None or not len(new_events):
+            return "updated"
+        stored = sorted(set(new_events["user_id"]))
         try:
-            push_users(self.store, self.log, users, items=ranker.catalogue_table if items <= ranker.catalogue_ids
-                       else None)
+            push_events(self.store, self.log, new_events, stale=self.stale.intersection(stored))
+            self.stale.difference_update(stored)
         except Exception as exc:  # noqa: BLE001 - the answer says the update is deferred
+            self.stale.update(stored)
             if is_outage(exc):
                 return (f"deferred: online store unavailable ({type(exc).__name__}); "
                         "the events are in the event log")
@@ -716,10 +846,19 @@ class TextEncoder:
             self.tag, self.model, _ = _load_model(tag, self.device)
         return self.tag
 
+    @bentoml.api
+    def clear_texts(self) -> bool:
+        """Drop the cached text vectors (``/forget``: they may hold an erased user's queries)."""
+        if self.model.texts is not None:
+            with self.model.texts.lock:
+                self.model.texts.vectors.clear()
+        return True
+
 
 UserId = Annotated[str, Field(min_length=1, max_length=256, examples=["u000001"])]
 
 
+@bentoml.asgi_app(explorer.create_app(WORKSPACE), path=explorer.MOUNT)  # the profile explorer at /ui
 @bentoml.service(resources={"gpu": 1, "cpu": "2"}, traffic={"timeout": 30}, threads=THREADS)
 class Persona:
     """The API: each method hands its request to the pieces above."""
@@ -732,6 +871,7 @@ class Persona:
         from feature_repo.pipeline import stores
         from persona import config
 
+        _torch_threads()
         cfg = config.load(WORKSPACE)
         store = stores.feature_store(WORKSPACE)
         log = EventLog(cfg.resolved_event_log_url())
@@ -739,6 +879,7 @@ class Persona:
         self.features = UserFeatures(store)
         self.history = UserHistory(log, cfg.positives)
         self.intake = Intake(cfg, log, store)
+        self.cfg = cfg
         self.queries = QueryEncoder(lambda: self.encoder)
         self.ranker = self.rankers.build(*_load_model(str(self.model_ref.tag), self.rankers.device))
         self.watcher: asyncio.Task | None = None
@@ -786,19 +927,30 @@ class Persona:
         If the online store is down the answer is a 503 with a JSON reason (no degraded ranking):
         ranking without the user's features would silently be a different product.
         """
+        user_id = self.intake.privacy.user_id(user_id)  # a raw id becomes its pseudonym when those are on
+
         def work() -> dict[str, Any]:
-            ranker = self.ranker
-            user = self.features.read(user_id, query, context)
+            laps, ranker = Laps(), self.ranker
+            user = self.features.read(user_id, query, context, laps)
+            laps.lap("frame")
             live = user.frame["query"].iloc[0] is not None  # with a query: the batching encoder
-            vector = user_vector(ranker, user.frame, self.queries.encode(ranker, user.frame) if live else None)
+            text = self.queries.encode(ranker, user.frame) if live else None
+            laps.lap("query_encode")
+            vector = user_vector(ranker, user.frame, text)
+            laps.lap("user_tower")
             leave_out = self.history.seen(user_id) if exclude_seen else set()
-            return rank_answer(user_id, ranker, top_items(ranker, vector, k, candidates, leave_out), user)
+            laps.lap("seen")
+            ranked = top_items(ranker, vector, k, candidates, leave_out)
+            laps.lap("top_k")
+            return laps.attach(rank_answer(user_id, ranker, ranked, user), "answer")
 
         return answer(ctx, "/rank", user_id, work)
 
     @bentoml.api(route="/profile")
     def profile(self, user_id: UserId, ctx: bentoml.Context = None) -> dict[str, Any]:
         """The profile vector and a readable summary of the user."""
+        user_id = self.intake.privacy.user_id(user_id)
+
         def work() -> dict[str, Any]:
             import torch
 
@@ -819,6 +971,40 @@ class Persona:
             return body
 
         return answer(ctx, "/events", "-", work)
+
+    @bentoml.api(route="/forget")
+    def forget(self, user_ids: Annotated[list[UserId], Field(min_length=1, max_length=100,
+                                                             examples=[["u_to_erase"]])],
+               reason: Annotated[str | None, Field(max_length=500)] = None, ctx: bentoml.Context = None
+               ) -> dict[str, Any]:
+        """Erase users everywhere (see `persona forget`) and clear the caches. Needs the API key."""
+        if not privacy_routes.key_configured():
+            ctx.response.status_code = HTTPStatus.FORBIDDEN
+            return privacy_routes.refused()
+        if bad := privacy_routes.unreadable(user_ids):
+            ctx.response.status_code = HTTPStatus.BAD_REQUEST
+            return bad
+        return answer(ctx, "/forget", "-", lambda: privacy_routes.forget(self, self.cfg, user_ids, reason))
+
+    @bentoml.api(route="/export")
+    def export(self, user_id: UserId, ctx: bentoml.Context = None) -> dict[str, Any]:
+        """Everything held about the user, with the profile and the latest ranking. Needs the API key."""
+        if not privacy_routes.key_configured():
+            ctx.response.status_code = HTTPStatus.FORBIDDEN
+            return privacy_routes.refused()
+        if bad := privacy_routes.unreadable([user_id]):
+            ctx.response.status_code = HTTPStatus.BAD_REQUEST
+            return bad
+
+        def work() -> dict[str, Any]:
+            uid, ranker = self.intake.privacy.user_id(user_id), self.ranker
+            user = self.features.read(uid, None, None)
+            vector = user_vector(ranker, user.frame)
+            profile = profile_answer(uid, user, vector.squeeze(0).cpu().tolist(), self.history.last_event(uid))
+            ranking = rank_answer(uid, ranker, top_items(ranker, vector, 10, None, self.history.seen(uid)), user)
+            return privacy_routes.export(self, self.cfg, uid, profile, ranking)
+
+        return answer(ctx, "/export", user_id, work)
 
 
 Persona.add_asgi_middleware(RequestGuard)

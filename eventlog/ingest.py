@@ -41,6 +41,8 @@ class IngestReport:
     hold_reasons: list[str]
     tables: dict[str, TableReport]
     notes: list[str]
+    # The events this ingest stored, as stored (after pseudonymisation): what the online push folds.
+    new_events: pd.DataFrame | None = None
 
     @property
     def rows(self) -> int:
@@ -57,8 +59,12 @@ class IngestReport:
 
 
 def ingest(batch: Batch, log: EventLog, gate: Gate, *, dry_run: bool = False,
-           replayed: dict[str, dict[int, int]] | None = None) -> tuple[IngestReport, GateResult]:
-    """Gate ``batch`` and write it. ``replayed`` maps table -> row -> quarantine id being retried."""
+           replayed: dict[str, dict[int, int]] | None = None, privacy=None) -> tuple[IngestReport, GateResult]:
+    """Gate ``batch`` and write it. ``replayed`` maps table -> row -> quarantine id being retried.
+
+    Privacy first: user ids become pseudonyms when that setting is on, and rows of erased users
+    (tombstoned) are skipped and counted, never stored again."""
+    batch, replayed, erased = _privacy_filter(batch, log, privacy, replayed)
     result = gate.check(batch, KnownIds(log))
     batch_id = new_batch_id()
     report = IngestReport(batch_id, batch.source, result.held, result.hold_reasons, {},
@@ -68,6 +74,8 @@ def ingest(batch: Batch, log: EventLog, gate: Gate, *, dry_run: bool = False,
         tr.rules = verdict.rule_counts()
         tr.quarantined = verdict.rows if result.held else len(verdict.violations)
         tr.accepted = verdict.rows - tr.quarantined
+    for table, n in erased.items():
+        report.notes.append(f"{table}: skipped {n} row(s) of erased users (tombstoned by `persona forget`)")
     if dry_run:
         return report, result
     replayed = replayed or {}
@@ -85,6 +93,8 @@ def ingest(batch: Batch, log: EventLog, gate: Gate, *, dry_run: bool = False,
                 tr = report.tables[table]
                 tr.written = counts.new if table == "events" else int(mask.sum())
                 tr.already_present = counts.existing if table == "events" else 0
+                if table == "events":
+                    report.new_events = tb.frame[mask][tb.frame[mask]["event_id"].isin(counts.inserted)]
                 late = _write_conflicts(tb, verdict, counts.conflicts)
                 tr.quarantined += len(late)
                 tr.accepted -= len(late)
@@ -106,6 +116,22 @@ def ingest(batch: Batch, log: EventLog, gate: Gate, *, dry_run: bool = False,
         log.record_batch(conn, batch_id, batch.source, "held" if result.held else _STATUS.get(batch.kind, "api"),
                          summary)
     return report, result
+
+
+def _privacy_filter(batch: Batch, log: EventLog, privacy, replayed):
+    """Pseudonymise, then drop erased users' rows (renumbering ``replayed`` to the rows kept)."""
+    from eventlog.pseudonyms import pseudonymise_batch
+    from eventlog.tombstones import drop_erased
+    from persona.privacy import Privacy
+
+    privacy = privacy or Privacy.for_log(log.url)
+    batch = pseudonymise_batch(batch, privacy)
+    batch, kept = drop_erased(batch, log.engine, privacy.hash)
+    if replayed:
+        for table, mask in kept.items():
+            new_pos = mask.cumsum() - 1
+            replayed[table] = {int(new_pos[r]): q for r, q in replayed.get(table, {}).items() if mask[r]}
+    return batch, replayed, {t: int((~m).sum()) for t, m in kept.items()}
 
 
 def _write_conflicts(tb, verdict, conflicts: dict) -> list[int]:
@@ -143,7 +169,7 @@ def _quarantine_record(batch_id: str, tb, row: int, violations, status: str, hol
 
 
 def replay(log: EventLog, gate: Gate, *, batch_id: str | None = None,
-           corrected: Batch | None = None) -> tuple[IngestReport, GateResult]:
+           corrected: Batch | None = None, privacy=None) -> tuple[IngestReport, GateResult]:
     """Re-validate quarantined rows and ingest what now passes.
 
     With ``corrected``, the fixed rows come from a corrected file: they are ingested like any batch
@@ -169,7 +195,7 @@ def replay(log: EventLog, gate: Gate, *, batch_id: str | None = None,
             ids = pending[pending["table_name"] == table].set_index("record_key")["id"]
             ids = ids[~ids.index.duplicated(keep="last")]
             replayed[table] = {int(r): int(ids[k]) for r, k in enumerate(keys) if k in ids.index}
-        return ingest(corrected, log, gate, replayed=replayed)
+        return ingest(corrected, log, gate, replayed=replayed, privacy=privacy)
     tables = {}
     replayed = {}
     for table, group in pending.groupby("table_name", sort=False):
@@ -181,7 +207,7 @@ def replay(log: EventLog, gate: Gate, *, batch_id: str | None = None,
     batch = Batch(source="quarantine replay", tables=tables, kind="replay")
     # Replayed rows are judged one by one: no batch-level hold for share or column drift.
     lenient = Gate(replace(gate.settings, max_reject_share=1.0, on_schema_drift="accept"), gate.now)
-    report, result = ingest(batch, log, lenient, replayed=replayed)
+    report, result = ingest(batch, log, lenient, replayed=replayed, privacy=privacy)
     if batch_id and (pending["status"] == "held").any():
         reasons = json.loads(log.batch_summary(batch_id) or "{}").get("hold_reasons") or ["held"]
         report.notes.append(f"batch {batch_id} was held; its batch-level checks were waived on request: "

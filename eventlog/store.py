@@ -82,6 +82,7 @@ class WriteCounts:
     # got there first): frame index label -> the compared columns that differ. Not written, never
     # silently: the caller quarantines them.
     conflicts: dict = field(default_factory=dict)
+    inserted: set = field(default_factory=set)  # the event ids this write stored (events only)
 
 
 def utcnow() -> datetime:
@@ -152,7 +153,8 @@ class EventLog:
                 mine = frame[frame[key].isin(unchecked).to_numpy(dtype=bool)]
                 stored = self._stored_events(conn, sorted(unchecked))
                 conflicts = {label: cols for label, cols in differing_columns(mine, stored).items() if cols}
-            return WriteCounts(new=len(inserted), existing=len(skipped) - len(conflicts), conflicts=conflicts)
+            return WriteCounts(new=len(inserted), existing=len(skipped) - len(conflicts), conflicts=conflicts,
+                               inserted=inserted)
         known = self._keys_in(conn, table, keys)
         if insert is not None:
             ins = insert(tbl)

@@ -132,12 +132,14 @@ user_text_push = PushSource(name="user_text_push", batch_source=offline_source("
 
 # What the user said and looked at: recent queries and engaged titles, newest first, for BERT;
 # the last search and its time tell the service whether a search intent is still in session.
+# ``text_state`` keeps their times, so a push can fold new events in; models do not read it.
 user_text = FeatureView(
     name="user_text",
     entities=[user],
     ttl=timedelta(days=3650),
     schema=[Field(name="recent_queries", dtype=String), Field(name="recent_titles", dtype=String),
-            Field(name="last_search_query", dtype=String), Field(name="last_search_at", dtype=UnixTimestamp)],
+            Field(name="last_search_query", dtype=String), Field(name="last_search_at", dtype=UnixTimestamp),
+            Field(name="text_state", dtype=String)],  # the fold's state (JSON), read back by the push
     source=user_text_push,
     online=True,
     tags={"family": "text"},
@@ -247,17 +249,21 @@ def user_behaviour_now(inputs: dict) -> dict:
     return out
 
 
+# What the models read of ``user_text``: its features, not the fold's state.
+USER_TEXT_FEATURES = ("recent_queries", "recent_titles", "last_search_query", "last_search_at")
+
 # Exactly what profile model v1 reads; the model's metadata names this service.
 profile_v1 = FeatureService(
     name="profile_v1",
-    features=[user_personal, user_behaviour_now, user_text, context_features],
+    features=[user_personal, user_behaviour_now, user_text[list(USER_TEXT_FEATURES)], context_features],
     tags={"model": "profile", "version": "1"},
 )
 
 # Exactly what profile model v2 reads: v1 plus the engaged-item sequence.
 profile_v2 = FeatureService(
     name="profile_v2",
-    features=[user_personal, user_behaviour_now, user_text, user_sequence, context_features],
+    features=[user_personal, user_behaviour_now, user_text[list(USER_TEXT_FEATURES)], user_sequence,
+              context_features],
     tags={"model": "profile", "version": "2"},
 )
 

@@ -53,6 +53,15 @@ def _event_log(cfg: config_mod.Config):
     return EventLog(cfg.resolved_event_log_url())
 
 
+def _privacy(cfg: config_mod.Config):
+    from persona.privacy import Privacy
+
+    try:
+        return Privacy.for_workspace(cfg.workspace, cfg)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
 def _gate(cfg: config_mod.Config):
     from validation.gate import Gate, GateSettings
 
@@ -109,7 +118,7 @@ def ingest(
     batch = _load(source)
     log = _event_log(cfg)
     with console.status(f"validating and ingesting {batch.rows:,} rows"):
-        report, _ = run_ingest(batch, log, _gate(cfg))
+        report, _ = run_ingest(batch, log, _gate(cfg), privacy=_privacy(cfg))
     log.dispose()
     if as_json:
         console.print_json(json.dumps(report.to_dict(), default=str))
@@ -155,11 +164,12 @@ def validate(
     docs: Annotated[bool, typer.Option(help="Also build GX Data Docs.")] = True,
 ) -> None:
     """Run the suites without ingesting; write a Markdown/HTML summary and GX Data Docs."""
+    from eventlog.pseudonyms import pseudonymise_batch
     from validation.gate import KnownIds
     from validation.report import build_data_docs, rejected_rows, rule_table, summary_tables, write_summary
 
     cfg = _config(workspace, profile)
-    batch = _load(source)
+    batch = pseudonymise_batch(_load(source), _privacy(cfg))  # reports never see a raw id when pseudonymous
     log = _event_log(cfg)
     gate = _gate(cfg)
     now = datetime.now(UTC)
@@ -168,15 +178,17 @@ def validate(
         result = gate.check(batch, KnownIds(log))
     log.dispose()
     folder = cfg.reports_dir / "validation" / now.strftime("%Y%m%dT%H%M%SZ")
-    md, html_path = write_summary(folder, batch, result)
+    shown = cfg.privacy.show_personal_values
+    md, html_path = write_summary(folder, batch, result, shown)
     console.print(summary_tables(result).to_string(index=False))
     rules = rule_table(result)
     if len(rules):
         console.print("\n" + rules.to_string(index=False))
-        console.print("\n" + rejected_rows(batch, result).head(20).to_string(index=False), highlight=False)
+        console.print("\n" + rejected_rows(batch, result, shown).head(20).to_string(index=False), highlight=False)
     if docs:
         with console.status("building GX Data Docs"):
-            index = build_data_docs(cfg.workspace, batch, now, timedelta(minutes=cfg.validation.clock_skew_minutes))
+            index = build_data_docs(cfg.workspace, batch, now, timedelta(minutes=cfg.validation.clock_skew_minutes),
+                                    shown)
         console.print(f"GX Data Docs: {index}")
     console.print(f"summary: {md} and {html_path}")
     if result.held:
@@ -222,6 +234,7 @@ def status(
     build_file = cfg.workspace / "feast" / "last_build.json"
     info["features"] = json.loads(build_file.read_text()) if build_file.exists() else None
     info["models"] = _models(cfg.workspace)
+    info["models_trained_on_erased_users"] = _erased_in_models(cfg, info["models"])
     if as_json:
         print(json.dumps(info))
         return
@@ -248,12 +261,15 @@ def quarantine_list(
     if as_json:
         print(rows[cols + ["payload"]].to_json(orient="records", date_format="iso"))
         return
+    from persona.privacy import mask_reason
+
     table = Table(title=f"{len(rows)} quarantined row(s)")
     for col in ("id", "batch", "table", "row", "key", "rule", "column", "reason", "status"):
         table.add_column(col, overflow="fold")
     for r in rows.head(limit).itertuples():
         table.add_row(str(r.id), r.batch_id[:8], r.table_name, str(r.row_number), str(r.record_key),
-                      r.rule, str(r.column_name), r.reason, r.status)
+                      r.rule, str(r.column_name), r.reason if cfg.privacy.show_personal_values
+                      else mask_reason(r.table_name, r.column_name, r.reason), r.status)
     console.print(table)
 
 
@@ -281,7 +297,7 @@ def quarantine_replay(
             _fail(f"--batch {batch!r} matches {len(ids)} quarantined batches")
         batch = ids.pop()
     corrected = _load(source) if source else None
-    report, _ = replay(log, _gate(cfg), batch_id=batch, corrected=corrected)
+    report, _ = replay(log, _gate(cfg), batch_id=batch, corrected=corrected, privacy=_privacy(cfg))
     remaining = log.counts()["quarantined"]
     held = log.quarantined("held")["batch_id"].unique()
     log.dispose()
@@ -391,6 +407,7 @@ def _training_inputs(cfg):
     log = _event_log(cfg)
     events, items = log.read_table("events"), log.read_table("items")
     log.dispose()
+    events = _without_erased(cfg, events)
     if events.empty:
         _fail("the event log is empty: run `persona ingest` first")
     try:
@@ -482,7 +499,8 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
                             result["best_epochs"].get("Persona", epochs), item_ids=result["item_ids"])
     else:  # the evaluated model (trained before the first split's cut) is the one deployed
         model = result["model"]
-    tag = save_to_bentoml(model, store, result["metrics"], events, run_cfg, {"refit": refit})
+    tag = save_to_bentoml(model, store, result["metrics"], events, run_cfg,
+                          {"refit": refit, **_provenance(cfg, events)})
     console.print(f"saved model {tag} (BENTOML_HOME={os.environ['BENTOML_HOME']}; "
                   "`bentoml models list` there shows it)", highlight=False)
 
@@ -557,7 +575,8 @@ def serve(workspace: Workspace = DEFAULT_WS, profile: Profile = None,
 
     cfg = _config(workspace, profile)
     bentoml = str(Path(sys.executable).parent / "bentoml")
-    console.print(f"serving {cfg.workspace} on http://{host}:{port} (OpenAPI at /docs)")
+    console.print(f"serving {cfg.workspace} on http://{host}:{port} (OpenAPI at /docs; "
+                  f"profile explorer at http://{host}:{port}/ui)", highlight=False)
     sys.stdout.flush()
     sys.stderr.flush()
     os.chdir(REPO_ROOT)
@@ -625,6 +644,104 @@ def quickstart(
     build_bento(workspace=workspace, profile=None)
     console.print(f"[bold green]quickstart done[/] in {time.perf_counter() - started:.0f} s. "
                   f"Workspace: {workspace}", highlight=False)
+
+
+@app.command()
+def forget(
+    user: Annotated[list[str], typer.Option("--user", help="A user id to erase (repeat for several).")],
+    workspace: Workspace = DEFAULT_WS,
+    profile: Profile = None,
+    reason: Annotated[str | None, typer.Option(help="Why (kept with the tombstone, e.g. a ticket number).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Erase users everywhere (event log, quarantine, offline and online stores, reports, checkpoints).
+
+    Leaves a tombstone (a salted hash and the time). Idempotent: re-run until it says complete."""
+    from persona.erasure import forget as run_forget
+
+    cfg = _config(workspace, profile)
+    try:
+        report = run_forget(cfg, user, reason)
+    except ValueError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(report.to_dict(), default=str))
+    else:
+        console.print(f"erased {report.users} user(s): {report.event_log.get('events', 0)} events, "
+                      f"{report.event_log.get('quarantine', 0)} quarantined rows, {report.online} online rows, "
+                      f"{sum(report.offline.values())} offline rows, {len(report.files_changed)} files scrubbed, "
+                      f"{len(report.files_deleted)} deleted", highlight=False)
+    if not report.complete:
+        err.print("[bold red]erasure incomplete:[/] " + "; ".join(report.remaining) + ". Re-run `persona forget`.",
+                  highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    user: Annotated[str, typer.Option("--user", help="The user id.")],
+    output: Annotated[Path, typer.Option(help="A .json file.")],
+    workspace: Workspace = DEFAULT_WS,
+    profile: Profile = None,
+) -> None:
+    """Everything Persona holds about a user (raw rows, offline and online features, tags) as JSON."""
+    from persona.export import export_with_ranking, write
+
+    cfg = _config(workspace, profile)
+    try:
+        data = export_with_ranking(cfg, user)
+    except ValueError as exc:
+        _fail(str(exc))
+    write(data, output)
+    console.print(f"wrote {output}: {len(data['raw']['events'])} events", highlight=False)
+
+
+def _erased_in_models(cfg, models: list[dict]) -> list[dict]:
+    """The model versions whose training data held users erased since (by their Bloom filters)."""
+    if not models:
+        return []
+    import bentoml
+
+    from eventlog import tombstones
+    from training.provenance import trained_on_erased
+
+    log = _event_log(cfg)
+    try:
+        erased = tombstones.erased_hashes(log.engine)
+    finally:
+        log.dispose()
+    out = []
+    for m in models if erased else []:
+        n = trained_on_erased(bentoml.models.get(m["tag"]).info.metadata, erased)
+        if n:
+            out.append({"tag": m["tag"], "erased_users": n})
+    return out
+
+
+def _provenance(cfg, events) -> dict:
+    """The model's training users as a Bloom filter of salted hashes (see training/provenance.py)."""
+    from persona.privacy import Privacy
+    from training.provenance import METADATA_KEY, bloom
+
+    privacy = Privacy.for_workspace(cfg.workspace, cfg)
+    return {METADATA_KEY: bloom([privacy.hash(u) for u in events["user_id"].astype(str).unique()])}
+
+
+def _without_erased(cfg, events):
+    """Events of tombstoned users never reach a new model (the log no longer holds them, but be sure)."""
+    from eventlog import tombstones
+    from persona.privacy import Privacy
+
+    log = _event_log(cfg)
+    try:
+        erased = tombstones.erased_hashes(log.engine)
+    finally:
+        log.dispose()
+    if not erased:
+        return events
+    privacy = Privacy.for_workspace(cfg.workspace, cfg)
+    gone = {u for u in events["user_id"].astype(str).unique() if privacy.hash(u) in erased}
+    return events[~events["user_id"].isin(gone)]
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -28,11 +28,20 @@ class ValidationConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    # Hash user ids at ingestion with HMAC (key from $PERSONA_ID_KEY): no raw id is stored after that.
+    pseudonymous_ids: bool = False
+    # Show values of personal columns (age, region, query, review text...) in data-quality reports.
+    show_personal_values: bool = False
+
+
+@dataclass
 class Config:
     workspace: Path
     profile: str = "local"
     event_log_url: str | None = None
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     # Event types that count as positives for training, with their weights; views are exposures.
     positives: dict[str, float] = field(default_factory=lambda: {
         "click": 1.0, "add_to_cart": 2.0, "purchase": 4.0, "review": 3.0})
@@ -75,10 +84,11 @@ def load(workspace: Path | str, profile: str | None = None) -> Config:
     path = ws / CONFIG_FILE
     data = yaml.safe_load(path.read_text()) or {} if path.exists() else {}
     validation = ValidationConfig(**(data.pop("validation", None) or {}))
+    privacy = PrivacyConfig(**(data.pop("privacy", None) or {}))
     unknown = set(data) - {"profile", "event_log_url", "positives"}
     if unknown:
         raise ValueError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
-    cfg = Config(workspace=ws, validation=validation, **data)
+    cfg = Config(workspace=ws, validation=validation, privacy=privacy, **data)
     if profile:
         cfg.profile = profile
     if cfg.profile not in PROFILES:

@@ -66,6 +66,8 @@ def assert_online_equals_offline(store, users: list[str], items: list[str]) -> N
     """Every feature of every view, for these keys: online == Feast's offline answer as of now."""
     now = pd.Timestamp(datetime.now(UTC))
     for key, keys, views in (("user_id", users, USER_VIEWS), ("item_id", items, ("item_features",))):
+        if not keys:
+            continue
         refs = _feature_refs(store, views)
         offline = store.get_historical_features(
             entity_df=pd.DataFrame({key: keys, "event_timestamp": now}), features=refs).to_df().set_index(key)
@@ -173,3 +175,118 @@ def test_a_failing_feature_check_keeps_the_previous_tables(tmp_path, shop, monke
     after = pd.read_parquet(cfg.workspace / "offline" / "user_behaviour.parquet")
     pd.testing.assert_frame_equal(before, after)
     log.dispose()
+
+
+CLIENTS, EVENTS_PER_CLIENT, PER_REQUEST = 8, 200, 10
+BUSY_USERS = 3
+
+
+def _client_events(client: int, users: list[str], items: list[str], end: pd.Timestamp, seed: int) -> list[dict]:
+    """One client's events for the same few users, at random times (late ones included)."""
+    import random
+
+    rng = random.Random(seed * 100 + client)
+    events = []
+    for n in range(EVENTS_PER_CLIENT):
+        kind = rng.choice(["view", "view", "click", "add_to_cart", "purchase", "search"])
+        event = {"event_id": f"c{seed}-{client}-{n}", "user_id": rng.choice(users), "event_type": kind,
+                 "event_timestamp": (end - pd.Timedelta(minutes=rng.randint(0, 40 * 24 * 60))).isoformat()}
+        if kind == "search":
+            event["query"] = f"query {rng.randint(0, 9)}"
+        else:
+            event["item_id"] = rng.choice(items)
+        events.append(event)
+    return events
+
+
+def _post_concurrently(intake, users: list[str], items: list[str], end: pd.Timestamp, seed: int) -> list[str]:
+    """8 clients, each posting its 200 events in requests of 10, all at once; the online updates."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def client(n: int) -> list[str]:
+        events = _client_events(n, users, items, end, seed)
+        answers = []
+        for start in range(0, len(events), PER_REQUEST):
+            status, body = intake.post(events[start:start + PER_REQUEST], None)
+            assert status in (200, 202), body
+            answers.append(body["online_update"])
+        return answers
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        return [a for answers in pool.map(client, range(CLIENTS)) for a in answers]
+
+
+def _redis_server(port: int):
+    import shutil
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                             "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            if redis.Redis(port=port).ping():
+                return proc
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+@pytest.mark.parametrize("profile", ["local", "prod"])
+def test_concurrent_clients_a_restart_and_an_outage(profile, tmp_path, shop, monkeypatch, request):
+    """/events from 8 concurrent clients for the same users, then a restart, then the online store
+    going away and coming back (prod: a Redis of its own, stopped and started empty). After each
+    step the online state equals an offline rebuild of the log, at the same time."""
+    import socket
+
+    from bentos.service import Intake
+
+    server = None
+    if profile == "prod":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = _redis_server(port)
+        monkeypatch.setenv("PERSONA_POSTGRES_URL", request.getfixturevalue("pg_url"))
+        monkeypatch.setenv("PERSONA_REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    cfg = config_mod.load(tmp_path / "ws", profile)
+    log = EventLog(cfg.resolved_event_log_url())
+    try:
+        _ingest(log, shop, tmp_path / "day1")
+        cli.features_apply(workspace=cfg.workspace, profile=profile)
+        _build_and_materialize(cfg)
+        users = list(shop["users"]["user_id"].head(BUSY_USERS))
+        items = list(shop["items"]["item_id"].head(20))
+        end = min(shop["events"]["event_timestamp"].max(), pd.Timestamp(datetime.now(UTC)))
+
+        store = stores.feature_store(cfg.workspace)
+        answers = _post_concurrently(Intake(cfg, log, store), users, items, end, seed=1)
+        assert set(answers) == {"updated"}
+        assert log.counts()["events"] == len(shop["events"]) + CLIENTS * EVENTS_PER_CLIENT  # none lost
+        cli.features_build(workspace=cfg.workspace, profile=profile, check=False)  # offline: a rebuild
+        assert_online_equals_offline(store, users, [])
+
+        # A restart: a new store object and a new intake, with nothing in memory.
+        store = stores.feature_store(cfg.workspace)
+        assert set(_post_concurrently(Intake(cfg, log, store), users, items, end, seed=2)) == {"updated"}
+        cli.features_build(workspace=cfg.workspace, profile=profile, check=False)
+        assert_online_equals_offline(store, users, [])
+
+        if server is not None:  # the online store goes away: the events are kept, the update deferred
+            intake = Intake(cfg, log, store)
+            server.terminate()
+            server.wait()
+            status, body = intake.post(_client_events(0, users, items, end, seed=3)[:5], None)
+            assert status == 202 and body["online_update"].startswith("deferred"), body
+            server = _redis_server(port)  # back, and empty
+            assert set(_post_concurrently(intake, users, items, end, seed=4)) == {"updated"}
+            cli.features_build(workspace=cfg.workspace, profile=profile, check=False)
+            assert_online_equals_offline(store, users, [])
+            cli.features_materialize(workspace=cfg.workspace, profile=profile, full=True)  # everyone else
+            others = list(shop["users"]["user_id"].iloc[BUSY_USERS:BUSY_USERS + 5])
+            assert_online_equals_offline(store, users + others, items[:3])
+    finally:
+        log.dispose()
+        if server is not None:
+            server.terminate()
+            server.wait()

@@ -22,8 +22,11 @@ from validation.suites import GX_DIR, NOT_FUTURE_PARAM, load_suite
 MAX_LISTED = 200  # rows listed per report; the quarantine table keeps all of them
 
 
-def rejected_rows(batch: Batch, result: GateResult) -> pd.DataFrame:
-    """One line per rejected row: table, row number, key, rule, column, reason."""
+def rejected_rows(batch: Batch, result: GateResult, personal_values: bool = False) -> pd.DataFrame:
+    """One line per rejected row: table, row number, key, rule, column, reason (values of personal
+    columns masked unless ``personal_values``)."""
+    from persona.privacy import mask_reason
+
     records = []
     for table, verdict in result.verdicts.items():
         tb = batch.tables[table]
@@ -32,7 +35,7 @@ def rejected_rows(batch: Batch, result: GateResult) -> pd.DataFrame:
             for v in violations:
                 records.append({"table": table, "row": int(tb.row_numbers[row]),
                                 "key": tb.frame[key].iloc[row], "rule": v.rule, "column": v.column,
-                                "reason": v.reason})
+                                "reason": v.reason if personal_values else mask_reason(table, v.column, v.reason)})
     return pd.DataFrame(records, columns=["table", "row", "key", "rule", "column", "reason"])
 
 
@@ -51,9 +54,10 @@ def rule_table(result: GateResult) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["table", "rule", "rows"])
 
 
-def write_summary(folder: Path, batch: Batch, result: GateResult) -> tuple[Path, Path]:
+def write_summary(folder: Path, batch: Batch, result: GateResult,
+                  personal_values: bool = False) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    rejected = rejected_rows(batch, result)
+    rejected = rejected_rows(batch, result, personal_values)
     notes = [n for t in batch.tables.values() for n in t.notes]
     verdict = ("HELD: " + "; ".join(result.hold_reasons)) if result.held else "accepted"
     md = [f"# Data-quality report: {batch.source}", "",
@@ -88,12 +92,17 @@ def write_summary(folder: Path, batch: Batch, result: GateResult) -> tuple[Path,
     return md_path, html_path
 
 
-def build_data_docs(workspace: Path, batch: Batch, now: datetime, skew: timedelta) -> Path:
+def build_data_docs(workspace: Path, batch: Batch, now: datetime, skew: timedelta,
+                    personal_values: bool = False) -> Path:
     """Run the suites through a GX file context in the workspace and build its Data Docs.
 
     The workspace context is a copy of the checked-in ``validation/gx`` project, refreshed with
     the current suites each time, so results and docs stay with the dataset they describe.
+    GX keeps sample unexpected values: for tables with personal columns none are kept unless
+    ``personal_values`` (the workspace's ``privacy.show_personal_values``) allows it.
     """
+    from persona.privacy import PERSONAL_COLUMNS
+
     root = workspace / "gx"
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(GX_DIR / "great_expectations.yml", root / "great_expectations.yml")
@@ -118,7 +127,8 @@ def build_data_docs(workspace: Path, batch: Batch, now: datetime, skew: timedelt
         checkpoint = context.checkpoints.add_or_update(gx.Checkpoint(
             name=f"{table}_checkpoint", validation_definitions=[vd],
             actions=[gx.checkpoint.UpdateDataDocsAction(name="update_docs")],
-            result_format={"result_format": "SUMMARY"}))
+            result_format={"result_format": "SUMMARY"} if personal_values or not PERSONAL_COLUMNS.get(table)
+            else {"result_format": "SUMMARY", "partial_unexpected_count": 0}))
         data = tb.frame.reset_index(drop=True).copy()
         data[ROW] = range(len(data))
         checkpoint.run(batch_parameters={"dataframe": data},

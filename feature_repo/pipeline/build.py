@@ -19,6 +19,7 @@ from feature_repo.pipeline.stores import feature_store_config, push_latest, writ
 # A user's state depends only on events in the 30 days before their newest one (the longest window);
 # fetching a day more is harmless, since every window bounds itself.
 FETCH_WINDOW = timedelta(days=31)
+TEXT_TYPES = ("search", *ENGAGED)  # the events the text part of a state folds
 
 
 class FeatureChecksFailed(RuntimeError):
@@ -89,12 +90,14 @@ def read_offline_spark(workspace: Path, folder: Path | None = None) -> dict[str,
 
 
 def recent_user_events(log: EventLog, user_ids: list[str]) -> pd.DataFrame:
-    """Each user's events in the 30 days up to their newest event, plus their last
-    ``SEQUENCE_LENGTH`` engaged events of any age: enough to rebuild their newest state (older events
-    fall outside every window, so the extra ones change nothing else)."""
-    frame = _windowed_user_events(log, user_ids)
-    older = _last_engaged_events(log, user_ids)
-    return pd.concat([frame, older[~older["event_id"].isin(frame["event_id"])]], ignore_index=True)
+    """Enough of each user's events to rebuild their newest state (``fold.py``): the 30 days up to
+    their newest event (activity), the 30 days up to their newest search or engaged event (text),
+    and their last ``SEQUENCE_LENGTH`` engaged events of any age (sequence). Older events fall
+    outside every part, so the extra ones a day's margin fetches change nothing."""
+    parts = [_windowed_user_events(log, user_ids), _windowed_user_events(log, user_ids, TEXT_TYPES),
+             _last_engaged_events(log, user_ids)]
+    frame = pd.concat([p for p in parts if len(p)] or parts[:1], ignore_index=True)
+    return frame.drop_duplicates("event_id", ignore_index=True)
 
 
 def _last_engaged_events(log: EventLog, user_ids: list[str]) -> pd.DataFrame:
@@ -111,16 +114,18 @@ def _last_engaged_events(log: EventLog, user_ids: list[str]) -> pd.DataFrame:
     return frame
 
 
-def _windowed_user_events(log: EventLog, user_ids: list[str]) -> pd.DataFrame:
+def _windowed_user_events(log: EventLog, user_ids: list[str], types: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """Each user's events (of ``types``) in the ``FETCH_WINDOW`` up to their newest one (of ``types``)."""
+    typed = events.c.event_type.in_(types) if types else sa.true()
     newest = (sa.select(events.c.user_id, sa.func.max(events.c.event_timestamp).label("newest"))
-              .where(events.c.user_id.in_(user_ids)).group_by(events.c.user_id).subquery())
-    stmt = (sa.select(events).join(newest, events.c.user_id == newest.c.user_id)
-            .where(events.c.event_timestamp > newest.c.newest - FETCH_WINDOW))
+              .where(events.c.user_id.in_(user_ids), typed).group_by(events.c.user_id).subquery())
     with log.engine.connect() as conn:
         if conn.dialect.name == "sqlite":  # SQLite has no interval arithmetic on datetimes
             since = sa.func.julianday(newest.c.newest) - FETCH_WINDOW.days
-            stmt = (sa.select(events).join(newest, events.c.user_id == newest.c.user_id)
-                    .where(sa.func.julianday(events.c.event_timestamp) > since))
+            recent = sa.func.julianday(events.c.event_timestamp) > since
+        else:
+            recent = events.c.event_timestamp > newest.c.newest - FETCH_WINDOW
+        stmt = sa.select(events).join(newest, events.c.user_id == newest.c.user_id).where(recent, typed)
         frame = pd.read_sql(stmt, conn)
     frame["event_timestamp"] = pd.to_datetime(frame["event_timestamp"]).dt.tz_localize("UTC")
     return frame

@@ -3,6 +3,7 @@ tables, apply the repo, materialize, and push fresh user state online."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import os
@@ -112,7 +113,21 @@ def feature_store(workspace: Path):
     path = yaml_path(workspace)
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run `persona features apply` first")
-    return FeatureStore(repo_path=str(REPO_DIR), fs_yaml_file=path)
+    store = FeatureStore(repo_path=str(REPO_DIR), fs_yaml_file=path)
+    _write_ahead_log(store)
+    return store
+
+
+def _write_ahead_log(store) -> None:
+    """The SQLite online store in WAL mode (kept by the file): a push commits with one sync instead
+    of several, and readers (the service) never wait for a writer (a materialize)."""
+    online = store.config.online_store
+    if getattr(online, "type", None) == "sqlite" and online.path and Path(online.path).exists():
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(online.path, timeout=30)) as con:
+            if con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                con.execute("PRAGMA journal_mode=WAL")
 
 
 def apply(workspace: Path, profile: str):
@@ -189,7 +204,7 @@ def materialize(workspace: Path, full: bool = False, end: datetime | None = None
 
     This loads only rows stamped inside the window: ``online.sync_online`` brings the rest."""
     store = store or feature_store(workspace)
-    _skip_dedup(store, False)  # a stale build's row never replaces a newer pushed one on Redis
+    skip_dedup(store, False)  # a stale build's row never replaces a newer pushed one on Redis
     end = end or datetime.now(UTC)
     if full:
         store.materialize(start_date=datetime(1970, 1, 1, tzinfo=UTC), end_date=end)
@@ -209,13 +224,13 @@ def push_latest(store, states: dict[str, pd.DataFrame]) -> None:
     stored one (a late event, an edit): Feast's Redis writer would skip that row, so its timestamp
     check is turned off for these writes (``skip_dedup``). Materialization keeps it.
     """
-    _skip_dedup(store, True)
+    skip_dedup(store, True)
     for name, frame in states.items():
         if len(frame):
             store.write_to_online_store(name, _microseconds(frame), allow_registry_cache=True)
 
 
-def _skip_dedup(store, skip: bool) -> None:
+def skip_dedup(store, skip: bool) -> None:
     """Redis only: whether a write may replace a stored row that is not older."""
     online = store.config.online_store
     if hasattr(online, "skip_dedup"):

@@ -2,8 +2,8 @@
 
 A user's activity state is a list of hourly tiles (counts per event type, spend, engaged prices,
 categories, devices, channels and distinct items of that hour) for the last ``RETAINED_HOURS`` hours
-before their newest event, plus the newest time of each event type. Adding an event to a tile
-commutes, so a late event lands exactly where a rebuild would put it, and a state is the same
+before their newest event, plus the newest time of each event type (and of any event, ``any``).
+Adding an event to a tile commutes, so a late event lands exactly where a rebuild would put it, and a state is the same
 whatever order its events arrived in. At request time T, a window of N days sums the tiles of
 the 24·N hours up to T's hour (hour-granular, the same rule offline at each training row's time
 and online at each request), so an idle user's windows empty out as T moves on.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "search", "review")
 RECENCY_TYPES = ("view", "click", "add_to_cart", "purchase", "search")
@@ -50,6 +49,7 @@ def add_event(state: dict, ts: float, event_type: str, item_id, category, price,
         tile["items"].append(item_id)
     if event_type in RECENCY_TYPES:
         state["last"][event_type] = max(state["last"].get(event_type, ts), ts)
+    state["last"]["any"] = max(state["last"].get("any", ts), ts)  # the newest event of any type
 
 
 def trim(state: dict) -> dict:
@@ -95,35 +95,54 @@ def behaviour_at(tiles_json: str | None, last_json: str | None, request_ts: floa
         state = decode(tiles_json, last_json)
     except (TypeError, ValueError):  # only Feast's schema inference sends random text: answer typed values
         return {k: (v if v is not None else _TYPED[k]) for k, v in behaviour_at(None, None, request_ts).items()}
+    return behaviour_of(state, request_ts)
+
+
+_COUNT_KEYS = [(f"{e}_count_{name}", name, e) for name in WINDOW_HOURS for e in EVENT_TYPES]
+_RECENCY_KEYS = [(f"hours_since_last_{e}", e) for e in RECENCY_TYPES]
+
+
+def behaviour_of(state: dict, request_ts: float) -> dict:
+    """:func:`behaviour_at` on a decoded state (the build calls it once per event time, so the
+    tiles are walked once, in hour order, with plain dicts)."""
     now_hour = int(request_ts // HOUR)
-    out: dict = {}
-    window30: list[dict] = []
-    for name, hours in WINDOW_HOURS.items():
-        tiles = [t for h, t in state["tiles"].items() if now_hour - hours < h <= now_hour]
-        counts = Counter()
-        for tile in tiles:
-            counts.update(tile["n"])
-        for e in EVENT_TYPES:
-            out[f"{e}_count_{name}"] = int(counts.get(e, 0))
-        if name == "30d":
-            window30 = tiles
-    for e in RECENCY_TYPES:
+    counts = {name: dict.fromkeys(EVENT_TYPES, 0) for name in WINDOW_HOURS}
+    spend = priced_sum = 0.0
+    priced = 0
+    cats: dict = {}
+    devices: dict = {}
+    channels: dict = {}
+    items: set = set()
+    tiles = state["tiles"]
+    for hour in sorted(tiles):
+        age = now_hour - hour
+        if not 0 <= age < RETAINED_HOURS:
+            continue
+        tile = tiles[hour]
+        for name, hours in WINDOW_HOURS.items():
+            if age < hours:
+                window = counts[name]
+                for e, n in tile["n"].items():
+                    window[e] = window.get(e, 0) + n
+        # Sums of the tiles as stored (rounded, see _canonical), so a state read back from the
+        # online store and one still in memory give the same value.
+        spend += round(tile["spend"], 6)
+        priced_sum += round(tile["ps"], 6)
+        priced += tile["pn"]
+        for total, part in ((cats, tile["cat"]), (devices, tile["dev"]), (channels, tile["ch"])):
+            for key, n in part.items():
+                total[key] = total.get(key, 0) + n
+        items.update(tile["items"])
+    out: dict = {key: counts[name][e] for key, name, e in _COUNT_KEYS}
+    for key, e in _RECENCY_KEYS:
         last = state["last"].get(e)
         age = (request_ts - last) / HOUR if last is not None else None
-        out[f"hours_since_last_{e}"] = max(age, 0.0) if age is not None and age < RETAINED_HOURS else None
-    spend = sum(t["spend"] for t in window30)
-    priced = sum(t["pn"] for t in window30)
+        out[key] = max(age, 0.0) if age is not None and age < RETAINED_HOURS else None
     out["spend_30d"] = float(spend)
-    out["avg_price_engaged_30d"] = sum(t["ps"] for t in window30) / priced if priced else None
+    out["avg_price_engaged_30d"] = priced_sum / priced if priced else None
     out["ctr_30d"] = _ratio(out["click_count_30d"], out["view_count_30d"])
     out["cart_rate_30d"] = _ratio(out["add_to_cart_count_30d"], out["click_count_30d"])
     out["purchase_rate_30d"] = _ratio(out["purchase_count_30d"], out["add_to_cart_count_30d"])
-    cats, devices, channels, items = Counter(), Counter(), Counter(), set()
-    for tile in window30:
-        cats.update(tile["cat"])
-        devices.update(tile["dev"])
-        channels.update(tile["ch"])
-        items.update(tile["items"])
     ranked = sorted(cats.items(), key=lambda kv: (-kv[1], kv[0]))
     total = sum(cats.values()) or 1
     for k in range(1, 4):
@@ -141,7 +160,7 @@ def _ratio(num: int, den: int) -> float | None:
     return num / den if den > 0 else None
 
 
-def _mode(counts: Counter):
+def _mode(counts: dict):
     return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0] if counts else None
 
 
@@ -149,3 +168,7 @@ _TYPED = {**dict.fromkeys((f"hours_since_last_{e}" for e in RECENCY_TYPES), 0.0)
           "ctr_30d": 0.0, "cart_rate_30d": 0.0, "purchase_rate_30d": 0.0, "top_device_30d": "",
           "top_channel_30d": "", **{f"top_category_{k}_30d": "" for k in range(1, 4)}}
 BEHAVIOUR_FEATURES = tuple(behaviour_at(None, None, 0.0))  # the output names, in order
+# Each feature's pandas type in the offline tables (the Feast schema's Int64, Float64 and String).
+_STRINGS = ("top_category_1_30d", "top_category_2_30d", "top_category_3_30d", "top_device_30d", "top_channel_30d")
+FEATURE_TYPES = {name: object if name in _STRINGS else "int64" if isinstance(value, int) else "float64"
+                 for name, value in behaviour_at(None, None, 0.0).items()}
