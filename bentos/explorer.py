@@ -377,7 +377,7 @@ def _shown(values: dict[str, Any]) -> dict[str, Any]:
 # --- the profile's tags ---------------------------------------------------------------------------------
 def tags(ws: Workspace, features: dict[str, dict[str, Any]], known: bool) -> list[dict[str, Any]]:
     """The profile summary as tags; each names the features it was read from."""
-    from bentos.service import summary
+    from bentos.answers import summary
 
     flat = {k: v for values in features.values() for k, v in values.items()}
     seg = summary(flat, None)["segment"] if known else "cold start"
@@ -469,7 +469,7 @@ def active_hours(tiles_json, top: int = 3) -> list[str]:
 def _failure(request: Request, exc: Exception) -> Response:
     """A JSON answer, as the API gives: a store that does not answer is a 503 to retry; the rest a 500
     whose cause goes to the log under an incident id (ids only, no user data)."""
-    from bentos.service import _incident, is_outage
+    from bentos.edge import _incident, is_outage
 
     if is_outage(exc):
         return JSONResponse({"error": f"a store is unavailable: {type(exc).__name__}", "retry": True}, status_code=503)

@@ -10,12 +10,12 @@ appended to the event log first, and then the user's fresh state is pushed onlin
 
 The ``Persona`` class only routes; each job is its own small piece, in the order a request meets them:
 
-- ``RequestGuard``: what the API cannot take (API key, non-JSON, a body over 2 MB however it arrives);
-- ``Intake``: /events: bounds on fields outside the contract, the gate, the append, the push;
-- ``UserFeatures`` and ``UserHistory``: one user's online features, and what the event log says;
-- ``Rankers``, ``QueryEncoder`` and ``top_items``: the model with its item vectors, the user vector, top-k;
-- ``rank_answer`` and ``profile_answer`` (with ``reasons`` and ``summary``): the wording of the answers;
-- ``answer``: a store outage is a 503 to retry; any other failure a JSON 500, with its cause in the log.
+- ``edge.py``: ``RequestGuard`` (API key, non-JSON, a body over 2 MB however it arrives) and ``answer``
+  (a store outage is a 503 to retry; any other failure a JSON 500, with its cause in the log);
+- ``intake.py``: /events: bounds on fields outside the contract, the gate, the append, the push;
+- here, ``UserFeatures`` and ``UserHistory``: one user's online features, and what the event log says;
+- here, ``Rankers``, ``QueryEncoder`` and ``top_items``: the model with its item vectors, the user vector, top-k;
+- ``answers.py``: ``rank_answer`` and ``profile_answer`` (with ``reasons`` and ``summary``), the wording.
 """
 
 from __future__ import annotations
@@ -23,14 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
-import threading
 import time
-import traceback
-import uuid
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -43,7 +38,17 @@ import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
 from bentos import explorer, privacy_routes
-from persona.privacy import Privacy
+from bentos.answers import profile_answer, rank_answer, reasons, summary  # noqa: F401 - the wording, re-exported
+from bentos.edge import (  # noqa: F401 - re-exported: the edge is part of this service's API
+    MAX_BODY_BYTES,
+    QuietClientErrors,
+    RequestGuard,
+    StoreUnavailable,
+    _incident,
+    answer,
+    is_outage,
+)
+from bentos.intake import MAX_UNKNOWN_FIELD_BYTES, MAX_UNKNOWN_FIELDS, Intake, UserLocks  # noqa: F401
 
 WORKSPACE = Path(os.environ.get("PERSONA_WORKSPACE", "workspace")).resolve()
 os.environ.setdefault("BENTOML_HOME", str(WORKSPACE / "bentoml"))
@@ -59,215 +64,9 @@ THREADS = int(os.environ.get("PERSONA_THREADS", "4"))  # requests the ranking se
 TORCH_THREADS = int(os.environ.get("PERSONA_TORCH_THREADS", "1"))  # torch's threads per request
 TIMINGS = os.environ.get("PERSONA_TIMINGS") == "1"  # /rank answers carry their per-stage times (timings_ms)
 MAX_EVENTS = 500
-MAX_BODY_BYTES = 2_000_000
 MAX_CANDIDATES = 10_000
-MAX_UNKNOWN_FIELDS = 32  # fields outside the events contract, per event (the log keeps them as `extra`)
-MAX_UNKNOWN_FIELD_BYTES = 4096  # each one's size as JSON
 logger = logging.getLogger("persona.service")
 logger.setLevel(logging.INFO)  # the server's root logger stops at WARNING: refreshes are worth a line
-
-
-# --- the HTTP edge ---------------------------------------------------------------------------------
-class RequestGuard:
-    """Reject what the API cannot take with a JSON 4xx before it reaches BentoML.
-
-    - an API key, when ``PERSONA_API_KEY`` is set (401; the health probes stay open);
-    - a POST body that is not JSON (415) or larger than ``MAX_BODY_BYTES`` (413), whether it says
-      so in Content-Length or not (chunked transfer encoding): the bytes are counted as they arrive.
-    """
-
-    OPEN = ("/healthz", "/livez", "/readyz", "/metrics", "/docs", "/docs.json", "/")
-    BODY_METHODS = ("POST", "PUT", "PATCH")
-    DRAIN_BYTES = 4 * MAX_BODY_BYTES  # read (and drop) this much of an oversized body, so the 413 is read
-
-    def __init__(self, app) -> None:
-        self.app = app
-        self.key = os.environ.get("PERSONA_API_KEY")
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.OPEN or explorer.is_public(scope["path"]):
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode().lower(): v.decode(errors="replace") for k, v in scope.get("headers") or []}
-        problem = self._problem(scope, headers)
-        if problem is None and scope.get("method") in self.BODY_METHODS:
-            body = await self._read_body(receive)
-            if body is _GONE:
-                return
-            if body is None:
-                problem = (413, f"request body over {MAX_BODY_BYTES} bytes")
-            else:
-                receive = _replay(body, receive)
-        if problem:
-            from starlette.responses import JSONResponse
-
-            await JSONResponse({"error": problem[1]}, status_code=problem[0])(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    def _problem(self, scope, headers: dict[str, str]) -> tuple[int, str] | None:
-        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
-        if self.key and given != self.key:
-            return 401, "missing or wrong API key (header X-API-Key)"
-        if scope.get("method") != "POST":
-            return None
-        if not headers.get("content-type", "").lower().startswith("application/json"):
-            return 415, "send the request body as JSON (Content-Type: application/json)"
-        declared = headers.get("content-length") or "0"
-        if not declared.isdigit():
-            return 400, "Content-Length is not a number"
-        if int(declared) > MAX_BODY_BYTES:
-            return 413, f"request body over {MAX_BODY_BYTES} bytes"
-        return None
-
-    async def _read_body(self, receive) -> bytes | object | None:
-        """The whole body; None once it passes ``MAX_BODY_BYTES``; ``_GONE`` if the client left."""
-        chunks: list[bytes] = []
-        size, more = 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return _GONE
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            more = message.get("more_body", False)
-            if size > MAX_BODY_BYTES:
-                while more and size <= self.DRAIN_BYTES:  # a client still sending would miss the answer
-                    message = await receive()
-                    size += len(message.get("body", b""))
-                    more = message.get("type") == "http.request" and message.get("more_body", False)
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-
-_GONE = object()
-
-
-def _replay(body: bytes, receive):
-    """An ASGI ``receive`` that hands the app the body already read, then defers to the server's."""
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay
-
-
-class QuietClientErrors(logging.Filter):
-    """BentoML logs every failed request at ERROR with a traceback, a client's bad input included
-    (``log_exception``). A 4xx answer becomes one INFO line, without the traceback or the input."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if isinstance(record.exc_info, tuple) else None
-        status = _client_error(exc) if exc is not None else None
-        if status is not None:
-            where = record.args if isinstance(record.args, tuple) and len(record.args) == 2 else ("?", "?")
-            record.msg, record.args = "client error on %s [%s]: %d %s", (*where, status, _what(exc))
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _client_error(exc: BaseException) -> int | None:
-    from bentoml.exceptions import BentoMLException
-    from pydantic import ValidationError
-
-    if isinstance(exc, ValidationError):
-        return 400
-    status = exc.error_code.value if isinstance(exc, BentoMLException) else getattr(exc, "status_code", None)
-    return status if isinstance(status, int) and 400 <= status < 500 else None
-
-
-def _what(exc: BaseException) -> str:
-    """Which fields were wrong, never their values (they may be a user's text)."""
-    from pydantic import ValidationError
-
-    if isinstance(exc, ValidationError):
-        fields = sorted({".".join(str(p) for p in e["loc"]) or "body" for e in exc.errors(include_input=False)})
-        return f"{exc.error_count()} validation error(s): {', '.join(fields)}"
-    return type(exc).__name__
-
-
-def _quiet_client_errors() -> None:
-    target = logging.getLogger("bentoml._internal.server.http_app")  # where BentoML's log_exception writes
-    if not any(type(f).__name__ == QuietClientErrors.__name__ for f in target.filters):  # once, reloads too
-        target.addFilter(QuietClientErrors())
-
-
-_quiet_client_errors()
-
-
-# --- failures ----------------------------------------------------------------------------------------
-class StoreUnavailable(RuntimeError):
-    """The online store did not answer: a clear 503, and the next request tries again."""
-
-
-def _outage_types() -> tuple[type[BaseException], ...]:
-    """Errors that mean a store did not answer (connection, timeout, locked), not a bug in a request."""
-    import sqlite3
-
-    import sqlalchemy.exc
-
-    kinds: list[type[BaseException]] = [OSError, sqlite3.OperationalError, sqlalchemy.exc.OperationalError,
-                                        sqlalchemy.exc.DisconnectionError]
-    with contextlib.suppress(ImportError):
-        import redis.exceptions
-
-        kinds += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
-    with contextlib.suppress(ImportError):
-        import psycopg
-
-        kinds.append(psycopg.OperationalError)
-    return tuple(kinds)
-
-
-def is_outage(exc: BaseException) -> bool:
-    """Whether ``exc``, or an error it was raised from, is a store not answering."""
-    kinds, seen = _outage_types(), set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, kinds):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def _cause(exc: BaseException) -> str:
-    """The error chain's types and where each was raised, without the messages (which may quote a
-    user's text or features): enough to find the bug, nothing personal in the log."""
-    parts, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        frames = traceback.extract_tb(exc.__traceback__)[-8:]
-        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
-        parts.append(f"{type(exc).__module__}.{type(exc).__qualname__} at {where or '?'}")
-        exc = exc.__cause__ or exc.__context__
-    return "; raised while handling ".join(parts)
-
-
-def _incident(route: str, user_id: str, exc: BaseException) -> str:
-    incident = uuid.uuid4().hex[:12]
-    logger.error("%s failed for user %r (incident %s): %s", route, user_id[:256], incident, _cause(exc))
-    return incident
-
-
-def answer(ctx: bentoml.Context, route: str, user_id: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run one API call: a store outage is a 503 to retry; anything else a 500 without internals,
-    whose cause goes to the log under an incident id the answer carries."""
-    try:
-        return work()
-    except Exception as exc:  # noqa: BLE001 - the one place a request's failure becomes an answer
-        if isinstance(exc, StoreUnavailable) or is_outage(exc):
-            ctx.response.status_code = HTTPStatus.SERVICE_UNAVAILABLE
-            reason = str(exc) if isinstance(exc, StoreUnavailable) else f"a store is unavailable: {type(exc).__name__}"
-            return {"error": reason, "retry": True}
-        ctx.response.status_code = HTTPStatus.INTERNAL_SERVER_ERROR
-        return {"error": "internal error", "retry": False, "incident": _incident(route, user_id, exc)}
 
 
 # --- the model and the catalogue -----------------------------------------------------------------------
@@ -645,182 +444,6 @@ def top_items(ranker: Ranker, user, k: int, candidates: list[str] | None, leave_
     return Ranked(top.indices.tolist(), top.values.tolist(), unknown)
 
 
-# --- the wording of the answers ------------------------------------------------------------------------
-def rank_answer(user_id: str, ranker: Ranker, ranked: Ranked, user: UserFrame) -> dict[str, Any]:
-    query = user.frame["query"].iloc[0]
-    row = user.frame.iloc[0]
-    items = []
-    for idx, score in zip(ranked.indices, ranked.scores, strict=True):
-        item = ranker.item_info[idx]
-        items.append({"item_id": ranker.item_ids[idx], "score": round(float(score), 4),
-                      "title": item.get("item_title"), "reasons": reasons(row, item, query, user.source)})
-    return {"user_id": user_id, "items": items, "cold_start": not user.known, "unknown_candidates": ranked.unknown,
-            "query": query, "query_source": user.source, "model": ranker.tag}
-
-
-def profile_answer(user_id: str, user: UserFrame, vector: list[float], last_event: str | None) -> dict[str, Any]:
-    return {"user_id": user_id, "known": user.known, "vector": [round(v, 5) for v in vector],
-            "summary": summary(user.frame.iloc[0], last_event)}
-
-
-def reasons(user, item, query: str | None, source: str | None) -> list[str]:
-    import pandas as pd
-
-    out = []
-    if query and isinstance(item.get("item_title"), str):
-        words = set(query.lower().split()) & set(item["item_title"].lower().replace(",", " ").split())
-        if words:
-            recent = "recent " if source == "session" else ""
-            out.append(f"matches your {recent}search for '{' '.join(sorted(words))}'")
-    category = item.get("item_category")
-    for n in (1, 2, 3):
-        top = user.get(f"top_category_{n}_30d")
-        if isinstance(top, str) and top == category:
-            out.append(f"matches your interest in {category.split('>')[-1].lower()}")
-            break
-    views = item.get("item_views_7d")
-    if pd.notna(views) and views >= 20:
-        out.append("popular this week")
-    return out or ["picked for your profile"]
-
-
-def summary(row, last_event: str | None) -> dict[str, Any]:
-    import pandas as pd
-
-    def num(name):
-        v = row.get(name)
-        return 0 if v is None or pd.isna(v) else v
-
-    cats = [row.get(f"top_category_{n}_30d") for n in (1, 2, 3)]
-    purchases, clicks = num("purchase_count_30d"), num("click_count_30d")
-    segment = ("new" if num("view_count_30d") + clicks == 0 else "buyer" if purchases >= 3
-               else "shopper" if purchases >= 1 else "browser")
-    queries = row.get("recent_queries")
-    return {"top_categories": [c for c in cats if isinstance(c, str)],
-            "recent_intents": queries.split(" | ")[:3] if isinstance(queries, str) and queries else [],
-            "segment": segment, "last_event": last_event, "age_band": row.get("age_band"),
-            "activity_30d": {"views": int(num("view_count_30d")), "clicks": int(clicks),
-                             "purchases": int(purchases), "spend": round(float(num("spend_30d")), 2)}}
-
-
-# --- intake: /events -----------------------------------------------------------------------------------
-class UserLocks:
-    """Per-user ordering: a request holds its users' locks from the append to the push, so a state read
-    before another request's append is never written over that request's newer state. Striped, and
-    taken in one order, so two requests never wait on each other in a circle."""
-
-    def __init__(self, stripes: int = 64) -> None:
-        self.stripes = [threading.Lock() for _ in range(stripes)]
-
-    @contextlib.contextmanager
-    def hold(self, user_ids: Iterable[str]) -> Iterator[None]:
-        wanted = sorted({zlib.crc32(str(u).encode()) % len(self.stripes) for u in user_ids})
-        with contextlib.ExitStack() as stack:
-            for n in wanted:
-                stack.enter_context(self.stripes[n])
-            yield
-
-
-def unknown_field_problems(event: dict[str, Any], known: set[str]) -> list[dict[str, Any]]:
-    """Fields outside the contract are kept (as the log's `extra`), within bounds: how many, how big."""
-    unknown = [k for k in event if str(k).strip() not in known]
-    if len(unknown) > MAX_UNKNOWN_FIELDS:
-        return [{"rule": "unknown_field_count", "column": None,
-                 "reason": f"{len(unknown)} fields outside the contract; at most {MAX_UNKNOWN_FIELDS}"}]
-    problems = []
-    for name in unknown:
-        size = len(json.dumps(event[name], ensure_ascii=False, default=str).encode())
-        if size > MAX_UNKNOWN_FIELD_BYTES:
-            problems.append({"rule": "unknown_field_size", "column": str(name)[:256],
-                             "reason": f"{str(name)[:256]!r} is {size} bytes as JSON; at most "
-                                       f"{MAX_UNKNOWN_FIELD_BYTES} for a field outside the contract"})
-    return problems
-
-
-class Intake:
-    """/events: bound what the contract does not cover, gate, append to the event log, push online."""
-
-    def __init__(self, cfg, log, store) -> None:
-        self.cfg, self.log, self.store = cfg, log, store
-        self.append_lock = threading.Lock()  # one append at a time: idempotent on event_id
-        self.users = UserLocks()
-        self.privacy = Privacy.for_workspace(cfg.workspace, cfg)  # pseudonyms and tombstones at the door
-        self.stale: set[str] = set()  # users whose last push failed: the next one recomputes from the log
-
-    def post(self, events: list[dict[str, Any]], ranker: Ranker) -> tuple[int, dict[str, Any]]:
-        """The status and the answer: which events were accepted, which rejected and why."""
-        from eventlog.contract import columns
-        from eventlog.sources import StructuralError, normalise
-
-        known = set(columns("events"))
-        rejected, kept = [], []
-        for n, event in enumerate(events):
-            problems = unknown_field_problems(event, known)
-            if problems:
-                given = event.get("event_id")
-                rejected.append({"index": n, "event_id": None if given is None else str(given)[:256],
-                                 "reasons": problems})
-            else:
-                kept.append(n)
-        if not kept:
-            return 422, {"accepted": [], "rejected": rejected, "pushed_users": [], "online_update": "updated"}
-        try:
-            tb = normalise("events", [events[n] for n in kept], "request")  # records: a NaN stays a NaN
-        except StructuralError as exc:
-            return 422, {"accepted": [], "rejected": rejected + [
-                {"index": None, "reason": str(exc).replace("request: ", "")}]}
-        tb, erased = privacy_routes.screen(tb, self.log, self.privacy)  # erased users' events are not stored
-        rejected += [privacy_routes.erased_rejection(kept[p]) for p in erased]
-        kept = [k for p, k in enumerate(kept) if p not in set(erased)]
-        if not kept:
-            return 422, {"accepted": [], "rejected": rejected, "pushed_users": [], "online_update": "updated"}
-        with self.users.hold(tb.frame["user_id"].dropna()):
-            report, verdict = self._append(tb)
-            ok = [i for i in range(len(tb.frame)) if i not in verdict.violations]
-            users = sorted(set(tb.frame["user_id"].iloc[ok].dropna()))
-            online = self._push(users, report.new_events)
-        rejected += [{"index": kept[row], "event_id": tb.frame["event_id"].iloc[row],
-                      "reasons": [{"rule": x.rule, "column": x.column, "reason": x.reason} for x in vs]}
-                     for row, vs in sorted(verdict.violations.items())]
-        status = 422 if rejected else 200 if online == "updated" else HTTPStatus.ACCEPTED
-        return status, {"accepted": [tb.frame["event_id"].iloc[i] for i in ok],
-                        "rejected": sorted(rejected, key=lambda r: r["index"]),
-                        "pushed_users": users if online == "updated" else [], "online_update": online}
-
-    def _append(self, tb):
-        from eventlog.ingest import ingest
-        from eventlog.sources import Batch
-        from validation.gate import Gate, GateSettings
-
-        v = self.cfg.validation
-        gate = Gate(GateSettings(max_reject_share=1.0, clock_skew_minutes=v.clock_skew_minutes,
-                                 on_schema_drift="accept", engine="pandas"))  # the same suites, in-process
-        with self.append_lock:
-            report, result = ingest(Batch("POST /events", {"events": tb}), self.log, gate, privacy=self.privacy)
-        return report, result.verdicts["events"]
-
-    def _push(self, users: list[str], new_events) -> str:
-        """Fold the newly stored events into their users' online state (an event the log already
-        held was folded when it arrived). If that fails the events are safe in the log: those users
-        are recomputed from it at their next push, and at the next ``features materialize``."""
-        from feature_repo.pipeline.push import push_events
-
-        if new_events is None or not len(new_events):
-            return "updated"
-        stored = sorted(set(new_events["user_id"]))
-        try:
-            push_events(self.store, self.log, new_events, stale=self.stale.intersection(stored))
-            self.stale.difference_update(stored)
-        except Exception as exc:  # noqa: BLE001 - the answer says the update is deferred
-            self.stale.update(stored)
-            if is_outage(exc):
-                return (f"deferred: online store unavailable ({type(exc).__name__}); "
-                        "the events are in the event log")
-            incident = _incident("/events push", ",".join(users)[:256], exc)
-            return f"deferred: online update failed (incident {incident}); the events are in the event log"
-        return "updated"
-
-
 # --- the services --------------------------------------------------------------------------------------
 @bentoml.service(resources={"gpu": 1, "cpu": "1"}, workers=1, traffic={"timeout": 30})
 class TextEncoder:
@@ -966,7 +589,7 @@ class Persona:
                     ctx: bentoml.Context) -> dict[str, Any]:
         """Validate, append to the event log (idempotent on event_id), then push fresh features."""
         def work() -> dict[str, Any]:
-            status, body = self.intake.post(events, self.ranker)
+            status, body = self.intake.post(events)
             ctx.response.status_code = status
             return body
 

@@ -207,7 +207,7 @@ def _post_concurrently(intake, users: list[str], items: list[str], end: pd.Times
         events = _client_events(n, users, items, end, seed)
         answers = []
         for start in range(0, len(events), PER_REQUEST):
-            status, body = intake.post(events[start:start + PER_REQUEST], None)
+            status, body = intake.post(events[start:start + PER_REQUEST])
             assert status in (200, 202), body
             answers.append(body["online_update"])
         return answers
@@ -239,7 +239,7 @@ def test_concurrent_clients_a_restart_and_an_outage(profile, tmp_path, shop, mon
     step the online state equals an offline rebuild of the log, at the same time."""
     import socket
 
-    from bentos.service import Intake
+    from bentos.intake import Intake
 
     server = None
     if profile == "prod":
@@ -276,7 +276,7 @@ def test_concurrent_clients_a_restart_and_an_outage(profile, tmp_path, shop, mon
             intake = Intake(cfg, log, store)
             server.terminate()
             server.wait()
-            status, body = intake.post(_client_events(0, users, items, end, seed=3)[:5], None)
+            status, body = intake.post(_client_events(0, users, items, end, seed=3)[:5])
             assert status == 202 and body["online_update"].startswith("deferred"), body
             server = _redis_server(port)  # back, and empty
             assert set(_post_concurrently(intake, users, items, end, seed=4)) == {"updated"}
