@@ -69,3 +69,15 @@ def pg_url():
     with admin.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture
+def fresh_bentoml_metrics():
+    """BentoML registers its HTTP metrics in prometheus' global registry when an in-process app
+    starts; a second such app in one test session would register them again and fail."""
+    import prometheus_client
+
+    registry = prometheus_client.REGISTRY
+    for collector, names in list(registry._collector_to_names.items()):  # noqa: SLF001 - no public listing
+        if any(name.startswith("bentoml_") for name in names):
+            registry.unregister(collector)

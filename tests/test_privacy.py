@@ -244,7 +244,7 @@ def _capture_all_logs(caplog) -> None:
 
 
 def test_service_forget_export_caches_models_and_clean_logs(tmp_path, shop, tiny_bert, monkeypatch, caplog,
-                                                             capsys):
+                                                             capsys, fresh_bentoml_metrics):
     """Through the in-process ASGI app: /export, /forget (API key), caches, cold start, erased models."""
     import importlib
 

@@ -251,7 +251,7 @@ def test_new_model_and_changed_catalogue_are_picked_up(server, live_shop, tmp_pa
     assert body["unknown_candidates"] == [] and body["items"][0]["item_id"] == "i-new-espresso"
 
 
-def test_in_process_asgi_app(server, live_shop, monkeypatch):
+def test_in_process_asgi_app(server, live_shop, monkeypatch, fresh_bentoml_metrics):
     """The same service class in this process, through `to_asgi()` and Starlette's TestClient."""
     import importlib
 

@@ -90,7 +90,9 @@ def push_events(store, log: EventLog, new_events: pd.DataFrame, stale: Iterable[
     states = stored_states(store, [u for u in users if u not in stale])
     missing = [u for u in users if u not in states]
     folded = new_events[new_events["user_id"].isin(states)]
-    frames = pd.concat([folded, recent_user_events(log, missing)], ignore_index=True) if missing else folded
+    history = recent_user_events(log, missing) if missing else folded.iloc[:0]
+    frames = pd.concat([folded, history], ignore_index=True) if len(folded) and len(history) else (
+        folded if len(folded) else history)
     known = catalogue(log, [*frames["item_id"].dropna(), *fold.item_ids(states.values())])
     write_rows(store, fold.fold_rows(frames, known, states=states, every=False))
     if missing:  # a user without stored state may lack the rest too: an online store that came back empty
