@@ -80,7 +80,6 @@ class Ranker:
     catalogue: str  # fingerprint of the items and their materialised features
     item_ids: list[str]  # the ranked items: those with online features
     item_index: dict[str, int]
-    catalogue_table: Any  # the event log's items table (what the push path joins events to)
     catalogue_ids: frozenset[str]  # every item in the event log, materialised or not
     item_info: list[dict]  # title, category and weekly views per item, for the reasons
     item_vectors: Any  # (n_items, dim) tensor on the device
@@ -204,7 +203,7 @@ class Rankers:
                 vectors = in_batches(model.item_vectors, served, 512) if len(served) else torch.zeros(0, model.cfg.dim)
             item_ids = served["item_id"].astype(str).tolist()
             info = served.reindex(columns=["item_title", "item_category", "item_views_7d"]).to_dict("records")
-            ranker = Ranker(tag, model, meta, fingerprint, item_ids, {i: n for n, i in enumerate(item_ids)}, table,
+            ranker = Ranker(tag, model, meta, fingerprint, item_ids, {i: n for n, i in enumerate(item_ids)},
                             frozenset(logged), info, vectors.to(self.device))
         _freeze_startup_heap()
         return ranker

@@ -15,14 +15,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
-from eventlog.ingest import ingest
-from eventlog.sources import load_batch
-from eventlog.store import EventLog
-from feature_repo.pipeline import stores
-from feature_repo.pipeline.build import build
-from persona import sample_data
-from validation.gate import Gate
+from test_service import featured_workspace, service_env  # the service tests' helpers
 
 BIN = Path(sys.executable).parent
 STOP_SECONDS = 10
@@ -31,25 +24,11 @@ STOP_SECONDS = 10
 @pytest.fixture(scope="module")
 def small_ws(tmp_path_factory, shop, tiny_bert) -> Path:
     """The small shared shop, with features and a one-epoch model on the tiny BERT."""
-    root = tmp_path_factory.mktemp("serve_signal")
-    ws = root / "ws"
-    ws.mkdir()
-    sample_data.write(shop, root / "data")
-    log = EventLog(f"sqlite:///{ws / 'eventlog.db'}")
-    ingest(load_batch(root / "data"), log, Gate())
-    stores.apply(ws, "local")
-    build(log, "local", ws)
-    stores.materialize(ws)
-    log.dispose()
+    ws = featured_workspace(tmp_path_factory.mktemp("serve_signal"), shop)
     subprocess.run([str(BIN / "persona"), "train", "-w", str(ws), "--bert", tiny_bert, "--epochs", "1",
                     "--max-positives", "100", "--splits", "global", "--no-baselines", "--no-refit"],
-                   env=_env(ws), check=True, capture_output=True, timeout=600)
+                   env=service_env(ws), check=True, capture_output=True, timeout=600)
     return ws
-
-
-def _env(ws: Path) -> dict[str, str]:
-    return {**os.environ, "PERSONA_WORKSPACE": str(ws), "BENTOML_HOME": str(ws / "bentoml"),
-            "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1"}
 
 
 def _free_port() -> int:
@@ -93,7 +72,7 @@ def test_sigterm_to_the_serve_pid_stops_bentoml_and_frees_the_port(small_ws, tmp
         # Its own session, so that whatever the SIGTERM leaves behind can be cleaned up here, and so that
         # the signal below reaches the serve process alone, never a group.
         proc = subprocess.Popen([str(BIN / "persona"), "serve", "--workspace", str(small_ws), "--host", "127.0.0.1",
-                                 "--port", str(port)], env=_env(small_ws), cwd=Path(__file__).parents[1],
+                                 "--port", str(port)], env=service_env(small_ws), cwd=Path(__file__).parents[1],
                                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_ready(proc, f"http://127.0.0.1:{port}", log_path)

@@ -59,6 +59,26 @@ def serve(env: dict, log_path: Path, wait_for: str = "/readyz"):
     pytest.fail("persona serve did not become ready: " + log_path.read_text()[-3000:])
 
 
+def featured_workspace(root: Path, tables: dict[str, pd.DataFrame]) -> Path:
+    """``root/ws``: the tables ingested, the features built and materialised (local profile)."""
+    ws = root / "ws"
+    ws.mkdir()
+    sample_data.write(tables, root / "data")
+    log = EventLog(f"sqlite:///{ws / 'eventlog.db'}")
+    ingest(load_batch(root / "data"), log, Gate())
+    stores.apply(ws, "local")
+    build(log, "local", ws)
+    stores.materialize(ws)
+    log.dispose()
+    return ws
+
+
+def service_env(ws: Path, **extra: str) -> dict[str, str]:
+    """The environment `persona` commands and the server run with for this workspace."""
+    return {**os.environ, "PERSONA_WORKSPACE": str(ws), "BENTOML_HOME": str(ws / "bentoml"),
+            "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", **extra}
+
+
 def stop(proc, log_file) -> None:
     """Stop `persona serve` and the `bentoml serve` processes under it (one process group)."""
     try:
@@ -81,20 +101,11 @@ def live_shop():
 def server(tmp_path_factory, live_shop):
     """A workspace with the real all-MiniLM-L6-v2 (frozen) under a `bentoml serve`."""
     root = tmp_path_factory.mktemp("service")
-    ws = root / "ws"
-    sample_data.write(live_shop, root / "data")
-    log = EventLog(f"sqlite:///{ws / 'eventlog.db'}") if ws.mkdir() is None else None
-    ingest(load_batch(root / "data"), log, Gate())
-    stores.apply(ws, "local")
-    build(log, "local", ws)
-    stores.materialize(ws)
-    log.dispose()
-    env = {**os.environ, "PERSONA_WORKSPACE": str(ws), "BENTOML_HOME": str(ws / "bentoml"),
-           "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "PERSONA_API_KEY": API_KEY,
-           "PERSONA_REFRESH_SECONDS": "1",
-           # Requests run side by side, and the text cache is full (it evicts on every new text), as on a
-           # busy server: what the thread-safety tests need.
-           "PERSONA_THREADS": "8", "PERSONA_TEXT_CACHE_SIZE": "8"}
+    ws = featured_workspace(root, live_shop)
+    # Requests run side by side, and the text cache is full (it evicts on every new text), as on a
+    # busy server: what the thread-safety tests need.
+    env = service_env(ws, PERSONA_API_KEY=API_KEY, PERSONA_REFRESH_SECONDS="1", PERSONA_THREADS="8",
+                      PERSONA_TEXT_CACHE_SIZE="8")
     subprocess.run([str(BIN / "persona"), "train", "-w", str(ws), "--epochs", "8", "--splits", "global",
                     "--no-baselines", "--no-refit"],
                    env=env, check=True, capture_output=True, timeout=900)

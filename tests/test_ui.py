@@ -14,15 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_service import serve, stop  # the same `persona serve` helpers as the service tests
-
-from eventlog.ingest import ingest
-from eventlog.sources import load_batch
-from eventlog.store import EventLog
-from feature_repo.pipeline import stores
-from feature_repo.pipeline.build import build
-from persona import sample_data
-from validation.gate import Gate
+from test_service import featured_workspace, serve, service_env, stop  # the service tests' helpers
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -42,17 +34,8 @@ def _browser() -> tuple[str, str] | None:
 def ui_server(tmp_path_factory, shop):
     """A small workspace (shared sample shop, real frozen MiniLM, 2 epochs) under `persona serve` with a key."""
     root = tmp_path_factory.mktemp("ui")
-    ws = root / "ws"
-    ws.mkdir()
-    sample_data.write(shop, root / "data")
-    log = EventLog(f"sqlite:///{ws / 'eventlog.db'}")
-    ingest(load_batch(root / "data"), log, Gate())
-    stores.apply(ws, "local")
-    build(log, "local", ws)
-    stores.materialize(ws)
-    log.dispose()
-    env = {**os.environ, "PERSONA_WORKSPACE": str(ws), "BENTOML_HOME": str(ws / "bentoml"),
-           "BENTOML_DO_NOT_TRACK": "true", "HF_HUB_OFFLINE": "1", "PERSONA_API_KEY": API_KEY}
+    ws = featured_workspace(root, shop)
+    env = service_env(ws, PERSONA_API_KEY=API_KEY)
     persona = str(BIN / "persona")
     subprocess.run([persona, "validate", "-w", str(ws), "--source", str(root / "data"), "--no-docs"],
                    env=env, check=True, capture_output=True, timeout=300)  # a data-quality summary to link
