@@ -490,6 +490,7 @@ class Persona:
 
     def __init__(self) -> None:
         from eventlog.store import EventLog
+        from eventlog.tombstones import erased_hashes
         from feature_repo.pipeline import stores
         from persona import config
 
@@ -505,6 +506,7 @@ class Persona:
         self.queries = QueryEncoder(lambda: self.encoder)
         self.ranker = self.rankers.build(*_load_model(str(self.model_ref.tag), self.rankers.device))
         self.watcher: asyncio.Task | None = None
+        self.erased_count = len(erased_hashes(log.engine))  # a new tombstone clears the caches (each tick)
 
     @bentoml.on_startup
     async def _start_watching(self) -> None:
@@ -523,6 +525,7 @@ class Persona:
         while True:
             await asyncio.sleep(REFRESH_SECONDS)
             try:
+                await asyncio.to_thread(self._follow_erasures)  # `persona forget` run beside the service
                 self.features.service = await asyncio.to_thread(self.features.fetch_service)  # `features apply`
                 fresh = await asyncio.to_thread(self.rankers.changed, self.ranker)
                 await self.queries.follow((fresh or self.ranker).tag)
@@ -532,6 +535,17 @@ class Persona:
                                 fresh.catalogue, len(fresh.item_ids), len(fresh.catalogue_ids))
             except Exception as exc:  # noqa: BLE001 - keep serving the current version; try again next tick
                 logger.warning("refresh skipped: %s: %s", type(exc).__name__, exc)
+
+    def _follow_erasures(self) -> None:
+        """A new tombstone (``persona forget`` from the CLI, or another replica's /forget): drop the
+        cached text vectors, which may hold an erased user's queries."""
+        from eventlog.tombstones import erased_hashes
+
+        count = len(erased_hashes(self.history.log.engine))
+        if count != self.erased_count:
+            privacy_routes.clear_caches(self)
+            logger.info("caches cleared after an erasure (%d tombstones)", count)
+        self.erased_count = count
 
     @bentoml.api(route="/rank")
     def rank(

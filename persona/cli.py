@@ -495,8 +495,10 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
         console.print("refitting on all data up to the newest event")
         run_cfg.train.checkpoint_dir = str(cfg.workspace / "checkpoints" / "refit")  # one per epoch
         run_cfg.train.resume = resume
+        started = time.perf_counter()
         model = refit_model(store, result["frame"], result["spec"], run_cfg,
                             result["best_epochs"].get("Persona", epochs), item_ids=result["item_ids"])
+        console.print(f"refit: {time.perf_counter() - started:.1f} s")
     else:  # the evaluated model (trained before the first split's cut) is the one deployed
         model = result["model"]
     tag = save_to_bentoml(model, store, result["metrics"], events, run_cfg,

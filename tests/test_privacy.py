@@ -5,6 +5,7 @@ bring the user back; pseudonymous ids; no personal values in reports and logs.""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -254,6 +255,9 @@ def test_service_forget_export_caches_models_and_clean_logs(tmp_path, shop, tiny
 
     from training import model as model_mod
 
+    def cached(text: str) -> bool:
+        return any(text in t for cache in list(model_mod._TEXT_CACHES.values()) for t, _ in list(cache.vectors))
+
     _capture_all_logs(caplog)
     monkeypatch.delenv("PERSONA_WORKSPACE", raising=False)
     cfg = config_mod.load(tmp_path / "ws", "local")
@@ -277,6 +281,7 @@ def test_service_forget_export_caches_models_and_clean_logs(tmp_path, shop, tiny
         assert len(ranking["items"]) == 10 and all(item["reasons"] for item in ranking["items"])
         monkeypatch.setenv("PERSONA_WORKSPACE", str(cfg.workspace))
         monkeypatch.setenv("PERSONA_API_KEY", "k-123")
+        monkeypatch.setenv("PERSONA_REFRESH_SECONDS", "0.5")  # the tick that follows a CLI `forget`
         import bentos.service as service
 
         service = importlib.reload(service)
@@ -285,15 +290,25 @@ def test_service_forget_export_caches_models_and_clean_logs(tmp_path, shop, tiny
             assert client.post("/forget", json={"user_ids": [PLANTED]}).status_code == 401
             ranked = client.post("/rank", json={"user_id": PLANTED, "query": QUERY, "k": 5}, headers=key)
             assert ranked.status_code == 200 and ranked.json()["cold_start"] is False
-            assert any(QUERY in t for cache in model_mod._TEXT_CACHES.values() for t, _ in cache.vectors)
+            assert cached(QUERY)
             exported = client.post("/export", json={"user_id": PLANTED}, headers=key)
             assert exported.status_code == 200, exported.text
             for needle in NEEDLES:
                 assert needle in exported.text, needle
             assert exported.json()["latest_ranking"]["items"][0]["reasons"]
+            # `persona forget` from the CLI while the service runs: its next tick drops the cached text.
+            cli.forget(user=[PLANTED], workspace=cfg.workspace, profile="local", reason="ticket 7", as_json=True)
+            deadline = time.monotonic() + 20
+            while cached(QUERY) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not cached(QUERY)
+            someone = shop["users"]["user_id"].iloc[0]
+            assert client.post("/rank", json={"user_id": someone, "query": QUERY}, headers=key).status_code == 200
+            assert cached(QUERY)
+            # /forget itself (idempotent after the CLI run) clears the caches at once.
             forgot = client.post("/forget", json={"user_ids": [PLANTED], "reason": "request 7"}, headers=key)
             assert forgot.status_code == 200 and forgot.json()["complete"], forgot.text
-            assert not any(QUERY in t for cache in model_mod._TEXT_CACHES.values() for t, _ in cache.vectors)
+            assert not cached(QUERY)
             assert client.post("/profile", json={"user_id": PLANTED}, headers=key).json()["known"] is False
             assert client.post("/rank", json={"user_id": PLANTED}, headers=key).json()["cold_start"] is True
             event = {"user_id": PLANTED, "event_type": "search", "query": QUERY,

@@ -203,8 +203,9 @@ def sequential_scorer(train_events: pd.DataFrame, positives: dict[str, float], i
     for epoch in bar:
         model.train()
         losses = []
+        order = rng.permutation(len(seqs))  # each sequence once an epoch
         for b in range(0, len(seqs), cfg.batch_size):
-            batch = [seqs[i] for i in rng.permutation(len(seqs))[b:b + cfg.batch_size]]
+            batch = [seqs[i] for i in order[b:b + cfg.batch_size]]
             padded = _left_pad(batch, cfg.max_len + 1)
             inputs, targets = padded[:, :-1], padded[:, 1:]
             mask = (inputs > 0) & (targets > 0)

@@ -37,6 +37,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bfloat16/float16 autocast on CUDA only
     patience: int = 3  # epochs without a better validation NDCG@10
+    plateau_decay: float = 0.3  # learning rate x this after an epoch without a better validation NDCG@10
     max_seconds: float | None = 240.0  # wall-clock budget per model: a laptop finishes in minutes
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -109,8 +110,10 @@ def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", best=f"{max(best, 0.0):.4f}")
         model.eval()
+        trained = time.monotonic()
         val = validate(model) if validate else None
-        cfg.history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_ndcg10": val})
+        cfg.history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_ndcg10": val,
+                            "lr": optimizer.param_groups[0]["lr"], "validation_seconds": time.monotonic() - trained})
         if progress:
             shown = f", validation NDCG@10 {val:.4f}" if val is not None else " (no validation set)"
             tqdm.write(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}{shown}")
@@ -120,6 +123,8 @@ def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
+            for group in optimizer.param_groups:  # smaller steps from here on
+                group["lr"] *= cfg.plateau_decay
         if ckpt:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,

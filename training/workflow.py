@@ -3,9 +3,13 @@ split -> report -> refit on everything -> BentoML model store."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +31,7 @@ from training.baselines import (
 )
 from training.evaluate import Split, evaluate_scorers, global_split, last_per_user_split, ndcg_at_10, seen_before
 from training.model import Catalogue, FeatureSpec, ModelConfig, ProfileModel, in_batches, item_text
-from training.train import TrainConfig, config_dict, pick_device, train
+from training.train import TrainConfig, config_dict, pick_device, seed_everything, train
 
 MODEL_NAME = "persona-profile"
 TEXT_COLUMNS = {"recent_queries", "recent_titles", "item_title", "item_description", "query", "last_search_query",
@@ -70,6 +74,26 @@ class RunConfig:
         return key in self.models and (key == "persona" or self.baselines)
 
 
+class Stages:
+    """Wall time of each stage of a run, printed as it ends (a user sees where the minutes go)."""
+
+    def __init__(self, progress: bool = True):
+        self.seconds: dict[str, float] = {}
+        self.progress = progress
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+            if self.progress:
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"{name}: {self.seconds[name]:.1f} s")
+
+
 def _service_features(store, name: str) -> list[str]:
     service = store.get_feature_service(name)
     return [f.name for proj in service.feature_view_projections for f in proj.features]
@@ -107,14 +131,36 @@ def user_features(store, requests: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([keep, feats], axis=1)
 
 
-def model_scorer(model: ProfileModel, store, catalogue: dataset.ItemCatalogue) -> Scorer:
-    """Scores requests against the catalogue as of each request's own time (its as-of bucket)."""
+class RequestFeatures:
+    """Point-in-time user features of request frames, fetched through Feast once per distinct frame:
+    every epoch's validation and every model's test pass read the same requests."""
+
+    KEY = ["user_id", "event_timestamp", "device", "channel", "request_timestamp", "query"]
+
+    def __init__(self, store):
+        self.store = store
+        self.cache: dict[bytes, pd.DataFrame] = {}
+
+    def __call__(self, requests: pd.DataFrame) -> pd.DataFrame:
+        key_cols = [c for c in self.KEY if c in requests]
+        key = hashlib.sha256(pd.util.hash_pandas_object(requests[key_cols].astype(str), index=False)
+                             .to_numpy().tobytes()).digest()
+        if key not in self.cache:
+            self.cache[key] = user_features(self.store, requests)
+        frame = self.cache[key]
+        return pd.concat([requests.reset_index(drop=True), frame.drop(columns=list(requests.columns))], axis=1)
+
+
+def model_scorer(model: ProfileModel, features: Callable[[pd.DataFrame], pd.DataFrame],
+                 catalogue: dataset.ItemCatalogue) -> Scorer:
+    """Scores requests against the catalogue as of each request's own time (its as-of bucket);
+    ``features`` gives their point-in-time user features (``RequestFeatures``)."""
     vectors = _catalogue_vectors(model, catalogue)
 
     @torch.no_grad()
     def score(requests: pd.DataFrame) -> np.ndarray:
         requests = requests.reset_index(drop=True)
-        frame = user_features(store, requests)
+        frame = features(requests)
         buckets = catalogue.bucket_of(requests["event_timestamp"])
         out = np.zeros((len(requests), len(catalogue.item_ids)), dtype=np.float32)
         for b in np.unique(buckets):
@@ -160,7 +206,8 @@ def pair_scorer(model: ProfileModel, catalogue: dataset.ItemCatalogue):
     return score
 
 
-def frozen_text_scorer(model: ProfileModel, store, catalogue: dataset.ItemCatalogue) -> Scorer:
+def frozen_text_scorer(model: ProfileModel, features: Callable[[pd.DataFrame], pd.DataFrame],
+                       catalogue: dataset.ItemCatalogue) -> Scorer:
     """No training at all: cosine between frozen BERT's vector of the item text and the mean of the
     user's last engaged items' text vectors plus the live query's (a pure text baseline)."""
     item_vecs = {}
@@ -176,7 +223,7 @@ def frozen_text_scorer(model: ProfileModel, store, catalogue: dataset.ItemCatalo
     @torch.no_grad()
     def score(requests: pd.DataFrame) -> np.ndarray:
         requests = requests.reset_index(drop=True)
-        frame = user_features(store, requests)
+        frame = features(requests)
         inputs = model.user_inputs(frame)
         buckets = catalogue.bucket_of(requests["event_timestamp"])
         out = np.zeros((len(requests), len(catalogue.item_ids)), dtype=np.float32)
@@ -191,14 +238,14 @@ def frozen_text_scorer(model: ProfileModel, store, catalogue: dataset.ItemCatalo
     return score
 
 
-def _validation(store, split: Split, events: pd.DataFrame, positives: dict, item_ids: list[str],
+def _validation(features: RequestFeatures, split: Split, events: pd.DataFrame, positives: dict, item_ids: list[str],
                 catalogue: dataset.ItemCatalogue):
     """NDCG@10 on the split's validation requests (before any test request): early stopping."""
     if split.validation.empty:
         return None
 
     def validate(model: ProfileModel) -> float:
-        return ndcg_at_10(model_scorer(model, store, catalogue), split.validation, events, positives, item_ids)
+        return ndcg_at_10(model_scorer(model, features, catalogue), split.validation, events, positives, item_ids)
     return validate
 
 
@@ -240,44 +287,54 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
                 MODEL_ROWS["no-ids"]: replace(cfg.model, use_ids=False),
                 MODEL_ROWS["no-sequence"]: replace(cfg.model, use_sequence=False)}
     variants = {name: variants[name] for key, name in MODEL_ROWS.items() if name in variants and cfg.wants(key)}
+    stage = Stages(progress)
     frame = None
     if variants or cfg.wants("frozen"):  # the id baselines read the event log only: no training set for them
-        examples = dataset.build_examples(events, items, positives, cfg.neg_per_pos, seed=cfg.train.seed)
-        frame = dataset.fetch_features(store, examples)
+        with stage("training set (examples and point-in-time features)"):
+            examples = dataset.build_examples(events, items, positives, cfg.neg_per_pos, seed=cfg.train.seed)
+            frame = dataset.fetch_features(store, examples)
     tables, histories, best_epochs, evaluated_model = [], {}, {}, None
     for split_name in cfg.splits:
         split = global_split(events, positives) if split_name == "global" else last_per_user_split(events, positives)
-        scorers = baseline_scorers(split, events, positives, item_ids, cfg, progress)
+        with stage("id baselines (fit and tune)"):
+            scorers = baseline_scorers(split, events, positives, item_ids, cfg, progress)
         pairs, test_rows = {}, None
         if variants or cfg.wants("frozen"):
-            fit_frame = split.before(frame, split.fit_cut)
-            spec = feature_spec(store, fit_frame)
-            catalogue = dataset.ItemCatalogue(store, item_ids, pd.concat([split.requests["event_timestamp"],
-                                                                          split.validation["event_timestamp"]]))
-            validate = _validation(store, split, events, positives, item_ids, catalogue)
-            labelled = frame["kind"].isin(["positive", "exposure"])
-            test_rows = frame[labelled & ~frame.index.isin(split.before(frame, split.test_cut).index)].head(5000)
+            with stage("catalogue as of each request"):
+                fit_frame = split.before(frame, split.fit_cut)
+                spec = feature_spec(store, fit_frame)
+                catalogue = dataset.ItemCatalogue(store, item_ids, pd.concat([split.requests["event_timestamp"],
+                                                                              split.validation["event_timestamp"]]))
+                features = RequestFeatures(store)  # one Feast fetch per request set, whatever the model
+                validate = _validation(features, split, events, positives, item_ids, catalogue)
+                labelled = frame["kind"].isin(["positive", "exposure"])
+                test_rows = frame[labelled & ~frame.index.isin(split.before(frame, split.test_cut).index)].head(5000)
         if cfg.wants("frozen"):
-            scorers[MODEL_ROWS["frozen"]] = frozen_text_scorer(ProfileModel.build(cfg.model, spec), store, catalogue)
-        train_catalogue = dataset.ItemCatalogue(store, item_ids, fit_frame["event_timestamp"]) if variants else None
+            scorers[MODEL_ROWS["frozen"]] = frozen_text_scorer(ProfileModel.build(cfg.model, spec), features,
+                                                                  catalogue)
+        with stage("catalogue as of each training row"):
+            train_catalogue = dataset.ItemCatalogue(store, item_ids, fit_frame["event_timestamp"]) if variants else None
         for name, mcfg in variants.items():
             tcfg = replace(cfg.train, history=[], checkpoint_dir=None, resume=False)
             if name == MODEL_ROWS["mlp"]:  # a baseline; the ablations get Persona's budget, to be fair
                 tcfg.max_seconds = min(tcfg.max_seconds or cfg.baseline_seconds, cfg.baseline_seconds)
-            model = ProfileModel.build(mcfg, spec).to(pick_device(tcfg.device))
-            train(model, fit_frame, train_catalogue, tcfg, validate, progress)
+            with stage(f"train: {name}"):
+                seed_everything(tcfg.seed)  # the same initial weights whatever ran before
+                model = ProfileModel.build(mcfg, spec).to(pick_device(tcfg.device))
+                train(model, fit_frame, train_catalogue, tcfg, validate, progress)
             histories[f"{split.name}: {name}"] = tcfg.history
             if name == PERSONA and split_name == cfg.splits[0]:
                 best = max(tcfg.history, key=lambda h: h["val_ndcg10"] or 0.0) if tcfg.history else {"epoch": 1}
                 best_epochs["Persona"] = best["epoch"]
                 evaluated_model = model
-            scorers[name] = model_scorer(model, store, catalogue)
+            scorers[name] = model_scorer(model, features, catalogue)
             pairs[name] = pair_scorer(model, catalogue)
-        tables.append(evaluate_scorers(scorers, split, events, positives, item_ids, pairs, test_rows))
+        with stage("evaluation on the test requests"):
+            tables.append(evaluate_scorers(scorers, split, events, positives, item_ids, pairs, test_rows))
     metrics = pd.concat(tables, ignore_index=True)
-    report = write_report(report_dir, metrics, histories)
+    report = write_report(report_dir, metrics, histories, stage.seconds)
     return {"metrics": metrics, "spec": feature_spec(store, frame) if frame is not None else None, "frame": frame,
-            "item_ids": item_ids,
+            "item_ids": item_ids, "stages": stage.seconds,
             "best_epochs": best_epochs, "report": report, "histories": histories, "model": evaluated_model}
 
 
@@ -288,6 +345,7 @@ def refit(store, frame: pd.DataFrame, spec: FeatureSpec, cfg: RunConfig, epochs:
     ``item_ids``: the catalogue to train against (default: every item the examples name).
     """
     tcfg = replace(cfg.train, epochs=max(1, epochs), patience=epochs + 1, history=[])
+    seed_everything(tcfg.seed)
     model = ProfileModel.build(cfg.model, spec).to(pick_device(tcfg.device))
     item_ids = item_ids or sorted(set(spec.item_ids) | set(frame["item_id"].dropna().astype(str)))
     catalogue = dataset.ItemCatalogue(store, item_ids, frame["event_timestamp"])
@@ -344,7 +402,8 @@ def load_from_bentoml(tag: str = "latest", device: str = "cpu") -> tuple[Profile
     return ProfileModel.load(Path(bento_model.path), device), bento_model.info.metadata, str(bento_model.tag)
 
 
-def write_report(folder: Path, metrics: pd.DataFrame, histories: dict[str, list[dict]]) -> Path:
+def write_report(folder: Path, metrics: pd.DataFrame, histories: dict[str, list[dict]],
+                 stages: dict[str, float] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -365,6 +424,9 @@ def write_report(folder: Path, metrics: pd.DataFrame, histories: dict[str, list[
                seg[seg["model"] == seg["model"].iloc[0]].set_index("segment")[["requests"]].T.to_markdown(index=False),
                ""]
     md += _ablation(overall)
+    if stages:
+        md += ["## Where the time went", "", pd.DataFrame({"stage": list(stages), "seconds": list(stages.values())})
+               .to_markdown(index=False, floatfmt=".1f"), ""]
     md += ["![metrics](metrics.png)", "", "![training curve](training_curve.png)", ""]
     (folder / "report.md").write_text("\n".join(md))
     fig, axes = plt.subplots(1, max(1, overall["split"].nunique()), figsize=(11, 4), squeeze=False)
@@ -417,7 +479,7 @@ def recommend(model: ProfileModel, store, events: pd.DataFrame, items: pd.DataFr
     requests = pd.DataFrame({"user_id": users, "event_timestamp": as_of, "device": None, "channel": None,
                              "request_timestamp": as_of, "query": None})
     catalogue = dataset.ItemCatalogue(store, item_ids, requests["event_timestamp"], max_buckets=1)
-    scores = model_scorer(model, store, catalogue)(requests)
+    scores = model_scorer(model, lambda r: user_features(store, r), catalogue)(requests)
     if exclude_seen:
         index = {i: n for n, i in enumerate(item_ids)}
         for r, ex in enumerate(seen_before(events, positives, requests.assign(
