@@ -483,6 +483,10 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
               refit: Annotated[bool, typer.Option(help="Refit on all data before saving (else the evaluated "
                                                   "model is saved).")] = True,
               resume: Annotated[bool, typer.Option(help="Resume the refit from WORKSPACE/checkpoints/refit.")] = False,
+              refit_from_scratch: Annotated[bool, typer.Option(
+                  help="Refit a new model for the evaluated run's best epoch count, instead of continuing "
+                       "the evaluated model for 2 epochs over every example (slower; refits statistics, "
+                       "vocabularies and item ids).")] = False,
               ) -> None:
     """Train, evaluate against baselines, refit on everything, and save to the BentoML model store."""
     from training.workflow import refit as refit_model
@@ -497,7 +501,8 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
         run_cfg.train.resume = resume
         started = time.perf_counter()
         model = refit_model(store, result["frame"], result["spec"], run_cfg,
-                            result["best_epochs"].get("Persona", epochs), item_ids=result["item_ids"])
+                            result["best_epochs"].get("Persona", epochs), item_ids=result["item_ids"],
+                            start=None if refit_from_scratch else result["model"])
         console.print(f"refit: {time.perf_counter() - started:.1f} s")
     else:  # the evaluated model (trained before the first split's cut) is the one deployed
         model = result["model"]

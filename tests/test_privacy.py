@@ -53,10 +53,13 @@ def planted_tables(shop: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
             "events": pd.concat([shop["events"], events], ignore_index=True)}
 
 
-@pytest.fixture(params=["local", pytest.param("prod", marks=[pytest.mark.postgres, pytest.mark.redis])])
+@pytest.fixture(params=["local", pytest.param("prod", marks=[pytest.mark.postgres, pytest.mark.redis]), "spark"])
 def workspace(request, tmp_path, monkeypatch):
     profile = request.param
     monkeypatch.delenv("PERSONA_WORKSPACE", raising=False)
+    if profile == "spark":
+        pytest.importorskip("pyspark", reason="the spark extra is installed by `make test`")
+        monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
     redis_db = None
     if profile == "prod":
         redis_db = 5 + (uuid.uuid4().int % 8)

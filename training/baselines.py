@@ -35,10 +35,14 @@ class Histories:
     def __init__(self, events: pd.DataFrame, positives: dict[str, float], item_ids: list[str]):
         index = {i: k for k, i in enumerate(item_ids)}
         pos = positive_events(events, positives, item_ids)
-        self._by_user: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for user, g in pos.groupby("user_id", sort=False):
-            ts = pd.to_datetime(g["event_timestamp"], utc=True).dt.tz_convert(None).to_numpy()
-            self._by_user[user] = (ts.astype("datetime64[us]"), g["item_id"].map(index).to_numpy(dtype=np.int64))
+        ts = pd.to_datetime(pos["event_timestamp"], utc=True).dt.tz_convert(None).to_numpy().astype("datetime64[us]")
+        items = pos["item_id"].map(index).to_numpy(dtype=np.int64)
+        codes, users = pd.factorize(pos["user_id"], sort=False)
+        order = np.argsort(codes, kind="stable")  # by user, each user's rows still in time order
+        bounds = np.flatnonzero(np.diff(codes[order])) + 1
+        starts, ends = np.r_[0, bounds], np.r_[bounds, len(order)]
+        self._by_user: dict[str, tuple[np.ndarray, np.ndarray]] = {
+            user: (ts[order[a:b]], items[order[a:b]]) for user, a, b in zip(users, starts, ends, strict=False)}
 
     def before(self, user: str, ts: pd.Timestamp) -> np.ndarray:
         """Catalogue indexes of the user's positives strictly before ``ts``, oldest first."""
