@@ -102,6 +102,16 @@ def test_train_evaluate_refit_and_bentoml_roundtrip(trained_ws, tiny_bert, tmp_p
     assert overall.loc[overall.model == PERSONA, "AUC"].notna().all()
     for name in ("report.md", "metrics.png", "training_curve.png", "metrics.csv"):
         assert (tmp_path / "report" / name).exists()
+    assert "Where the time went" in (tmp_path / "report" / "report.md").read_text()
+    assert result["stages"]["evaluation on the test requests"] > 0
+
+    # The default refit continues the evaluated model (its vocabulary, new weights); the start stays as it was.
+    evaluated = result["model"]
+    before = {k: v.clone() for k, v in evaluated.state_dict().items()}
+    warm = refit(store, result["frame"], result["spec"], cfg, epochs=1, progress=False, start=evaluated)
+    assert warm is not evaluated and warm.spec is evaluated.spec
+    assert all(torch.equal(before[k], v) for k, v in evaluated.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in warm.state_dict().items())
 
     model = refit(store, result["frame"], result["spec"], cfg, epochs=1, progress=False)
     tag = save_to_bentoml(model, store, metrics, events, cfg)
