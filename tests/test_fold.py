@@ -88,3 +88,23 @@ def test_folding_into_a_stored_state_equals_folding_the_whole_stream(seed):
     for name, value in want.items():
         assert got[name] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), name
     assert fold.text_values(state, _titles(state)) == fold.text_values(whole, _titles(whole))
+
+
+def test_decoded_state_reuses_each_unchanged_tiles_text():
+    """A push decodes a busy user's 720 tiles and re-encodes them: only a changed tile is written
+    afresh, and the result is the text a state built in memory gives."""
+    from feature_repo.pipeline import windows
+
+    built = windows.new_state()
+    for k in range(50):
+        windows.add_event(built, 3600 * k + 7, "click", f"i{k % 7}", "pens", 2.5, None, "app", "direct")
+    tiles, last = windows.encode(built)
+    decoded = windows.decode(tiles, last)
+    assert set(decoded["text"]) == set(decoded["tiles"]) and windows.encode(decoded) == (tiles, last)
+    for state in (built, decoded):
+        windows.add_event(state, 3600 * 49 + 9, "purchase", "i3", "pens", 2.5, 4.0, "web", "ads")
+    assert len(decoded["text"]) == 49  # the changed tile's text was dropped
+    assert windows.encode(decoded) == windows.encode(built)
+    spaced = tiles.replace(",", ", ")  # not encode's layout: parsed whole, encoded afresh
+    assert windows.decode(spaced, last)["text"] == {}
+    assert windows.encode(windows.decode(spaced, last)) == (tiles, last)

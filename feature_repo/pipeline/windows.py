@@ -75,10 +75,41 @@ def encode(state: dict) -> tuple[str, str]:
     return "[" + ",".join(parts) + "]", json.dumps(state["last"], separators=(",", ":"), sort_keys=True)
 
 
+_DECODER = json.JSONDecoder()
+
+
 def decode(tiles_json: str | None, last_json: str | None) -> dict:
-    """The state from its JSON; no state (a user without events) is empty."""
-    tiles = {int(h): t for h, t in json.loads(tiles_json)} if tiles_json else {}
-    return {"tiles": tiles, "last": json.loads(last_json) if last_json else {}, "text": {}}
+    """The state from its JSON; no state (a user without events) is empty.
+
+    Each tile's own text is kept beside it, so that :func:`encode` rewrites only the tiles that
+    changed: a push re-encoded all 720 hourly tiles of a busy user for one new event. The text is
+    only reused when it is what :func:`encode` writes for that tile (canonical JSON)."""
+    tiles, text = {}, {}
+    if tiles_json:
+        try:
+            tiles, text = _tiles_with_text(tiles_json)
+        except ValueError:  # not in encode's layout: parse it whole, encode afresh
+            tiles, text = {int(h): t for h, t in json.loads(tiles_json)}, {}
+    return {"tiles": tiles, "last": json.loads(last_json) if last_json else {}, "text": text}
+
+
+def _tiles_with_text(tiles_json: str) -> tuple[dict, dict]:
+    tiles, text = {}, {}
+    end, pos = len(tiles_json) - 1, 1  # inside the outer [ ... ]
+    while pos < end:
+        (hour, tile), stop = _DECODER.raw_decode(tiles_json, pos)
+        tiles[int(hour)] = tile
+        text[int(hour)] = tiles_json[pos:stop]
+        if tiles_json[stop] not in ",]":
+            raise ValueError("unexpected separator")
+        pos = stop + 1
+    first = next(iter(tiles), None)
+    try:
+        canonical = first is None or text[first] == json.dumps([first, _canonical(tiles[first])],
+                                                               separators=(",", ":"), sort_keys=True)
+    except (KeyError, TypeError):
+        canonical = False
+    return tiles, text if canonical else {}  # written some other way: encode afresh
 
 
 def _canonical(tile: dict) -> dict:
