@@ -167,11 +167,15 @@ def test_cli_train_and_recommend(trained_ws, tiny_bert, tmp_path, monkeypatch):
     assert result.exit_code == 0 and pd.read_parquet(parquet)["user_id"].nunique() > 10
 
 
-def test_stripped_dataset_runs_end_to_end(tmp_path, tiny_bert, shop, monkeypatch):
-    """Only ids, titles, categories and reviews with ratings: no queries, context, prices or sessions."""
+@pytest.mark.parametrize("stripped", ["ratings with titles", "days only"])
+def test_stripped_dataset_runs_end_to_end(stripped, tmp_path, tiny_bert, shop, monkeypatch):
+    """Only ids, titles, categories (the contract's required columns) and reviews with ratings: no
+    queries, descriptions, context, prices or sessions. Then the same with timestamps no finer than a
+    day (many ties in time), on the leave-one-out split."""
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
     rng = np.random.default_rng(0)
     users = shop["users"][["user_id"]]
+    bare = stripped == "days only"
     items = shop["items"][["item_id", "title", "category"]]
     n = 1500
     reviews = pd.DataFrame({
@@ -179,8 +183,10 @@ def test_stripped_dataset_runs_end_to_end(tmp_path, tiny_bert, shop, monkeypatch
         "event_type": "review", "rating": rng.integers(1, 6, n).astype(float),
         "event_timestamp": pd.Timestamp("2026-03-01", tz="UTC") + pd.to_timedelta(rng.uniform(0, 60 * 86400, n), "s"),
     })
+    if bare:
+        reviews["event_timestamp"] = reviews["event_timestamp"].dt.floor("D")
     ws, log, store = _workspace(tmp_path, {"users": users, "items": items, "events": reviews})
-    cfg = _run_cfg(tiny_bert, splits=("global",))
+    cfg = _run_cfg(tiny_bert, splits=("loo",) if bare else ("global",))
     events, items_ = log.read_table("events"), log.read_table("items")
     result = run(store, events, items_, POSITIVES, cfg, tmp_path / "report", progress=False)
     assert result["metrics"]["requests"].max() > 0
