@@ -261,3 +261,20 @@ def test_cli_evaluate_last_interaction_per_user(trained_ws, tiny_bert, tmp_path,
     assert reports and "last interaction per user" in reports[-1].read_text()
     bad = CliRunner().invoke(app, ["evaluate", "-w", str(ws), "--splits", "yesterday"])
     assert bad.exit_code == 2 and "--splits takes global, loo or both" in bad.output
+
+
+def test_request_features_are_fetched_once_per_request_set(trained_ws):
+    """Every epoch's validation reads the same requests: one Feast fetch, the same frame as a fresh one."""
+    from training.evaluate import last_per_user_split
+    from training.workflow import RequestFeatures, user_features
+
+    _, log, store = trained_ws
+    split = last_per_user_split(log.read_table("events"), POSITIVES)
+    features = RequestFeatures(store)
+    first = features(split.validation)
+    again = features(split.validation.iloc[::-1].iloc[::-1])  # another frame, the same requests
+    assert len(features.cache) == 1
+    pd.testing.assert_frame_equal(first, again)
+    pd.testing.assert_frame_equal(first, user_features(store, split.validation))
+    features(split.requests)
+    assert len(features.cache) == 2

@@ -148,7 +148,8 @@ class RequestFeatures:
         if key not in self.cache:
             self.cache[key] = user_features(self.store, requests)
         frame = self.cache[key]
-        return pd.concat([requests.reset_index(drop=True), frame.drop(columns=list(requests.columns))], axis=1)
+        return pd.concat([requests.reset_index(drop=True), frame.drop(columns=list(requests.columns), errors="ignore")],
+                         axis=1)
 
 
 def model_scorer(model: ProfileModel, features: Callable[[pd.DataFrame], pd.DataFrame],
