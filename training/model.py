@@ -56,7 +56,7 @@ class ModelConfig:
     seq_layers: int = 2
     heads: int = 2
     dropout: float = 0.2
-    id_dropout: float = 0.2  # share of item ids hidden in each training step
+    id_dropout: float = 0.4  # share of item ids hidden in each training step (the text path must carry them)
     user_max_len: int = 32  # query tokens
     item_max_len: int = 64  # item-text tokens
 
