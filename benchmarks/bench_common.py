@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pandas as pd
 
@@ -44,3 +46,17 @@ def write_results(name: str, results: dict) -> None:
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     print(f"wrote {out}", file=sys.stderr)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, tries: int = 1200) -> bool:
+    """Poll ``url`` every 0.5 s until it answers 200 (True), the process exits or the tries run out."""
+    for _ in range(tries):
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.5)
+    return False

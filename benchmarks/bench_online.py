@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pandas as pd
-from bench_common import load_log, write_results
+from bench_common import load_log, wait_ready, write_results
 
 from eventlog.sources import normalise
 from eventlog.store import new_batch_id
@@ -137,15 +137,8 @@ def serve(ws: Path, port: int, log: Path) -> subprocess.Popen:
     proc = subprocess.Popen([str(BIN / "persona"), "serve", "--workspace", str(ws), "--host", "127.0.0.1", "--port",
                              str(port)], env=env, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-    for _ in range(2400):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
+    if wait_ready(proc, f"http://127.0.0.1:{port}/readyz", tries=2400):
+        return proc
     stop(proc)
     raise RuntimeError(f"persona serve did not start: {log.read_text()[-2000:]}")
 

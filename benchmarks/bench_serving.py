@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pandas as pd
-from bench_common import percentiles, write_results
+from bench_common import percentiles, wait_ready, write_results
 from tqdm import tqdm
 
 from eventlog.ingest import ingest
@@ -88,15 +88,8 @@ def free_port() -> int:
 
 def start(cmd: list[str], env: dict, ready: str, log: Path, cwd: Path = REPO) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    for _ in range(1200):  # a 10k-item catalogue is encoded before the service is ready
-        try:
-            if httpx.get(ready, timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
+    if wait_ready(proc, ready):  # a 10k-item catalogue is encoded before the service is ready
+        return proc
     proc.kill()
     raise RuntimeError(f"{cmd[0]} did not start: {log.read_text()[-2000:]}")
 

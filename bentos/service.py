@@ -489,8 +489,8 @@ class Persona:
     encoder = bentoml.depends(TextEncoder)
 
     def __init__(self) -> None:
+        from eventlog import tombstones
         from eventlog.store import EventLog
-        from eventlog.tombstones import erased_hashes
         from feature_repo.pipeline import stores
         from persona import config
 
@@ -506,7 +506,7 @@ class Persona:
         self.queries = QueryEncoder(lambda: self.encoder)
         self.ranker = self.rankers.build(*_load_model(str(self.model_ref.tag), self.rankers.device))
         self.watcher: asyncio.Task | None = None
-        self.erased_count = len(erased_hashes(log.engine))  # a new tombstone clears the caches (each tick)
+        self.erased_count = tombstones.count(log.engine)  # a new tombstone clears the caches (each tick)
 
     @bentoml.on_startup
     async def _start_watching(self) -> None:
@@ -539,9 +539,9 @@ class Persona:
     def _follow_erasures(self) -> None:
         """A new tombstone (``persona forget`` from the CLI, or another replica's /forget): drop the
         cached text vectors, which may hold an erased user's queries."""
-        from eventlog.tombstones import erased_hashes
+        from eventlog import tombstones
 
-        count = len(erased_hashes(self.history.log.engine))
+        count = tombstones.count(self.history.log.engine)
         if count != self.erased_count:
             privacy_routes.clear_caches(self)
             logger.info("caches cleared after an erasure (%d tombstones)", count)

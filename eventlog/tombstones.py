@@ -62,6 +62,13 @@ def complete(engine: sa.Engine, hashes: list[str]) -> None:
         conn.execute(tombstones.update().where(tombstones.c.id_hash.in_(hashes)).values(completed_at=now))
 
 
+def count(engine: sa.Engine) -> int:
+    """How many tombstones there are (a running service checks this on each tick)."""
+    ensure(engine)
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(tombstones)).scalar() or 0)
+
+
 def erased_hashes(engine: sa.Engine) -> set[str]:
     ensure(engine)
     with engine.connect() as conn:

@@ -94,7 +94,7 @@ class GateSettings:
     max_reject_share: float = 0.10
     clock_skew_minutes: float = 5.0
     on_schema_drift: str = "hold"
-    engine: str = "gx"  # "gx", or "pandas": the same suite evaluated in-process (small API batches)
+    engine: str = "gx"  # "gx", or "pandas" (the historical name): the same suite evaluated in process (API batches)
 
 
 class KnownIds:
@@ -145,59 +145,14 @@ def _can_fail(exp, frame: pd.DataFrame) -> bool:
     return bool(column.str.contains(INVALID_UTF8, regex=False).any())
 
 
-def _failing_rows(exp, data: pd.DataFrame, latest: pd.Timestamp) -> np.ndarray | None:
-    """Rows where one expectation fails, with GX's semantics; None for a type not handled here."""
-    kw = exp.configuration.kwargs
-    values = data[kw["column"]] if kw["column"] in data else pd.Series(pd.NA, index=data.index, dtype=object)
-    present = values.notna()
-    if exp.expectation_type == "expect_column_values_to_not_be_null":
-        bad = ~present
-        cond = kw.get("row_condition")
-        if cond is not None:
-            simple = isinstance(cond, dict) and cond.get("type") == "comparison"
-            if not simple or cond.get("operator") not in ("==", "!="):
-                return None
-            other = data[cond["column"]["name"]]
-            equal = (other == cond["parameter"]).fillna(False).astype(bool)
-            bad &= equal if cond["operator"] == "==" else ~equal  # pandas query: null != x holds
-        return bad.to_numpy()
-    if exp.expectation_type == "expect_column_value_lengths_to_be_between":
-        lengths = values[present].astype("string").str.len()
-        out = pd.Series(False, index=data.index)
-        if kw.get("max_value") is not None:
-            out.loc[lengths.index] |= (lengths > kw["max_value"]).to_numpy()
-        if kw.get("min_value") is not None:
-            out.loc[lengths.index] |= (lengths < kw["min_value"]).to_numpy()
-        return out.to_numpy()
-    if exp.expectation_type == "expect_column_values_to_not_match_regex":
-        return (present & values.astype("string").str.contains(kw["regex"], regex=True).fillna(False)).to_numpy()
-    if exp.expectation_type == "expect_column_values_to_be_in_set":
-        return (present & ~values.isin(kw["value_set"])).to_numpy()
-    if exp.expectation_type == "expect_column_values_to_be_unique":
-        return (present & values.duplicated(keep=False)).to_numpy()
-    if exp.expectation_type == "expect_column_values_to_be_between":
-        if kw.get("strict_min") or kw.get("strict_max"):
-            return None
-        bound = {k: latest if isinstance(kw.get(k), dict) else kw.get(k) for k in ("min_value", "max_value")}
-        bad = pd.Series(False, index=data.index)
-        if bound["max_value"] is not None:
-            bad |= present & (values > bound["max_value"]).fillna(False).astype(bool)
-        if bound["min_value"] is not None:
-            bad |= present & (values < bound["min_value"]).fillna(False).astype(bool)
-        return bad.to_numpy()
-    return None
-
-
-RECORD_PATH_MAX_ROWS = 64  # up to this many rows, the in-process engine checks plain Python records
-
-
 def _null(value) -> bool:
     return value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value)
 
 
 def _record_check(exp) -> Callable[[list[dict], pd.Timestamp], list[bool]] | None:
-    """One expectation as a function of the batch's records (GX's semantics, as ``_failing_rows``);
-    None for a type or row condition not handled here."""
+    """One expectation as a function of the batch's records, with GX's semantics (nulls pass value
+    rules; a row condition selects rows as ``DataFrame.query`` would, so ``null != x`` holds); None
+    for a type or row condition not handled here."""
     kw = dict(exp.configuration.kwargs)
     column, kind = kw["column"], exp.expectation_type
     if kind == "expect_column_values_to_not_be_null":
@@ -271,29 +226,18 @@ def _run_on_records(checks: list[tuple], data: pd.DataFrame, latest: pd.Timestam
 
 
 def run_suite_in_process(table: str, frame: pd.DataFrame, now: datetime, skew: timedelta) -> list[Violation] | None:
-    """The checked-in suite evaluated with pandas: the same rules, without GX's per-call overhead.
+    """The checked-in suite evaluated in process: the same rules, without GX's per-call overhead.
 
     GX costs a fixed ~80 ms per validation whatever the batch size, too slow for ``POST /events``.
-    This evaluates each expectation of the same suite with GX's semantics (nulls pass value rules,
-    a row condition selects rows as ``DataFrame.query`` would). Returns None when the suite holds an
+    Each expectation is compiled once into a check over the batch's records (0.5 ms for one event,
+    as fast as 28 vectorised pandas checks at 2,000 rows). Returns None when the suite holds an
     expectation this evaluator does not know, so the caller runs GX instead; tests check both give
     the same verdicts on the whole bad-input corpus.
     """
-    data = frame.reset_index(drop=True)
-    latest = pd.Timestamp(now + skew)
-    checks = _record_checks(table) if len(data) <= RECORD_PATH_MAX_ROWS else None
-    if checks is not None:  # a handful of rows: plain Python beats 28 rounds of pandas overhead
-        return _run_on_records(checks, data, latest)
-    out: list[Violation] = []
-    for exp in _suite(table).expectations:
-        failing = _failing_rows(exp, data, latest)
-        if failing is None:
-            return None
-        column, meta = exp.column, exp.meta or {}
-        for row in np.flatnonzero(failing):
-            value = data[column].iloc[row] if column in data else None
-            out.append(_violation(int(row), column, meta, exp.expectation_type, value))
-    return out
+    checks = _record_checks(table)
+    if checks is None:
+        return None
+    return _run_on_records(checks, frame.reset_index(drop=True), pd.Timestamp(now + skew))
 
 
 def run_suite(table: str, frame: pd.DataFrame, now: datetime, skew: timedelta) -> list[Violation]:
