@@ -439,8 +439,9 @@ def _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device
 
 Epochs = Annotated[int, typer.Option(min=1, help="Training epochs (early stopping may end sooner).")]
 BatchSize = Annotated[int, typer.Option(min=2)]
-Finetune = Annotated[int, typer.Option(help="Kept for compatibility: model v2 keeps BERT frozen (one pass per "
-                                             "distinct text) and trains adapters on its vectors.")]
+Finetune = Annotated[int | None, typer.Option(help="BERT's top layers to train, on cached states of the frozen "
+                                                    "layers below (default: 2 on a GPU, 0 on a CPU, where BERT "
+                                                    "stays frozen and only the adapters on its vectors train).")]
 MaxPositives = Annotated[int, typer.Option(help="Positives per epoch (0 = all): caps CPU time.")]
 Bert = Annotated[str | None, typer.Option(help="A Hugging Face BERT folder (default: packaged MiniLM).")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
@@ -477,7 +478,7 @@ def _print_metrics(metrics) -> None:
 
 @app.command("train")
 def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs: Epochs = 40,
-              batch_size: BatchSize = 256, finetune_layers: Finetune = 0, max_positives: MaxPositives = 100_000,
+              batch_size: BatchSize = 256, finetune_layers: Finetune = None, max_positives: MaxPositives = 100_000,
               bert: Bert = None, device: Device = "auto", splits: Splits = "loo",
               baselines: Annotated[bool, typer.Option(help="Train and report the baselines too.")] = True,
               refit: Annotated[bool, typer.Option(help="Refit on all data before saving (else the evaluated "
@@ -514,7 +515,7 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
 
 @app.command("evaluate")
 def evaluate_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs: Epochs = 40,
-                 batch_size: BatchSize = 256, finetune_layers: Finetune = 0, max_positives: MaxPositives = 100_000,
+                 batch_size: BatchSize = 256, finetune_layers: Finetune = None, max_positives: MaxPositives = 100_000,
                  bert: Bert = None, device: Device = "auto", splits: Splits = "loo",
                  models: Models = "default") -> None:
     """The ranking-quality protocol: model and baselines on the same temporal splits, with a report."""
@@ -642,7 +643,7 @@ def quickstart(
     features_materialize(workspace=workspace, profile=None, full=False)
     console.rule("4/6 train and evaluate against the baselines, save to the BentoML store")
     # The global split only, and the evaluated model saved without a refit: within minutes on two cores.
-    train_cmd(workspace=workspace, profile=None, epochs=40, batch_size=256, finetune_layers=0,
+    train_cmd(workspace=workspace, profile=None, epochs=40, batch_size=256, finetune_layers=None,
               max_positives=100_000, bert=None, device="auto", splits="global", baselines=True, refit=False,
               resume=False)
     console.rule("5/6 status")

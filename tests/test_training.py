@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +227,42 @@ def test_training_uses_cuda_when_present(trained_ws, tiny_bert, tmp_path):
     assert result["metrics"]["requests"].max() > 0
     model = refit(store, result["frame"], result["spec"], cfg, epochs=1, progress=False)
     assert model.device.type == "cuda"
+    assert model.cfg.finetune_layers == 2 and model.text_top is not None  # "auto" trains BERT's top layers here
     json.dumps(result["best_epochs"])
+
+
+def test_finetuned_top_layers_train_and_serve_as_saved(trained_ws, tiny_bert, tmp_path):
+    """k trained top layers over cached lower states: the same vectors as the whole BERT, only those
+    layers move, and the saved model serves (whole BERT, frozen) exactly what training scored."""
+    _, log, store = trained_ws
+    from training.train import train
+    from training.workflow import feature_spec
+
+    events, items = log.read_table("events"), log.read_table("items")
+    frame = dataset.fetch_features(store, dataset.build_examples(events, items, POSITIVES).head(600))
+    spec = feature_spec(store, frame)
+    catalogue = dataset.ItemCatalogue(store, items["item_id"].tolist(), frame["event_timestamp"], max_buckets=2)
+    base = ModelConfig(bert_path=tiny_bert, dim=8, hidden=16, embed_dim=4, seq_len=10)
+    texts = ["waterproof trail running shoes", "a mug", "", "waterproof trail running shoes"]
+    frozen = ProfileModel.build(replace(base, finetune_layers=0), spec)
+    model = ProfileModel.build(replace(base, finetune_layers=1), spec)
+    assert torch.allclose(model.encode_text(texts, 16), frozen.encode_text(texts, 16), atol=1e-5)
+
+    before = {n: p.detach().clone() for n, p in model.bert.named_parameters()}
+    cfg = TrainConfig(epochs=1, batch_size=32, device="cpu", patience=5, bert_lr=1e-2)
+    train(model, frame, catalogue, cfg, progress=False)
+    moved = {n for n, p in model.bert.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith("encoder.layer.1.") for n in moved)  # the top layer, nothing below
+    assert not torch.allclose(model.encode_text(texts, 16), frozen.encode_text(texts, 16), atol=1e-4)
+
+    model.save(tmp_path / "model")
+    served = ProfileModel.load(tmp_path / "model")
+    assert served.text_top is None and served.cfg.finetune_layers == 1
+    with torch.no_grad():
+        assert torch.allclose(served.item_vectors(catalogue.frames[0]), model.item_vectors(catalogue.frames[0]),
+                              atol=1e-4)
+        users = frame[frame["label"] == 1].head(20)
+        assert torch.allclose(served.user_vectors(users), model.user_vectors(users), atol=1e-4)
 
 
 def test_checkpoint_resume_and_grad_accumulation(trained_ws, tiny_bert, tmp_path):
@@ -278,3 +314,14 @@ def test_request_features_are_fetched_once_per_request_set(trained_ws):
     pd.testing.assert_frame_equal(first, user_features(store, split.validation))
     features(split.requests)
     assert len(features.cache) == 2
+
+
+def test_finetune_layers_default_by_device_and_catalogue(tiny_bert):
+    from training.model import FINETUNE_MAX_ITEMS, GPU_FINETUNE_LAYERS, resolve_finetune
+
+    auto = ModelConfig(bert_path=tiny_bert)
+    assert resolve_finetune(auto, "cpu", 100).finetune_layers == 0  # minutes on a laptop: BERT frozen
+    assert resolve_finetune(auto, "cuda", 100).finetune_layers == GPU_FINETUNE_LAYERS
+    assert resolve_finetune(auto, "cuda", FINETUNE_MAX_ITEMS + 1).finetune_layers == 0
+    assert resolve_finetune(replace(auto, use_text=False), "cuda", 100).finetune_layers == 0
+    assert resolve_finetune(replace(auto, finetune_layers=1), "cpu", 100).finetune_layers == 1  # asked for

@@ -9,9 +9,13 @@ each step is that item's vector from the item tower, its event type and the time
 an MLP with BERT's vectors of the live query and the recent queries and an MLP over the behaviour,
 personal and context features.
 
-BERT is frozen: each distinct text goes through it once and its mean-pooled vector is cached, and the
-adapters on top are trained. This keeps training to minutes on a CPU. The score is the cosine of the
-two vectors divided by a temperature; training is a full softmax over the catalogue.
+BERT's lower layers are frozen: each distinct text goes through them once and the result is cached.
+With ``finetune_layers`` 0 (the default on a CPU) that is the mean-pooled vector of the whole frozen
+BERT, and only the adapters on top train: minutes on a CPU. With k > 0 (the default on a GPU) the
+cache keeps the token states below the top k layers, and those k layers train with the towers, on
+every step, from the cache. The saved BERT holds the trained layers, so serving encodes with it as
+with any frozen BERT. The score is the cosine of the two vectors divided by a temperature; training
+is a full softmax over the catalogue.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import json
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,10 @@ from torch import nn
 MISSING = "<missing>"
 EVENT_TYPES = ("click", "add_to_cart", "purchase", "review", "view", "search")  # index 0 = padding / unknown
 GAP_BUCKETS = 24  # log2(hours since the step + 1) buckets
+
+
+GPU_FINETUNE_LAYERS = 2  # what "auto" trains on a GPU; a CPU keeps BERT frozen (minutes, not hours)
+FINETUNE_MAX_ITEMS = 20_000  # "auto" trains BERT layers up to this catalogue size: each step runs them over it
 
 
 def default_bert_path() -> str:
@@ -46,7 +54,7 @@ class ModelConfig:
     bert_path: str = field(default_factory=default_bert_path)  # any Hugging Face BERT folder or id
     dim: int = 64  # profile-vector size
     temperature: float = 0.07
-    finetune_layers: int = 0  # kept for compatibility: v2 trains adapters over cached frozen BERT vectors
+    finetune_layers: int | None = None  # BERT's top layers trained: None = GPU_FINETUNE_LAYERS on CUDA, 0 on a CPU
     use_text: bool = True  # False = no BERT at all (the "MLP tower, no text" baseline)
     use_ids: bool = True  # item-id embeddings
     use_sequence: bool = True  # the transformer over the user's engaged items
@@ -59,6 +67,16 @@ class ModelConfig:
     id_dropout: float = 0.4  # share of item ids hidden in each training step (the text path must carry them)
     user_max_len: int = 32  # query tokens
     item_max_len: int = 64  # item-text tokens
+
+
+def resolve_finetune(cfg: ModelConfig, device: torch.device | str, n_items: int = 0) -> ModelConfig:
+    """``cfg`` with ``finetune_layers`` decided for ``device`` and a catalogue of ``n_items`` (auto: the
+    top layers on CUDA up to ``FINETUNE_MAX_ITEMS`` items, else a frozen BERT)."""
+    if cfg.finetune_layers is not None:
+        return cfg
+    gpu = torch.device(device).type == "cuda" and cfg.use_text and n_items <= FINETUNE_MAX_ITEMS
+    layers = GPU_FINETUNE_LAYERS if gpu else 0
+    return replace(cfg, finetune_layers=layers)
 
 
 @dataclass
@@ -166,13 +184,38 @@ class Catalogue:
 
 
 @dataclass
+class TextStates:
+    """Cached token states of distinct texts (below BERT's trained top layers), and which text each row has.
+
+    Rows index the table, so selecting rows never copies the states: a batch runs the top layers over
+    the distinct texts it names.
+    """
+
+    states: torch.Tensor  # [D, T, H] padded token states
+    mask: torch.Tensor  # [D, T] 1 for a real token
+    rows: torch.Tensor  # [n] the text of each row
+
+    def __getitem__(self, idx) -> TextStates:
+        return TextStates(self.states, self.mask, self.rows[idx])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def to(self, device) -> TextStates:
+        return TextStates(self.states.to(device), self.mask.to(device), self.rows.to(device))
+
+
+Text = torch.Tensor | TextStates  # mean-pooled vectors (frozen BERT), or states for the trained top layers
+
+
+@dataclass
 class ItemInputs:
     """An item frame as tensors (built once per catalogue, reused every training step)."""
 
     ids: torch.Tensor
     numeric: torch.Tensor
     categorical: torch.Tensor
-    text: torch.Tensor | None
+    text: Text | None
 
     def to(self, device) -> ItemInputs:
         return ItemInputs(*(t.to(device) if t is not None else None for t in
@@ -185,8 +228,8 @@ class UserInputs:
 
     numeric: torch.Tensor
     categorical: torch.Tensor
-    query: torch.Tensor | None  # [n, H] BERT vectors (zeros when there is no text)
-    recent: torch.Tensor | None
+    query: Text | None  # [n, H] BERT vectors (zeros when there is no text), or their token states
+    recent: Text | None
     has_text: torch.Tensor  # [n, 2] 1 where the query / recent queries exist
     history: list[list[str]]
     types: torch.Tensor  # [n, seq_len] event-type indexes, left-padded with 0
@@ -328,6 +371,11 @@ class TextCache:
         self.tokenizer_lock = threading.Lock()
 
     def encode(self, texts: list[str], max_len: int) -> torch.Tensor:
+        found = self._lookup(texts, max_len)
+        return torch.stack([found[t] for t in texts]) if texts else torch.zeros(0, self.bert.config.hidden_size)
+
+    def _lookup(self, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
+        """Each distinct text's cached value, computing the missing ones in length-sorted chunks."""
         distinct = list(dict.fromkeys(texts))
         with self.lock:  # what is cached now: later evictions (by this call or another) cannot lose it
             found = {t: v for t in distinct if (v := self.vectors.get((t, max_len))) is not None}
@@ -342,44 +390,121 @@ class TextCache:
             for key in list(itertools.islice(self.vectors, max(0, overflow))):
                 del self.vectors[key]  # oldest first
         found.update(fresh)
-        return torch.stack([found[t] for t in texts]) if texts else torch.zeros(0, self.bert.config.hidden_size)
+        return found
 
-    @torch.no_grad()
-    def _forward(self, texts: list[str], max_len: int) -> torch.Tensor:
+    def _tokens(self, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
         device = next(self.bert.parameters()).device
         with self.tokenizer_lock:
             enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-        enc = {k: v.to(device) for k, v in enc.items()}
+        return {k: v.to(device) for k, v in enc.items()}
+
+    @torch.no_grad()
+    def _forward(self, texts: list[str], max_len: int) -> list[torch.Tensor]:
+        enc = self._tokens(texts, max_len)
         hidden = self.bert(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)).float().cpu()
+        return list(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)).float().cpu())
 
 
-_TEXT_CACHES: dict[str, TextCache] = {}
+class TokenStateCache(TextCache):
+    """The token states that enter BERT's top ``top`` layers, one forward pass per distinct text.
+
+    The layers below stay frozen, so these states never change while the top layers train; they stay
+    on BERT's device (bfloat16 on CUDA: half the memory).
+    """
+
+    def __init__(self, bert: nn.Module, tokenizer, top: int):
+        super().__init__(bert, tokenizer)
+        self.top = top
+
+    def encode(self, texts: list[str], max_len: int) -> TextStates:
+        found = self._lookup(texts, max_len)
+        distinct = list(dict.fromkeys(texts))
+        width = max((len(found[t]) for t in distinct), default=1)
+        hidden = self.bert.config.hidden_size
+        sample = next(iter(found.values()), torch.zeros(0))
+        states = torch.zeros(len(distinct), width, hidden, dtype=sample.dtype, device=sample.device)
+        mask = torch.zeros(len(distinct), width, dtype=torch.long, device=sample.device)
+        for k, t in enumerate(distinct):
+            states[k, :len(found[t])] = found[t]
+            mask[k, :len(found[t])] = 1
+        where = {t: k for k, t in enumerate(distinct)}
+        return TextStates(states, mask, torch.tensor([where[t] for t in texts], dtype=torch.long,
+                                                     device=sample.device))
+
+    @torch.no_grad()
+    def _forward(self, texts: list[str], max_len: int) -> list[torch.Tensor]:
+        enc = self._tokens(texts, max_len)
+        was_training = self.bert.training
+        self.bert.eval()  # no dropout in what is cached
+        try:
+            states = self.bert(**enc, output_hidden_states=True).hidden_states[-1 - self.top]
+        finally:
+            self.bert.train(was_training)
+        dtype = torch.bfloat16 if states.device.type == "cuda" else torch.float32
+        lengths = enc["attention_mask"].sum(1).tolist()
+        return [states[k, :n].to(dtype) for k, n in enumerate(lengths)]
+
+
+class TextTop(nn.Module):
+    """BERT's top layers over cached token states, then the mean over real tokens (BERT's own pooling
+    for sentence vectors): what the full BERT gives, with gradients into those layers only."""
+
+    def __init__(self, layers: Sequence[nn.Module]):
+        super().__init__()
+        self._layers = list(layers)  # BERT's own layers (not registered twice): they are saved with BERT
+
+    def forward(self, text: TextStates) -> torch.Tensor:
+        used, inverse = torch.unique(text.rows, return_inverse=True)
+        mask = text.mask[used]
+        keep = mask.any(0)  # drop columns that are padding for every text in use
+        mask = mask[:, keep]
+        dtype = next(self._layers[0].parameters()).dtype
+        hidden = text.states[used][:, keep].to(dtype)
+        blocked = (1.0 - mask[:, None, None, :].to(dtype)) * -1e4  # BERT's own additive mask: finite in bfloat16
+        for layer in self._layers:
+            out = layer(hidden, attention_mask=blocked)
+            hidden = out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return pooled.float()[inverse]
+
+
+_TEXT_CACHES: dict[tuple[str, int], TextCache] = {}
 _TEXT_CACHES_LOCK = threading.Lock()
 
 
-def _shared_text_cache(bert_path: str, bert: nn.Module, tokenizer) -> TextCache:
-    """One cache per BERT in a process: the model variants and the refit reuse each other's vectors."""
+def _shared_text_cache(bert_path: str, bert: nn.Module, tokenizer, top: int = 0) -> TextCache:
+    """One cache per BERT (and number of trained top layers) in a process: the model variants and the
+    refit reuse each other's vectors or states. The layers a cache runs are frozen in every model that
+    shares it, so whose BERT computes them does not matter."""
     with _TEXT_CACHES_LOCK:
-        if bert_path not in _TEXT_CACHES:
-            _TEXT_CACHES[bert_path] = TextCache(bert, tokenizer)
-        return _TEXT_CACHES[bert_path]
+        if (bert_path, top) not in _TEXT_CACHES:
+            _TEXT_CACHES[bert_path, top] = TokenStateCache(bert, tokenizer, top) if top else TextCache(bert, tokenizer)
+        return _TEXT_CACHES[bert_path, top]
 
 
 class ProfileModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, spec: FeatureSpec, bert: nn.Module | None = None, tokenizer=None):
+    def __init__(self, cfg: ModelConfig, spec: FeatureSpec, bert: nn.Module | None = None, tokenizer=None,
+                 finetune: int | None = None):
+        """``finetune``: BERT's top layers to train (default ``cfg.finetune_layers``; 0 = frozen BERT)."""
         super().__init__()
         self.cfg = cfg
         self.spec = spec
         self.tokenizer = tokenizer
         self.bert = bert
         text_dim = bert.config.hidden_size if (bert is not None and cfg.use_text) else None
+        top = min(int(cfg.finetune_layers or 0) if finetune is None else finetune,
+                  bert.config.num_hidden_layers if bert is not None else 0) if text_dim else 0
         if bert is not None:
             bert.eval()
             for p in bert.parameters():
                 p.requires_grad = False
-        self.texts = _shared_text_cache(cfg.bert_path, bert, tokenizer) if text_dim else None
+        self.text_top = TextTop(bert.encoder.layer[-top:]) if top else None
+        if self.text_top is not None:
+            for p in itertools.chain.from_iterable(layer.parameters() for layer in self.text_top._layers):
+                p.requires_grad = True
+        self.texts = _shared_text_cache(cfg.bert_path, bert, tokenizer, top) if text_dim else None
         self.user_tower = UserTower(spec, cfg, text_dim)
         self.item_tower = ItemTower(spec, cfg, text_dim)
 
@@ -408,17 +533,36 @@ class ProfileModel(nn.Module):
         super().train(mode)
         if self.bert is not None:
             self.bert.eval()  # frozen: no dropout in the cached vectors
+        if self.text_top is not None:
+            for layer in self.text_top._layers:
+                layer.train(mode)
         return self
 
     def encode_text(self, texts: list[str], max_len: int) -> torch.Tensor | None:
-        """Frozen BERT's vectors of ``texts`` (cached by text); None without text."""
+        """BERT's mean-pooled vectors of ``texts`` (the frozen part cached by text); None without text."""
+        return self.text_vectors(self.text_inputs(texts, max_len))
+
+    def text_inputs(self, texts: list[str], max_len: int) -> Text | None:
+        """What the towers take for ``texts``: vectors of a frozen BERT, or the token states that the
+        trained top layers turn into vectors inside the forward pass."""
         if self.texts is None:
             return None
         return self.texts.encode(texts, max_len)
 
+    def text_vectors(self, text: Text | None) -> torch.Tensor | None:
+        if isinstance(text, TextStates):
+            return self.text_top(text.to(self.device))
+        return text
+
+    def with_text_vectors(self, inputs: ItemInputs | UserInputs) -> ItemInputs | UserInputs:
+        """``inputs`` with any token states run through the trained top layers (with gradients)."""
+        if isinstance(inputs, ItemInputs):
+            return replace(inputs, text=self.text_vectors(inputs.text))
+        return replace(inputs, query=self.text_vectors(inputs.query), recent=self.text_vectors(inputs.recent))
+
     # --- inputs -------------------------------------------------------------------------------
     def item_inputs(self, frame: pd.DataFrame) -> ItemInputs:
-        text = self.encode_text(item_text(frame), self.cfg.item_max_len)
+        text = self.text_inputs(item_text(frame), self.cfg.item_max_len)
         return ItemInputs(self.spec.item_id_index(frame["item_id"].astype(str)),
                           self.spec.numeric(frame, self.spec.item_numeric),
                           self.spec.categorical(frame, self.spec.item_categorical), text)
@@ -427,11 +571,13 @@ class ProfileModel(nn.Module):
         """``text``: the rows' ``user_text`` already encoded (by the serving encoder), else encoded here."""
         texts = user_text(frame)
         if text is None:
-            text = self.encode_text(texts, self.cfg.user_max_len)
+            text = self.text_inputs(texts, self.cfg.user_max_len)
         has = torch.tensor([[bool(texts[2 * r]), bool(texts[2 * r + 1])] for r in range(len(frame))],
                            dtype=torch.float32).reshape(len(frame), 2)
         query = recent = None
-        if text is not None:
+        if isinstance(text, TextStates):
+            query, recent = text[0::2], text[1::2]
+        elif text is not None:
             text = text.float().cpu().reshape(len(frame), 2, -1)
             query, recent = text[:, 0], text[:, 1]
         history, types, gaps = self._sequences(frame)
@@ -463,11 +609,11 @@ class ProfileModel(nn.Module):
 
     # --- towers -------------------------------------------------------------------------------
     def item_vectors(self, frame: pd.DataFrame) -> torch.Tensor:
-        return self.item_tower(self.item_inputs(frame).to(self.device))
+        return self.item_tower(self.with_text_vectors(self.item_inputs(frame).to(self.device)))
 
     def user_vectors(self, frame: pd.DataFrame, text: torch.Tensor | None = None,
                      catalogue: Catalogue | None = None) -> torch.Tensor:
-        return self.user_tower(self.user_inputs(frame, text).to(self.device), catalogue)
+        return self.user_tower(self.with_text_vectors(self.user_inputs(frame, text).to(self.device)), catalogue)
 
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Cosine over the temperature: what training optimises and serving ranks by."""
@@ -487,6 +633,8 @@ class ProfileModel(nn.Module):
 
     @classmethod
     def load(cls, folder: Path, device: str = "cpu") -> ProfileModel:
+        """The saved model, to serve: its BERT (trained top layers included) runs frozen, whole, with
+        pooled vectors cached per text, which is what the trained top layers computed."""
         from transformers import AutoModel, AutoTokenizer
 
         meta = json.loads((folder / "model.json").read_text())
@@ -499,7 +647,7 @@ class ProfileModel(nn.Module):
             bert = AutoModel.from_pretrained(folder / "bert")
             tok = AutoTokenizer.from_pretrained(folder / "bert")
             cfg.bert_path = str(folder / "bert")
-        model = cls(cfg, spec, bert, tok)
+        model = cls(cfg, spec, bert, tok, finetune=0)
         model.load_state_dict(torch.load(folder / "towers.pt", map_location=device), strict=False)
         return model.to(device).eval()
 

@@ -2,7 +2,8 @@
 
 Loss: each positive against the whole catalogue (full softmax; sampled above ``max_softmax_items``),
 weighted by its event type. bfloat16 autocast and CUDA when present, gradient accumulation, seeds,
-checkpoint and resume, early stopping on validation NDCG@10, and a progress bar with the loss.
+checkpoint and resume, early stopping on validation NDCG@10, and a progress bar with the loss. Where
+BERT's top layers train (``ModelConfig.finetune_layers``), they run from cached states on every step.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class TrainConfig:
     epochs: int = 40  # at most: early stopping on validation NDCG@10 (or max_seconds) ends it sooner
     batch_size: int = 256
     lr: float = 2e-3
+    bert_lr: float = 5e-5  # BERT's trained top layers (``finetune_layers`` > 0): pretrained weights move slowly
     weight_decay: float = 0.01
     grad_accum: int = 1
     max_positives: int | None = 100_000  # per epoch: caps CPU time on big logs
@@ -79,8 +81,7 @@ def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
     users.history_rows = history_rows(users.history, index, model.cfg.seq_len)  # the same rows in every bucket
     lengths = (users.history_rows > 0).sum(1).numpy()
     items = {int(b): model.item_inputs(catalogue.frames[b]).to(device) for b in np.unique(buckets)}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = cfg.amp and device.type == "cuda"
     ckpt = Path(cfg.checkpoint_dir) / "checkpoint.pt" if cfg.checkpoint_dir else None
     start_epoch, best, best_state, stale = 0, -1.0, None, 0
@@ -141,6 +142,13 @@ def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
     return model.eval()
 
 
+def _param_groups(model: ProfileModel, cfg: TrainConfig) -> list[dict]:
+    """The towers at ``lr``; BERT's trained top layers, if any, at ``bert_lr``."""
+    towers = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("bert.")]
+    bert = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("bert.")]
+    return [{"params": towers}] + ([{"params": bert, "lr": cfg.bert_lr}] if bert else [])
+
+
 def _batches(buckets: np.ndarray, lengths: np.ndarray, size: int, cap: int | None,
              rng: np.random.Generator) -> list:
     """Shuffled batches of positive rows, each from one catalogue bucket and of similar history length
@@ -158,8 +166,8 @@ def _loss(model: ProfileModel, users: UserInputs, items: ItemInputs, catalogue: 
           targets: torch.Tensor, weights: torch.Tensor, max_softmax_items: int) -> torch.Tensor:
     """Weighted cross-entropy of each target against the catalogue (a full softmax while it fits; else
     the targets plus a uniform sample, whose constant logQ correction cancels)."""
-    vectors = model.item_tower(items)
-    user = model.user_tower(users, Catalogue(index, vectors))
+    vectors = model.item_tower(model.with_text_vectors(items))
+    user = model.user_tower(model.with_text_vectors(users), Catalogue(index, vectors))
     if len(vectors) > max_softmax_items:
         sample = torch.randint(0, len(vectors), (max_softmax_items,), device=vectors.device)
         candidates = torch.cat([targets, sample])

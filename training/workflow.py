@@ -30,7 +30,7 @@ from training.baselines import (
     sequential_scorer,
 )
 from training.evaluate import Split, evaluate_scorers, global_split, last_per_user_split, ndcg_at_10, seen_before
-from training.model import Catalogue, FeatureSpec, ModelConfig, ProfileModel, in_batches, item_text
+from training.model import Catalogue, FeatureSpec, ModelConfig, ProfileModel, in_batches, item_text, resolve_finetune
 from training.train import TrainConfig, config_dict, pick_device, seed_everything, train
 
 MODEL_NAME = "persona-profile"
@@ -284,9 +284,10 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
     Per split, the model's statistics and vocabularies are fitted on its training rows only.
     """
     item_ids = items["item_id"].astype(str).tolist()
-    variants = {MODEL_ROWS["persona"]: cfg.model, MODEL_ROWS["mlp"]: replace(cfg.model, use_text=False),
-                MODEL_ROWS["no-ids"]: replace(cfg.model, use_ids=False),
-                MODEL_ROWS["no-sequence"]: replace(cfg.model, use_sequence=False)}
+    model_cfg = resolve_finetune(cfg.model, pick_device(cfg.train.device), len(item_ids))
+    variants = {MODEL_ROWS["persona"]: model_cfg, MODEL_ROWS["mlp"]: replace(model_cfg, use_text=False),
+                MODEL_ROWS["no-ids"]: replace(model_cfg, use_ids=False),
+                MODEL_ROWS["no-sequence"]: replace(model_cfg, use_sequence=False)}
     variants = {name: variants[name] for key, name in MODEL_ROWS.items() if name in variants and cfg.wants(key)}
     stage = Stages(progress)
     frame = None
@@ -311,8 +312,8 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
                 labelled = frame["kind"].isin(["positive", "exposure"])
                 test_rows = frame[labelled & ~frame.index.isin(split.before(frame, split.test_cut).index)].head(5000)
         if cfg.wants("frozen"):
-            scorers[MODEL_ROWS["frozen"]] = frozen_text_scorer(ProfileModel.build(cfg.model, spec), features,
-                                                                  catalogue)
+            frozen = ProfileModel.build(replace(cfg.model, finetune_layers=0), spec)  # a baseline: BERT as shipped
+            scorers[MODEL_ROWS["frozen"]] = frozen_text_scorer(frozen, features, catalogue)
         with stage("catalogue as of each training row"):
             train_catalogue = dataset.ItemCatalogue(store, item_ids, fit_frame["event_timestamp"]) if variants else None
         for name, mcfg in variants.items():
@@ -358,13 +359,14 @@ def refit(store, frame: pd.DataFrame, spec: FeatureSpec, cfg: RunConfig, epochs:
     catalogue = dataset.ItemCatalogue(store, item_ids, frame["event_timestamp"])
     if start is not None:
         tcfg = replace(cfg.train, epochs=REFIT_EPOCHS, patience=REFIT_EPOCHS + 1, history=[],
-                       lr=cfg.train.lr * cfg.train.plateau_decay)
+                       lr=cfg.train.lr * cfg.train.plateau_decay, bert_lr=cfg.train.bert_lr * cfg.train.plateau_decay)
         model = ProfileModel.build(start.cfg, start.spec).to(pick_device(tcfg.device))
         model.load_state_dict(start.state_dict())
         return train(model, frame, catalogue, tcfg, None, progress)
     tcfg = replace(cfg.train, epochs=max(1, epochs), patience=epochs + 1, history=[])
     seed_everything(tcfg.seed)
-    model = ProfileModel.build(cfg.model, spec).to(pick_device(tcfg.device))
+    device = pick_device(tcfg.device)
+    model = ProfileModel.build(resolve_finetune(cfg.model, device, len(item_ids)), spec).to(device)
     return train(model, frame, catalogue, tcfg, None, progress)
 
 
