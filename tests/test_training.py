@@ -139,6 +139,36 @@ def test_train_evaluate_refit_and_bentoml_roundtrip(trained_ws, tiny_bert, tmp_p
     assert str(tag) in listed.stdout
 
 
+def test_workflow_with_trained_bert_layers(trained_ws, tiny_bert, tmp_path, monkeypatch):
+    """Evaluation, warm refit and the BentoML round trip with BERT's top layer trained (the GPU default,
+    here on a CPU): the refit moves that layer further, and the stored model scores as trained."""
+    _, log, store = trained_ws
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    events, items = log.read_table("events"), log.read_table("items")
+    cfg = _run_cfg(tiny_bert, splits=("loo",))
+    cfg.model.finetune_layers, cfg.models, cfg.train.bert_lr = 1, ("persona", "frozen", "popularity"), 1e-2
+    result = run(store, events, items, POSITIVES, cfg, tmp_path / "report", progress=False)
+    assert {PERSONA, "frozen BERT, no training"} <= set(result["metrics"]["model"])
+    evaluated = result["model"]
+    assert evaluated.cfg.finetune_layers == 1 and evaluated.text_top is not None
+    top = "bert.encoder.layer.1.output.dense.weight"
+    before = evaluated.state_dict()[top].clone()
+    warm = refit(store, result["frame"], result["spec"], cfg, epochs=1, progress=False, start=evaluated)
+    assert torch.equal(evaluated.state_dict()[top], before) and not torch.equal(warm.state_dict()[top], before)
+
+    tag = save_to_bentoml(warm, store, result["metrics"], events, cfg)
+    loaded, _, _ = load_from_bentoml(str(tag.version))
+    frame = result["frame"].head(30)
+    catalogue = dataset.ItemCatalogue(store, items["item_id"].tolist(), frame["event_timestamp"], max_buckets=1)
+    with torch.no_grad():
+        for model in (warm, loaded):
+            model.eval()
+        vectors = [m.item_vectors(catalogue.frames[0]) for m in (warm, loaded)]
+        users = [m.user_vectors(frame, catalogue=Catalogue({i: k for k, i in enumerate(catalogue.item_ids)}, v))
+                 for m, v in zip((warm, loaded), vectors, strict=True)]
+    assert torch.allclose(vectors[0], vectors[1], atol=1e-4) and torch.allclose(users[0], users[1], atol=1e-4)
+
+
 def test_cli_train_and_recommend(trained_ws, tiny_bert, tmp_path, monkeypatch):
     ws, log, _ = trained_ws
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
@@ -325,3 +355,17 @@ def test_finetune_layers_default_by_device_and_catalogue(tiny_bert):
     assert resolve_finetune(auto, "cuda", FINETUNE_MAX_ITEMS + 1).finetune_layers == 0
     assert resolve_finetune(replace(auto, use_text=False), "cuda", 100).finetune_layers == 0
     assert resolve_finetune(replace(auto, finetune_layers=1), "cpu", 100).finetune_layers == 1  # asked for
+
+
+def test_categorical_text_is_the_same_for_one_row_and_many():
+    """Serving converts a one-row frame value by value; training, column-wise. Same vocabulary keys."""
+    from training.model import SMALL_FRAME, _as_text
+
+    values = ["app", None, float("nan"), 3, 2.5, True, pd.NA, "web", np.int64(7), np.float64(1.0)]
+    for dtype in (object, "string"):
+        column = pd.Series(values if dtype is object else [v if isinstance(v, str) or v is None else None
+                                                           for v in values], dtype=dtype)
+        big = pd.concat([column] * (SMALL_FRAME // len(values) + 1), ignore_index=True)
+        assert len(big) > SMALL_FRAME
+        assert _as_text(big, len(big))[:len(values)] == _as_text(column, len(column))
+    assert _as_text(None, 2) == ["<missing>", "<missing>"]

@@ -122,8 +122,7 @@ class FeatureSpec:
         out = np.zeros((len(frame), len(cols)), dtype=np.int64)
         for j, col in enumerate(cols):
             index = self._index(col)  # 0 = unknown
-            values = frame[col].astype("string").fillna(MISSING) if col in frame else pd.Series([MISSING] * len(frame))
-            out[:, j] = [index.get(v, 0) for v in values]
+            out[:, j] = [index.get(v, 0) for v in _as_text(frame.get(col), len(frame))]
         return torch.from_numpy(out)
 
     def item_id_index(self, ids) -> torch.Tensor:
@@ -141,6 +140,25 @@ class FeatureSpec:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
+
+SMALL_FRAME = 64  # rows up to which a column is converted value by value (serving's one-row frames)
+
+
+def _as_text(column: pd.Series | None, n: int) -> list[str]:
+    """A categorical column as the vocabulary's text (``MISSING`` for a null), as pandas' ``string``
+    dtype writes it. Value by value for a few rows: pandas' per-column conversion cost most of a
+    one-row request's input frame."""
+    if column is None:
+        return [MISSING] * n
+    if n > SMALL_FRAME:
+        return column.astype("string").fillna(MISSING).tolist()
+    return [MISSING if _null(v) else v if isinstance(v, str) else str(pd.array([v], dtype="string")[0])
+            for v in column.tolist()]
+
+
+def _null(value) -> bool:
+    return value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value)
 
 
 def _signed_log(x: np.ndarray) -> np.ndarray:
