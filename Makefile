@@ -32,6 +32,7 @@ bench: install services
 	$(BIN)/python benchmarks/bench_features.py
 	$(BIN)/python benchmarks/bench_training.py
 	cd benchmarks && ../$(BIN)/python bench_serving.py
+	cd benchmarks && ../$(BIN)/python bench_user_tower.py
 	cd benchmarks && ../$(BIN)/python bench_online.py
 
 lint: install

@@ -344,9 +344,9 @@ class UserTower(nn.Module):
         device = catalogue.vectors.device
         rows = x.history_rows if x.history_rows is not None else history_rows(x.history, catalogue.index, length)
         rows = rows.to(device)
-        table = torch.cat([torch.zeros(1, self.cfg.dim, device=device, dtype=catalogue.vectors.dtype),
-                           catalogue.vectors])
-        steps = table[rows] + self.types(x.types * (rows > 0)) + self.gaps(x.gaps * (rows > 0))
+        known = rows > 0  # row 0 is padding: a zero vector (gathered, not a copy of the whole catalogue)
+        items = catalogue.vectors[(rows - 1).clamp(min=0)] * known.unsqueeze(-1).to(catalogue.vectors.dtype)
+        steps = items + self.types(x.types * known) + self.gaps(x.gaps * known)
         tokens = torch.cat([self.start.expand(n, 1, -1), steps], dim=1) + self.positions.weight[None, :length + 1]
         pad = torch.cat([torch.zeros(n, 1, dtype=torch.bool, device=device), rows == 0], dim=1)
         keep = (~pad).sum(0) > 0  # drop columns that are padding in every row: short histories cost less
@@ -545,7 +545,8 @@ class ProfileModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(p for n, p in self.named_parameters() if not n.startswith("bert.")).device
+        """Where the towers are (one parameter's device: walking every parameter cost a request 0.3 ms)."""
+        return self.user_tower.norm.weight.device
 
     def train(self, mode: bool = True) -> ProfileModel:
         super().train(mode)
