@@ -163,3 +163,63 @@ def test_duplicate_column_in_a_frame_is_structural():
     frame = pd.DataFrame([["u1", "u2", 30]], columns=["user_id", "user_id", "age"])
     with pytest.raises(StructuralError, match=r"request: column 'user_id' appears more than once"):
         normalise("users", frame, "request")
+
+
+BASE_EVENT = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "event_type": "click",
+              "event_timestamp": "2026-11-26T07:52:18Z", "device": "app", "channel": "direct"}
+ONE_RECORD_CASES = [
+    ("events", {}),
+    ("events", {"event_id": None}),  # the stable hash
+    ("events", {"event_id": "  e2 ", "device": "", "channel": None}),  # stripped; empty is null
+    ("events", {"event_timestamp": "2026-11-26T07:52:18"}),  # naive: read as UTC, with a note
+    ("events", {"event_timestamp": "2026-11-26 07:52:18.123456+08:00"}),
+    ("events", {"event_timestamp": "2026-11-26T07:52+05:30"}),
+    ("events", {"event_timestamp": "2026-11-26"}),
+    ("events", {"event_timestamp": " 2026-11-26T07:52:18.5Z "}),
+    ("events", {"event_timestamp": "2026-11-26T07:52:18+0800"}),  # the general path's spellings from here on
+    ("events", {"event_timestamp": "2026-11-26T07:52:18z"}),
+    ("events", {"event_timestamp": "2026-11-26T07:52:18.123456789Z"}),
+    ("events", {"event_timestamp": "1500-01-01T00:00:00Z"}),
+    ("events", {"event_timestamp": "26/11/2026 07:52"}),
+    ("events", {"event_timestamp": "not a time"}),
+    ("events", {"event_type": "purchase", "value": 12, "rating": 4.5}),
+    ("events", {"event_type": "purchase", "value": 9.99}),
+    ("events", {"event_type": "purchase", "value": float("nan")}),
+    ("events", {"event_type": "purchase", "value": float("inf")}),
+    ("events", {"event_type": "purchase", "value": True}),
+    ("events", {"event_type": "purchase", "value": "12.5"}),
+    ("events", {"event_type": "purchase", "value": 2**60}),
+    ("events", {"event_type": "search", "item_id": None, "query": "  red shoes "}),
+    ("events", {"user_id": 42}),
+    ("events", {"coupon": "X1"}),  # outside the contract
+    ("events", {"coupon": {"code": "X1"}}),
+    ("users", {"user_id": "u1", "age": 31, "signup_timestamp": "2020-01-02T03:04:05Z", "gender": "f"}),
+    ("users", {"user_id": "u1", "age": 31.5}),
+    ("users", {"user_id": "u1", "age": 31.0}),
+]
+
+
+@pytest.mark.parametrize("table,fields", ONE_RECORD_CASES)
+def test_one_record_normalises_as_a_frame_would(table, fields):
+    """``POST /events`` sends one record; its fast path must give what the general path gives."""
+    from eventlog.sources import _records_frame, normalise
+
+    record = {**BASE_EVENT, **fields} if table == "events" else fields
+    general = normalise(table, _records_frame(table, [record]), "request")  # the general path, as before
+    fast = normalise(table, [record], "request")
+    pd.testing.assert_frame_equal(fast.frame, general.frame)
+    pd.testing.assert_frame_equal(fast.raw, general.raw)
+    assert (fast.present, list(fast.row_numbers), fast.issues, fast.notes) == (
+        general.present, list(general.row_numbers), general.issues, general.notes)
+
+
+def test_plain_records_take_the_fast_path():
+    from eventlog.sources import _single_record
+
+    plain = [{**BASE_EVENT, **fields} for _, fields in ONE_RECORD_CASES[:8]] + [
+        {**BASE_EVENT, "event_type": "purchase", "value": 12, "rating": 4.5}]
+    assert all(_single_record("events", [r], "request") is not None for r in plain)  # the usual spellings
+    assert _single_record("users", [ONE_RECORD_CASES[-3][1]], "request") is not None
+    for odd in ({"value": float("nan")}, {"value": True}, {"coupon": "X1"}, {"user_id": 42},
+                {"event_timestamp": "26/11/2026 07:52"}):
+        assert _single_record("events", [{**BASE_EVENT, **odd}], "request") is None  # the general path
