@@ -50,6 +50,7 @@ N_FRESH = int(os.environ.get("BENCH_FRESH_EVENTS", 200))
 N_PUSH = int(os.environ.get("BENCH_PUSH_EVENTS", 30))  # per history length
 N_RANK = int(os.environ.get("BENCH_REQUESTS", 500))
 HISTORY = tuple(int(h) for h in os.environ.get("BENCH_HISTORY", "10,100,1000,10000").split(","))
+WINDOW_DAYS, YEAR_DAYS = 29, 365  # history spans: all inside the 30-day window, or a year of it
 REFRESH_SECONDS = float(os.environ.get("BENCH_REFRESH_SECONDS", 5))  # the service's refresh tick
 FRESH_USERS = 8
 REPO = Path(__file__).resolve().parents[1]
@@ -57,22 +58,30 @@ BIN = Path(sys.executable).parent
 
 
 # --- the workspace -------------------------------------------------------------------------------------
-def history_user(n: int) -> str:
-    return f"hist{n:06d}"
+def history_user(n: int, days: int = WINDOW_DAYS) -> str:
+    return f"hist{n:06d}" if days == WINDOW_DAYS else f"hist{n:06d}d{days}"
+
+
+def history_spans() -> list[tuple[int, int]]:
+    """(events, days) of each history user: every ``HISTORY`` length within the window, and the
+    longest one again over a year (most of it older than the window, as a long-time customer's)."""
+    return [(n, WINDOW_DAYS) for n in HISTORY] + [(HISTORY[-1], YEAR_DAYS)]
 
 
 def with_history_users(shop: dict[str, pd.DataFrame], end: pd.Timestamp, seed: int = 3) -> dict[str, pd.DataFrame]:
-    """The shop plus one user per ``HISTORY`` length, whose events (views, some clicks and carts, a
-    few purchases) spread over the 29 days before ``end``: all inside the push's 30-day window."""
+    """The shop plus one user per history span (``history_spans``), whose events (views, some clicks
+    and carts, a few purchases) spread over the days before ``end``."""
     rng = np.random.default_rng(seed)
     users, events = shop["users"], shop["events"]
-    extra_users = pd.concat([users.iloc[[0]].assign(user_id=history_user(n)) for n in HISTORY], ignore_index=True)
+    extra_users = pd.concat([users.iloc[[0]].assign(user_id=history_user(n, d)) for n, d in history_spans()],
+                            ignore_index=True)
     parts = []
-    for n in HISTORY:
-        seconds = np.sort(rng.uniform(0, 29 * 86400, n))
+    for n, days in history_spans():
+        seconds = np.sort(rng.uniform(0, days * 86400, n))
         parts.append(pd.DataFrame({
-            "event_id": [f"h{n}-{i:06d}" for i in range(n)], "user_id": history_user(n),
-            "event_timestamp": end - pd.to_timedelta(29 * 86400 - seconds, unit="s"),
+            "event_id": [f"h{n}-{days}-{i:06d}" if days != WINDOW_DAYS else f"h{n}-{i:06d}" for i in range(n)],
+            "user_id": history_user(n, days),
+            "event_timestamp": end - pd.to_timedelta(days * 86400 - seconds, unit="s"),
             "event_type": rng.choice(["view", "click", "add_to_cart", "purchase"], n, p=[0.7, 0.2, 0.07, 0.03]),
             "item_id": rng.choice(shop["items"]["item_id"].to_numpy(), n), "device": "app", "channel": "direct",
             "session_id": [f"hs{n}-{i // 20}" for i in range(n)]}).reindex(columns=events.columns))
@@ -237,16 +246,20 @@ def server_lines(log: Path, *needles: str) -> list[str]:
 
 
 def push_by_history(client: httpx.Client, items: list[str], run: str) -> dict:
-    """``POST /events`` (one click) for users with each ``HISTORY`` length of events, interleaved."""
-    samples: dict[int, list[float]] = {n: [] for n in HISTORY}
-    for n in HISTORY:  # warm-up, not counted
-        post_event(client, click(history_user(n), items[0], f"{run}-warm-{n}"))
+    """``POST /events`` (one click) for users with each history span, interleaved."""
+    spans = history_spans()
+    samples: dict[tuple[int, int], list[float]] = {span: [] for span in spans}
+    for n, days in spans:  # warm-up, not counted
+        post_event(client, click(history_user(n, days), items[0], f"{run}-warm-{n}-{days}"))
     for i in range(N_PUSH):
-        for n in HISTORY:
-            samples[n].append(post_event(client, click(history_user(n), items[i % len(items)], f"{run}-h{n}-{i}")))
-    out = {str(n): stats(s) for n, s in samples.items()}
+        for n, days in spans:
+            samples[n, days].append(post_event(client, click(history_user(n, days), items[i % len(items)],
+                                                             f"{run}-h{n}-{days}-{i}")))
+    out = {str(n) if days == WINDOW_DAYS else f"{n} over {days} days": stats(s) for (n, days), s in samples.items()}
     first, last = out[str(HISTORY[0])]["p50_ms"], out[str(HISTORY[-1])]["p50_ms"]
-    return {"by_history_events": out, f"p50_ratio_{HISTORY[-1]}_to_{HISTORY[0]}": round(last / first, 2)}
+    year = out[f"{HISTORY[-1]} over {YEAR_DAYS} days"]["p50_ms"]
+    return {"by_history_events": out, f"p50_ratio_{HISTORY[-1]}_to_{HISTORY[0]}": round(last / first, 2),
+            f"p50_ratio_{HISTORY[-1]}_over_a_year_to_{HISTORY[0]}": round(year / first, 2)}
 
 
 def rank_breakdown(client: httpx.Client, users: list[str]) -> dict:

@@ -71,6 +71,9 @@ def test_profile_end_to_end(workspace, shop):
         assert view.tags["family"] in {"personal", "behaviour", "context", "item", "text"}
     tables = build(log, cfg.profile, cfg.workspace)
     stores.materialize(cfg.workspace)
+    if cfg.profile == "local":  # user_activity's newest rows come from DuckDB, not Feast's whole-table read
+        assert "user_activity" in json.loads((cfg.workspace / "feast" / "materialized.json").read_text())
+        assert store.get_feature_view("user_activity").most_recent_end_time is None
     service = store.get_feature_service("profile_v2")
 
     # Leakage: the label event at T0 (and its tie) must not be in its own training row.
@@ -215,3 +218,20 @@ def test_pushed_sequence_equals_the_rebuild_for_an_old_history(tmp_path, shop, s
     assert pushed["sequence_items"].item() == newest["sequence_items"].item()
     assert len(json.loads(pushed["sequence_items"].item())) == SEQUENCE_LENGTH  # the 50 newest, 5 dropped
     assert json.loads(pushed["sequence_items"].item())[-1] == rows[-2]["item_id"]  # a view is not engagement
+
+
+def test_newest_rows_of_a_large_state_view(tmp_path):
+    """What the local profile writes online for ``user_activity``: each user's newest row in the window."""
+    t = pd.Timestamp("2026-11-01", tz="UTC")
+    frame = pd.DataFrame({"user_id": ["a", "a", "a", "b"],
+                          "event_timestamp": [t, t + timedelta(hours=1), t + timedelta(hours=2), t],
+                          "activity_tiles": ["a0", "a1", "a2", "b0"], "activity_last": "{}"})
+    frame["event_timestamp"] = frame["event_timestamp"].astype("datetime64[us, UTC]")
+    path = tmp_path / "user_activity.parquet"
+    frame.to_parquet(path)
+    everything = stores.newest_rows(path, stores.EPOCH, t + timedelta(days=1))
+    assert everything[["user_id", "activity_tiles"]].values.tolist() == [["a", "a2"], ["b", "b0"]]
+    window = stores.newest_rows(path, t, t + timedelta(hours=1))  # (start, end]: b's row at start is out
+    assert window[["user_id", "activity_tiles"]].values.tolist() == [["a", "a1"]]
+    assert window["event_timestamp"].tolist() == [t + timedelta(hours=1)]
+    assert stores.newest_rows(tmp_path / "missing.parquet", stores.EPOCH, t).empty
