@@ -264,14 +264,9 @@ def test_training_uses_cuda_when_present(trained_ws, tiny_bert, tmp_path):
 def test_finetuned_top_layers_train_and_serve_as_saved(trained_ws, tiny_bert, tmp_path):
     """k trained top layers over cached lower states: the same vectors as the whole BERT, only those
     layers move, and the saved model serves (whole BERT, frozen) exactly what training scored."""
-    _, log, store = trained_ws
     from training.train import train
-    from training.workflow import feature_spec
 
-    events, items = log.read_table("events"), log.read_table("items")
-    frame = dataset.fetch_features(store, dataset.build_examples(events, items, POSITIVES).head(600))
-    spec = feature_spec(store, frame)
-    catalogue = dataset.ItemCatalogue(store, items["item_id"].tolist(), frame["event_timestamp"], max_buckets=2)
+    frame, spec, catalogue = _small_training_set(trained_ws, buckets=2)
     base = ModelConfig(bert_path=tiny_bert, dim=8, hidden=16, embed_dim=4, seq_len=10)
     texts = ["waterproof trail running shoes", "a mug", "", "waterproof trail running shoes"]
     frozen = ProfileModel.build(replace(base, finetune_layers=0), spec)
@@ -295,15 +290,22 @@ def test_finetuned_top_layers_train_and_serve_as_saved(trained_ws, tiny_bert, tm
         assert torch.allclose(served.user_vectors(users), model.user_vectors(users), atol=1e-4)
 
 
-def test_checkpoint_resume_and_grad_accumulation(trained_ws, tiny_bert, tmp_path):
-    _, log, store = trained_ws
-    from training.train import train
+def _small_training_set(trained_ws, buckets: int):
+    """600 examples with their point-in-time features, their spec and catalogue."""
     from training.workflow import feature_spec
 
+    _, log, store = trained_ws
     events, items = log.read_table("events"), log.read_table("items")
     frame = dataset.fetch_features(store, dataset.build_examples(events, items, POSITIVES).head(600))
-    spec = feature_spec(store, frame)
-    catalogue = dataset.ItemCatalogue(store, items["item_id"].tolist(), frame["event_timestamp"], max_buckets=4)
+    catalogue = dataset.ItemCatalogue(store, items["item_id"].tolist(), frame["event_timestamp"],
+                                      max_buckets=buckets)
+    return frame, feature_spec(store, frame), catalogue
+
+
+def test_checkpoint_resume_and_grad_accumulation(trained_ws, tiny_bert, tmp_path):
+    from training.train import train
+
+    frame, spec, catalogue = _small_training_set(trained_ws, buckets=4)
     mcfg = ModelConfig(bert_path=tiny_bert, dim=8, hidden=16, embed_dim=4, seq_len=10)
     first = TrainConfig(epochs=1, batch_size=16, grad_accum=2, device="cpu", checkpoint_dir=str(tmp_path),
                         patience=5)
