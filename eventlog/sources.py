@@ -255,14 +255,17 @@ def _single_record(table: str, records: list[dict], origin: str) -> TableBatch |
     """One plain record (a single ``POST /events`` event) normalised without pandas' per-column work,
     which was most of such a request's time; None when the record needs the general path.
 
-    Plain means: contract fields only, their names already clean; strings as ``str``; numbers as
-    finite ``int``/``float`` (not ``bool``), whole for an ``int`` field; timestamps in the ISO 8601
-    spellings that :data:`_PLAIN_ISO` accepts; anything may be null. Such a record cannot raise a
+    Plain means: contract fields only, their names already clean, the required ones present;
+    strings as ``str``; numbers as finite ``int``/``float`` (not ``bool``), whole for an ``int``
+    field; timestamps in the ISO 8601 spellings that :data:`_PLAIN_ISO` accepts; any value may be
+    null. Such a record cannot raise a
     cell issue, and the result is the general path's, column for column and type for type
     (``tests/test_sources.py`` checks both on a corpus of records)."""
     record, spec = records[0], columns(table)
     if not isinstance(record, dict) or any(not isinstance(k, str) or k not in spec for k in record):
         return None
+    if any(name not in record for name in required_columns(table)):
+        return None  # the general path names the missing column
     values, notes = {}, []
     for name, col in spec.items():
         value = record.get(name)

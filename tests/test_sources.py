@@ -223,3 +223,12 @@ def test_plain_records_take_the_fast_path():
     for odd in ({"value": float("nan")}, {"value": True}, {"coupon": "X1"}, {"user_id": 42},
                 {"event_timestamp": "26/11/2026 07:52"}):
         assert _single_record("events", [{**BASE_EVENT, **odd}], "request") is None  # the general path
+
+
+@pytest.mark.parametrize("record", [{}, {"user_id": "u1", "event_type": "click"}])
+def test_one_record_without_a_required_field_is_structural(record):
+    """Found by schemathesis: ``{"events": [{}]}`` must be a 422 naming the column, as a file is."""
+    from eventlog.sources import normalise
+
+    with pytest.raises(StructuralError, match="required column"):
+        normalise("events", [record], "request")
