@@ -193,6 +193,8 @@ ONE_RECORD_CASES = [
     ("events", {"user_id": 42}),
     ("events", {"coupon": "X1"}),  # outside the contract
     ("events", {"coupon": {"code": "X1"}}),
+    ("events", {"user_id": None, "event_type": None, "event_timestamp": None}),  # nulls are the gate's to reject
+    ("events", {"user_id": "   ", "event_type": ""}),
     ("users", {"user_id": "u1", "age": 31, "signup_timestamp": "2020-01-02T03:04:05Z", "gender": "f"}),
     ("users", {"user_id": "u1", "age": 31.5}),
     ("users", {"user_id": "u1", "age": 31.0}),
