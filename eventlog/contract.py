@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import pandas as pd
+
 ColumnType = Literal["string", "int", "float", "timestamp"]
 TABLES: tuple[str, ...] = ("users", "items", "events")
 EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase", "search", "review")
@@ -16,6 +18,11 @@ EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase", "sea
 # (scraped catalogues often do), and a valid file must not be quarantined for it. U+FFFE is a
 # noncharacter that no valid text contains.
 INVALID_UTF8 = "\ufffe"
+
+
+def is_null(value) -> bool:
+    """A missing value, however it arrives: None, pandas' NA or NaT, or a float NaN."""
+    return value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value)
 
 
 @dataclass(frozen=True)

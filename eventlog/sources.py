@@ -258,9 +258,8 @@ def _single_record(table: str, records: list[dict], origin: str) -> TableBatch |
     Plain means: contract fields only, their names already clean, the required ones present;
     strings as ``str``; numbers as finite ``int``/``float`` (not ``bool``), whole for an ``int``
     field; timestamps in the ISO 8601 spellings that :data:`_PLAIN_ISO` accepts; any value may be
-    null. Such a record cannot raise a
-    cell issue, and the result is the general path's, column for column and type for type
-    (``tests/test_sources.py`` checks both on a corpus of records)."""
+    null. Such a record cannot raise a cell issue, and the result is the general path's, column for
+    column and type for type (``tests/test_sources.py`` checks both on a corpus of records)."""
     record, spec = records[0], columns(table)
     if not isinstance(record, dict) or any(not isinstance(k, str) or k not in spec for k in record):
         return None
@@ -286,7 +285,7 @@ def _single_record(table: str, records: list[dict], origin: str) -> TableBatch |
                 return None
             if stamp.tzinfo is None:
                 stamp = stamp.tz_localize("UTC")
-                notes.append(f"{origin}: column {name!r}: 1 naive timestamps read as UTC")
+                notes.append(f"{origin}: column {name!r}: {_naive_note(1)}")
             values[name] = stamp.tz_convert("UTC")
         else:
             return None
@@ -377,8 +376,12 @@ def _coerce(series: pd.Series, kind: str) -> tuple[pd.Series, np.ndarray, str]:
     bad = notna & values.isna().to_numpy()
     naive = int((naive_mask & notna).sum())
     if naive:
-        note = f"{naive} naive timestamps read as UTC"
+        note = _naive_note(naive)
     return values.astype("datetime64[us, UTC]"), np.flatnonzero(bad), note
+
+
+def _naive_note(count: int) -> str:
+    return f"{count} naive timestamps read as UTC"
 
 
 _HASHED = ["user_id", "event_timestamp", "event_type", "item_id", "query", "text", "rating", "value",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 import pytest
@@ -235,3 +235,27 @@ def test_newest_rows_of_a_large_state_view(tmp_path):
     assert window[["user_id", "activity_tiles"]].values.tolist() == [["a", "a1"]]
     assert window["event_timestamp"].tolist() == [t + timedelta(hours=1)]
     assert stores.newest_rows(tmp_path / "missing.parquet", stores.EPOCH, t).empty
+
+
+@pytest.mark.parametrize("workspace", ["local"], indirect=True)
+def test_materialize_continues_where_feast_left_user_activity(workspace, shop):
+    """A workspace that Feast materialized before (no ``materialized.json``): the next incremental
+    run starts at Feast's own end for ``user_activity``, and the online rows equal the newest offline."""
+    import duckdb
+
+    cfg, log, _ = workspace
+    store, _ = stores.apply(cfg.workspace, cfg.profile)
+    build(log, cfg.profile, cfg.workspace)
+    feast_end = datetime.now(UTC)
+    store.materialize(start_date=stores.EPOCH, end_date=feast_end)  # every view, the old way
+    assert stores._last_end(store, "user_activity", {}) == feast_end
+    stores.materialize(cfg.workspace)
+    mark = json.loads((cfg.workspace / "feast" / stores.MATERIALIZED_FILE).read_text())["user_activity"]
+    assert datetime.fromisoformat(mark) > feast_end
+    users = list(shop["users"]["user_id"].head(5))
+    online = store.get_online_features(features=["user_activity:activity_tiles"],
+                                       entity_rows=[{"user_id": u} for u in users]).to_dict()
+    path = cfg.workspace / "offline" / "user_activity.parquet"
+    newest = dict(duckdb.sql(f"SELECT user_id, arg_max(activity_tiles, event_timestamp) FROM read_parquet('{path}') "
+                             "GROUP BY user_id").fetchall())
+    assert online["activity_tiles"] == [newest.get(u) for u in users]

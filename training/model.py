@@ -33,6 +33,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from eventlog.contract import is_null
+
 MISSING = "<missing>"
 EVENT_TYPES = ("click", "add_to_cart", "purchase", "review", "view", "search")  # index 0 = padding / unknown
 GAP_BUCKETS = 24  # log2(hours since the step + 1) buckets
@@ -153,12 +155,8 @@ def _as_text(column: pd.Series | None, n: int) -> list[str]:
         return [MISSING] * n
     if n > SMALL_FRAME:
         return column.astype("string").fillna(MISSING).tolist()
-    return [MISSING if _null(v) else v if isinstance(v, str) else str(pd.array([v], dtype="string")[0])
+    return [MISSING if is_null(v) else v if isinstance(v, str) else str(pd.array([v], dtype="string")[0])
             for v in column.tolist()]
-
-
-def _null(value) -> bool:
-    return value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value)
 
 
 def _signed_log(x: np.ndarray) -> np.ndarray:
@@ -437,18 +435,14 @@ class TokenStateCache(TextCache):
 
     def encode(self, texts: list[str], max_len: int) -> TextStates:
         found = self._lookup(texts, max_len)
-        distinct = list(dict.fromkeys(texts))
-        width = max((len(found[t]) for t in distinct), default=1)
-        hidden = self.bert.config.hidden_size
-        sample = next(iter(found.values()), torch.zeros(0))
-        states = torch.zeros(len(distinct), width, hidden, dtype=sample.dtype, device=sample.device)
-        mask = torch.zeros(len(distinct), width, dtype=torch.long, device=sample.device)
-        for k, t in enumerate(distinct):
-            states[k, :len(found[t])] = found[t]
-            mask[k, :len(found[t])] = 1
-        where = {t: k for k, t in enumerate(distinct)}
-        return TextStates(states, mask, torch.tensor([where[t] for t in texts], dtype=torch.long,
-                                                     device=sample.device))
+        where = {t: k for k, t in enumerate(dict.fromkeys(texts))}
+        if not where:
+            empty = torch.zeros(0, 1, self.bert.config.hidden_size)
+            return TextStates(empty, torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+        states = nn.utils.rnn.pad_sequence([found[t] for t in where], batch_first=True)
+        lengths = torch.tensor([len(found[t]) for t in where], device=states.device)
+        mask = (torch.arange(states.shape[1], device=states.device)[None, :] < lengths[:, None]).long()
+        return TextStates(states, mask, torch.tensor([where[t] for t in texts], device=states.device))
 
     @torch.no_grad()
     def _forward(self, texts: list[str], max_len: int) -> list[torch.Tensor]:
@@ -512,8 +506,8 @@ class ProfileModel(nn.Module):
         self.tokenizer = tokenizer
         self.bert = bert
         text_dim = bert.config.hidden_size if (bert is not None and cfg.use_text) else None
-        top = min(int(cfg.finetune_layers or 0) if finetune is None else finetune,
-                  bert.config.num_hidden_layers if bert is not None else 0) if text_dim else 0
+        wanted = cfg.finetune_layers if finetune is None else finetune
+        top = min(wanted or 0, bert.config.num_hidden_layers) if text_dim else 0
         if bert is not None:
             bert.eval()
             for p in bert.parameters():

@@ -24,7 +24,7 @@ import great_expectations as gx
 import numpy as np
 import pandas as pd
 
-from eventlog.contract import INVALID_UTF8, KEY_COLUMN
+from eventlog.contract import INVALID_UTF8, KEY_COLUMN, is_null
 from eventlog.sources import Batch, TableBatch
 from eventlog.store import differing_columns
 from validation.suites import NOT_FUTURE_PARAM, load_suite
@@ -145,10 +145,6 @@ def _can_fail(exp, frame: pd.DataFrame) -> bool:
     return bool(column.str.contains(INVALID_UTF8, regex=False).any())
 
 
-def _null(value) -> bool:
-    return value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and value != value)
-
-
 def _record_check(exp) -> Callable[[list[dict], pd.Timestamp], list[bool]] | None:
     """One expectation as a function of the batch's records, with GX's semantics (nulls pass value
     rules; a row condition selects rows as ``DataFrame.query`` would, so ``null != x`` holds); None
@@ -158,35 +154,35 @@ def _record_check(exp) -> Callable[[list[dict], pd.Timestamp], list[bool]] | Non
     if kind == "expect_column_values_to_not_be_null":
         cond = kw.get("row_condition")
         if cond is None:
-            return lambda recs, latest: [_null(r.get(column)) for r in recs]
+            return lambda recs, latest: [is_null(r.get(column)) for r in recs]
         if not (isinstance(cond, dict) and cond.get("type") == "comparison" and cond.get("operator") in ("==", "!=")):
             return None
         other, param, equal_wanted = cond["column"]["name"], cond["parameter"], cond["operator"] == "=="
 
         def selected(r: dict) -> bool:
             value = r.get(other)
-            return (not _null(value) and value == param) == equal_wanted  # a null is "not equal"
-        return lambda recs, latest: [_null(r.get(column)) and selected(r) for r in recs]
+            return (not is_null(value) and value == param) == equal_wanted  # a null is "not equal"
+        return lambda recs, latest: [is_null(r.get(column)) and selected(r) for r in recs]
     if kind == "expect_column_value_lengths_to_be_between":
         lo, hi = kw.get("min_value"), kw.get("max_value")
 
         def bad_length(value) -> bool:
-            if _null(value):
+            if is_null(value):
                 return False
             n = len(str(value))
             return (hi is not None and n > hi) or (lo is not None and n < lo)
         return lambda recs, latest: [bad_length(r.get(column)) for r in recs]
     if kind == "expect_column_values_to_not_match_regex":
         pattern = re.compile(kw["regex"])
-        return lambda recs, latest: [not _null(v := r.get(column)) and pattern.search(str(v)) is not None
+        return lambda recs, latest: [not is_null(v := r.get(column)) and pattern.search(str(v)) is not None
                                      for r in recs]
     if kind == "expect_column_values_to_be_in_set":
         allowed = set(kw["value_set"])
-        return lambda recs, latest: [not _null(v := r.get(column)) and v not in allowed for r in recs]
+        return lambda recs, latest: [not is_null(v := r.get(column)) and v not in allowed for r in recs]
     if kind == "expect_column_values_to_be_unique":
         def duplicated(recs: list[dict], latest) -> list[bool]:
-            counts = Counter(r.get(column) for r in recs if not _null(r.get(column)))
-            return [not _null(v := r.get(column)) and counts[v] > 1 for r in recs]
+            counts = Counter(r.get(column) for r in recs if not is_null(r.get(column)))
+            return [not is_null(v := r.get(column)) and counts[v] > 1 for r in recs]
         return duplicated
     if kind == "expect_column_values_to_be_between":
         if kw.get("strict_min") or kw.get("strict_max"):
@@ -194,7 +190,7 @@ def _record_check(exp) -> Callable[[list[dict], pd.Timestamp], list[bool]] | Non
         lo, hi = kw.get("min_value"), kw.get("max_value")
 
         def out_of_range(value, latest) -> bool:
-            if _null(value):
+            if is_null(value):
                 return False
             top = latest if isinstance(hi, dict) else hi
             bottom = latest if isinstance(lo, dict) else lo

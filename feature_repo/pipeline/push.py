@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import pandas as pd
 import sqlalchemy as sa
 
+from eventlog.contract import is_null
 from eventlog.store import EventLog, items
 from feature_repo.pipeline import fold
 from feature_repo.pipeline.stores import push_latest, skip_dedup
@@ -127,8 +128,8 @@ def write_rows(store, rows: dict[str, list[tuple]]) -> None:
 
 
 def _plain(value):
-    """A Python value Feast's proto conversion takes: no NaN, NaT or numpy scalars."""
-    if value is None or value is pd.NaT or (isinstance(value, float) and value != value):
+    """A Python value Feast's proto conversion takes: no NaN, NA, NaT or numpy scalars."""
+    if is_null(value):
         return None
     if isinstance(value, pd.Timestamp):
         return value.to_pydatetime()

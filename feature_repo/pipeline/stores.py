@@ -247,10 +247,11 @@ def _last_end(store, name: str, marks: dict[str, str]) -> datetime:
 
 
 def _write_newest(store, name: str, path: Path, start: datetime, end: datetime, chunk: int = 2_000) -> int:
-    """Each user's newest row of a view's offline table stamped in (``start``, ``end``], written online."""
+    """Each user's newest row of a view's offline table stamped in (``start``, ``end``], written online
+    (by the push's writer: on the local profile's SQLite, writes never compare stamps anyway)."""
     rows = newest_rows(path, start, end)
     for first in range(0, len(rows), chunk):
-        store.write_to_online_store(name, _microseconds(rows.iloc[first:first + chunk]), allow_registry_cache=True)
+        push_latest(store, {name: rows.iloc[first:first + chunk]})
     return len(rows)
 
 
