@@ -141,7 +141,16 @@ def test_rank_profile_and_health(server, live_shop):
     cand = server.post("/rank", json={"user_id": user, "candidates": some + ["nope"],
                                               "exclude_seen": False}).json()
     assert {i["item_id"] for i in cand["items"]} <= set(some) and cand["unknown_candidates"] == ["nope"]
+    # Seen items (every positive event type, not views) are left out; the rest of the candidates stay.
+    events = live_shop["events"]
+    mine = events[events["user_id"] == user]
+    seen = set(mine.loc[mine["event_type"].isin(["click", "add_to_cart", "purchase", "review"]), "item_id"].dropna())
+    others = sorted(set(live_shop["items"]["item_id"]) - set(mine["item_id"].dropna()))[:20]
+    assert seen
+    left = server.post("/rank", json={"user_id": user, "k": 200, "candidates": sorted(seen) + others}).json()
+    assert {i["item_id"] for i in left["items"]} == set(others)
     profile = server.post("/profile", json={"user_id": user}).json()
+    assert profile["summary"]["last_event"] == _iso(mine["event_timestamp"].max())
     assert len(profile["vector"]) == 64 and abs(np.linalg.norm(profile["vector"]) - 1) < 1e-3  # the model's dim
     assert profile["summary"]["segment"] in {"new", "browser", "shopper", "buyer"}
 
@@ -285,6 +294,62 @@ def test_in_process_asgi_app(server, live_shop, monkeypatch, fresh_bentoml_metri
             assert client.post("/profile", json={"user_id": user}).json()["known"] is True
             assert client.post("/rank", json={"user_id": user, "k": 0}).status_code == 400
             assert client.get("/readyz").status_code == 200
+    finally:
+        BentoMLContainer.model_store.reset()
+
+
+def test_request_frame_is_what_feasts_frame_gives(server, live_shop, monkeypatch, fresh_bentoml_metrics):
+    """/rank reads Feast's answer into a one-row frame of Python objects (no pandas type inference: it
+    cost more than the tower). The model and the profile get from it what Feast's own ``to_df`` gives:
+    the same user vector, the same summary and the same "known", for a searcher in session, an active
+    user (at their last event and three days on: the sequence's gaps run to the request time), a user
+    after their session, and a stranger."""
+    import importlib
+
+    import torch
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+
+    from bentos.answers import summary
+    from eventlog.store import EventLog
+    from feature_repo.pipeline import stores
+    from persona import config
+
+    monkeypatch.setenv("PERSONA_WORKSPACE", str(server.workspace))
+    BentoMLContainer.model_store.set(ModelStore(str(server.workspace / "bentoml" / "models")))
+    try:
+        import bentos.service as service
+
+        service = importlib.reload(service)
+        store = stores.feature_store(server.workspace)
+        features = service.UserFeatures(store)
+        log = EventLog(config.load(server.workspace).resolved_event_log_url())
+        ranker = service.Rankers(store, log, "cpu", server.workspace).build(
+            *service._load_model("persona-profile:latest", "cpu"), fingerprint="test")
+        events = live_shop["events"]
+        search = events[events["event_type"] == "search"].sort_values("event_timestamp").iloc[-1]
+        active = events["user_id"].value_counts().index[0]
+        cases = [(search["user_id"], search["event_timestamp"] + pd.Timedelta(minutes=5)),
+                 (active, events["event_timestamp"].max()),
+                 (active, events["event_timestamp"].max() + pd.Timedelta(days=3)),
+                 (search["user_id"], pd.Timestamp.now(tz="UTC")),
+                 ("nobody-at-all", pd.Timestamp.now(tz="UTC"))]
+        sources = []
+        for user, at in cases:
+            context = service.RequestContext(timestamp=at.to_pydatetime(), device="app")
+            fast = features.read(user, None, context)
+            service_, stored = features.service
+            reference = store.get_online_features(features=service_, entity_rows=[{
+                "user_id": user, "device": "app", "channel": None, "request_timestamp": at}]).to_df()
+            reference["query"] = fast.frame["query"].iloc[0]
+            reference["request_timestamp"] = at
+            with torch.inference_mode():
+                torch.testing.assert_close(service.user_vector(ranker, fast.frame),
+                                           service.user_vector(ranker, reference), rtol=1e-6, atol=1e-6)
+            assert summary(fast.frame.iloc[0], None) == summary(reference.iloc[0], None)
+            assert fast.known == bool(reference.reindex(columns=stored).iloc[0].notna().any())
+            sources.append((fast.source, fast.known))
+        assert sources == [("session", True), (None, True), (None, True), (None, True), (None, False)]
     finally:
         BentoMLContainer.model_store.reset()
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -371,3 +372,25 @@ def test_categorical_text_is_the_same_for_one_row_and_many():
         assert len(big) > SMALL_FRAME
         assert _as_text(big, len(big))[:len(values)] == _as_text(column, len(column))
     assert _as_text(None, 2) == ["<missing>", "<missing>"]
+
+
+def test_numbers_and_times_are_the_same_for_one_row_and_many():
+    """A request's one-row frame of Python objects converts value by value; training frames column-wise.
+    Both give the same floats and the same epoch seconds, nulls and odd values included."""
+    from training.model import SMALL_FRAME, _epoch_seconds, _floats
+
+    numbers = pd.DataFrame({"a": [1, None, 2.5, float("nan"), True, np.int64(7), None, float("inf"), -3, 0],
+                            "b": [np.float32(0.5), 4, None, 1e300, False, -0.0, 2, np.nan, 1.5, 10**12]},
+                           dtype=object)
+    times = pd.DataFrame({"request_timestamp": [
+        pd.Timestamp("2024-03-01 12:00:00.123456789", tz="UTC"), datetime(2024, 3, 1, 12, tzinfo=UTC),
+        datetime(2024, 3, 1, 12), pd.Timestamp("2024-03-01 14:00", tz="Europe/Berlin"), "2024-03-01T12:00:00Z",
+        None, pd.NaT, float("nan"), "not a time", pd.Timestamp("1970-01-01", tz="UTC")]}, dtype=object)
+    for frame, convert in ((numbers, _floats), (times, _epoch_seconds)):
+        big = pd.concat([frame] * (SMALL_FRAME // len(frame) + 1), ignore_index=True)
+        assert len(big) > SMALL_FRAME
+        many = convert(big)[:len(frame)]
+        for r in range(len(frame)):
+            one = convert(frame.iloc[[r]].reset_index(drop=True))
+            np.testing.assert_array_equal(one.reshape(many[r:r + 1].shape), many[r:r + 1])
+    assert np.isnan(_epoch_seconds(times)[5:9]).all() and _epoch_seconds(times)[9] == 0.0
