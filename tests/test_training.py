@@ -303,6 +303,46 @@ def _small_training_set(trained_ws, buckets: int):
     return frame, feature_spec(store, frame), catalogue
 
 
+def test_weight_average_is_what_validation_scores_and_training_keeps(trained_ws, tiny_bert):
+    """Known answers on one weight; then two seeded runs, with and without the average: the same steps,
+    validation scores the averaged weights, and training keeps the best epoch's average."""
+    from training.train import WeightAverage, train
+
+    layer = torch.nn.Linear(1, 1, bias=False)
+    layer.weight.data.fill_(0.0)
+    average = WeightAverage(layer, decay=0.5)
+    for value in (1.0, 3.0):
+        layer.weight.data.fill_(value)
+        average.update()
+    first = 1.0 * (1 - 2 / 11)  # the decay ramps up: min(0.5, 2/11), then min(0.5, 3/12)
+    with average.applied():
+        assert layer.weight.item() == pytest.approx(first * 0.25 + 3.0 * 0.75)
+    assert layer.weight.item() == 3.0  # its own weight again
+
+    frame, spec, catalogue = _small_training_set(trained_ws, buckets=2)
+    mcfg = ModelConfig(bert_path=tiny_bert, dim=8, hidden=16, embed_dim=4, seq_len=10)
+
+    def run(decay: float | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        seen: list[torch.Tensor] = []
+
+        def weights(m) -> torch.Tensor:
+            return torch.cat([p.detach().flatten() for p in m.parameters() if p.requires_grad])
+
+        def validate(m) -> float:
+            seen.append(weights(m))
+            return [0.3, 0.5, 0.4][len(seen) - 1]  # the second epoch is the best
+
+        model = ProfileModel.build(mcfg, spec)
+        train(model, frame, catalogue, TrainConfig(epochs=3, batch_size=32, device="cpu", patience=5,
+                                                   average_decay=decay), validate, progress=False)
+        return seen, weights(model)
+
+    last_steps, kept_plain = run(None)
+    averaged, kept = run(0.9)
+    assert torch.equal(kept_plain, last_steps[1]) and torch.equal(kept, averaged[1])
+    assert all(not torch.allclose(a, b) for a, b in zip(averaged, last_steps, strict=True))
+
+
 def test_checkpoint_resume_and_grad_accumulation(trained_ws, tiny_bert, tmp_path):
     from training.train import train
 

@@ -8,10 +8,11 @@ BERT's top layers train (``ModelConfig.finetune_layers``), they run from cached 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class TrainConfig:
     patience: int = 3  # epochs without a better validation NDCG@10
     plateau_decay: float = 0.3  # learning rate x this after an epoch without a better validation NDCG@10
     max_seconds: float | None = 240.0  # wall-clock budget per model: a laptop finishes in minutes
+    average_decay: float | None = 0.99  # validated and kept: a moving average of the weights (None: the last step)
     checkpoint_dir: str | None = None
     resume: bool = False
     history: list[dict] = field(default_factory=list)
@@ -91,6 +93,9 @@ def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best, stale, cfg.history = state["epoch"] + 1, state["best"], state["stale"], state["history"]
         best_state = state.get("best_state")
+    average = WeightAverage(model, cfg.average_decay) if cfg.average_decay else None
+    if average is not None and cfg.resume and ckpt and ckpt.exists():
+        average.load(state.get("average"))
     rng = np.random.default_rng(cfg.seed)
     started = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
@@ -108,20 +113,24 @@ def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
             if (step + 1) % cfg.grad_accum == 0 or step == len(batches) - 1:
                 optimizer.step()
                 optimizer.zero_grad()
+                if average is not None:
+                    average.update()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", best=f"{max(best, 0.0):.4f}")
         model.eval()
         trained = time.monotonic()
-        val = validate(model) if validate else None
+        with average.applied() if average is not None else contextlib.nullcontext():
+            val = validate(model) if validate else None
+            score = val if val is not None else float(epoch)  # without validation the newest epoch wins
+            if score > best:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         cfg.history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_ndcg10": val,
                             "lr": optimizer.param_groups[0]["lr"], "validation_seconds": time.monotonic() - trained})
         if progress:
             shown = f", validation NDCG@10 {val:.4f}" if val is not None else " (no validation set)"
             tqdm.write(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}{shown}")
-        score = val if val is not None else float(epoch)  # without validation the newest epoch wins
         if score > best:
             best, stale = score, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
             for group in optimizer.param_groups:  # smaller steps from here on
@@ -129,7 +138,8 @@ def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
         if ckpt:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                        "best": best, "stale": stale, "history": cfg.history, "best_state": best_state}, ckpt)
+                        "best": best, "stale": stale, "history": cfg.history, "best_state": best_state,
+                        "average": average.shadow if average is not None else None}, ckpt)
             (ckpt.parent / "history.json").write_text(json.dumps(cfg.history, indent=2))
         if stale >= cfg.patience:
             break
@@ -140,6 +150,44 @@ def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
     if best_state is not None:
         model.load_state_dict(best_state)
     return model.eval()
+
+
+class WeightAverage:
+    """An exponential moving average of the trained weights, which validation scores and training keeps.
+
+    The last step's weights depend on the last few batches: two runs whose validation curves agreed to
+    the third decimal picked different epochs and moved the test NDCG@10 by 0.006. The average over
+    the last hundred or so steps is steadier. Its decay ramps up over the first steps (as TensorFlow's
+    ``ExponentialMovingAverage`` with ``num_updates``), so the random initial weights fade quickly.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay, self.steps = decay, 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
+
+    def load(self, shadow: list[torch.Tensor] | None) -> None:
+        if shadow is not None:
+            self.shadow = [s.to(p.device) for s, p in zip(shadow, self.params, strict=True)]
+            self.steps = 10**9  # resumed: the decay has ramped up
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The model holds the averaged weights inside the block, its own again after it."""
+        own = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, own)
 
 
 def _param_groups(model: ProfileModel, cfg: TrainConfig) -> list[dict]:
