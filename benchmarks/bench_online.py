@@ -9,7 +9,8 @@ Measures, sequentially, on one workspace:
   ``/rank`` changes (request time pinned, seen items kept in, so only the pushed online state can change
   it), over ``BENCH_FRESH_EVENTS`` events spread over several users (target p99 <= 50 ms);
 - push time against history length: ``POST /events`` (one click) for users with 10, 100, 1,000 and
-  10,000 events in the log and online (the goal: flat);
+  10,000 events in the log and online (the goal: flat); then ``/rank`` (no query) for the same users,
+  whose request-time windows parse and sum their stored state;
 - freshness again, right after a ``persona features materialize`` beside the server: the catalogue
   changed, so a refresh tick (every ``BENCH_REFRESH_SECONDS``, default 5) rebuilds the item vectors
   while events arrive. The server's log lines about GC pauses, refreshes and Feast registry refreshes
@@ -281,6 +282,21 @@ def rank_breakdown(client: httpx.Client, users: list[str]) -> dict:
         "mean": round(float(frame[c].mean()), 3)} for c in frame.columns}}
 
 
+def rank_by_history(client: httpx.Client) -> dict:
+    """``/rank`` (no query) for the history users: the request-time windows parse and sum the user's
+    stored tiles, so a busy user's request costs more than the generated shop's users'."""
+    spans = history_spans()
+    samples: dict[tuple[int, int], list[float]] = {span: [] for span in spans}
+    for n, days in spans:  # warm-up: the profile text is encoded once
+        client.post("/rank", json={"user_id": history_user(n, days)}).raise_for_status()
+    for _ in range(N_PUSH):
+        for n, days in spans:
+            t0 = time.perf_counter()
+            client.post("/rank", json={"user_id": history_user(n, days)}).raise_for_status()
+            samples[n, days].append(time.perf_counter() - t0)
+    return {str(n) if days == WINDOW_DAYS else f"{n} over {days} days": stats(s) for (n, days), s in samples.items()}
+
+
 def main() -> None:
     ws = Path(os.environ.get("BENCH_ONLINE_WS") or tempfile.mkdtemp(prefix="persona-online-")) / "ws"
     shop = prepare(ws)
@@ -298,6 +314,7 @@ def main() -> None:
             rank = rank_breakdown(client, active[:100])
             fresh = freshness(client, active[100:100 + FRESH_USERS], items, run, N_FRESH)
             push = push_by_history(client, items, run)
+            rank_history = rank_by_history(client)
             materialize_s = materialize(ws)
             marked = time.strftime("%H:%M:%S", time.gmtime())
             refreshed = freshness(client, active[100:100 + FRESH_USERS], items, f"{run}-r", N_FRESH // 2)
@@ -306,7 +323,7 @@ def main() -> None:
     write_results("online", {
         "items": N_ITEMS, "users": int(events["user_id"].nunique()), "server_start_s": round(started_s, 1),
         "refresh_seconds": REFRESH_SECONDS,
-        "rank_no_query": rank, "freshness": fresh, "push_by_history": push,
+        "rank_no_query": rank, "rank_by_history_events": rank_history, "freshness": fresh, "push_by_history": push,
         "freshness_after_materialize": {"materialize_s": round(materialize_s, 1), "started": marked, **refreshed},
         "server_log": server_lines(log, "gc pause", "ranker refreshed", "refresh skipped", "Registry cache expired"),
         "cpu": os.cpu_count(), "date": time.strftime("%Y-%m-%d")})
