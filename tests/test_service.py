@@ -183,6 +183,10 @@ def test_events_validate_append_and_push(server, live_shop):
     assert after["last_event"] >= before["last_event"]
     # The push reached the online store: the next /profile counts the new purchase.
     assert after["activity_30d"]["purchases"] == before["activity_30d"]["purchases"] + 1
+    # ...and the next /rank leaves the item just bought out, with the other candidates kept.
+    others = [i for i in live_shop["items"]["item_id"] if i != item][-5:]
+    ranked = server.post("/rank", json={"user_id": user, "k": 20, "candidates": [item, *others]}).json()
+    assert item not in {i["item_id"] for i in ranked["items"]} and ranked["unknown_candidates"] == []
     assert server.post("/events", json={"events": []}).status_code == 400
 
 

@@ -352,10 +352,13 @@ def test_checkpoint_resume_and_grad_accumulation(trained_ws, tiny_bert, tmp_path
                         patience=5)
     train(ProfileModel.build(mcfg, spec), frame, catalogue, first, progress=False)
     assert (tmp_path / "checkpoint.pt").exists() and len(first.history) == 1
+    steps = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["average"]["steps"]
+    assert steps > 0  # the weight average and its ramp are checkpointed
     resumed = TrainConfig(epochs=2, batch_size=16, grad_accum=2, device="cpu", checkpoint_dir=str(tmp_path),
                           resume=True, patience=5)
     train(ProfileModel.build(mcfg, spec), frame, catalogue, resumed, progress=False)
     assert [h["epoch"] for h in resumed.history] == [1, 2]  # epoch 1 came from the checkpoint
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["average"]["steps"] == 2 * steps  # went on
     assert json.loads((tmp_path / "history.json").read_text())[-1]["epoch"] == 2
 
 

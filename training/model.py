@@ -190,8 +190,7 @@ def item_text(frame: pd.DataFrame) -> list[str]:
 def _col(frame: pd.DataFrame, name: str) -> list:
     if name not in frame:
         return [None] * len(frame)
-    return [None if (v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA) else v
-            for v in frame[name].tolist()]
+    return [None if is_null(v) else v for v in frame[name].tolist()]
 
 
 def in_batches(fn, frame: pd.DataFrame, size: int = 256) -> torch.Tensor:

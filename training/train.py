@@ -87,15 +87,15 @@ def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
     use_amp = cfg.amp and device.type == "cuda"
     ckpt = Path(cfg.checkpoint_dir) / "checkpoint.pt" if cfg.checkpoint_dir else None
     start_epoch, best, best_state, stale = 0, -1.0, None, 0
+    average = WeightAverage(model, cfg.average_decay) if cfg.average_decay else None
     if cfg.resume and ckpt and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best, stale, cfg.history = state["epoch"] + 1, state["best"], state["stale"], state["history"]
         best_state = state.get("best_state")
-    average = WeightAverage(model, cfg.average_decay) if cfg.average_decay else None
-    if average is not None and cfg.resume and ckpt and ckpt.exists():
-        average.load(state.get("average"))
+        if average is not None and state.get("average") is not None:
+            average.load(state["average"])
     rng = np.random.default_rng(cfg.seed)
     started = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
@@ -139,7 +139,7 @@ def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                         "best": best, "stale": stale, "history": cfg.history, "best_state": best_state,
-                        "average": average.shadow if average is not None else None}, ckpt)
+                        "average": average.state() if average is not None else None}, ckpt)
             (ckpt.parent / "history.json").write_text(json.dumps(cfg.history, indent=2))
         if stale >= cfg.patience:
             break
@@ -172,10 +172,13 @@ class WeightAverage:
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
 
-    def load(self, shadow: list[torch.Tensor] | None) -> None:
-        if shadow is not None:
-            self.shadow = [s.to(p.device) for s, p in zip(shadow, self.params, strict=True)]
-            self.steps = 10**9  # resumed: the decay has ramped up
+    def state(self) -> dict:
+        """What a checkpoint keeps: the averaged weights and the steps taken (the decay's ramp)."""
+        return {"shadow": self.shadow, "steps": self.steps}
+
+    def load(self, state: dict) -> None:
+        self.shadow = [s.to(p.device) for s, p in zip(state["shadow"], self.params, strict=True)]
+        self.steps = state["steps"]
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
