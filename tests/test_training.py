@@ -262,6 +262,35 @@ def test_training_uses_cuda_when_present(trained_ws, tiny_bert, tmp_path):
     json.dumps(result["best_epochs"])
 
 
+def test_gpu_check_replays_exactly_what_feast_gave(trained_ws, tmp_path):
+    """benchmarks/gpu_check.py runs training where Feast is not: its replayed answers must be the
+    recorded ones, found by the entity rows asked for, and an entity frame never recorded is an error."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gpu_check import RecordingStore, ReplayStore, entity_key
+
+    from training.workflow import feature_spec
+
+    _, log, store = trained_ws
+    events, items = log.read_table("events"), log.read_table("items")
+    sample = dataset.build_examples(events, items, POSITIVES).sample(60, random_state=1).reset_index(drop=True)
+    recorder = RecordingStore(store, tmp_path)
+    recorded = dataset.fetch_features(recorder, sample)
+    recorder.save_index()
+    replayer = ReplayStore(tmp_path)
+    replayed = dataset.fetch_features(replayer, sample)
+    assert replayer.replayed == len(recorder.calls) == 2
+    pd.testing.assert_frame_equal(replayed, recorded, check_dtype=False)
+    assert feature_spec(replayer, replayed).to_dict() == feature_spec(recorder, recorded).to_dict()
+
+    entity = sample[["user_id", "event_timestamp"]]
+    reordered = entity[["event_timestamp", "user_id"]].assign(
+        event_timestamp=lambda f: f["event_timestamp"].astype("datetime64[ns, UTC]"))
+    assert entity_key("s", reordered) == entity_key("s", entity)  # column order and time unit do not matter
+    moved = sample.assign(event_timestamp=sample["event_timestamp"] + pd.Timedelta(microseconds=1))
+    with pytest.raises(LookupError, match="no recorded answer"):
+        dataset.fetch_features(replayer, moved)
+
+
 def test_finetuned_top_layers_train_and_serve_as_saved(trained_ws, tiny_bert, tmp_path):
     """k trained top layers over cached lower states: the same vectors as the whole BERT, only those
     layers move, and the saved model serves (whole BERT, frozen) exactly what training scored."""
@@ -341,6 +370,23 @@ def test_weight_average_is_what_validation_scores_and_training_keeps(trained_ws,
     averaged, kept = run(0.9)
     assert torch.equal(kept_plain, last_steps[1]) and torch.equal(kept, averaged[1])
     assert all(not torch.allclose(a, b) for a, b in zip(averaged, last_steps, strict=True))
+
+
+def test_time_budget_bounds_training_not_the_epoch_that_crosses_it(trained_ws, tiny_bert):
+    """Known answers for the budget rule; then a budget far shorter than an epoch stops training after
+    the first epoch, and no budget runs every epoch (no timings: the outcomes hold on any machine)."""
+    from training.train import budget_spent, train
+
+    assert not budget_spent(100.0, 20.0, 240.0) and not budget_spent(220.0, 20.0, 240.0)
+    assert budget_spent(221.0, 20.0, 240.0)  # the next epoch would end at 241 s
+    assert not budget_spent(10_000.0, 500.0, None) and not budget_spent(10_000.0, 500.0, 0.0)
+
+    frame, spec, catalogue = _small_training_set(trained_ws, buckets=2)
+    mcfg = ModelConfig(bert_path=tiny_bert, dim=8, hidden=16, embed_dim=4, seq_len=10)
+    for budget, epochs in ((1e-6, 1), (None, 3)):
+        cfg = TrainConfig(epochs=3, batch_size=32, device="cpu", patience=5, max_seconds=budget)
+        train(ProfileModel.build(mcfg, spec), frame, catalogue, cfg, None, progress=False)
+        assert len(cfg.history) == epochs
 
 
 def test_checkpoint_resume_and_grad_accumulation(trained_ws, tiny_bert, tmp_path):

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from training.train import budget_spent
+
 Scorer = Callable[[pd.DataFrame], np.ndarray]  # requests -> [n_requests, n_items] scores
 EASE_LAMBDAS = (100.0, 250.0, 500.0, 1000.0, 2000.0)
 EASE_MAX_ITEMS = 20_000  # the closed form inverts an items x items matrix
@@ -178,15 +180,17 @@ def _left_pad(seqs: list[np.ndarray], max_len: int) -> torch.Tensor:
 
 def sequential_scorer(train_events: pd.DataFrame, positives: dict[str, float], item_ids: list[str],
                       histories: Histories, validate: Callable[[Scorer], float] | None = None,
-                      cfg: SequentialConfig | None = None, progress: bool = True) -> Scorer:
+                      cfg: SequentialConfig | None = None, progress: bool = True,
+                      device: torch.device | str = "cpu") -> Scorer:
     """Train SASRec on the training positives (early stopping on ``validate``), then score requests
-    from each user's history (``histories``) before the request."""
+    from each user's history (``histories``) before the request. ``device``: where Persona trains,
+    so that on a GPU the baseline gets the same hardware within its time budget."""
     cfg = cfg or SequentialConfig()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     train_hist = Histories(train_events, positives, item_ids)
     seqs = [s[-(cfg.max_len + 1):] for s in train_hist.sequences() if len(s) >= 2]
-    model = SASRec(len(item_ids), cfg)
+    model = SASRec(len(item_ids), cfg).to(device)
 
     @torch.no_grad()
     def score(requests: pd.DataFrame) -> np.ndarray:
@@ -195,8 +199,8 @@ def sequential_scorer(train_events: pd.DataFrame, positives: dict[str, float], i
                          zip(requests["user_id"], requests["event_timestamp"], strict=True)], cfg.max_len)
         out = []
         for s in range(0, len(seq), 512):
-            h = model.hidden(seq[s:s + 512])[:, -1]
-            out.append(model.logits(h))
+            h = model.hidden(seq[s:s + 512].to(device))[:, -1]
+            out.append(model.logits(h).float().cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, len(item_ids)), dtype=np.float32)
 
     if not seqs:
@@ -205,12 +209,13 @@ def sequential_scorer(train_events: pd.DataFrame, positives: dict[str, float], i
     start, best, best_state, stale = time.monotonic(), -1.0, None, 0
     bar = tqdm(range(cfg.max_epochs), desc="sequential baseline", disable=not progress, leave=False)
     for epoch in bar:
+        epoch_started = time.monotonic()
         model.train()
         losses = []
         order = rng.permutation(len(seqs))  # each sequence once an epoch
         for b in range(0, len(seqs), cfg.batch_size):
             batch = [seqs[i] for i in order[b:b + cfg.batch_size]]
-            padded = _left_pad(batch, cfg.max_len + 1)
+            padded = _left_pad(batch, cfg.max_len + 1).to(device)
             inputs, targets = padded[:, :-1], padded[:, 1:]
             mask = (inputs > 0) & (targets > 0)
             loss = nn.functional.cross_entropy(model.logits(model.hidden(inputs)[mask]), targets[mask] - 1)
@@ -219,7 +224,8 @@ def sequential_scorer(train_events: pd.DataFrame, positives: dict[str, float], i
             optimizer.step()
             losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", best=f"{max(best, 0):.4f}")
-        out_of_time = time.monotonic() - start > cfg.max_seconds
+        now = time.monotonic()
+        out_of_time = budget_spent(now - start, now - epoch_started, cfg.max_seconds)
         if validate and ((epoch + 1) % cfg.eval_every == 0 or out_of_time):
             ndcg = validate(score)
             if ndcg > best:

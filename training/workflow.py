@@ -200,8 +200,8 @@ def pair_scorer(model: ProfileModel, catalogue: dataset.ItemCatalogue):
             items = vectors(int(b))
             users = in_batches(lambda f, items=items: model.user_vectors(f, catalogue=items), frame.iloc[rows])
             cols = frame["item_id"].iloc[rows].map(items.index)
-            known = cols.notna().to_numpy()
-            scores = model.score(users[known], items.vectors[cols[known].astype(int).to_numpy()])
+            known = cols.notna().to_numpy(copy=True)  # writable: pandas 3's arrays are read-only views
+            scores = model.score(users[known], items.vectors[cols[known].to_numpy(dtype=np.int64, copy=True)])
             out[rows[known]] = torch.diagonal(scores).float().cpu().numpy()
         return out
     return score
@@ -273,7 +273,7 @@ def baseline_scorers(split: Split, events: pd.DataFrame, positives: dict[str, fl
     if cfg.wants("sequential"):
         out[MODEL_ROWS["sequential"]] = sequential_scorer(
             fit_events, positives, item_ids, histories, validated if len(split.validation) else None,
-            progress=progress)
+            progress=progress, device=pick_device(cfg.train.device))
     return out
 
 
