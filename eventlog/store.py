@@ -37,6 +37,9 @@ events = _contract_table("events", sa.Column("batch_id", sa.String(36)),
                          sa.Column("ingested_at", sa.DateTime))
 sa.Index("ix_events_user_time", events.c.user_id, events.c.event_timestamp)
 sa.Index("ix_events_time", events.c.event_timestamp)
+# /rank leaves out a user's engaged items: this index answers that query alone. Through the one above,
+# a user with 10,000 events cost 10,000 row reads (4.5 ms on SQLite) whatever few of them counted.
+sa.Index("ix_events_user_type_item", events.c.user_id, events.c.event_type, events.c.item_id)
 
 batches = sa.Table(
     "batches", metadata,
@@ -102,6 +105,8 @@ class EventLog:
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        for index in events.indexes:  # create_all skips a table that exists, and with it a newer index
+            index.create(self.engine, checkfirst=True)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -67,6 +67,41 @@ def test_postgres_event_log(pg_url, shop_dir, shop):
         assert log.counts()["events"] == len(shop["events"])
         lo, hi = log.time_range()
         assert hi == shop["events"]["event_timestamp"].max().to_pydatetime()
+        import sqlalchemy as sa
+
+        names = {ix["name"] for ix in sa.inspect(log.engine).get_indexes("events")}
+        assert {"ix_events_user_time", "ix_events_time", "ix_events_user_type_item"} <= names
+    finally:
+        log.dispose()
+
+
+def test_seen_items_come_from_one_covering_index_also_on_an_older_log(tmp_path, shop_dir):
+    """A log made before the index gets it when opened; /rank's seen-items query then reads that index
+    alone (SQLite's plan says so), not each of the user's rows."""
+    import sqlalchemy as sa
+
+    from bentos.service import UserHistory
+
+    url = f"sqlite:///{tmp_path / 'eventlog.db'}"
+    log = EventLog(url)
+    ingest(load_batch(shop_dir), log, Gate())
+    with log.engine.begin() as conn:
+        conn.execute(sa.text("DROP INDEX ix_events_user_type_item"))  # as a log from before it was
+    log.dispose()
+    log = EventLog(url)
+    try:
+        history = UserHistory(log, ["purchase", "add_to_cart"])
+        events = log.read_table("events")
+        user = events["user_id"].iloc[0]
+        ran = []
+        sa.event.listen(log.engine, "before_cursor_execute", lambda *args: ran.append(args[2:4]))
+        seen = history.seen(user)  # the statement /rank runs, as it ran
+        (sql, params), = ran
+        with log.engine.connect() as conn:
+            plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params))
+        assert "COVERING INDEX ix_events_user_type_item" in plan, plan
+        mine = events[(events["user_id"] == user) & events["event_type"].isin(["purchase", "add_to_cart"])]
+        assert seen == set(mine["item_id"].dropna())
     finally:
         log.dispose()
 
