@@ -127,7 +127,7 @@ def record(workspace: Path, folder: Path) -> None:
     recorder = RecordingStore(store, folder)
     # One epoch of Persona alone: the fetched rows are the same for every model and any epochs.
     run_cfg = RunConfig(train=TrainConfig(epochs=1, max_seconds=30), models=("persona",))
-    result = run(recorder, events, items, cfg.positives, run_cfg, folder / "record-report")
+    result = run(recorder, events, items, cfg.positives, run_cfg, Path(tempfile.mkdtemp(prefix="gpu-record-")))
     refit(recorder, result["frame"], result["spec"], run_cfg, 1, item_ids=result["item_ids"], start=result["model"])
     recorder.save_index()
     events.to_parquet(folder / "events.parquet", **PARQUET)
