@@ -137,32 +137,34 @@ def record(workspace: Path, folder: Path) -> None:
     print(f"recorded {len(recorder.calls)} Feast answers in {folder}")
 
 
+PACKED_WEIGHTS = "model.fp16.safetensors"
+
+
 def pack_bert(source: Path, target: Path) -> None:
     """MiniLM's folder with its weights stored as float16 (replay loads them back as float32)."""
     import torch
-    from safetensors.torch import load_file, save_file
 
-    target.mkdir(parents=True, exist_ok=True)
-    for path in source.iterdir():
-        if path.is_file() and path.suffix in (".json", ".txt") and path.name != "data_config.json":
-            (target / path.name).write_bytes(path.read_bytes())
-    weights = load_file(source / "model.safetensors")
-    save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()},
-              target / "model.fp16.safetensors")
+    _copy_bert(source, target, ("model.safetensors", PACKED_WEIGHTS), torch.float16,
+               keep=lambda f: f.suffix in (".json", ".txt") and f.name != "data_config.json")
 
 
 def unpack_bert(packed: Path, target: Path) -> Path:
     import torch
+
+    _copy_bert(packed, target, (PACKED_WEIGHTS, "model.safetensors"), torch.float32, keep=lambda f: True)
+    return target
+
+
+def _copy_bert(source: Path, target: Path, weights: tuple[str, str], dtype, keep) -> None:
+    """``source``'s files that ``keep`` picks, and its weights file (``weights``: from, to) cast to ``dtype``."""
     from safetensors.torch import load_file, save_file
 
     target.mkdir(parents=True, exist_ok=True)
-    for path in packed.iterdir():
-        if path.name != "model.fp16.safetensors":
+    for path in source.iterdir():
+        if path.is_file() and path.name != weights[0] and keep(path):
             (target / path.name).write_bytes(path.read_bytes())
-    weights = load_file(packed / "model.fp16.safetensors")
-    save_file({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in weights.items()},
-              target / "model.safetensors")
-    return target
+    tensors = load_file(source / weights[0])
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, target / weights[1])
 
 
 def replay(folder: Path, out: Path, epochs: int | None = None, models: tuple[str, ...] = DEFAULT_MODELS,

@@ -105,8 +105,11 @@ class EventLog:
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
-        for index in events.indexes:  # create_all skips a table that exists, and with it a newer index
-            index.create(self.engine, checkfirst=True)
+        with self.engine.begin() as conn:  # create_all skips a table that exists, and with it a newer index
+            if self.engine.dialect.name == "postgresql":  # two opening at once: IF NOT EXISTS alone races there
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('persona_eventlog_indexes'))"))
+            for index in events.indexes:
+                conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
 
     def dispose(self) -> None:
         self.engine.dispose()

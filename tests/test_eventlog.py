@@ -71,6 +71,15 @@ def test_postgres_event_log(pg_url, shop_dir, shop):
 
         names = {ix["name"] for ix in sa.inspect(log.engine).get_indexes("events")}
         assert {"ix_events_user_time", "ix_events_time", "ix_events_user_type_item"} <= names
+        with log.engine.begin() as conn:  # a log from before that index, opened by two processes at once
+            conn.execute(sa.text("DROP INDEX ix_events_user_type_item"))
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(4) as pool:
+            for opened in pool.map(lambda _: EventLog(pg_url), range(4)):
+                opened.dispose()
+        assert "ix_events_user_type_item" in {ix["name"] for ix in sa.inspect(log.engine).get_indexes("events")}
+        assert log.counts()["events"] == len(shop["events"])
     finally:
         log.dispose()
 
