@@ -454,10 +454,10 @@ def favourite_brands(ws: Workspace, sequence_json, top: int = 3) -> list[str]:
 
 def active_hours(tiles_json, top: int = 3) -> list[str]:
     """The UTC hours of day with the most events in the user's activity tiles."""
-    from feature_repo.pipeline.windows import decode
+    from feature_repo.pipeline.windows import decode, tiles_of
 
     try:
-        tiles = decode(tiles_json, None)["tiles"] if isinstance(tiles_json, str) else {}
+        tiles = tiles_of(decode(tiles_json, None)) if isinstance(tiles_json, str) else {}
     except ValueError:
         return []
     by_hour: Counter = Counter()

@@ -90,21 +90,89 @@ def test_folding_into_a_stored_state_equals_folding_the_whole_stream(seed):
     assert fold.text_values(state, _titles(state)) == fold.text_values(whole, _titles(whole))
 
 
-def test_decoded_state_reuses_each_unchanged_tiles_text():
-    """A push decodes a busy user's 720 tiles and re-encodes them: only a changed tile is written
-    afresh, and the result is the text a state built in memory gives."""
+def _windows_event(rng: random.Random, t: float) -> tuple:
+    """An event for ``windows.add_event``: items named like categories, so that the stored text's
+    search for an item meets false hits."""
+    kind = rng.choice(["view", "click", "add_to_cart", "purchase", "search", "review"])
+    item = None if kind == "search" else rng.choice(["i1", "i2", "i3", "c0", "c1", "i\"q"])
+    return (t, kind, item, rng.choice(["c0", "c1", "i1", None]), rng.choice([9.99, 0.1, None]),
+            rng.choice([None, 19.99, float("nan")]), rng.choice(["app", "web", None]), rng.choice(["ads", None]))
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_running_sums_equal_a_walk_of_the_tiles_at_any_request_time(seed):
+    """The windows' running sums (and each tile's count of items it is the newest holder of) equal
+    a walk of every tile, after any arrival order, idle gaps, and store round trips; so do the
+    features at request times from the newest event to well past the longest window."""
+    from feature_repo.pipeline import windows
+
+    rng = random.Random(seed)
+    base = 3600.0 * 490_000
+    spread = rng.choice([6, 48, 24 * 40, 24 * 90])  # hours the stream spans
+    stream = [_windows_event(rng, base + rng.uniform(0, spread * 3600)) for _ in range(rng.randint(1, 60))]
+    state = windows.new_state()
+    for n, event in enumerate(stream):  # arrival order is random: late events abound
+        if rng.random() < 0.3:
+            state = windows.decode(*windows.encode(state))  # a push reads back what the last one wrote
+        windows.add_event(state, *event)
+        newest = state["hours"][-1]
+        assert state["sums"] == windows.walked_sums(state, newest), n
+        assert {h: windows._tile(state, h)["u"] for h in state["hours"]} == {
+            h: t["u"] for h, t in windows._migrated(json.loads(windows.encode(state)[0]), {})["tiles"].items()}
+    whole = windows.new_state()
+    for event in sorted(stream):
+        windows.add_event(whole, *event)
+    assert windows.encode(state) == windows.encode(whole)
+    newest_ts = max(e[0] for e in stream)
+    for later in (0, 0.5, 23, 24, 167, 168, 500, 719, 720, 5000):
+        ts = newest_ts + later * 3600
+        walked = windows._features(windows.walked_sums(state, int(ts // 3600)), state["last"], ts)
+        assert windows.behaviour_of(state, ts) == walked, later
+        stored = windows.behaviour_at(*windows.encode(whole), ts)
+        assert stored == walked, later
+
+
+def test_a_push_parses_only_the_tiles_it_changes_or_that_leave_a_window():
+    """A busy month's state: one more event reads a handful of its 720 tiles, not all of them, and
+    writes what a state folded in memory writes."""
     from feature_repo.pipeline import windows
 
     built = windows.new_state()
-    for k in range(50):
-        windows.add_event(built, 3600 * k + 7, "click", f"i{k % 7}", "pens", 2.5, None, "app", "direct")
+    for k in range(720 * 4):
+        windows.add_event(built, 900.0 * k + 7, "click", f"i{k % 500}", "pens", 2.5, None, "app", "direct")
     tiles, last = windows.encode(built)
     decoded = windows.decode(tiles, last)
-    assert set(decoded["text"]) == set(decoded["tiles"]) and windows.encode(decoded) == (tiles, last)
-    for state in (built, decoded):
-        windows.add_event(state, 3600 * 49 + 9, "purchase", "i3", "pens", 2.5, 4.0, "web", "ads")
-    assert len(decoded["text"]) == 49  # the changed tile's text was dropped
+    assert decoded["tiles"] == {} and windows.encode(decoded) == (tiles, last)
+    newest = 900.0 * (720 * 4 - 1)
+    for event in [(newest + 60, "click", "new item", "pens", 2.5, None, "app", "direct"),
+                  (newest + 70, "purchase", "i3", "pens", 2.5, 4.0, "web", "ads"),
+                  (newest + 3600, "view", "i7", "pens", None, None, "web", None)]:  # the next hour
+        for state in (built, decoded):
+            windows.add_event(state, *event)
+    assert len(decoded["tiles"]) <= 8, sorted(decoded["tiles"])
     assert windows.encode(decoded) == windows.encode(built)
-    spaced = tiles.replace(",", ", ")  # not encode's layout: parsed whole, encoded afresh
-    assert windows.decode(spaced, last)["text"] == {}
-    assert windows.encode(windows.decode(spaced, last)) == (tiles, last)
+    assert windows.behaviour_of(decoded, newest + 7200) == windows.behaviour_of(built, newest + 7200)
+
+
+def test_a_state_stored_in_the_older_layout_is_read_and_rewritten():
+    """States written before the running sums (money as floats, no sums) decode to the state a fold
+    of the same events gives, so a workspace built by an older Persona keeps working."""
+    from feature_repo.pipeline import windows
+
+    old_tiles = (
+        '[[491000,{"cat":{"c1":1,"c2":1},"ch":{"ads":1,"direct":1},"dev":{"app":1,"web":1},"items":["i1","i2"],'
+        '"n":{"click":1,"purchase":1},"pn":2,"ps":23.0,"spend":12.345679}],[491005,{"cat":{"c1":1},'
+        '"ch":{"direct":2},"dev":{"app":2},"items":["i1"],"n":{"search":1,"view":1},"pn":0,"ps":0.0,"spend":0.0}]]')
+    old_last = '{"any":1767618002,"click":1767600020,"purchase":1767600010,"search":1767618002,"view":1767618001}'
+    folded = windows.new_state()
+    hour = 3600 * 491_000
+    for event in [(hour + 10, "purchase", "i1", "c1", 11.0, 12.345678912, "app", "ads"),
+                  (hour + 20, "click", "i2", "c2", 12.0, None, "web", "direct"),
+                  (hour + 3600 * 5 + 1, "view", "i1", "c1", 11.0, None, "app", "direct"),
+                  (hour + 3600 * 5 + 2, "search", None, None, None, None, "app", "direct")]:
+        windows.add_event(folded, *event)
+    migrated = windows.decode(old_tiles, old_last)
+    assert windows.encode(migrated) == windows.encode(folded)
+    assert windows.behaviour_at(old_tiles, old_last, hour + 7 * 3600) == windows.behaviour_of(folded, hour + 7 * 3600)
+    assert windows.behaviour_of(folded, hour + 7 * 3600)["spend_30d"] == 12.345679
+    assert windows.behaviour_of(folded, hour + 7 * 3600)["distinct_items_30d"] == 2

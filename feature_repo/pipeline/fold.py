@@ -4,9 +4,9 @@ and the incremental ``/events`` push.
 A user's state has three parts, each a fold whose result does not depend on the order the events
 arrive in (so a late event lands where a rebuild would put it):
 
-- activity: hourly tiles for the 30 days before the newest event (``windows.py``). The
-  request-time windows (``user_behaviour_now``) and the legacy ``user_behaviour`` view (windows
-  ending at the newest event) are both summed from it;
+- activity: hourly tiles for the 30 days before the newest event, with the running sums of each
+  window (``windows.py``). The request-time windows (``user_behaviour_now``) and the legacy
+  ``user_behaviour`` view (windows ending at the newest event) are both read from it;
 - text: the newest distinct queries and engaged titled items, within 30 days of the newest such
   event, at most ``TEXT_ITEMS`` of each. An entry pushed out of the top can never come back: only
   a newer entry pushes it out, and the window drops the oldest first;
@@ -86,13 +86,13 @@ def _newest(entries: dict) -> list:
 
 # --- the views' values ------------------------------------------------------------------------------------
 def activity_values(state: UserState) -> dict:
-    tiles, last = windows.encode(windows.trim(state.activity))
+    tiles, last = windows.encode(state.activity)
     return {"activity_tiles": tiles, "activity_last": last}
 
 
 def behaviour_values(state: UserState) -> dict:
     """The legacy ``user_behaviour`` row: every window ends at the user's newest event."""
-    return windows.behaviour_of(windows.trim(state.activity), state.newest / 1e6)
+    return windows.behaviour_of(state.activity, state.newest / 1e6)
 
 
 def text_values(state: UserState, titles: Mapping[str, str | None]) -> dict:
