@@ -140,9 +140,6 @@ def _slide(state: dict, sums: dict, old: int, new: int) -> None:
         for h in hours[lo:hi]:
             for e, n in _tile(state, h)["n"].items():
                 _bump(sums["n"][name], e, -n)
-    if new - RETAINED_HOURS >= old:
-        sums.update({k: v for k, v in _empty_sums().items() if k != "n"})
-        return
     for h in hours[:bisect.bisect_right(hours, new - RETAINED_HOURS)]:
         tile = _tile(state, h)
         for key in ("spend", "ps", "pn"):
