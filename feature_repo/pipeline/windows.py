@@ -75,8 +75,8 @@ def add_event(state: dict, ts: float, event_type: str, item_id, category, price,
         return  # before every window at or after the newest event: a rebuild drops it too
     if not hours or hour > hours[-1]:
         _advance(state, hour)
-    newest = hours[-1] if hours else hour
     tile = _writable(state, hour)
+    newest = hours[-1]
     sums = state["sums"]
     for name, span in WINDOW_HOURS.items():
         if newest - hour < span:
@@ -138,16 +138,26 @@ def _slide(state: dict, sums: dict, old: int, new: int) -> None:
             continue
         lo, hi = bisect.bisect_right(hours, old - span), bisect.bisect_right(hours, new - span)
         for h in hours[lo:hi]:
-            for e, n in _tile(state, h)["n"].items():
-                _bump(sums["n"][name], e, -n)
+            _add_counts(sums["n"][name], _tile(state, h), -1)
     for h in hours[:bisect.bisect_right(hours, new - RETAINED_HOURS)]:
         tile = _tile(state, h)
-        for key in ("spend", "ps", "pn"):
-            sums[key] -= tile[key]
-        for key in ("cat", "dev", "ch"):
-            for name, n in tile[key].items():
-                _bump(sums[key], name, -n)
+        _add_totals(sums, tile, -1)
         sums["d"] -= tile["u"]
+
+
+def _add_counts(counts: dict, tile: dict, sign: int) -> None:
+    """A tile's event counts into (``sign`` 1) or out of (-1) one window's counts."""
+    for e, n in tile["n"].items():
+        _bump(counts, e, sign * n)
+
+
+def _add_totals(sums: dict, tile: dict, sign: int) -> None:
+    """A tile's money and category, device and channel counts into or out of the 30-day sums."""
+    for key in ("spend", "ps", "pn"):
+        sums[key] += sign * tile[key]
+    for key in ("cat", "dev", "ch"):
+        for name, n in tile[key].items():
+            _bump(sums[key], name, sign * n)
 
 
 def _tile(state: dict, hour: int) -> dict:
@@ -276,13 +286,8 @@ def walked_sums(state: dict, hour: int) -> dict:
         tile = _tile(state, h)
         for name, span in WINDOW_HOURS.items():
             if age < span:
-                for e, n in tile["n"].items():
-                    _bump(sums["n"][name], e, n)
-        for key in ("spend", "ps", "pn"):
-            sums[key] += tile[key]
-        for key in ("cat", "dev", "ch"):
-            for name, n in tile[key].items():
-                _bump(sums[key], name, n)
+                _add_counts(sums["n"][name], tile, 1)
+        _add_totals(sums, tile, 1)
         items.update(tile["items"])
     sums["d"] = len(items)
     return sums
