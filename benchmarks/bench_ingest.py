@@ -16,9 +16,9 @@ from pathlib import Path
 
 from bench_common import timed, write_results
 
-from eventlog.ingest import ingest
 from eventlog.sources import load_batch
 from eventlog.store import EventLog, new_batch_id
+from ingestion.ingest import ingest
 from persona import sample_data
 from validation.gate import Gate, GateSettings
 

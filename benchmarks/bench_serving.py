@@ -33,11 +33,11 @@ import pandas as pd
 from bench_common import percentiles, wait_ready, write_results
 from tqdm import tqdm
 
-from eventlog.ingest import ingest
 from eventlog.sources import load_batch
 from eventlog.store import EventLog
 from feature_repo.pipeline import stores
 from feature_repo.pipeline.build import build
+from ingestion.ingest import ingest
 from persona import sample_data
 from validation.gate import Gate
 

@@ -41,7 +41,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from eventlog.contract import is_null
+from core.contract import is_null
 from training.dataset import STATE_COLUMNS
 from training.model import ModelConfig, ProfileModel, default_bert_path
 from training.train import TrainConfig, pick_device

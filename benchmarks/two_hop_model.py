@@ -21,9 +21,9 @@ class TwoHopModel:
     def __init__(self) -> None:
         import torch
 
+        from core import config
         from eventlog.store import EventLog
         from feature_repo.pipeline import stores
-        from persona import config
         from training.dataset import online_catalogue
         from training.model import in_batches
         from training.workflow import load_from_bentoml

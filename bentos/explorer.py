@@ -56,7 +56,7 @@ class Workspace:
 
     @cached_property
     def cfg(self):
-        from persona import config
+        from core import config
 
         return config.load(self.root)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from bentos import privacy_routes
 from bentos.edge import _incident, is_outage
-from persona.privacy import Privacy
+from core.privacy import Privacy
 
 MAX_UNKNOWN_FIELDS = 32  # fields outside the events contract, per event (the log keeps them as `extra`)
 MAX_UNKNOWN_FIELD_BYTES = 4096  # each one's size as JSON
@@ -64,7 +64,7 @@ class Intake:
 
     def post(self, events: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
         """The status and the answer: which events were accepted, which rejected and why."""
-        from eventlog.contract import columns
+        from core.contract import columns
         from eventlog.sources import StructuralError, normalise
 
         known = set(columns("events"))
@@ -103,8 +103,8 @@ class Intake:
                         "pushed_users": users if online == "updated" else [], "online_update": online}
 
     def _append(self, tb):
-        from eventlog.ingest import ingest
         from eventlog.sources import Batch
+        from ingestion.ingest import ingest
         from validation.gate import Gate, GateSettings
 
         v = self.cfg.validation

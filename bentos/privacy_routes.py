@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from persona.privacy import Privacy
+from core.privacy import Privacy
 
 ERASED_RULE = "erased_user"
 
@@ -39,9 +39,9 @@ def unreadable(user_ids: list[str]) -> dict[str, Any] | None:
 
 def screen(tb, log, privacy: Privacy):
     """Pseudonymise posted events and take out those of erased users: (batch, positions taken out)."""
-    from eventlog.pseudonyms import pseudonymise_table
     from eventlog.sources import Batch
     from eventlog.tombstones import drop_erased, subset
+    from ingestion.screen import pseudonymise_table
 
     if privacy.id_key:
         tb = pseudonymise_table(tb, privacy)
@@ -73,14 +73,14 @@ def clear_caches(service) -> None:
 
 
 def forget(service, cfg, user_ids: list[str], reason: str | None) -> dict[str, Any]:
-    from persona.erasure import forget as run_forget
+    from privacy.forget import forget as run_forget
 
     report = run_forget(cfg, user_ids, reason, log=service.history.log, clear_caches=lambda: clear_caches(service))
     return report.to_dict() | {"id_hashes": report.id_hashes}
 
 
 def export(service, cfg, user_id: str, profile: dict, ranking: dict) -> dict[str, Any]:
-    from persona.export import export_user
+    from privacy.export import export_user
 
     data = export_user(cfg, user_id, log=service.history.log, store=service.features.store)
     return data | {"profile": profile, "latest_ranking": ranking}

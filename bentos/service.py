@@ -49,7 +49,7 @@ from bentos.edge import (  # noqa: F401 - re-exported: the edge is part of this 
     is_outage,
 )
 from bentos.intake import MAX_UNKNOWN_FIELD_BYTES, MAX_UNKNOWN_FIELDS, Intake, UserLocks  # noqa: F401
-from eventlog.contract import is_null
+from core.contract import is_null
 
 WORKSPACE = Path(os.environ.get("PERSONA_WORKSPACE", "workspace")).resolve()
 os.environ.setdefault("BENTOML_HOME", str(WORKSPACE / "bentoml"))
@@ -152,7 +152,7 @@ def _freeze_startup_heap() -> None:
     import gc
     import importlib
 
-    for module in ("eventlog.ingest", "validation.gate", "feature_repo.pipeline.build"):
+    for module in ("ingestion.ingest", "validation.gate", "feature_repo.pipeline.build"):
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
     gc.collect()
@@ -504,10 +504,10 @@ class Persona:
     encoder = bentoml.depends(TextEncoder)
 
     def __init__(self) -> None:
+        from core import config
         from eventlog import tombstones
         from eventlog.store import EventLog
         from feature_repo.pipeline import stores
-        from persona import config
 
         _torch_threads()
         cfg = config.load(WORKSPACE)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from eventlog.contract import CONTRACT, INVALID_UTF8, TABLES, columns, required_columns
+from core.contract import CONTRACT, INVALID_UTF8, TABLES, columns, required_columns
 
 codecs.register_error("persona_mark_invalid", lambda err: (INVALID_UTF8 * (err.end - err.start), err.end))
 

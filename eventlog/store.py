@@ -18,7 +18,7 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from eventlog.contract import CONTRACT, KEY_COLUMN
+from core.contract import CONTRACT, KEY_COLUMN
 
 _SQL_TYPES = {"string": sa.Text, "int": sa.BigInteger, "float": sa.Float, "timestamp": sa.DateTime}
 

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from persona import config as config_mod
+from core import config as config_mod
 
 app = typer.Typer(help="Persona: user profiling and personalised ranking for online shops.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -54,7 +54,7 @@ def _event_log(cfg: config_mod.Config):
 
 
 def _privacy(cfg: config_mod.Config):
-    from persona.privacy import Privacy
+    from core.privacy import Privacy
 
     try:
         return Privacy.for_workspace(cfg.workspace, cfg)
@@ -112,7 +112,7 @@ def ingest(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Validate a batch and append it to the event log; bad rows go to the quarantine."""
-    from eventlog.ingest import ingest as run_ingest
+    from ingestion.ingest import ingest as run_ingest
 
     cfg = _config(workspace, profile)
     batch = _load(source)
@@ -164,7 +164,7 @@ def validate(
     docs: Annotated[bool, typer.Option(help="Also build GX Data Docs.")] = True,
 ) -> None:
     """Run the suites without ingesting; write a Markdown/HTML summary and GX Data Docs."""
-    from eventlog.pseudonyms import pseudonymise_batch
+    from ingestion.screen import pseudonymise_batch
     from validation.gate import KnownIds
     from validation.report import build_data_docs, rejected_rows, rule_table, summary_tables, write_summary
 
@@ -261,7 +261,7 @@ def quarantine_list(
     if as_json:
         print(rows[cols + ["payload"]].to_json(orient="records", date_format="iso"))
         return
-    from persona.privacy import mask_reason
+    from core.privacy import mask_reason
 
     table = Table(title=f"{len(rows)} quarantined row(s)")
     for col in ("id", "batch", "table", "row", "key", "rule", "column", "reason", "status"):
@@ -287,7 +287,7 @@ def quarantine_replay(
 
     Without --batch only rows that broke a rule are retried; held batches stay held until named.
     """
-    from eventlog.ingest import replay
+    from ingestion.ingest import replay
 
     cfg = _config(workspace, profile)
     log = _event_log(cfg)
@@ -665,7 +665,7 @@ def forget(
     """Erase users everywhere (event log, quarantine, offline and online stores, reports, checkpoints).
 
     Leaves a tombstone (a salted hash and the time). Idempotent: re-run until it says complete."""
-    from persona.erasure import forget as run_forget
+    from privacy.forget import forget as run_forget
 
     cfg = _config(workspace, profile)
     try:
@@ -693,7 +693,7 @@ def export(
     profile: Profile = None,
 ) -> None:
     """Everything Persona holds about a user (raw rows, offline and online features, tags) as JSON."""
-    from persona.export import export_with_ranking, write
+    from privacy.export import export_with_ranking, write
 
     cfg = _config(workspace, profile)
     try:
@@ -728,7 +728,7 @@ def _erased_in_models(cfg, models: list[dict]) -> list[dict]:
 
 def _provenance(cfg, events) -> dict:
     """The model's training users as a Bloom filter of salted hashes (see training/provenance.py)."""
-    from persona.privacy import Privacy
+    from core.privacy import Privacy
     from training.provenance import METADATA_KEY, bloom
 
     privacy = Privacy.for_workspace(cfg.workspace, cfg)
@@ -737,8 +737,8 @@ def _provenance(cfg, events) -> dict:
 
 def _without_erased(cfg, events):
     """Events of tombstoned users never reach a new model (the log no longer holds them, but be sure)."""
+    from core.privacy import Privacy
     from eventlog import tombstones
-    from persona.privacy import Privacy
 
     log = _event_log(cfg)
     try:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from eventlog.ingest import ingest
 from eventlog.sources import load_batch
 from eventlog.store import EventLog
+from ingestion.ingest import ingest
 from persona import sample_data
 from validation.gate import Gate
 

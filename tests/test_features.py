@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 import redis
 
-from eventlog.ingest import ingest
+from core import config as config_mod
 from eventlog.sources import load_batch
 from eventlog.store import EventLog
 from feature_repo.pipeline import stores
 from feature_repo.pipeline.build import build, push_users
-from persona import config as config_mod
+from ingestion.ingest import ingest
 from persona import sample_data
 from validation.gate import Gate, GateSettings
 

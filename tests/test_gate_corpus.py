@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from eventlog.ingest import ingest
 from eventlog.sources import StructuralError, load_batch
 from eventlog.store import EventLog
+from ingestion.ingest import ingest
 from persona import sample_data
 from validation.gate import Gate, GateSettings
 

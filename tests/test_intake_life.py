@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from eventlog.ingest import ingest, replay
 from eventlog.sources import Batch, load_batch, normalise
 from eventlog.store import EventLog, events
+from ingestion.ingest import ingest, replay
 from persona import sample_data
 from validation.gate import Gate, GateSettings, KnownIds
 

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import redis
 
-from eventlog.ingest import ingest, replay
+from core import config as config_mod
 from eventlog.sources import load_batch
 from eventlog.store import EventLog
 from feature_repo.pipeline import stores
+from ingestion.ingest import ingest, replay
 from persona import cli, sample_data
-from persona import config as config_mod
 from validation.gate import Gate, GateSettings
 
 USER_VIEWS = ("user_personal", "user_behaviour", "user_activity", "user_text", "user_sequence")

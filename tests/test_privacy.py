@@ -14,13 +14,13 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from eventlog.ingest import ingest
+from core import config as config_mod
+from core.privacy import Privacy
 from eventlog.sources import load_batch
 from eventlog.store import EventLog
 from feature_repo.pipeline import stores
+from ingestion.ingest import ingest
 from persona import cli, sample_data
-from persona import config as config_mod
-from persona.privacy import Privacy
 from validation.gate import Gate, GateSettings
 
 PLANTED = "u_planted_" + uuid.uuid4().hex[:8]
@@ -219,7 +219,7 @@ def test_duckdb_files_are_rewritten(tmp_path):
 
 
 def test_bloom_filter_records_training_users():
-    from persona.privacy import id_hash
+    from core.privacy import id_hash
     from training.provenance import bloom, might_contain, trained_on_erased
 
     salt = b"s"
@@ -233,7 +233,7 @@ def test_bloom_filter_records_training_users():
 
 
 def test_reasons_of_personal_columns_are_masked():
-    from persona.privacy import mask_reason
+    from core.privacy import mask_reason
 
     masked = mask_reason("events", "query", f"query is at most 1000 characters (got '{LONG_QUERY[:57]}...')")
     assert "plantedlongquery" not in masked
@@ -341,7 +341,7 @@ def test_service_forget_export_caches_models_and_clean_logs(tmp_path, shop, tiny
 
 
 def test_pseudonymous_ids_end_to_end(tmp_path, shop, monkeypatch):
-    from persona.privacy import pseudonym
+    from core.privacy import pseudonym
 
     monkeypatch.setenv("PERSONA_ID_KEY", "secret-key-for-tests")
     monkeypatch.delenv("PERSONA_WORKSPACE", raising=False)

@@ -11,12 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eventlog.ingest import ingest
 from eventlog.sources import Batch, load_batch, normalise
 from eventlog.store import EventLog
 from feature_repo.pipeline import stores
 from feature_repo.pipeline.build import build, push_users
 from feature_repo.pipeline.push import push_events
+from ingestion.ingest import ingest
 from persona import sample_data
 from validation.gate import Gate, GateSettings
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from eventlog.ingest import ingest
 from eventlog.sources import load_batch
 from eventlog.store import EventLog
 from feature_repo.pipeline import stores
 from feature_repo.pipeline.build import build
+from ingestion.ingest import ingest
 from persona import sample_data
 from training.workflow import MODEL_ROWS, PERSONA, RunConfig, run
 from validation.gate import Gate, GateSettings

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eventlog.contract import CONTRACT, EVENT_TYPES
+from core.contract import CONTRACT, EVENT_TYPES
 from persona import sample_data
 
 

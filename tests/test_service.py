@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eventlog.ingest import ingest
 from eventlog.sources import load_batch
 from eventlog.store import EventLog
 from feature_repo.pipeline import stores
 from feature_repo.pipeline.build import build
+from ingestion.ingest import ingest
 from persona import sample_data
 from validation.gate import Gate
 
@@ -315,9 +315,9 @@ def test_request_frame_is_what_feasts_frame_gives(server, live_shop, monkeypatch
     from bentoml._internal.models import ModelStore
 
     from bentos.answers import summary
+    from core import config
     from eventlog.store import EventLog
     from feature_repo.pipeline import stores
-    from persona import config
 
     monkeypatch.setenv("PERSONA_WORKSPACE", str(server.workspace))
     BentoMLContainer.model_store.set(ModelStore(str(server.workspace / "bentoml" / "models")))
@@ -623,7 +623,7 @@ def test_schemathesis_finds_no_server_errors(server):
 @pytest.mark.postgres
 def test_redis_outage_gives_503_and_recovers(tmp_path, shop, pg_url, tiny_bert):
     """prod profile: stop Redis under a running service, then start it again."""
-    from persona import config as config_mod
+    from core import config as config_mod
 
     ws = tmp_path / "ws"
     env = {**os.environ, "PERSONA_POSTGRES_URL": pg_url, "PERSONA_REDIS_URL": "redis://127.0.0.1:6379/9",

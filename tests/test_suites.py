@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from eventlog.contract import CONTRACT
+from core.contract import CONTRACT
 from validation.suites import SUITE_DIR, suite_json
 
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from eventlog.ingest import ingest
 from eventlog.sources import load_batch
 from eventlog.store import EventLog
 from feature_repo.pipeline import stores
 from feature_repo.pipeline.build import build
+from ingestion.ingest import ingest
 from persona import sample_data
 from persona.cli import app
 from training import dataset

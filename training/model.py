@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from eventlog.contract import is_null
+from core.contract import is_null
 
 MISSING = "<missing>"
 EVENT_TYPES = ("click", "add_to_cart", "purchase", "review", "view", "search")  # index 0 = padding / unknown

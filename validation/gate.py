@@ -24,7 +24,7 @@ import great_expectations as gx
 import numpy as np
 import pandas as pd
 
-from eventlog.contract import INVALID_UTF8, KEY_COLUMN, is_null
+from core.contract import INVALID_UTF8, KEY_COLUMN, is_null
 from eventlog.sources import Batch, TableBatch
 from eventlog.store import differing_columns
 from validation.suites import NOT_FUTURE_PARAM, load_suite

@@ -25,7 +25,7 @@ MAX_LISTED = 200  # rows listed per report; the quarantine table keeps all of th
 def rejected_rows(batch: Batch, result: GateResult, personal_values: bool = False) -> pd.DataFrame:
     """One line per rejected row: table, row number, key, rule, column, reason (values of personal
     columns masked unless ``personal_values``)."""
-    from persona.privacy import mask_reason
+    from core.privacy import mask_reason
 
     records = []
     for table, verdict in result.verdicts.items():
@@ -101,7 +101,7 @@ def build_data_docs(workspace: Path, batch: Batch, now: datetime, skew: timedelt
     GX keeps sample unexpected values: for tables with personal columns none are kept unless
     ``personal_values`` (the workspace's ``privacy.show_personal_values``) allows it.
     """
-    from persona.privacy import PERSONAL_COLUMNS
+    from core.privacy import PERSONAL_COLUMNS
 
     root = workspace / "gx"
     root.mkdir(parents=True, exist_ok=True)

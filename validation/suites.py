@@ -1,6 +1,6 @@
 """The expectation suites: every row rule of the input contract, one suite per table.
 
-Code builds the suites from ``eventlog.contract`` and ``persona suites write`` saves them as JSON
+Code builds the suites from ``core.contract`` and ``persona suites write`` saves them as JSON
 under ``validation/gx/expectations/``; a test keeps the checked-in JSON equal to the code, so a
 rule change shows up in review as a JSON diff. Each expectation carries ``meta.rule`` (a short
 name used in quarantine reports) and ``meta.description`` (the readable reason).
@@ -15,7 +15,7 @@ import great_expectations as gx
 import great_expectations.expectations as gxe
 from great_expectations.expectations.row_conditions import Column as Col
 
-from eventlog.contract import CONTRACT, EVENT_TYPES, INVALID_UTF8, KEY_COLUMN
+from core.contract import CONTRACT, EVENT_TYPES, INVALID_UTF8, KEY_COLUMN
 
 GX_DIR = Path(__file__).parent / "gx"
 SUITE_DIR = GX_DIR / "expectations"

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import pandas as pd
 import sqlalchemy as sa
 
-from eventlog.contract import is_null
+from core.contract import is_null
 from eventlog.store import EventLog, items
 from feature_repo.pipeline import fold
 from feature_repo.pipeline.stores import push_latest, skip_dedup

@@ -11,8 +11,8 @@ from dataclasses import replace
 
 import pandas as pd
 
+from core.privacy import Privacy
 from eventlog.sources import Batch, TableBatch
-from persona.privacy import Privacy
 
 
 def pseudonymise_batch(batch: Batch, privacy: Privacy) -> Batch:

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persona.privacy import ERASED
+from core.privacy import ERASED
 
 LINE_FILES = {".csv", ".tsv", ".md", ".txt", ".log", ".jsonl", ".yaml", ".yml"}
 HTML_FILES = {".html", ".htm"}

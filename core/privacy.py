@@ -73,7 +73,7 @@ class Privacy:
 
     @classmethod
     def for_workspace(cls, workspace: Path, cfg=None) -> Privacy:
-        from persona import config as config_mod
+        from core import config as config_mod
 
         cfg = cfg or config_mod.load(workspace)
         key = None

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from core import config as config_mod
+from core.privacy import Privacy
 from eventlog import erase as log_erase
 from eventlog.store import EventLog
 from feature_repo.pipeline import stores
-from persona import config as config_mod
-from persona.privacy import Privacy
 
 KEY = "user_id"
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import pandas as pd
 
-from eventlog.contract import KEY_COLUMN
+from core.contract import KEY_COLUMN
 from eventlog.sources import Batch, normalise
 from eventlog.store import EventLog, WriteCounts, new_batch_id
 from validation.gate import Gate, GateResult, KnownIds, Violation
@@ -120,9 +120,9 @@ def ingest(batch: Batch, log: EventLog, gate: Gate, *, dry_run: bool = False,
 
 def _privacy_filter(batch: Batch, log: EventLog, privacy, replayed):
     """Pseudonymise, then drop erased users' rows (renumbering ``replayed`` to the rows kept)."""
-    from eventlog.pseudonyms import pseudonymise_batch
+    from core.privacy import Privacy
     from eventlog.tombstones import drop_erased
-    from persona.privacy import Privacy
+    from ingestion.screen import pseudonymise_batch
 
     privacy = privacy or Privacy.for_log(log.url)
     batch = pseudonymise_batch(batch, privacy)

@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from core import config as config_mod
+from core.privacy import Privacy
 from eventlog import erase as log_erase
 from eventlog import tombstones
 from eventlog.store import EventLog
 from feature_repo.pipeline import erase as store_erase
-from persona import config as config_mod
-from persona.privacy import Privacy
-from persona.scrub import scrub_workspace
+from privacy.scrub import scrub_workspace
 
 MIN_ID_LENGTH = 6  # shorter ids would match unrelated bytes in files: the stores are still erased
 

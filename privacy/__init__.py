@@ -1,0 +1,1 @@
+"""Forget, export and scrub: orchestration over each store's own erase and rows."""
