@@ -17,6 +17,7 @@ CONFIG_FILE = "persona.yaml"
 ENV_EVENT_LOG_URL = "PERSONA_EVENT_LOG_URL"  # overrides the event log in any profile
 ENV_POSTGRES_URL = "PERSONA_POSTGRES_URL"  # prod: offline store, registry and event log
 ENV_REDIS_URL = "PERSONA_REDIS_URL"  # prod: online store
+MODEL_NAME = "persona-profile"  # the BentoML model every `persona train` saves a version of
 
 
 @dataclass
