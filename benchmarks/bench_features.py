@@ -22,7 +22,7 @@ import redis
 import sqlalchemy as sa
 from bench_common import load_log, percentiles, timed, write_results
 
-from feature_repo.pipeline import stores
+from feature_repo.pipeline import materialize, offline, registry
 from feature_repo.pipeline.build import build
 from persona import sample_data
 
@@ -48,10 +48,10 @@ def online_latency(store, users: list[str], n: int = 500) -> dict:
 
 
 def materialize_rate(ws: Path, profile: str, behaviour: pd.DataFrame) -> dict:
-    stores.apply(ws, profile)
+    registry.apply(ws, profile)
     tables = {"user_behaviour": behaviour}
-    stores.write_offline(profile, ws, tables)
-    store = stores.feature_store(ws)
+    offline.write_offline(profile, ws, tables)
+    store = registry.feature_store(ws)
     _, secs = timed(lambda: store.materialize(start_date=datetime(1970, 1, 1, tzinfo=UTC),
                                               end_date=datetime.now(UTC), feature_views=["user_behaviour"]))
     return {"users": len(behaviour), "seconds": round(secs, 2), "rows_per_second": round(len(behaviour) / secs)}
@@ -85,7 +85,7 @@ def main() -> None:
         try:
             results["materialize_redis"] = materialize_rate(tmp / "mat_redis", "prod", big)
             print("materialize redis:", results["materialize_redis"], flush=True)
-            redis_store = stores.feature_store(tmp / "mat_redis")
+            redis_store = registry.feature_store(tmp / "mat_redis")
             users = list(big["user_id"].head(5000))
             samples = []
             for u in users[:500]:
@@ -100,9 +100,9 @@ def main() -> None:
                 conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
 
         # Full local workspace: apply, materialize, then historical and online reads.
-        store, _ = stores.apply(ws, "local")
-        stores.write_offline("local", ws, tables)
-        stores.materialize(ws, full=True)
+        store, _ = registry.apply(ws, "local")
+        offline.write_offline("local", ws, tables)
+        materialize.materialize(ws, full=True)
         ev = shop["events"].sample(min(HIST_ROWS, len(shop["events"])), random_state=0)
         entity = pd.DataFrame({"user_id": ev["user_id"].to_numpy(), "event_timestamp": ev["event_timestamp"].to_numpy(),
                                "device": ev["device"].to_numpy(), "channel": ev["channel"].to_numpy(),
@@ -123,10 +123,10 @@ def main() -> None:
         redis.Redis(db=14).flushdb()
         try:
             pws = tmp / "prod"
-            pstore, _ = stores.apply(pws, "prod")
-            stores.write_offline("prod", pws, {k: v for k, v in tables.items() if k != "user_behaviour"}
+            pstore, _ = registry.apply(pws, "prod")
+            offline.write_offline("prod", pws, {k: v for k, v in tables.items() if k != "user_behaviour"}
                                  | {"user_behaviour": newest})
-            stores.materialize(pws, full=True)
+            materialize.materialize(pws, full=True)
             results["online_redis_profile_v1"] = online_latency(pstore, users)
             print("online redis:", results["online_redis_profile_v1"], flush=True)
         finally:
@@ -140,8 +140,8 @@ def main() -> None:
             import pyspark  # noqa: F401
 
             sws = tmp / "spark"
-            sstore, _ = stores.apply(sws, "spark")
-            stores.write_offline("spark", sws, tables)
+            sstore, _ = registry.apply(sws, "spark")
+            offline.write_offline("spark", sws, tables)
             # Feast's Spark store collects the whole result on the driver: 1M rows x 58 columns overflow a
             # 4 GB local driver here, so the default is 200k rows (BENCH_SPARK_ROWS overrides).
             spark_rows = int(os.environ.get("BENCH_SPARK_ROWS", 200_000))

@@ -41,7 +41,8 @@ from bench_common import load_log, wait_ready, write_results
 
 from eventlog.sources import normalise
 from eventlog.store import new_batch_id
-from feature_repo.pipeline import stores
+from feature_repo.pipeline import materialize as materialization
+from feature_repo.pipeline import registry
 from feature_repo.pipeline.build import build
 from persona import sample_data
 
@@ -107,7 +108,7 @@ def prepare(ws: Path) -> dict[str, pd.DataFrame]:
     end = pd.Timestamp.now(tz="UTC").floor("h") - pd.Timedelta(hours=1)
     shop = sample_data.generate(N_USERS, N_ITEMS, 30, seed=7, end=end)
     log = load_log(ws, shop)
-    stores.apply(ws, "local")
+    registry.apply(ws, "local")
     features(log, ws)
     subprocess.run([str(BIN / "persona"), "train", "-w", str(ws), "--epochs", "1", "--max-positives", "1000",
                     "--splits", "global", "--no-baselines", "--no-refit"],
@@ -122,7 +123,7 @@ def prepare(ws: Path) -> dict[str, pd.DataFrame]:
 
 def features(log, ws: Path) -> None:
     build(log, "local", ws)
-    stores.materialize(ws, full=True)
+    materialization.materialize(ws, full=True)
 
 
 def append(log, tables: dict[str, pd.DataFrame]) -> None:

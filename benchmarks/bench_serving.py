@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from eventlog.sources import load_batch
 from eventlog.store import EventLog
-from feature_repo.pipeline import stores
+from feature_repo.pipeline import feast_config, materialize, registry
 from feature_repo.pipeline.build import build
 from ingestion.ingest import ingest
 from persona import sample_data
@@ -57,9 +57,9 @@ def prepare(ws: Path) -> dict[str, pd.DataFrame]:
     ws.mkdir(parents=True, exist_ok=True)
     log = EventLog(f"sqlite:///{ws / 'eventlog.db'}")
     ingest(load_batch(data), log, Gate())
-    stores.apply(ws, "local")
+    registry.apply(ws, "local")
     build(log, "local", ws)
-    stores.materialize(ws)
+    materialize.materialize(ws)
     log.dispose()
     subprocess.run([str(BIN / "persona"), "train", "-w", str(ws), "--finetune-layers", "0", "--epochs", "1",
                     "--max-positives", "1000", "--splits", "global", "--no-baselines", "--no-refit"],
@@ -161,7 +161,7 @@ def main() -> None:
     procs = [
         start([str(BIN / "bentoml"), "serve", "bentos.service:Persona", "--host", "127.0.0.1", "--port", str(p_rank)],
               env, f"http://127.0.0.1:{p_rank}/readyz", logs / "persona.log"),
-        start([str(BIN / "feast"), "-c", str(REPO / "feature_repo"), "-f", str(stores.yaml_path(ws)), "serve",
+        start([str(BIN / "feast"), "-c", str(REPO / "feature_repo"), "-f", str(feast_config.yaml_path(ws)), "serve",
                "-h", "127.0.0.1", "-p", str(p_feast), "--no-access-log"], env,
               f"http://127.0.0.1:{p_feast}/health", logs / "feast.log"),
         start([str(BIN / "bentoml"), "serve", "two_hop_model:TwoHopModel", "--host", "127.0.0.1", "--port",

@@ -24,11 +24,12 @@ from pathlib import Path
 import pandas as pd
 from bench_common import load_log, write_results
 
-from feature_repo.pipeline import stores
+from feature_repo.pipeline import registry
 from feature_repo.pipeline.build import build
 from persona import sample_data
+from training.model_store import load_from_bentoml
 from training.train import pick_device
-from training.workflow import load_from_bentoml, recommend
+from training.workflow import recommend
 
 AMAZON = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-office"
 BIN = Path(sys.executable).parent
@@ -71,9 +72,9 @@ def main() -> None:
         os.environ["BENTOML_HOME"] = str(tmp / "gen" / "bentoml")
         model, _, _ = load_from_bentoml("latest")
         log = load_log(tmp / "rec", sample_data.generate(10_000, 10_000, 7, seed=0))
-        stores.apply(tmp / "rec", "local")
+        registry.apply(tmp / "rec", "local")
         build(log, "local", tmp / "rec")
-        store = stores.feature_store(tmp / "rec")
+        store = registry.feature_store(tmp / "rec")
         events, items = log.read_table("events"), log.read_table("items")
         start = time.perf_counter()
         all_users = sorted(log.read_table("users")["user_id"])  # every user, cold ones included

@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 from bench_common import percentiles, write_results
 
-from training.model import Catalogue, FeatureSpec, ModelConfig, ProfileModel
+from training.encoding import FeatureSpec
+from training.model import Catalogue, ModelConfig, ProfileModel
 
 N_ITEMS, N_NUMERIC, N_CATEGORICAL, REPEATS = 10_000, 45, 8, 300
 

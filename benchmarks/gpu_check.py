@@ -120,10 +120,11 @@ class ReplayStore:
 
 def record(workspace: Path, folder: Path) -> None:
     """Run the protocol's reads against the workspace's Feast store and keep everything replay needs."""
-    from persona import cli
+    from persona.cli.common import _config
+    from persona.cli.models import _training_inputs
 
-    cfg = cli._config(workspace)
-    store, events, items = cli._training_inputs(cfg)
+    cfg = _config(workspace)
+    store, events, items = _training_inputs(cfg)
     recorder = RecordingStore(store, folder)
     # One epoch of Persona alone: the fetched rows are the same for every model and any epochs.
     run_cfg = RunConfig(train=TrainConfig(epochs=1, max_seconds=30), models=("persona",))

@@ -23,13 +23,13 @@ class TwoHopModel:
 
         from core import config
         from eventlog.store import EventLog
-        from feature_repo.pipeline import stores
+        from feature_repo.pipeline import registry
         from training.dataset import online_catalogue
         from training.model import in_batches
-        from training.workflow import load_from_bentoml
+        from training.model_store import load_from_bentoml
 
         self.model, _, _ = load_from_bentoml("latest")
-        store = stores.feature_store(WORKSPACE)
+        store = registry.feature_store(WORKSPACE)
         log = EventLog(config.load(WORKSPACE).resolved_event_log_url())
         self.item_ids = log.read_table("items")["item_id"].astype(str).tolist()
         with torch.no_grad():

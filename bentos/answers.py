@@ -1,11 +1,16 @@
-"""The wording of the service's answers: ranked items with their reasons, and a profile's summary."""
+"""The wording of the service's answers: ranked items with their reasons, and a profile with its summary."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import pandas as pd
+
+from feature_repo.pipeline.profile import summary
+
 if TYPE_CHECKING:
-    from bentos.service import Ranked, Ranker, UserFrame
+    from bentos.ranking import Ranked, Ranker
+    from bentos.user_state import UserFrame
 
 
 def rank_answer(user_id: str, ranker: Ranker, ranked: Ranked, user: UserFrame) -> dict[str, Any]:
@@ -26,8 +31,6 @@ def profile_answer(user_id: str, user: UserFrame, vector: list[float], last_even
 
 
 def reasons(user, item, query: str | None, source: str | None) -> list[str]:
-    import pandas as pd
-
     out = []
     if query and isinstance(item.get("item_title"), str):
         words = set(query.lower().split()) & set(item["item_title"].lower().replace(",", " ").split())
@@ -44,22 +47,3 @@ def reasons(user, item, query: str | None, source: str | None) -> list[str]:
     if pd.notna(views) and views >= 20:
         out.append("popular this week")
     return out or ["picked for your profile"]
-
-
-def summary(row, last_event: str | None) -> dict[str, Any]:
-    import pandas as pd
-
-    def num(name):
-        v = row.get(name)
-        return 0 if v is None or pd.isna(v) else v
-
-    cats = [row.get(f"top_category_{n}_30d") for n in (1, 2, 3)]
-    purchases, clicks = num("purchase_count_30d"), num("click_count_30d")
-    segment = ("new" if num("view_count_30d") + clicks == 0 else "buyer" if purchases >= 3
-               else "shopper" if purchases >= 1 else "browser")
-    queries = row.get("recent_queries")
-    return {"top_categories": [c for c in cats if isinstance(c, str)],
-            "recent_intents": queries.split(" | ")[:3] if isinstance(queries, str) and queries else [],
-            "segment": segment, "last_event": last_event, "age_band": row.get("age_band"),
-            "activity_30d": {"views": int(num("view_count_30d")), "clicks": int(clicks),
-                             "purchases": int(purchases), "spend": round(float(num("spend_30d")), 2)}}

@@ -3,6 +3,9 @@
 - ``RequestGuard``: what the API cannot take (API key, non-JSON, a body over 2 MB however it arrives);
 - ``QuietClientErrors``: a client's 4xx is one INFO line, without a traceback or the input;
 - ``answer``: a store outage is a 503 to retry; any other failure a JSON 500, with its cause in the log.
+
+It knows nothing of the routes behind it beyond which paths are open: this module imports no other
+part of ``bentos``.
 """
 
 from __future__ import annotations
@@ -18,11 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
-
-from bentos import explorer
+from bentoml.exceptions import BentoMLException
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
 
 MAX_BODY_BYTES = 2_000_000
+UI_MOUNT = "/ui"  # where the profile explorer is mounted: its page and static files are open
 logger = logging.getLogger("persona.service")
+
+
+def is_public(path: str) -> bool:
+    """The explorer's page and its static files hold no data: they load without the key (its data calls need it)."""
+    if ".." in path:  # never let a static-looking path reach anything else
+        return False
+    return path in (UI_MOUNT, UI_MOUNT + "/", UI_MOUNT + "/index.html") or path.startswith(UI_MOUNT + "/static/")
 
 
 class RequestGuard:
@@ -42,7 +54,7 @@ class RequestGuard:
         self.key = os.environ.get("PERSONA_API_KEY")
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.OPEN or explorer.is_public(scope["path"]):
+        if scope["type"] != "http" or scope["path"] in self.OPEN or is_public(scope["path"]):
             await self.app(scope, receive, send)
             return
         headers = {k.decode().lower(): v.decode(errors="replace") for k, v in scope.get("headers") or []}
@@ -56,8 +68,6 @@ class RequestGuard:
             else:
                 receive = _replay(body, receive)
         if problem:
-            from starlette.responses import JSONResponse
-
             await JSONResponse({"error": problem[1]}, status_code=problem[0])(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -131,9 +141,6 @@ class QuietClientErrors(logging.Filter):
 
 
 def _client_error(exc: BaseException) -> int | None:
-    from bentoml.exceptions import BentoMLException
-    from pydantic import ValidationError
-
     if isinstance(exc, ValidationError):
         return 400
     status = exc.error_code.value if isinstance(exc, BentoMLException) else getattr(exc, "status_code", None)
@@ -142,8 +149,6 @@ def _client_error(exc: BaseException) -> int | None:
 
 def _what(exc: BaseException) -> str:
     """Which fields were wrong, never their values (they may be a user's text)."""
-    from pydantic import ValidationError
-
     if isinstance(exc, ValidationError):
         fields = sorted({".".join(str(p) for p in e["loc"]) or "body" for e in exc.errors(include_input=False)})
         return f"{exc.error_count()} validation error(s): {', '.join(fields)}"
@@ -206,10 +211,13 @@ def _cause(exc: BaseException) -> str:
     return "; raised while handling ".join(parts)
 
 
-def _incident(route: str, user_id: str, exc: BaseException) -> str:
-    incident = uuid.uuid4().hex[:12]
-    logger.error("%s failed for user %r (incident %s): %s", route, user_id[:256], incident, _cause(exc))
-    return incident
+def incident(route: str, user_id: str, exc: BaseException) -> str:
+    """Log a failure's cause under a new incident id, and return the id (the answer carries it)."""
+    found = uuid.uuid4().hex[:12]
+    logger.error("%s failed for user %r (incident %s): %s", route, user_id[:256], found, _cause(exc))
+    return found
+
+
 
 
 def answer(ctx: bentoml.Context, route: str, user_id: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -223,4 +231,4 @@ def answer(ctx: bentoml.Context, route: str, user_id: str, work: Callable[[], di
             reason = str(exc) if isinstance(exc, StoreUnavailable) else f"a store is unavailable: {type(exc).__name__}"
             return {"error": reason, "retry": True}
         ctx.response.status_code = HTTPStatus.INTERNAL_SERVER_ERROR
-        return {"error": "internal error", "retry": False, "incident": _incident(route, user_id, exc)}
+        return {"error": "internal error", "retry": False, "incident": incident(route, user_id, exc)}

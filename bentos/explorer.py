@@ -22,14 +22,30 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import bentoml
+import numpy as np
+import sqlalchemy as sa
+from bentoml.exceptions import NotFound
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from bentos.edge import incident, is_outage
+from core import config
+from core.config import MODEL_NAME
+from core.plain import iso, plain
+from eventlog.store import EventLog, events, items
+from eventlog.store import batches as batch_table
+from eventlog.store import users as user_table
+from feature_repo.pipeline.feast_adapter import read_rows
+from feature_repo.pipeline.profile import SEGMENT_FEATURES, summary
+from feature_repo.pipeline.registry import feature_store
+from feature_repo.pipeline.windows import decode, tiles_of
+from training.dataset import USER_SERVICE
+
 UI_DIR = Path(__file__).with_name("ui")
-MOUNT = "/ui"
 FAMILIES = ("personal", "behaviour", "context", "text")
 TIMELINE_EVENTS = 25
 USERS_LISTED = 12
@@ -37,13 +53,6 @@ BATCHES_LISTED = 10
 DAYS_CHARTED = 60
 REPORT_SUFFIXES = {".html": "text/html; charset=utf-8", ".md": "text/markdown; charset=utf-8",
                    ".png": "image/png", ".json": "application/json"}
-
-
-def is_public(path: str) -> bool:
-    """The page and its static files hold no data: they load without the key (the data calls need it)."""
-    if ".." in path:  # never let a static-looking path reach anything else
-        return False
-    return path in (MOUNT, MOUNT + "/", MOUNT + "/index.html") or path.startswith(MOUNT + "/static/")
 
 
 # --- the workspace, opened once per process --------------------------------------------------------------
@@ -56,22 +65,16 @@ class Workspace:
 
     @cached_property
     def cfg(self):
-        from core import config
-
         return config.load(self.root)
 
     @cached_property
     def log(self):
-        from eventlog.store import EventLog
-
         return EventLog(self.cfg.resolved_event_log_url())
 
     @cached_property
     def store(self):
-        from feature_repo.pipeline import stores
-
         with self._lock:
-            return stores.feature_store(self.root)
+            return feature_store(self.root)
 
     def read_json(self, *parts: str) -> dict | None:
         path = self.root.joinpath(*parts)
@@ -82,35 +85,6 @@ class Workspace:
 
 
 # --- small helpers --------------------------------------------------------------------------------------
-def _iso(value) -> str | None:
-    """UTC ISO text for a datetime (naive ones are UTC, as the event log stores them)."""
-    import pandas as pd
-
-    if value is None or (not isinstance(value, str) and pd.isna(value)):
-        return None
-    ts = pd.Timestamp(value)
-    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-    return ts.isoformat().replace("+00:00", "Z")
-
-
-def _plain(value) -> Any:
-    """A JSON-safe value: numpy scalars to Python, NaN to None, times to ISO text."""
-    import numpy as np
-    import pandas as pd
-
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, datetime | pd.Timestamp):
-        return _iso(value)
-    if isinstance(value, list | tuple | np.ndarray):
-        return [_plain(v) for v in value]
-    if value is not None and not isinstance(value, str | int | float | bool) and pd.isna(value):
-        return None
-    return value
-
-
 def _when(text: str | None) -> datetime:
     """The request time the page asks about (default: now)."""
     if not text:
@@ -124,7 +98,7 @@ def shop(ws: Workspace) -> dict[str, Any]:
     """Everything the shop view shows, in one answer."""
     counts = ws.log.counts()
     lo, hi = ws.log.time_range()
-    return {"counts": counts, "oldest_event": _iso(lo), "newest_event": _iso(hi),
+    return {"counts": counts, "oldest_event": iso(lo), "newest_event": iso(hi),
             "active_users": active_users(ws, hi), "events_per_day": events_per_day(ws, hi),
             "batches": batches(ws), "reports": validation_reports(ws), "models": models(ws),
             "freshness": view_freshness(ws), "profile": ws.cfg.profile}
@@ -132,10 +106,6 @@ def shop(ws: Workspace) -> dict[str, Any]:
 
 def active_users(ws: Workspace, newest: datetime | None) -> dict[str, int]:
     """Users with an event in the last 1, 7 and 30 days before the newest event (the shop's clock)."""
-    import sqlalchemy as sa
-
-    from eventlog.store import events
-
     if newest is None:
         return {"1d": 0, "7d": 0, "30d": 0}
     end = newest.replace(tzinfo=None)
@@ -149,10 +119,6 @@ def active_users(ws: Workspace, newest: datetime | None) -> dict[str, int]:
 
 def events_per_day(ws: Workspace, newest: datetime | None) -> list[dict[str, Any]]:
     """Events per day and type over the last ``DAYS_CHARTED`` days of the log, oldest first."""
-    import sqlalchemy as sa
-
-    from eventlog.store import events
-
     if newest is None:
         return []
     day = sa.func.date(events.c.event_timestamp)
@@ -168,20 +134,16 @@ def events_per_day(ws: Workspace, newest: datetime | None) -> list[dict[str, Any
 
 def batches(ws: Workspace, limit: int = BATCHES_LISTED) -> list[dict[str, Any]]:
     """The newest batches with their rows, accepted and quarantined counts per table."""
-    import sqlalchemy as sa
-
-    from eventlog.store import batches as table
-
-    stmt = sa.select(table).order_by(table.c.created_at.desc()).limit(limit)
+    stmt = sa.select(batch_table).order_by(batch_table.c.created_at.desc()).limit(limit)
     with ws.log.engine.connect() as conn:
         rows = conn.execute(stmt).mappings().all()
     out = []
     for row in rows:
-        summary = json.loads(row["summary"] or "{}")
-        tables = summary.get("tables", {})
-        out.append({"batch_id": row["batch_id"], "source": row["source"], "created_at": _iso(row["created_at"]),
-                    "status": row["status"], "kind": summary.get("kind"),
-                    "hold_reasons": summary.get("hold_reasons") or [],
+        recorded = json.loads(row["summary"] or "{}")
+        tables = recorded.get("tables", {})
+        out.append({"batch_id": row["batch_id"], "source": row["source"], "created_at": iso(row["created_at"]),
+                    "status": row["status"], "kind": recorded.get("kind"),
+                    "hold_reasons": recorded.get("hold_reasons") or [],
                     "rows": sum(t.get("rows", 0) for t in tables.values()),
                     "accepted": sum(t.get("accepted", 0) for t in tables.values()),
                     "quarantined": sum(t.get("quarantined", 0) for t in tables.values()),
@@ -192,14 +154,14 @@ def batches(ws: Workspace, limit: int = BATCHES_LISTED) -> list[dict[str, Any]]:
 
 def batch_detail(ws: Workspace, batch_id: str) -> dict[str, Any] | None:
     """One batch's recorded summary and its quarantined rows (the first 100)."""
-    summary = ws.log.batch_summary(batch_id)
-    if summary is None:
+    recorded = ws.log.batch_summary(batch_id)
+    if recorded is None:
         return None
     rows = ws.log.quarantined()
     rows = rows[rows["batch_id"] == batch_id].head(100)
     cols = ["id", "table_name", "row_number", "record_key", "rule", "column_name", "reason", "status"]
-    return {"batch_id": batch_id, "summary": json.loads(summary),
-            "quarantined": [{k: _plain(v) for k, v in r.items()} for r in rows[cols].to_dict("records")]}
+    return {"batch_id": batch_id, "summary": json.loads(recorded),
+            "quarantined": [{k: plain(v) for k, v in r.items()} for r in rows[cols].to_dict("records")]}
 
 
 def validation_reports(ws: Workspace, limit: int = BATCHES_LISTED) -> list[dict[str, Any]]:
@@ -221,11 +183,6 @@ def report_file(ws: Workspace, relative: str) -> Path | None:
 
 def models(ws: Workspace) -> list[dict[str, Any]]:
     """The profile models in the store, newest first, with their overall metrics."""
-    import bentoml
-    from bentoml.exceptions import NotFound
-
-    from training.workflow import MODEL_NAME
-
     try:
         found = sorted(bentoml.models.list(MODEL_NAME), key=lambda m: m.info.creation_time, reverse=True)
     except NotFound:
@@ -234,9 +191,9 @@ def models(ws: Workspace) -> list[dict[str, Any]]:
     for m in found:
         meta = m.info.metadata or {}
         rows = [r for r in meta.get("metrics", []) if isinstance(r, dict) and r.get("segment") == "all"]
-        out.append({"tag": str(m.tag), "created": _iso(m.info.creation_time), "splits": meta.get("splits"),
+        out.append({"tag": str(m.tag), "created": iso(m.info.creation_time), "splits": meta.get("splits"),
                     "data_window": meta.get("data_window"), "feature_service": meta.get("feature_services"),
-                    "metrics": [{k: _plain(v) for k, v in r.items() if k in (
+                    "metrics": [{k: plain(v) for k, v in r.items() if k in (
                         "split", "model", "NDCG@10", "Recall@10", "Recall@50", "MRR@10", "coverage", "AUC")}
                         for r in rows]})
     return out
@@ -250,9 +207,9 @@ def view_freshness(ws: Workspace) -> list[dict[str, Any]]:
     out = []
     for view in sorted(store.list_feature_views(allow_cache=False), key=lambda v: v.name):
         end = view.materialization_intervals[-1][1] if view.materialization_intervals else None
-        out.append({"view": view.name, "family": view.tags.get("family"), "materialized_to": _iso(end),
-                    "rows_in_build": (build.get("rows") or {}).get(view.name), "built_at": _iso(build.get("built_at")),
-                    "synced_at": _iso(sync.get("synced_at"))})
+        out.append({"view": view.name, "family": view.tags.get("family"), "materialized_to": iso(end),
+                    "rows_in_build": (build.get("rows") or {}).get(view.name), "built_at": iso(build.get("built_at")),
+                    "synced_at": iso(sync.get("synced_at"))})
     for view in sorted(store.list_on_demand_feature_views(allow_cache=False), key=lambda v: v.name):
         out.append({"view": view.name, "family": view.tags.get("family"), "on_demand": True,
                     "materialized_to": None, "rows_in_build": None, "built_at": None, "synced_at": None})
@@ -263,11 +220,6 @@ def view_freshness(ws: Workspace) -> list[dict[str, Any]]:
 def users(ws: Workspace, limit: int = USERS_LISTED) -> dict[str, Any]:
     """The most active users (events in the last 30 days of the log) and the coldest (fewest events), with
     the devices and channels seen and the newest event: what the page's pickers offer."""
-    import sqlalchemy as sa
-
-    from eventlog.store import events
-    from eventlog.store import users as user_table
-
     _, newest = ws.log.time_range()
     since = (newest or datetime.now(UTC)).replace(tzinfo=None) - timedelta(days=30)
     n, last = sa.func.count(events.c.event_id), sa.func.max(events.c.event_timestamp)
@@ -278,21 +230,17 @@ def users(ws: Workspace, limit: int = USERS_LISTED) -> dict[str, Any]:
             .select_from(user_table.outerjoin(events, events.c.user_id == user_table.c.user_id))
             .group_by(user_table.c.user_id).order_by(n, last, user_table.c.user_id).limit(limit))
     with ws.log.engine.connect() as conn:
-        out: dict[str, Any] = {name: [{"user_id": u, "events": int(k), "last_event": _iso(t)}
+        out: dict[str, Any] = {name: [{"user_id": u, "events": int(k), "last_event": iso(t)}
                                       for u, k, t in conn.execute(stmt)] for name, stmt in (("active", active),
                                                                                              ("cold", cold))}
         for name, column in (("devices", events.c.device), ("channels", events.c.channel)):
             out[name] = sorted(v for (v,) in conn.execute(sa.select(column).where(column.is_not(None))
                                                           .distinct().limit(20)))
-    return out | {"newest_event": _iso(newest)}
+    return out | {"newest_event": iso(newest)}
 
 
 def timeline(ws: Workspace, user_id: str, limit: int = TIMELINE_EVENTS) -> list[dict[str, Any]]:
     """The user's newest events with the item's title, newest first."""
-    import sqlalchemy as sa
-
-    from eventlog.store import events, items
-
     stmt = (sa.select(events.c.event_timestamp, events.c.event_type, events.c.item_id, items.c.title,
                       items.c.category, events.c.query, events.c.device, events.c.channel, events.c.value)
             .select_from(events.outerjoin(items, items.c.item_id == events.c.item_id))
@@ -301,7 +249,7 @@ def timeline(ws: Workspace, user_id: str, limit: int = TIMELINE_EVENTS) -> list[
     with ws.log.engine.connect() as conn:
         rows = conn.execute(stmt).all()
     keys = ("time", "type", "item_id", "title", "category", "query", "device", "channel", "value")
-    return [{k: _plain(v) if k != "time" else _iso(v) for k, v in zip(keys, row, strict=True)} for row in rows]
+    return [{k: plain(v) if k != "time" else iso(v) for k, v in zip(keys, row, strict=True)} for row in rows]
 
 
 def user(ws: Workspace, user_id: str, at: datetime, device: str | None, channel: str | None) -> dict[str, Any]:
@@ -309,42 +257,33 @@ def user(ws: Workspace, user_id: str, at: datetime, device: str | None, channel:
     features = online_features(ws, user_id, at, device, channel)
     written = view_timestamps(ws, user_id)
     known = any(written.values())
-    return {"user_id": user_id, "known": known, "at": _iso(at), "tags": tags(ws, features, known),
+    return {"user_id": user_id, "known": known, "at": iso(at), "tags": tags(ws, features, known),
             "families": families(ws, features, written), "timeline": timeline(ws, user_id)}
 
 
 def online_features(ws: Workspace, user_id: str, at: datetime, device: str | None,
                     channel: str | None) -> dict[str, dict[str, Any]]:
     """Every feature the model reads for the user at ``at``, by view: {view: {feature: value}}."""
-    from training.dataset import USER_SERVICE
-
     service = ws.store.get_feature_service(USER_SERVICE, allow_cache=True)
     row = {"user_id": user_id, "device": device, "channel": channel, "request_timestamp": at}
     # Short names: Feast drops on-demand outputs from a full-name answer; names are unique in the service.
     values = ws.store.get_online_features(features=service, entity_rows=[row]).to_df().iloc[0]
-    out = {p.name: {f.name: _plain(values.get(f.name)) for f in p.features} for p in service.feature_view_projections}
+    out = {p.name: {f.name: plain(values.get(f.name)) for f in p.features} for p in service.feature_view_projections}
     activity = ws.store.get_online_features(features=["user_activity:activity_tiles"],
                                             entity_rows=[{"user_id": user_id}]).to_df().iloc[0]
-    out["user_activity"] = {"activity_tiles": _plain(activity.get("activity_tiles"))}  # the on-demand view's input
+    out["user_activity"] = {"activity_tiles": plain(activity.get("activity_tiles"))}  # the on-demand view's input
     return out
 
 
 def view_timestamps(ws: Workspace, user_id: str) -> dict[str, str | None]:
     """When each stored user view was last written online for this user (None: no row)."""
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Value
-
-    from training.dataset import USER_SERVICE
-
     service = ws.store.get_feature_service(USER_SERVICE, allow_cache=True)
     on_demand = {v.name for v in ws.store.list_on_demand_feature_views(allow_cache=True)}
-    key = EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=user_id)])
-    provider = ws.store._get_provider()  # noqa: SLF001 - Feast's public reads drop the row's timestamp
     out: dict[str, str | None] = {}
     for name in [p.name for p in service.feature_view_projections if p.name not in on_demand] + ["user_activity"]:
         view = ws.store.get_feature_view(name, allow_registry_cache=True)
-        (ts, _), = provider.online_read(ws.store.config, view, [key], [f.name for f in view.features][:1])
-        out[name] = _iso(ts)
+        (ts, _), = read_rows(ws.store, name, [user_id], [f.name for f in view.features][:1])  # with its timestamp
+        out[name] = iso(ts)
     return out
 
 
@@ -377,11 +316,9 @@ def _shown(values: dict[str, Any]) -> dict[str, Any]:
 # --- the profile's tags ---------------------------------------------------------------------------------
 def tags(ws: Workspace, features: dict[str, dict[str, Any]], known: bool) -> list[dict[str, Any]]:
     """The profile summary as tags; each names the features it was read from."""
-    from bentos.answers import summary
-
     flat = {k: v for values in features.values() for k, v in values.items()}
     seg = summary(flat, None)["segment"] if known else "cold start"
-    out = [_tag("segment", [seg], ["view_count_30d", "click_count_30d", "purchase_count_30d"])]
+    out = [_tag("segment", [seg], list(SEGMENT_FEATURES))]
     cats = [(flat.get(f"top_category_{n}_30d"), flat.get(f"top_category_{n}_share_30d")) for n in (1, 2, 3)]
     out.append(_tag("top categories", [f"{c.split('>')[-1]} {s:.0%}" if isinstance(s, float) else c
                                        for c, s in cats if isinstance(c, str)],
@@ -416,16 +353,10 @@ _quartile_cache: dict[str, tuple[float, float, float]] = {}
 
 
 def _price_quartiles(ws: Workspace) -> tuple[float, float, float]:
-    import sqlalchemy as sa
-
-    from eventlog.store import items
-
     with ws.log.engine.connect() as conn:
         count, updated = conn.execute(sa.select(sa.func.count(), sa.func.max(items.c.updated_at))).one()
         key = f"{count}/{updated}"
         if key not in _quartile_cache:
-            import numpy as np
-
             prices = [p for (p,) in conn.execute(sa.select(items.c.price).where(items.c.price.is_not(None)))]
             q = np.quantile(prices, [0.25, 0.5, 0.75]) if prices else (0.0, 0.0, 0.0)
             _quartile_cache.clear()
@@ -435,10 +366,6 @@ def _price_quartiles(ws: Workspace) -> tuple[float, float, float]:
 
 def favourite_brands(ws: Workspace, sequence_json, top: int = 3) -> list[str]:
     """The brands most present among the user's last engaged items (the model's sequence)."""
-    import sqlalchemy as sa
-
-    from eventlog.store import items
-
     try:
         seq = json.loads(sequence_json) if isinstance(sequence_json, str) else []
     except ValueError:
@@ -454,8 +381,6 @@ def favourite_brands(ws: Workspace, sequence_json, top: int = 3) -> list[str]:
 
 def active_hours(tiles_json, top: int = 3) -> list[str]:
     """The UTC hours of day with the most events in the user's activity tiles."""
-    from feature_repo.pipeline.windows import decode, tiles_of
-
     try:
         tiles = tiles_of(decode(tiles_json, None)) if isinstance(tiles_json, str) else {}
     except ValueError:
@@ -469,12 +394,10 @@ def active_hours(tiles_json, top: int = 3) -> list[str]:
 def _failure(request: Request, exc: Exception) -> Response:
     """A JSON answer, as the API gives: a store that does not answer is a 503 to retry; the rest a 500
     whose cause goes to the log under an incident id (ids only, no user data)."""
-    from bentos.edge import _incident, is_outage
-
     if is_outage(exc):
         return JSONResponse({"error": f"a store is unavailable: {type(exc).__name__}", "retry": True}, status_code=503)
-    incident = _incident(request.url.path, request.path_params.get("user_id", "-"), exc)
-    return JSONResponse({"error": "internal error", "retry": False, "incident": incident}, status_code=500)
+    found = incident(request.url.path, request.path_params.get("user_id", "-"), exc)
+    return JSONResponse({"error": "internal error", "retry": False, "incident": found}, status_code=500)
 
 
 def _guarded(handler: Callable[[Request], Response]) -> Callable[[Request], Response]:

@@ -1,5 +1,5 @@
-"""``/events``: bound what the contract does not cover, screen erased users, gate, append to the
-event log, and fold the new events into their users' online state, one user at a time."""
+"""``/events``: bound what the contract does not cover, then the one door of ``ingestion/`` (screen,
+gate, append), then fold the new events into their users' online state, one user at a time."""
 
 from __future__ import annotations
 
@@ -11,9 +11,15 @@ from collections.abc import Iterable, Iterator
 from http import HTTPStatus
 from typing import Any
 
-from bentos import privacy_routes
-from bentos.edge import _incident, is_outage
+from bentos.edge import incident, is_outage
+from core.contract import columns
 from core.privacy import Privacy
+from eventlog.sources import Batch, StructuralError, normalise
+from eventlog.tombstones import ErasedSet
+from feature_repo.pipeline.push import push_events
+from ingestion.ingest import admit
+from ingestion.screen import Screened, erased_rejection, screen
+from validation.gate import Gate, GateSettings
 
 MAX_UNKNOWN_FIELDS = 32  # fields outside the events contract, per event (the log keeps them as `extra`)
 MAX_UNKNOWN_FIELD_BYTES = 4096  # each one's size as JSON
@@ -60,13 +66,11 @@ class Intake:
         self.append_lock = threading.Lock()  # one append at a time: idempotent on event_id
         self.users = UserLocks()
         self.privacy = Privacy.for_workspace(cfg.workspace, cfg)  # pseudonyms and tombstones at the door
+        self.erased = ErasedSet(log.engine)  # one tombstone read per request, a full one per erasure
         self.stale: set[str] = set()  # users whose last push failed: the next one recomputes from the log
 
     def post(self, events: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
         """The status and the answer: which events were accepted, which rejected and why."""
-        from core.contract import columns
-        from eventlog.sources import StructuralError, normalise
-
         known = set(columns("events"))
         rejected, kept = [], []
         for n, event in enumerate(events):
@@ -84,13 +88,15 @@ class Intake:
         except StructuralError as exc:
             return 422, {"accepted": [], "rejected": rejected + [
                 {"index": None, "reason": str(exc).replace("request: ", "")}]}
-        tb, erased = privacy_routes.screen(tb, self.log, self.privacy)  # erased users' events are not stored
-        rejected += [privacy_routes.erased_rejection(kept[p]) for p in erased]
+        screened = screen(Batch("POST /events", {"events": tb}), self.privacy, self.erased.hashes())
+        erased = screened.removed("events")  # erased users' events are not stored
+        rejected += [erased_rejection(kept[p]) for p in erased]
         kept = [k for p, k in enumerate(kept) if p not in set(erased)]
         if not kept:
             return 422, {"accepted": [], "rejected": rejected, "pushed_users": [], "online_update": "updated"}
+        tb = screened.batch.tables["events"]
         with self.users.hold(tb.frame["user_id"].dropna()):
-            report, verdict = self._append(tb)
+            report, verdict = self._append(screened)
             ok = [i for i in range(len(tb.frame)) if i not in verdict.violations]
             users = sorted(set(tb.frame["user_id"].iloc[ok].dropna()))
             online = self._push(users, report.new_events)
@@ -102,24 +108,18 @@ class Intake:
                         "rejected": sorted(rejected, key=lambda r: r["index"]),
                         "pushed_users": users if online == "updated" else [], "online_update": online}
 
-    def _append(self, tb):
-        from eventlog.sources import Batch
-        from ingestion.ingest import ingest
-        from validation.gate import Gate, GateSettings
-
+    def _append(self, screened: Screened):
         v = self.cfg.validation
         gate = Gate(GateSettings(max_reject_share=1.0, clock_skew_minutes=v.clock_skew_minutes,
                                  on_schema_drift="accept", engine="pandas"))  # the same suites, in-process
         with self.append_lock:
-            report, result = ingest(Batch("POST /events", {"events": tb}), self.log, gate, privacy=self.privacy)
+            report, result = admit(screened, self.log, gate)
         return report, result.verdicts["events"]
 
     def _push(self, users: list[str], new_events) -> str:
         """Fold the newly stored events into their users' online state (an event the log already
         held was folded when it arrived). If that fails the events are safe in the log: those users
         are recomputed from it at their next push, and at the next ``features materialize``."""
-        from feature_repo.pipeline.push import push_events
-
         if new_events is None or not len(new_events):
             return "updated"
         stored = sorted(set(new_events["user_id"]))
@@ -131,6 +131,6 @@ class Intake:
             if is_outage(exc):
                 return (f"deferred: online store unavailable ({type(exc).__name__}); "
                         "the events are in the event log")
-            incident = _incident("/events push", ",".join(users)[:256], exc)
-            return f"deferred: online update failed (incident {incident}); the events are in the event log"
+            ref = incident("/events push", ",".join(users)[:256], exc)
+            return f"deferred: online update failed (incident {ref}); the events are in the event log"
         return "updated"

@@ -79,6 +79,14 @@ class Config:
         return path
 
 
+def read_profile(workspace: Path | str) -> str:
+    """The workspace's profile, read without creating ``persona.yaml`` (``load`` would: importing the
+    Feast definitions must not write to the workspace)."""
+    path = Path(workspace) / CONFIG_FILE
+    data = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+    return os.environ.get("PERSONA_PROFILE") or data.get("profile", "local")
+
+
 def load(workspace: Path | str, profile: str | None = None) -> Config:
     """Read ``persona.yaml`` (creating it with defaults), with ``profile`` overriding the file."""
     ws = Path(workspace)

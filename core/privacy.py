@@ -17,6 +17,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from core import config as config_mod
+
 ENV_SALT = "PERSONA_PRIVACY_SALT"
 ENV_ID_KEY = "PERSONA_ID_KEY"
 SALT_FILE = "privacy_salt"
@@ -72,9 +74,7 @@ class Privacy:
     show_personal_values: bool = False
 
     @classmethod
-    def for_workspace(cls, workspace: Path, cfg=None) -> Privacy:
-        from core import config as config_mod
-
+    def for_workspace(cls, workspace: Path, cfg: config_mod.Config | None = None) -> Privacy:
         cfg = cfg or config_mod.load(workspace)
         key = None
         if cfg.privacy.pseudonymous_ids:

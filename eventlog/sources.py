@@ -21,6 +21,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from core.contract import CONTRACT, INVALID_UTF8, TABLES, columns, required_columns
+from core.plain import plain
 
 codecs.register_error("persona_mark_invalid", lambda err: (INVALID_UTF8 * (err.end - err.start), err.end))
 
@@ -208,7 +209,7 @@ def normalise(table: str, frame: pd.DataFrame | list[dict], origin: str) -> Tabl
         if nested.any():
             kept = raw[name].to_numpy(dtype=object).copy()
             for i in np.flatnonzero(nested):  # one by one: equal-length lists must not become a 2-D array
-                kept[i] = _plain(cells[i])
+                kept[i] = plain(cells[i])
             raw[name] = kept
     out = pd.DataFrame(index=frame.index)
     issues: list[CellIssue] = []
@@ -310,15 +311,6 @@ def _records_frame(table: str, records: list[dict]) -> pd.DataFrame:
         return value
 
     return pd.DataFrame([{k: mark(k, v) for k, v in r.items()} for r in records])
-
-
-def _plain(value):
-    """A nested value as plain JSON-able Python (Parquet lists arrive as NumPy arrays)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | np.ndarray):
-        return [_plain(v) for v in value]
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _non_finite(series: pd.Series) -> np.ndarray:

@@ -1,19 +1,16 @@
-"""Tombstones of erased users, kept in the event-log database, and the ingest filter that honours them.
+"""Tombstones of erased users, kept in the event-log database beside the events they outlive.
 
 A tombstone holds the salted hash of the erased id and the time, never the id: enough to skip the
-user's rows when an old file is ingested again, nothing to re-identify them by.
+user's rows when an old file is ingested again, nothing to re-identify them by. It lives with the log
+(not the workspace), so every workspace that shares one log honours every erasure made through it.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import threading
 from datetime import UTC, datetime
 
-import numpy as np
-import pandas as pd
 import sqlalchemy as sa
-
-from eventlog.sources import Batch, TableBatch
 
 tombstone_metadata = sa.MetaData()
 tombstones = sa.Table(
@@ -75,36 +72,26 @@ def erased_hashes(engine: sa.Engine) -> set[str]:
         return {r[0] for r in conn.execute(sa.select(tombstones.c.id_hash))}
 
 
-def listing(engine: sa.Engine) -> pd.DataFrame:
-    ensure(engine)
-    with engine.connect() as conn:
-        return pd.read_sql(sa.select(tombstones).order_by(tombstones.c.erased_at), conn)
+class ErasedSet:
+    """The erased hashes, read whole only when the tombstones changed.
 
+    Tombstones are only ever added, so their count is a version: each call costs one ``count(*)``
+    and a full read happens once per erasure, whichever process (CLI, another replica) made it."""
 
-def drop_erased(batch: Batch, engine: sa.Engine, hash_id) -> tuple[Batch, dict[str, np.ndarray]]:
-    """The batch without rows of erased users, and per table that lost rows, the mask of rows kept.
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._version = -1
+        self._hashes: frozenset[str] = frozenset()
 
-    ``hash_id`` maps a stored user id to its tombstone hash (the workspace's salt)."""
-    erased = erased_hashes(engine)
-    if not erased:
-        return batch, {}
-    tables, kept = {}, {}
-    for name, tb in batch.tables.items():
-        if name not in ("users", "events") or tb.frame.empty:
-            tables[name] = tb
-            continue
-        ids = tb.frame["user_id"].astype(object)
-        gone = np.fromiter((v is not None and not pd.isna(v) and hash_id(str(v)) in erased for v in ids),
-                           dtype=bool, count=len(ids))
-        tables[name] = subset(tb, ~gone) if gone.any() else tb
-        if gone.any():
-            kept[name] = ~gone
-    return replace(batch, tables=tables), kept
+    def hashes(self) -> frozenset[str]:
+        version = count(self.engine)
+        with self._lock:
+            if version != self._version:
+                self._hashes, self._version = frozenset(erased_hashes(self.engine)), version
+            return self._hashes
 
-
-def subset(tb: TableBatch, keep: np.ndarray) -> TableBatch:
-    """The rows of ``tb`` where ``keep`` is true, with cell issues renumbered to match."""
-    new_pos = np.cumsum(keep) - 1
-    issues = [replace(i, row=int(new_pos[i.row])) for i in tb.issues if keep[i.row]]
-    return replace(tb, frame=tb.frame[keep].reset_index(drop=True), raw=tb.raw[keep].reset_index(drop=True),
-                   row_numbers=tb.row_numbers[keep], issues=issues)
+    def invalidate(self) -> None:
+        """Forget what was read (``persona forget`` in this process calls it; the count covers others)."""
+        with self._lock:
+            self._version = -1

@@ -1,10 +1,11 @@
 """Persona's Feast feature definitions: what a profile model may read, declared once.
 
-Every view is computed by ``persona features build`` from the event log (see ``pipeline/``, which
-Feast does not import) and stamped so that a value at time T uses only events strictly before T.
-Which store holds the data depends on the workspace's profile (local, prod or spark); the
-workspace is ``$PERSONA_WORKSPACE``, else the folder of the ``-f`` yaml given to the Feast CLI,
-else ``./workspace``.
+Every view is computed by ``persona features build`` from the event log (see ``pipeline/``) and
+stamped so that a value at time T uses only events strictly before T. ``.feastignore`` keeps Feast
+from scanning ``pipeline/`` for definitions, but this module imports ``pipeline/windows.py``: the
+request-time windows of ``user_behaviour_now`` are computed there. Which store holds the data
+depends on the workspace's profile (local, prod or spark); the workspace is ``$PERSONA_WORKSPACE``,
+else the folder of the ``-f`` yaml given to the Feast CLI, else ``./workspace``.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-import yaml
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, RequestSource, ValueType
 from feast.on_demand_feature_view import on_demand_feature_view
 from feast.types import Float64, Int64, String, UnixTimestamp
 
-EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "search", "review")
-WINDOWS = ("1d", "7d", "30d")
-RECENCY_TYPES = ("view", "click", "add_to_cart", "purchase", "search")
+from core.config import read_profile
+from core.contract import EVENT_TYPES
+from feature_repo.pipeline.windows import RECENCY_TYPES, WINDOW_HOURS
+
+WINDOWS = tuple(WINDOW_HOURS)  # 1d, 7d, 30d
 
 
 def _workspace() -> Path:
@@ -41,9 +43,7 @@ def _workspace() -> Path:
 
 
 WORKSPACE = _workspace()
-_settings = WORKSPACE / "persona.yaml"
-PROFILE = os.environ.get("PERSONA_PROFILE") or (
-    (yaml.safe_load(_settings.read_text()) or {}).get("profile", "local") if _settings.exists() else "local")
+PROFILE = read_profile(WORKSPACE)  # $PERSONA_PROFILE, else the workspace's persona.yaml, else local
 
 
 def offline_source(name: str):

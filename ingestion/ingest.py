@@ -13,8 +13,11 @@ from dataclasses import dataclass, field, replace
 import pandas as pd
 
 from core.contract import KEY_COLUMN
+from core.privacy import Privacy
 from eventlog.sources import Batch, normalise
 from eventlog.store import EventLog, WriteCounts, new_batch_id
+from eventlog.tombstones import ErasedSet
+from ingestion.screen import Screened, screen
 from validation.gate import Gate, GateResult, KnownIds, Violation
 
 # How the batch record is filed, by how the batch arrived. Only "accepted" (file and SQL batches)
@@ -59,12 +62,19 @@ class IngestReport:
 
 
 def ingest(batch: Batch, log: EventLog, gate: Gate, *, dry_run: bool = False,
-           replayed: dict[str, dict[int, int]] | None = None, privacy=None) -> tuple[IngestReport, GateResult]:
-    """Gate ``batch`` and write it. ``replayed`` maps table -> row -> quarantine id being retried.
+           replayed: dict[str, dict[int, int]] | None = None, privacy: Privacy | None = None,
+           erased: ErasedSet | None = None) -> tuple[IngestReport, GateResult]:
+    """Screen ``batch`` (pseudonyms, erased users), gate it and write it. ``replayed`` maps table ->
+    row -> quarantine id being retried."""
+    privacy = privacy or Privacy.for_log(log.url)
+    screened = screen(batch, privacy, (erased or ErasedSet(log.engine)).hashes())
+    return admit(screened, log, gate, dry_run=dry_run, replayed=_renumbered(replayed, screened))
 
-    Privacy first: user ids become pseudonyms when that setting is on, and rows of erased users
-    (tombstoned) are skipped and counted, never stored again."""
-    batch, replayed, erased = _privacy_filter(batch, log, privacy, replayed)
+
+def admit(screened: Screened, log: EventLog, gate: Gate, *, dry_run: bool = False,
+          replayed: dict[str, dict[int, int]] | None = None) -> tuple[IngestReport, GateResult]:
+    """Gate a screened batch and write it: accepted rows to the log, the rest to the quarantine."""
+    batch = screened.batch
     result = gate.check(batch, KnownIds(log))
     batch_id = new_batch_id()
     report = IngestReport(batch_id, batch.source, result.held, result.hold_reasons, {},
@@ -74,7 +84,7 @@ def ingest(batch: Batch, log: EventLog, gate: Gate, *, dry_run: bool = False,
         tr.rules = verdict.rule_counts()
         tr.quarantined = verdict.rows if result.held else len(verdict.violations)
         tr.accepted = verdict.rows - tr.quarantined
-    for table, n in erased.items():
+    for table, n in screened.counts().items():
         report.notes.append(f"{table}: skipped {n} row(s) of erased users (tombstoned by `persona forget`)")
     if dry_run:
         return report, result
@@ -118,20 +128,15 @@ def ingest(batch: Batch, log: EventLog, gate: Gate, *, dry_run: bool = False,
     return report, result
 
 
-def _privacy_filter(batch: Batch, log: EventLog, privacy, replayed):
-    """Pseudonymise, then drop erased users' rows (renumbering ``replayed`` to the rows kept)."""
-    from core.privacy import Privacy
-    from eventlog.tombstones import drop_erased
-    from ingestion.screen import pseudonymise_batch
-
-    privacy = privacy or Privacy.for_log(log.url)
-    batch = pseudonymise_batch(batch, privacy)
-    batch, kept = drop_erased(batch, log.engine, privacy.hash)
-    if replayed:
-        for table, mask in kept.items():
-            new_pos = mask.cumsum() - 1
-            replayed[table] = {int(new_pos[r]): q for r, q in replayed.get(table, {}).items() if mask[r]}
-    return batch, replayed, {t: int((~m).sum()) for t, m in kept.items()}
+def _renumbered(replayed: dict[str, dict[int, int]] | None, screened: Screened) -> dict[str, dict[int, int]] | None:
+    """``replayed`` renumbered to the rows the screen kept."""
+    if not replayed:
+        return replayed
+    out = dict(replayed)
+    for table, mask in screened.kept.items():
+        new_pos = mask.cumsum() - 1
+        out[table] = {int(new_pos[r]): q for r, q in replayed.get(table, {}).items() if mask[r]}
+    return out
 
 
 def _write_conflicts(tb, verdict, conflicts: dict) -> list[int]:

@@ -1,7 +1,8 @@
 """``persona export``: everything Persona holds about one user, as readable JSON (a subject access request).
 
 Raw rows from the event log (users row, events, quarantined rows), every offline feature row keyed by
-the user, the online features, and profile tags derived from them. The service's ``POST /export``
+the user and the online features (each store gives its own rows: ``feature_repo/pipeline/erase.py``),
+and the readable profile that ``/profile`` shows. The service's ``POST /export``
 adds the latest ranking with its reasons.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,9 +20,13 @@ from core import config as config_mod
 from core.privacy import Privacy
 from eventlog import erase as log_erase
 from eventlog.store import EventLog
-from feature_repo.pipeline import stores
-
-KEY = "user_id"
+from feature_repo.pipeline import erase as store_erase
+from feature_repo.pipeline.feast_config import yaml_path
+from feature_repo.pipeline.profile import summary
+from feature_repo.pipeline.registry import feature_store
+from training.dataset import USER_SERVICE
+from training.model_store import bentoml_home, load_from_bentoml
+from training.workflow import recommend
 
 
 def export_user(cfg: config_mod.Config, raw_id: str, log: EventLog | None = None, store=None) -> dict:
@@ -35,14 +39,17 @@ def export_user(cfg: config_mod.Config, raw_id: str, log: EventLog | None = None
     finally:
         if own_log:
             log.dispose()
-    if store is None and stores.yaml_path(cfg.workspace).exists():
-        store = stores.feature_store(cfg.workspace)
-    online = online_features(store, uid) if store is not None else {}
-    return {"user_id": uid, "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    if store is None and yaml_path(cfg.workspace).exists():
+        store = feature_store(cfg.workspace)
+    online = store_erase.online_rows(store, uid) if store is not None else {}
+    offline = {name: records(frame) for name, frame in store_erase.offline_rows(cfg.profile, cfg.workspace,
+                                                                                 uid).items()}
+    now = datetime.now(UTC)
+    return {"user_id": uid, "exported_at": now.isoformat(timespec="seconds"),
             "pseudonymous": privacy.id_key is not None,
             "raw": {name: records(frame) for name, frame in raw.items()},
-            "features": {"offline": offline_features(cfg, uid), "online": online},
-            "profile_tags": tags(online)}
+            "features": {"offline": offline, "online": online},
+            "profile_tags": profile_tags(store, uid, online, now)}
 
 
 def export_with_ranking(cfg: config_mod.Config, raw_id: str) -> dict:
@@ -65,76 +72,22 @@ def records(frame: pd.DataFrame) -> list[dict]:
     return out
 
 
-def offline_features(cfg: config_mod.Config, uid: str) -> dict[str, list[dict]]:
-    """The user's rows in every offline table of the profile."""
-    out: dict[str, list[dict]] = {}
-    if cfg.profile == "prod":
-        import sqlalchemy as sa
-
-        engine = sa.create_engine(os.environ["PERSONA_POSTGRES_URL"])
-        try:
-            with engine.connect() as conn:
-                inspector = sa.inspect(conn)
-                for name in sorted(inspector.get_table_names()):
-                    if name.startswith("persona_") and KEY in {c["name"] for c in inspector.get_columns(name)}:
-                        frame = pd.read_sql(sa.text(f'SELECT * FROM "{name}" WHERE {KEY} = :u'), conn,
-                                            params={"u": uid})
-                        out[name.removeprefix("persona_")] = records(frame)
-        finally:
-            engine.dispose()
-        return out
-    folder = Path(cfg.workspace) / "offline"
-    for name in stores.TABLES:
-        path = folder / name if cfg.profile == "spark" else folder / f"{name}.parquet"
-        if not path.exists():
-            continue
-        frame = pd.read_parquet(path)
-        if KEY in frame:
-            out[name] = records(frame[frame[KEY] == uid])
-    return out
-
-
-def online_features(store, uid: str) -> dict[str, dict]:
-    """Each user-keyed view's online values for the user."""
-    out = {}
-    for view in store.list_feature_views(allow_cache=True):
-        if KEY not in view.join_keys:
-            continue
-        refs = [f"{view.name}:{f.name}" for f in view.features]
-        row = store.get_online_features(features=refs, entity_rows=[{KEY: uid}]).to_dict()
-        out[view.name] = {k: _plain(v[0]) for k, v in row.items() if k != KEY}
-    return out
-
-
-def _plain(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, datetime | pd.Timestamp):
-        return pd.Timestamp(value).isoformat()
-    return value
-
-
-def tags(online: dict[str, dict]) -> dict:
-    """The readable profile: interests, intents, segment, the personal attributes used."""
-    behaviour = online.get("user_behaviour", {})
-    text = online.get("user_text", {})
+def profile_tags(store, uid: str, online: dict[str, dict], now: datetime) -> dict:
+    """The readable profile (the one ``/profile`` and the explorer show), as of ``now``, with the
+    personal attributes used and whether the online store knows the user."""
+    values: dict = {}
+    if store is not None:
+        service = store.get_feature_service(USER_SERVICE, allow_cache=True)
+        row = store.get_online_features(features=service, entity_rows=[
+            {"user_id": uid, "device": None, "channel": None, "request_timestamp": now}]).to_dict()
+        values = {k: v[0] for k, v in row.items()}
     personal = online.get("user_personal", {})
-    cats = [behaviour.get(f"top_category_{n}_30d") for n in (1, 2, 3)]
-    queries = text.get("recent_queries")
-    purchases = behaviour.get("purchase_count_30d") or 0
-    return {"top_categories": [c for c in cats if isinstance(c, str)],
-            "recent_intents": queries.split(" | ")[:3] if isinstance(queries, str) and queries else [],
-            "segment": "buyer" if purchases >= 3 else "shopper" if purchases >= 1 else "browser",
-            "age_band": personal.get("age_band"), "membership": personal.get("membership"),
+    return {**summary(values, None), "membership": personal.get("membership"),
             "known_online": any(v is not None for view in online.values() for v in view.values())}
 
 
 def latest_ranking(cfg: config_mod.Config, uid: str, online: dict[str, dict], k: int = 10) -> dict | None:
     """The newest model's top ``k`` for the user as of now, with short reasons; None without a model."""
-    import os
-
-    from training.workflow import bentoml_home, load_from_bentoml, recommend
-
     bentoml_home(cfg.workspace)
     if not (Path(os.environ["BENTOML_HOME"]) / "models").exists():
         return None
@@ -148,9 +101,10 @@ def latest_ranking(cfg: config_mod.Config, uid: str, online: dict[str, dict], k:
     finally:
         log.dispose()
     now = pd.Timestamp(datetime.now(UTC))
-    recs = recommend(model, stores.feature_store(cfg.workspace), events, items, cfg.positives, k, [uid], now)
+    store = feature_store(cfg.workspace)
+    recs = recommend(model, store, events, items, cfg.positives, k, [uid], now)
     info = items.set_index("item_id")
-    interests = set(tags(online)["top_categories"])
+    interests = set(profile_tags(store, uid, online, now)["top_categories"])
     return {"model": tag, "as_of": now.isoformat(), "items": [
         {"rank": int(r.rank), "item_id": r.item_id, "score": round(float(r.score), 4),
          "title": info["title"].get(r.item_id), "reasons": _reasons(info["category"].get(r.item_id), interests)}

@@ -89,7 +89,7 @@ def test_seen_items_come_from_one_covering_index_also_on_an_older_log(tmp_path, 
     alone (SQLite's plan says so), not each of the user's rows."""
     import sqlalchemy as sa
 
-    from bentos.service import UserHistory
+    from bentos.user_state import UserHistory
 
     url = f"sqlite:///{tmp_path / 'eventlog.db'}"
     log = EventLog(url)

@@ -15,8 +15,9 @@ import redis
 from core import config as config_mod
 from eventlog.sources import load_batch
 from eventlog.store import EventLog
-from feature_repo.pipeline import stores
-from feature_repo.pipeline.build import build, push_users
+from feature_repo.pipeline import feast_config, materialize, registry
+from feature_repo.pipeline.build import build
+from feature_repo.pipeline.push import push_users
 from ingestion.ingest import ingest
 from persona import sample_data
 from validation.gate import Gate, GateSettings
@@ -64,13 +65,13 @@ def workspace(request, tmp_path, shop, monkeypatch):
 
 def test_profile_end_to_end(workspace, shop):
     cfg, log, t0 = workspace
-    store, objects = stores.apply(cfg.workspace, cfg.profile)
+    store, objects = registry.apply(cfg.workspace, cfg.profile)
     assert {fv.name for fv in store.list_feature_views()} == {"user_personal", "user_behaviour", "user_activity",
                                                               "user_text", "user_sequence", "item_features"}
     for view in store.list_feature_views() + store.list_on_demand_feature_views():
         assert view.tags["family"] in {"personal", "behaviour", "context", "item", "text"}
     tables = build(log, cfg.profile, cfg.workspace)
-    stores.materialize(cfg.workspace)
+    materialize.materialize(cfg.workspace)
     if cfg.profile == "local":  # user_activity's newest rows come from DuckDB, not Feast's whole-table read
         assert "user_activity" in json.loads((cfg.workspace / "feast" / "materialized.json").read_text())
         assert store.get_feature_view("user_activity").most_recent_end_time is None
@@ -166,12 +167,12 @@ def _assert_same(a, b, what: str) -> None:
 
 def test_feast_cli_plan_works_with_the_workspace_yaml(tmp_path, shop_dir):
     ws = tmp_path / "ws"
-    stores.apply(ws, "local")
+    registry.apply(ws, "local")
     import subprocess
     import sys
 
     feast = os.path.join(os.path.dirname(sys.executable), "feast")
-    out = subprocess.run([feast, "-c", str(stores.REPO_DIR), "-f", str(ws / "feature_store.yaml"), "plan"],
+    out = subprocess.run([feast, "-c", str(feast_config.REPO_DIR), "-f", str(ws / "feature_store.yaml"), "plan"],
                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PERSONA_WORKSPACE": ""})
     assert out.returncode == 0, out.stderr
     assert "user_behaviour" in out.stdout
@@ -184,7 +185,7 @@ def test_spark_build_equals_the_duckdb_build(tmp_path, shop, monkeypatch):
     from feature_repo.pipeline.spark_build import build_with_spark
 
     monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
-    conf = stores.feature_store_config("spark", tmp_path)["offline_store"]["spark_conf"]
+    conf = feast_config.feature_store_config("spark", tmp_path)["offline_store"]["spark_conf"]
     build_with_spark(shop["events"], shop["items"], shop["users"], tmp_path, conf, partitions=3)
     spark_tables = read_offline_spark(tmp_path)
     local_tables = compute_all(shop["events"], shop["items"], shop["users"])
@@ -198,8 +199,8 @@ def test_spark_build_equals_the_duckdb_build(tmp_path, shop, monkeypatch):
 
 def test_pushed_sequence_equals_the_rebuild_for_an_old_history(tmp_path, shop, sqlite_log):
     """A user's sequence reaches back past every 30-day window: the push path must fetch it too."""
-    from feature_repo.pipeline.build import recent_user_events
     from feature_repo.pipeline.compute import SEQUENCE_LENGTH, compute_user_tables, latest_user_state
+    from feature_repo.pipeline.history import recent_user_events
 
     items = shop["items"]["item_id"].tolist()
     start = pd.Timestamp("2018-01-01", tz="UTC")
@@ -229,12 +230,12 @@ def test_newest_rows_of_a_large_state_view(tmp_path):
     frame["event_timestamp"] = frame["event_timestamp"].astype("datetime64[us, UTC]")
     path = tmp_path / "user_activity.parquet"
     frame.to_parquet(path)
-    everything = stores.newest_rows(path, stores.EPOCH, t + timedelta(days=1))
+    everything = materialize.newest_rows(path, materialize.EPOCH, t + timedelta(days=1))
     assert everything[["user_id", "activity_tiles"]].values.tolist() == [["a", "a2"], ["b", "b0"]]
-    window = stores.newest_rows(path, t, t + timedelta(hours=1))  # (start, end]: b's row at start is out
+    window = materialize.newest_rows(path, t, t + timedelta(hours=1))  # (start, end]: b's row at start is out
     assert window[["user_id", "activity_tiles"]].values.tolist() == [["a", "a1"]]
     assert window["event_timestamp"].tolist() == [t + timedelta(hours=1)]
-    assert stores.newest_rows(tmp_path / "missing.parquet", stores.EPOCH, t).empty
+    assert materialize.newest_rows(tmp_path / "missing.parquet", materialize.EPOCH, t).empty
 
 
 @pytest.mark.parametrize("workspace", ["local"], indirect=True)
@@ -244,13 +245,13 @@ def test_materialize_continues_where_feast_left_user_activity(workspace, shop):
     import duckdb
 
     cfg, log, _ = workspace
-    store, _ = stores.apply(cfg.workspace, cfg.profile)
+    store, _ = registry.apply(cfg.workspace, cfg.profile)
     build(log, cfg.profile, cfg.workspace)
     feast_end = datetime.now(UTC)
-    store.materialize(start_date=stores.EPOCH, end_date=feast_end)  # every view, the old way
-    assert stores._last_end(store, "user_activity", {}) == feast_end
-    stores.materialize(cfg.workspace)
-    mark = json.loads((cfg.workspace / "feast" / stores.MATERIALIZED_FILE).read_text())["user_activity"]
+    store.materialize(start_date=materialize.EPOCH, end_date=feast_end)  # every view, the old way
+    assert materialize._last_end(store, "user_activity", {}) == feast_end
+    materialize.materialize(cfg.workspace)
+    mark = json.loads((cfg.workspace / "feast" / materialize.MATERIALIZED_FILE).read_text())["user_activity"]
     assert datetime.fromisoformat(mark) > feast_end
     users = list(shop["users"]["user_id"].head(5))
     online = store.get_online_features(features=["user_activity:activity_tiles"],

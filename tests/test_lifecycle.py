@@ -14,7 +14,7 @@ import redis
 from core import config as config_mod
 from eventlog.sources import load_batch
 from eventlog.store import EventLog
-from feature_repo.pipeline import stores
+from feature_repo.pipeline import registry
 from ingestion.ingest import ingest, replay
 from persona import cli, sample_data
 from validation.gate import Gate, GateSettings
@@ -89,7 +89,7 @@ def test_a_shops_second_day_reaches_the_online_store(shop_workspace, shop):
     _ingest(log, shop, tmp / "day1")
     cli.features_apply(workspace=cfg.workspace, profile=cfg.profile)
     _build_and_materialize(cfg)
-    store = stores.feature_store(cfg.workspace)
+    store = registry.feature_store(cfg.workspace)
     events = shop["events"]
     some_users = list(shop["users"]["user_id"].head(5))
     some_items = list(shop["items"]["item_id"].head(5))
@@ -259,7 +259,7 @@ def test_concurrent_clients_a_restart_and_an_outage(profile, tmp_path, shop, mon
         items = list(shop["items"]["item_id"].head(20))
         end = min(shop["events"]["event_timestamp"].max(), pd.Timestamp(datetime.now(UTC)))
 
-        store = stores.feature_store(cfg.workspace)
+        store = registry.feature_store(cfg.workspace)
         answers = _post_concurrently(Intake(cfg, log, store), users, items, end, seed=1)
         assert set(answers) == {"updated"}
         assert log.counts()["events"] == len(shop["events"]) + CLIENTS * EVENTS_PER_CLIENT  # none lost
@@ -267,7 +267,7 @@ def test_concurrent_clients_a_restart_and_an_outage(profile, tmp_path, shop, mon
         assert_online_equals_offline(store, users, [])
 
         # A restart: a new store object and a new intake, with nothing in memory.
-        store = stores.feature_store(cfg.workspace)
+        store = registry.feature_store(cfg.workspace)
         assert set(_post_concurrently(Intake(cfg, log, store), users, items, end, seed=2)) == {"updated"}
         cli.features_build(workspace=cfg.workspace, profile=profile, check=False)
         assert_online_equals_offline(store, users, [])

@@ -18,7 +18,7 @@ from core import config as config_mod
 from core.privacy import Privacy
 from eventlog.sources import load_batch
 from eventlog.store import EventLog
-from feature_repo.pipeline import stores
+from feature_repo.pipeline import registry
 from ingestion.ingest import ingest
 from persona import cli, sample_data
 from validation.gate import Gate, GateSettings
@@ -140,7 +140,7 @@ def test_forget_leaves_no_trace_and_export_holds_everything(workspace, shop, tmp
     (cfg.workspace / "checkpoints" / "refit" / "epoch-1.pt").write_bytes(b"\x00weights" + PLANTED.encode())
     pd.DataFrame({"user_id": [PLANTED, "u000001"], "item_id": ["i1", "i2"]}).to_parquet(
         cfg.workspace / "recs.parquet")
-    store = stores.feature_store(cfg.workspace)
+    store = registry.feature_store(cfg.workspace)
     assert store.get_online_features(features=["user_personal:region"],
                                      entity_rows=[{"user_id": PLANTED}]).to_dict()["region"] == [REGION]
 
@@ -256,7 +256,7 @@ def test_service_forget_export_caches_models_and_clean_logs(tmp_path, shop, tiny
     from bentoml._internal.models import ModelStore
     from starlette.testclient import TestClient
 
-    from training import model as model_mod
+    from training import text_cache as model_mod
 
     def cached(text: str) -> bool:
         return any(text in t for cache in list(model_mod._TEXT_CACHES.values()) for t, _ in list(cache.vectors))
@@ -286,7 +286,9 @@ def test_service_forget_export_caches_models_and_clean_logs(tmp_path, shop, tiny
         monkeypatch.setenv("PERSONA_API_KEY", "k-123")
         monkeypatch.setenv("PERSONA_REFRESH_SECONDS", "0.5")  # the tick that follows a CLI `forget`
         import bentos.service as service
+        from bentos import settings
 
+        importlib.reload(settings)  # the settings are read from the environment at import
         service = importlib.reload(service)
         with TestClient(service.Persona.to_asgi()) as client:
             key = {"X-API-Key": "k-123"}

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from eventlog.sources import Batch, load_batch, normalise
 from eventlog.store import EventLog
-from feature_repo.pipeline import stores
-from feature_repo.pipeline.build import build, push_users
-from feature_repo.pipeline.push import push_events
+from feature_repo.pipeline import registry
+from feature_repo.pipeline.build import build
+from feature_repo.pipeline.push import push_events, push_users
 from ingestion.ingest import ingest
 from persona import sample_data
 from validation.gate import Gate, GateSettings
@@ -64,7 +64,7 @@ def test_pushed_one_by_one_equals_the_batch_build(stream, catalogue, tmp_path_fa
     log = EventLog(f"sqlite:///{folder / 'eventlog.db'}")
     sample_data.write(catalogue, folder / "catalogue")
     ingest(load_batch(folder / "catalogue"), log, Gate())
-    store, _ = stores.apply(ws, "local")
+    store, _ = registry.apply(ws, "local")
     items = list(catalogue["items"]["item_id"])
     seen: set = set()
     for n, e in enumerate(stream):  # arrival order is the list's, event time is random: late events abound

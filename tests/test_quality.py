@@ -10,7 +10,7 @@ import pytest
 
 from eventlog.sources import load_batch
 from eventlog.store import EventLog
-from feature_repo.pipeline import stores
+from feature_repo.pipeline import registry
 from feature_repo.pipeline.build import build
 from ingestion.ingest import ingest
 from persona import sample_data
@@ -38,7 +38,7 @@ def test_persona_beats_popularity_and_ease_on_real_data(tmp_path, monkeypatch):
     log = EventLog(f"sqlite:///{ws / 'eventlog.db'}")
     report, _ = ingest(load_batch(tmp_path / "data"), log, Gate(GateSettings(on_schema_drift="accept")))
     assert report.quarantined == 0
-    store, _ = stores.apply(ws, "local")
+    store, _ = registry.apply(ws, "local")
     build(log, "local", ws)
     cfg = RunConfig(splits=("loo",), models=("persona", "popularity", "ease"), refit=False)  # model defaults
     result = run(store, log.read_table("events"), log.read_table("items"), {"purchase": 1.0}, cfg,

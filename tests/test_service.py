@@ -21,7 +21,7 @@ import pytest
 
 from eventlog.sources import load_batch
 from eventlog.store import EventLog
-from feature_repo.pipeline import stores
+from feature_repo.pipeline import materialize, registry
 from feature_repo.pipeline.build import build
 from ingestion.ingest import ingest
 from persona import sample_data
@@ -66,9 +66,9 @@ def featured_workspace(root: Path, tables: dict[str, pd.DataFrame]) -> Path:
     sample_data.write(tables, root / "data")
     log = EventLog(f"sqlite:///{ws / 'eventlog.db'}")
     ingest(load_batch(root / "data"), log, Gate())
-    stores.apply(ws, "local")
+    registry.apply(ws, "local")
     build(log, "local", ws)
-    stores.materialize(ws)
+    materialize.materialize(ws)
     log.dispose()
     return ws
 
@@ -288,7 +288,9 @@ def test_in_process_asgi_app(server, live_shop, monkeypatch, fresh_bentoml_metri
     BentoMLContainer.model_store.set(ModelStore(str(server.workspace / "bentoml" / "models")))
     try:
         import bentos.service as service
+        from bentos import settings
 
+        importlib.reload(settings)  # the settings are read from the environment at import
         service = importlib.reload(service)
         with TestClient(service.Persona.to_asgi()) as client:
             user = live_shop["events"]["user_id"].iloc[1]
@@ -317,19 +319,19 @@ def test_request_frame_is_what_feasts_frame_gives(server, live_shop, monkeypatch
     from bentos.answers import summary
     from core import config
     from eventlog.store import EventLog
-    from feature_repo.pipeline import stores
+    from feature_repo.pipeline import registry
 
     monkeypatch.setenv("PERSONA_WORKSPACE", str(server.workspace))
     BentoMLContainer.model_store.set(ModelStore(str(server.workspace / "bentoml" / "models")))
     try:
-        import bentos.service as service
+        from bentos import ranking, settings, user_state
 
-        service = importlib.reload(service)
-        store = stores.feature_store(server.workspace)
-        features = service.UserFeatures(store)
+        importlib.reload(settings)  # the settings are read from the environment at import
+        store = registry.feature_store(server.workspace)
+        features = user_state.UserFeatures(store)
         log = EventLog(config.load(server.workspace).resolved_event_log_url())
-        ranker = service.Rankers(store, log, "cpu", server.workspace).build(
-            *service._load_model("persona-profile:latest", "cpu"), fingerprint="test")
+        ranker = ranking.Rankers(store, log, "cpu", server.workspace).build(
+            *ranking.load_model("persona-profile:latest", "cpu"), fingerprint="test")
         events = live_shop["events"]
         search = events[events["event_type"] == "search"].sort_values("event_timestamp").iloc[-1]
         active = events["user_id"].value_counts().index[0]
@@ -340,7 +342,7 @@ def test_request_frame_is_what_feasts_frame_gives(server, live_shop, monkeypatch
                  ("nobody-at-all", pd.Timestamp.now(tz="UTC"))]
         sources = []
         for user, at in cases:
-            context = service.RequestContext(timestamp=at.to_pydatetime(), device="app")
+            context = user_state.RequestContext(timestamp=at.to_pydatetime(), device="app")
             fast = features.read(user, None, context)
             service_, stored = features.service
             reference = store.get_online_features(features=service_, entity_rows=[{
@@ -348,8 +350,8 @@ def test_request_frame_is_what_feasts_frame_gives(server, live_shop, monkeypatch
             reference["query"] = fast.frame["query"].iloc[0]
             reference["request_timestamp"] = at
             with torch.inference_mode():
-                torch.testing.assert_close(service.user_vector(ranker, fast.frame),
-                                           service.user_vector(ranker, reference), rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(ranking.user_vector(ranker, fast.frame),
+                                           ranking.user_vector(ranker, reference), rtol=1e-6, atol=1e-6)
             assert summary(fast.frame.iloc[0], None) == summary(reference.iloc[0], None)
             assert fast.known == bool(reference.reindex(columns=stored).iloc[0].notna().any())
             sources.append((fast.source, fast.known))
@@ -448,7 +450,7 @@ def _corrupt_online_row(workspace: Path, user: str, value: bytes | None) -> byte
 
     from training.dataset import USER_SERVICE
 
-    store = stores.feature_store(workspace)
+    store = registry.feature_store(workspace)
     key = serialize_entity_key(EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=user)]),
                                entity_key_serialization_version=store.config.entity_key_serialization_version)
     views = [p.name for p in store.get_feature_service(USER_SERVICE).feature_view_projections]
@@ -637,9 +639,9 @@ def test_redis_outage_gives_503_and_recovers(tmp_path, shop, pg_url, tiny_bert):
         sample_data.write(shop, tmp_path / "data")
         log = EventLog(cfg.resolved_event_log_url())
         ingest(load_batch(tmp_path / "data"), log, Gate())
-        stores.apply(ws, "prod")
+        registry.apply(ws, "prod")
         build(log, "prod", ws)
-        stores.materialize(ws)
+        materialize.materialize(ws)
         log.dispose()
     finally:
         for k, v in old.items():

@@ -19,15 +19,16 @@ from typer.testing import CliRunner
 
 from eventlog.sources import load_batch
 from eventlog.store import EventLog
-from feature_repo.pipeline import stores
+from feature_repo.pipeline import materialize, registry
 from feature_repo.pipeline.build import build
 from ingestion.ingest import ingest
 from persona import sample_data
 from persona.cli import app
 from training import dataset
 from training.model import Catalogue, ModelConfig, ProfileModel
+from training.model_store import load_from_bentoml, save_to_bentoml
 from training.train import TrainConfig
-from training.workflow import PERSONA, RunConfig, load_from_bentoml, refit, run, save_to_bentoml
+from training.workflow import PERSONA, RunConfig, refit, run
 from validation.gate import Gate
 
 POSITIVES = {"click": 1.0, "add_to_cart": 2.0, "purchase": 4.0, "review": 3.0}
@@ -40,9 +41,9 @@ def _workspace(root: Path, tables: dict[str, pd.DataFrame]):
     log = EventLog(f"sqlite:///{ws / 'eventlog.db'}") if ws.mkdir(parents=True) is None else None
     report, _ = ingest(load_batch(folder), log, Gate())
     assert report.quarantined == 0
-    store, _ = stores.apply(ws, "local")
+    store, _ = registry.apply(ws, "local")
     build(log, "local", ws)
-    stores.materialize(ws)
+    materialize.materialize(ws)
     return ws, log, store
 
 
@@ -233,7 +234,7 @@ def test_stripped_dataset_runs_end_to_end(stripped, tmp_path, tiny_bert, shop, m
 def test_real_minilm_weights_understand_text():
     """Integration: the packaged all-MiniLM-L6-v2 loads offline and embeds meaningfully."""
     spec_users = pd.DataFrame({"age": [30.0]})
-    from training.model import FeatureSpec
+    from training.encoding import FeatureSpec
 
     spec = FeatureSpec.fit(spec_users, spec_users, ["age"], [], [], [])
     model = ProfileModel.build(ModelConfig(), spec).eval()
@@ -385,8 +386,8 @@ def test_time_budget_bounds_training_not_the_epoch_that_crosses_it(trained_ws, t
     mcfg = ModelConfig(bert_path=tiny_bert, dim=8, hidden=16, embed_dim=4, seq_len=10)
     for budget, epochs in ((1e-6, 1), (None, 3)):
         cfg = TrainConfig(epochs=3, batch_size=32, device="cpu", patience=5, max_seconds=budget)
-        train(ProfileModel.build(mcfg, spec), frame, catalogue, cfg, None, progress=False)
-        assert len(cfg.history) == epochs
+        history = train(ProfileModel.build(mcfg, spec), frame, catalogue, cfg, None, progress=False)
+        assert len(history) == epochs
 
 
 def test_checkpoint_resume_and_grad_accumulation(trained_ws, tiny_bert, tmp_path):
@@ -396,14 +397,14 @@ def test_checkpoint_resume_and_grad_accumulation(trained_ws, tiny_bert, tmp_path
     mcfg = ModelConfig(bert_path=tiny_bert, dim=8, hidden=16, embed_dim=4, seq_len=10)
     first = TrainConfig(epochs=1, batch_size=16, grad_accum=2, device="cpu", checkpoint_dir=str(tmp_path),
                         patience=5)
-    train(ProfileModel.build(mcfg, spec), frame, catalogue, first, progress=False)
-    assert (tmp_path / "checkpoint.pt").exists() and len(first.history) == 1
+    history = train(ProfileModel.build(mcfg, spec), frame, catalogue, first, progress=False)
+    assert (tmp_path / "checkpoint.pt").exists() and len(history) == 1
     steps = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["average"]["steps"]
     assert steps > 0  # the weight average and its ramp are checkpointed
     resumed = TrainConfig(epochs=2, batch_size=16, grad_accum=2, device="cpu", checkpoint_dir=str(tmp_path),
                           resume=True, patience=5)
-    train(ProfileModel.build(mcfg, spec), frame, catalogue, resumed, progress=False)
-    assert [h["epoch"] for h in resumed.history] == [1, 2]  # epoch 1 came from the checkpoint
+    history = train(ProfileModel.build(mcfg, spec), frame, catalogue, resumed, progress=False)
+    assert [h["epoch"] for h in history] == [1, 2]  # epoch 1 came from the checkpoint
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["average"]["steps"] == 2 * steps  # went on
     assert json.loads((tmp_path / "history.json").read_text())[-1]["epoch"] == 2
 
@@ -451,7 +452,7 @@ def test_finetune_layers_default_by_device_and_catalogue(tiny_bert):
 
 def test_categorical_text_is_the_same_for_one_row_and_many():
     """Serving converts a one-row frame value by value; training, column-wise. Same vocabulary keys."""
-    from training.model import SMALL_FRAME, _as_text
+    from training.encoding import SMALL_FRAME, _as_text
 
     values = ["app", None, float("nan"), 3, 2.5, True, pd.NA, "web", np.int64(7), np.float64(1.0)]
     for dtype in (object, "string"):
@@ -466,7 +467,7 @@ def test_categorical_text_is_the_same_for_one_row_and_many():
 def test_numbers_and_times_are_the_same_for_one_row_and_many():
     """A request's one-row frame of Python objects converts value by value; training frames column-wise.
     Both give the same floats and the same epoch seconds, nulls and odd values included."""
-    from training.model import SMALL_FRAME, _epoch_seconds, _floats
+    from training.encoding import SMALL_FRAME, _epoch_seconds, _floats
 
     numbers = pd.DataFrame({"a": [1, None, 2.5, float("nan"), True, np.int64(7), None, float("inf"), -3, 0],
                             "b": [np.float32(0.5), 4, None, 1e300, False, -0.0, 2, np.nan, 1.5, 10**12]},

@@ -18,11 +18,17 @@ ITEM_SERVICE = "items_v1"
 ITEM_PREFIX = "item_"  # item features share names with user ones (ctr_30d): prefix them in frames
 
 
+def service_features(store, name: str) -> list[str]:
+    """The feature names a FeatureService serves, in its order."""
+    service = store.get_feature_service(name)
+    return [f.name for proj in service.feature_view_projections for f in proj.features]
+
+
 def prefix_items(frame: pd.DataFrame, keep: tuple[str, ...] = ("item_id",)) -> pd.DataFrame:
     return frame.rename(columns={c: f"{ITEM_PREFIX}{c}" for c in frame.columns if c not in keep})
 
 
-def _session_key(events: pd.DataFrame) -> pd.Series:
+def session_key(events: pd.DataFrame) -> pd.Series:
     """session_id when the log has it, else the user and the 30-minute-gap session."""
     if "session_id" in events and events["session_id"].notna().any():
         return events["session_id"].astype("string").fillna(events["user_id"].astype("string"))
@@ -38,7 +44,7 @@ def build_examples(events: pd.DataFrame, items: pd.DataFrame, positives: dict[st
     rng = np.random.default_rng(seed)
     ev = events.copy()
     ev["event_timestamp"] = pd.to_datetime(ev["event_timestamp"], utc=True)
-    ev["session"] = _session_key(ev)
+    ev["session"] = session_key(ev)
     for col in ("device", "channel", "query"):
         if col not in ev:
             ev[col] = None
@@ -61,7 +67,7 @@ def build_examples(events: pd.DataFrame, items: pd.DataFrame, positives: dict[st
         ["user_id", "item_id", "session", "event_timestamp", "device", "channel", "label", "weight", "kind"]]
     negatives = _sampled_negatives(pos, ev, items, neg_per_pos, rng)
     out = pd.concat([pos, exposures, negatives], ignore_index=True)
-    out = _attach_session_query(out, ev)
+    out = attach_session_query(out, ev)
     out["request_timestamp"] = out["event_timestamp"]
     out = out.sort_values("event_timestamp", kind="stable").reset_index(drop=True)
     out["example_id"] = np.arange(len(out))
@@ -90,7 +96,7 @@ def _sampled_negatives(pos: pd.DataFrame, ev: pd.DataFrame, items: pd.DataFrame,
     return rep.assign(label=0, weight=1.0, kind="negative")
 
 
-def _attach_session_query(rows: pd.DataFrame, ev: pd.DataFrame) -> pd.DataFrame:
+def attach_session_query(rows: pd.DataFrame, ev: pd.DataFrame) -> pd.DataFrame:
     """The latest search query in the row's session at or before the row's time."""
     searches = ev[(ev["event_type"] == "search") & ev["query"].notna()][["session", "event_timestamp", "query"]]
     rows = rows.drop(columns=["query"], errors="ignore").sort_values("event_timestamp").reset_index(drop=True)

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from training.baselines import Histories, Scorer
+from training.dataset import attach_session_query, session_key
 
 COLD_EVENTS = 5  # a user with fewer events before the request is "cold"
 VALIDATION_REQUESTS = 1000  # validation is a sample: it runs after every epoch
@@ -32,10 +33,6 @@ class Split:
     validation: pd.DataFrame  # the same columns, strictly before each user's test request
     fit_cut: pd.Timestamp | pd.Series  # models fit on rows before this (per user in leave-one-out)
     test_cut: pd.Timestamp | pd.Series  # baselines' final fit and seen items: rows before this
-
-    @property
-    def per_user(self) -> bool:
-        return isinstance(self.test_cut, pd.Series)
 
     def before(self, frame: pd.DataFrame, cut: pd.Timestamp | pd.Series) -> pd.DataFrame:
         """Rows stamped strictly before the cut (the row's user's own cut in leave-one-out).
@@ -57,14 +54,12 @@ def new_item_positives(events: pd.DataFrame, positives: dict[str, float]) -> pd.
 
 def _with_context(requests: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
     """Add the session's latest query and the user's event count before each request."""
-    from training.dataset import _attach_session_query, _session_key
-
-    ev = events.assign(session=_session_key(events))
+    ev = events.assign(session=session_key(events))
     if "query" not in ev:  # a log without searches
         ev["query"] = None
     requests = requests.merge(ev[["event_id", "session"]], on="event_id", how="left") if "event_id" in requests \
         else requests.assign(session=None)
-    requests = _attach_session_query(requests, ev)
+    requests = attach_session_query(requests, ev)
     requests["history_events"] = _events_before(ev, requests)
     requests["cold"] = requests["history_events"] < COLD_EVENTS
     requests["request_timestamp"] = requests["event_timestamp"]

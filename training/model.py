@@ -9,36 +9,31 @@ each step is that item's vector from the item tower, its event type and the time
 an MLP with BERT's vectors of the live query and the recent queries and an MLP over the behaviour,
 personal and context features.
 
-BERT's lower layers are frozen: each distinct text goes through them once and the result is cached.
-With ``finetune_layers`` 0 (the default on a CPU) that is the mean-pooled vector of the whole frozen
-BERT, and only the adapters on top train: minutes on a CPU. With k > 0 (the default on a GPU) the
-cache keeps the token states below the top k layers, and those k layers train with the towers, on
-every step, from the cache. The saved BERT holds the trained layers, so serving encodes with it as
-with any frozen BERT. The score is the cosine of the two vectors divided by a temperature; training
-is a full softmax over the catalogue.
+BERT's lower layers are frozen: each distinct text goes through them once and the result is cached
+(``training.text_cache``). With ``finetune_layers`` 0 (the default on a CPU) that is the mean-pooled
+vector of the whole frozen BERT, and only the adapters on top train: minutes on a CPU. With k > 0 (the
+default on a GPU) the cache keeps the token states below the top k layers, and those k layers train
+with the towers, on every step, from the cache. The saved BERT holds the trained layers, so serving
+encodes with it as with any frozen BERT. The score is the cosine of the two vectors divided by a
+temperature; training is a full softmax over the catalogue. Frames become tensors in
+``training.encoding``.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import math
-import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from core.contract import is_null
-
-MISSING = "<missing>"
-EVENT_TYPES = ("click", "add_to_cart", "purchase", "review", "view", "search")  # index 0 = padding / unknown
-GAP_BUCKETS = 24  # log2(hours since the step + 1) buckets
-
+from training import encoding
+from training.encoding import GAP_BUCKETS, SEQUENCE_TYPES, FeatureSpec, ItemInputs, UserInputs, item_text, user_text
+from training.text_cache import Text, TextStates, shared_text_cache
 
 GPU_FINETUNE_LAYERS = 2  # what "auto" trains on a GPU; a CPU keeps BERT frozen (minutes, not hours)
 FINETUNE_MAX_ITEMS = 20_000  # "auto" trains BERT layers up to this catalogue size: each step runs them over it
@@ -81,118 +76,6 @@ def resolve_finetune(cfg: ModelConfig, device: torch.device | str, n_items: int 
     return replace(cfg, finetune_layers=layers)
 
 
-@dataclass
-class FeatureSpec:
-    """Which columns feed each tower, with the statistics and vocabularies learned from training rows."""
-
-    user_numeric: list[str]
-    user_categorical: list[str]
-    item_numeric: list[str]
-    item_categorical: list[str]
-    stats: dict[str, tuple[float, float]] = field(default_factory=dict)  # column -> (mean, std) of log1p
-    vocab: dict[str, list[str]] = field(default_factory=dict)  # column -> known values
-    item_ids: list[str] = field(default_factory=list)  # items with an id embedding (seen in training)
-
-    @classmethod
-    def fit(cls, users: pd.DataFrame, items: pd.DataFrame, user_num: list[str], user_cat: list[str],
-            item_num: list[str], item_cat: list[str], max_vocab: int = 200,
-            item_ids: Sequence[str] = ()) -> FeatureSpec:
-        spec = cls(user_num, user_cat, item_num, item_cat, item_ids=sorted(set(item_ids)))
-        for frame, cols in ((users, user_num), (items, item_num)):
-            for col in cols:
-                values = _signed_log(frame[col].astype(float).to_numpy())
-                mean = float(np.nanmean(values)) if np.isfinite(values).any() else 0.0
-                std = float(np.nanstd(values)) if np.isfinite(values).any() else 1.0
-                spec.stats[col] = (mean, std if std > 1e-6 else 1.0)
-        for frame, cols in ((users, user_cat), (items, item_cat)):
-            for col in cols:
-                counts = frame[col].astype("string").fillna(MISSING).value_counts()
-                spec.vocab[col] = list(counts.index[:max_vocab])
-        return spec
-
-    def numeric(self, frame: pd.DataFrame, cols: list[str]) -> torch.Tensor:
-        """Normalised signed-log values; missing columns and values become 0 (the training mean)."""
-        if not cols:
-            return torch.zeros((len(frame), 0), dtype=torch.float32)
-        block = _floats(frame.reindex(columns=cols))
-        mean, std = (np.array([self.stats[c][i] for c in cols]) for i in (0, 1))
-        with np.errstate(invalid="ignore"):
-            out = (_signed_log(block) - mean) / std
-        return torch.from_numpy(np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32))
-
-    def categorical(self, frame: pd.DataFrame, cols: list[str]) -> torch.Tensor:
-        out = np.zeros((len(frame), len(cols)), dtype=np.int64)
-        for j, col in enumerate(cols):
-            index = self._index(col)  # 0 = unknown
-            out[:, j] = [index.get(v, 0) for v in _as_text(frame.get(col), len(frame))]
-        return torch.from_numpy(out)
-
-    def item_id_index(self, ids) -> torch.Tensor:
-        """1-based embedding rows; 0 for an item never seen in training."""
-        if "_ids" not in self.__dict__:
-            self.__dict__["_ids"] = {i: k + 1 for k, i in enumerate(self.item_ids)}
-        cache = self.__dict__["_ids"]
-        return torch.tensor([cache.get(i, 0) for i in ids], dtype=torch.long)
-
-    def _index(self, col: str) -> dict[str, int]:
-        cache = self.__dict__.setdefault("_indexes", {})
-        if col not in cache:
-            cache[col] = {v: i + 1 for i, v in enumerate(self.vocab[col])}
-        return cache[col]
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
-
-
-SMALL_FRAME = 64  # rows up to which a column is converted value by value (serving's one-row frames)
-
-
-def _as_text(column: pd.Series | None, n: int) -> list[str]:
-    """A categorical column as the vocabulary's text (``MISSING`` for a null), as pandas' ``string``
-    dtype writes it. Value by value for a few rows: pandas' per-column conversion cost most of a
-    one-row request's input frame."""
-    if column is None:
-        return [MISSING] * n
-    if n > SMALL_FRAME:
-        return column.astype("string").fillna(MISSING).tolist()
-    return [MISSING if is_null(v) else v if isinstance(v, str) else str(pd.array([v], dtype="string")[0])
-            for v in column.tolist()]
-
-
-def _floats(frame: pd.DataFrame) -> np.ndarray:
-    """The frame's values as float64, NaN for a null; value by value for a few rows (a request's
-    one-row frame of Python objects), where pandas' per-column conversion cost twice as much."""
-    if len(frame) > SMALL_FRAME:
-        return frame.astype("float64").to_numpy(dtype=np.float64, na_value=np.nan)
-    return np.array([[np.nan if is_null(v) else float(v) for v in row] for row in frame.to_numpy(dtype=object)],
-                    dtype=np.float64).reshape(frame.shape)
-
-
-def _signed_log(x: np.ndarray) -> np.ndarray:
-    return np.sign(x) * np.log1p(np.abs(x))
-
-
-def user_text(frame: pd.DataFrame) -> list[str]:
-    """The user's two texts for BERT, per row: the live query, then the recent queries ("" if none)."""
-    out = []
-    for query, queries in zip(_col(frame, "query"), _col(frame, "recent_queries"), strict=True):
-        out += [query or "", queries or ""]
-    return out
-
-
-def item_text(frame: pd.DataFrame) -> list[str]:
-    """Title, brand, category path and the start of the description (item columns carry ``item_``)."""
-    return [" . ".join(str(v) for v in row if isinstance(v, str) and v)
-            for row in zip(_col(frame, "item_title"), _col(frame, "item_brand"), _col(frame, "item_category"),
-                           _col(frame, "item_description"), strict=True)]
-
-
-def _col(frame: pd.DataFrame, name: str) -> list:
-    if name not in frame:
-        return [None] * len(frame)
-    return [None if is_null(v) else v for v in frame[name].tolist()]
-
-
 def in_batches(fn, frame: pd.DataFrame, size: int = 256) -> torch.Tensor:
     """``fn`` over row slices of ``frame``, concatenated (bounded memory for whole catalogues)."""
     parts = [fn(frame.iloc[s:s + size]) for s in range(0, len(frame), size)]
@@ -206,71 +89,6 @@ class Catalogue:
     index: dict[str, int]
     vectors: torch.Tensor
 
-
-@dataclass
-class TextStates:
-    """Cached token states of distinct texts (below BERT's trained top layers), and which text each row has.
-
-    Rows index the table, so selecting rows never copies the states: a batch runs the top layers over
-    the distinct texts it names.
-    """
-
-    states: torch.Tensor  # [D, T, H] padded token states
-    mask: torch.Tensor  # [D, T] 1 for a real token
-    rows: torch.Tensor  # [n] the text of each row
-
-    def __getitem__(self, idx) -> TextStates:
-        return TextStates(self.states, self.mask, self.rows[idx])
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def to(self, device) -> TextStates:
-        return TextStates(self.states.to(device), self.mask.to(device), self.rows.to(device))
-
-
-Text = torch.Tensor | TextStates  # mean-pooled vectors (frozen BERT), or states for the trained top layers
-
-
-@dataclass
-class ItemInputs:
-    """An item frame as tensors (built once per catalogue, reused every training step)."""
-
-    ids: torch.Tensor
-    numeric: torch.Tensor
-    categorical: torch.Tensor
-    text: Text | None
-
-    def to(self, device) -> ItemInputs:
-        return ItemInputs(*(t.to(device) if t is not None else None for t in
-                            (self.ids, self.numeric, self.categorical, self.text)))
-
-
-@dataclass
-class UserInputs:
-    """A user frame as tensors; ``history`` holds item ids, resolved against a catalogue when scoring."""
-
-    numeric: torch.Tensor
-    categorical: torch.Tensor
-    query: Text | None  # [n, H] BERT vectors (zeros when there is no text), or their token states
-    recent: Text | None
-    has_text: torch.Tensor  # [n, 2] 1 where the query / recent queries exist
-    history: list[list[str]]
-    types: torch.Tensor  # [n, seq_len] event-type indexes, left-padded with 0
-    gaps: torch.Tensor  # [n, seq_len] log-hour buckets
-    history_rows: torch.Tensor | None = None  # ``history`` resolved to catalogue rows once (training)
-
-    TENSORS = ("numeric", "categorical", "query", "recent", "has_text", "types", "gaps", "history_rows")
-
-    def _map(self, fn, history: list[list[str]]) -> UserInputs:
-        moved = {k: fn(getattr(self, k)) if getattr(self, k) is not None else None for k in self.TENSORS}
-        return UserInputs(history=history, **moved)
-
-    def select(self, idx: torch.Tensor) -> UserInputs:
-        return self._map(lambda t: t[idx], [self.history[i] for i in idx.tolist()])
-
-    def to(self, device) -> UserInputs:
-        return self._map(lambda t: t.to(device), self.history)
 
 
 class MLP(nn.Module):
@@ -333,7 +151,7 @@ class UserTower(nn.Module):
         self.recent_weight = nn.Parameter(torch.tensor(0.5)) if text_dim else None
         if cfg.use_sequence:
             self.start = nn.Parameter(torch.zeros(cfg.dim))  # the sequence is never empty: cold users too
-            self.types = nn.Embedding(len(EVENT_TYPES) + 1, cfg.dim, padding_idx=0)
+            self.types = nn.Embedding(len(SEQUENCE_TYPES) + 1, cfg.dim, padding_idx=0)
             self.gaps = nn.Embedding(GAP_BUCKETS + 1, cfg.dim, padding_idx=0)
             self.positions = nn.Embedding(cfg.seq_len + 1, cfg.dim)
             for emb in (self.types, self.gaps, self.positions):
@@ -380,92 +198,6 @@ def history_rows(history: list[list[str]], index: dict[str, int], length: int) -
     return rows
 
 
-class TextCache:
-    """Frozen BERT's mean-pooled vectors, one forward pass per distinct text, kept by text.
-
-    Safe to share between threads (serving encodes from several at once): the dict is only touched
-    under ``lock``, and the fast tokenizer, which raises "Already borrowed" when two threads use it at
-    once, only under ``tokenizer_lock``. BERT's forward pass runs outside both.
-    """
-
-    def __init__(self, bert: nn.Module, tokenizer, max_size: int | None = None):
-        self.bert, self.tokenizer, self.max_size = bert, tokenizer, max_size
-        self.vectors: dict[tuple[str, int], torch.Tensor] = {}
-        self.lock = threading.Lock()
-        self.tokenizer_lock = threading.Lock()
-
-    def encode(self, texts: list[str], max_len: int) -> torch.Tensor:
-        found = self._lookup(texts, max_len)
-        return torch.stack([found[t] for t in texts]) if texts else torch.zeros(0, self.bert.config.hidden_size)
-
-    def _lookup(self, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
-        """Each distinct text's cached value, computing the missing ones in length-sorted chunks."""
-        distinct = list(dict.fromkeys(texts))
-        with self.lock:  # what is cached now: later evictions (by this call or another) cannot lose it
-            found = {t: v for t in distinct if (v := self.vectors.get((t, max_len))) is not None}
-        missing = sorted((t for t in distinct if t not in found), key=len)  # similar lengths: little padding
-        fresh = {}
-        for s in range(0, len(missing), 64):
-            chunk = missing[s:s + 64]
-            fresh.update(zip(chunk, self._forward(chunk, max_len), strict=True))
-        with self.lock:
-            self.vectors.update({(t, max_len): v for t, v in fresh.items()})
-            overflow = len(self.vectors) - (self.max_size or len(self.vectors))
-            for key in list(itertools.islice(self.vectors, max(0, overflow))):
-                del self.vectors[key]  # oldest first
-        found.update(fresh)
-        return found
-
-    def _tokens(self, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
-        device = next(self.bert.parameters()).device
-        with self.tokenizer_lock:
-            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-        return {k: v.to(device) for k, v in enc.items()}
-
-    @torch.no_grad()
-    def _forward(self, texts: list[str], max_len: int) -> list[torch.Tensor]:
-        enc = self._tokens(texts, max_len)
-        hidden = self.bert(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return list(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)).float().cpu())
-
-
-class TokenStateCache(TextCache):
-    """The token states that enter BERT's top ``top`` layers, one forward pass per distinct text.
-
-    The layers below stay frozen, so these states never change while the top layers train; they stay
-    on BERT's device (bfloat16 on CUDA: half the memory).
-    """
-
-    def __init__(self, bert: nn.Module, tokenizer, top: int):
-        super().__init__(bert, tokenizer)
-        self.top = top
-
-    def encode(self, texts: list[str], max_len: int) -> TextStates:
-        found = self._lookup(texts, max_len)
-        where = {t: k for k, t in enumerate(dict.fromkeys(texts))}
-        if not where:
-            empty = torch.zeros(0, 1, self.bert.config.hidden_size)
-            return TextStates(empty, torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, dtype=torch.long))
-        states = nn.utils.rnn.pad_sequence([found[t] for t in where], batch_first=True)
-        lengths = torch.tensor([len(found[t]) for t in where], device=states.device)
-        mask = (torch.arange(states.shape[1], device=states.device)[None, :] < lengths[:, None]).long()
-        return TextStates(states, mask, torch.tensor([where[t] for t in texts], device=states.device))
-
-    @torch.no_grad()
-    def _forward(self, texts: list[str], max_len: int) -> list[torch.Tensor]:
-        enc = self._tokens(texts, max_len)
-        was_training = self.bert.training
-        self.bert.eval()  # no dropout in what is cached
-        try:
-            states = self.bert(**enc, output_hidden_states=True).hidden_states[-1 - self.top]
-        finally:
-            self.bert.train(was_training)
-        dtype = torch.bfloat16 if states.device.type == "cuda" else torch.float32
-        lengths = enc["attention_mask"].sum(1).tolist()
-        return [states[k, :n].to(dtype) for k, n in enumerate(lengths)]
-
-
 class TextTop(nn.Module):
     """BERT's top layers over cached token states, then the mean over real tokens (BERT's own pooling
     for sentence vectors): what the full BERT gives, with gradients into those layers only."""
@@ -490,21 +222,10 @@ class TextTop(nn.Module):
         return pooled.float()[inverse]
 
 
-_TEXT_CACHES: dict[tuple[str, int], TextCache] = {}
-_TEXT_CACHES_LOCK = threading.Lock()
-
-
-def _shared_text_cache(bert_path: str, bert: nn.Module, tokenizer, top: int = 0) -> TextCache:
-    """One cache per BERT (and number of trained top layers) in a process: the model variants and the
-    refit reuse each other's vectors or states. The layers a cache runs are frozen in every model that
-    shares it, so whose BERT computes them does not matter."""
-    with _TEXT_CACHES_LOCK:
-        if (bert_path, top) not in _TEXT_CACHES:
-            _TEXT_CACHES[bert_path, top] = TokenStateCache(bert, tokenizer, top) if top else TextCache(bert, tokenizer)
-        return _TEXT_CACHES[bert_path, top]
-
-
 class ProfileModel(nn.Module):
+    """Both towers and the BERT they share; ``save`` writes one folder (towers.pt, model.json, bert/),
+    the format every stored model version has, and ``load`` serves from it."""
+
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec, bert: nn.Module | None = None, tokenizer=None,
                  finetune: int | None = None):
         """``finetune``: BERT's top layers to train (default ``cfg.finetune_layers``; 0 = frozen BERT)."""
@@ -524,7 +245,7 @@ class ProfileModel(nn.Module):
         if self.text_top is not None:
             for p in itertools.chain.from_iterable(layer.parameters() for layer in self.text_top._layers):
                 p.requires_grad = True
-        self.texts = _shared_text_cache(cfg.bert_path, bert, tokenizer, top) if text_dim else None
+        self.texts = shared_text_cache(cfg.bert_path, bert, tokenizer, top) if text_dim else None
         self.user_tower = UserTower(spec, cfg, text_dim)
         self.item_tower = ItemTower(spec, cfg, text_dim)
 
@@ -583,50 +304,14 @@ class ProfileModel(nn.Module):
 
     # --- inputs -------------------------------------------------------------------------------
     def item_inputs(self, frame: pd.DataFrame) -> ItemInputs:
-        text = self.text_inputs(item_text(frame), self.cfg.item_max_len)
-        return ItemInputs(self.spec.item_id_index(frame["item_id"].astype(str)),
-                          self.spec.numeric(frame, self.spec.item_numeric),
-                          self.spec.categorical(frame, self.spec.item_categorical), text)
+        return encoding.item_inputs(self.spec, frame, self.text_inputs(item_text(frame), self.cfg.item_max_len))
 
     def user_inputs(self, frame: pd.DataFrame, text: torch.Tensor | None = None) -> UserInputs:
         """``text``: the rows' ``user_text`` already encoded (by the serving encoder), else encoded here."""
         texts = user_text(frame)
         if text is None:
             text = self.text_inputs(texts, self.cfg.user_max_len)
-        has = torch.tensor([[bool(texts[2 * r]), bool(texts[2 * r + 1])] for r in range(len(frame))],
-                           dtype=torch.float32).reshape(len(frame), 2)
-        query = recent = None
-        if isinstance(text, TextStates):
-            query, recent = text[0::2], text[1::2]
-        elif text is not None:
-            text = text.float().cpu().reshape(len(frame), 2, -1)
-            query, recent = text[:, 0], text[:, 1]
-        history, types, gaps = self._sequences(frame)
-        return UserInputs(self.spec.numeric(frame, self.spec.user_numeric),
-                          self.spec.categorical(frame, self.spec.user_categorical), query, recent, has,
-                          history, types, gaps)
-
-    def _sequences(self, frame: pd.DataFrame) -> tuple[list[list[str]], torch.Tensor, torch.Tensor]:
-        """History ids, event types and log-hour gaps to the request time, left-padded to seq_len."""
-        n, length = len(frame), self.cfg.seq_len
-        types = np.zeros((n, length), dtype=np.int64)
-        gaps = np.zeros((n, length), dtype=np.int64)
-        history: list[list[str]] = []
-        type_index = {t: k + 1 for k, t in enumerate(EVENT_TYPES)}
-        now = _epoch_seconds(frame)
-        for r, (items, kinds, times) in enumerate(zip(_col(frame, "sequence_items"), _col(frame, "sequence_types"),
-                                                      _col(frame, "sequence_times"), strict=True)):
-            items = json.loads(items)[-length:] if items else []
-            history.append(items)
-            if not items:
-                continue
-            kinds = json.loads(kinds)[-length:]
-            times = np.array(json.loads(times)[-length:], dtype=np.float64)
-            ref = now[r] if np.isfinite(now[r]) else times.max()
-            hours = np.clip((ref - times) / 3600.0, 0, None)
-            types[r, length - len(items):] = [type_index.get(k, 0) for k in kinds]
-            gaps[r, length - len(items):] = np.minimum(np.log2(hours + 1).astype(np.int64) + 1, GAP_BUCKETS)
-        return history, torch.from_numpy(types), torch.from_numpy(gaps)
+        return encoding.user_inputs(self.spec, frame, texts, text, self.cfg.seq_len)
 
     # --- towers -------------------------------------------------------------------------------
     def item_vectors(self, frame: pd.DataFrame) -> torch.Tensor:
@@ -660,9 +345,7 @@ class ProfileModel(nn.Module):
 
         meta = json.loads((folder / "model.json").read_text())
         cfg = ModelConfig(**meta["config"])
-        spec_data = meta["spec"]
-        spec_data["stats"] = {k: tuple(v) for k, v in spec_data["stats"].items()}
-        spec = FeatureSpec(**spec_data)
+        spec = FeatureSpec.from_dict(meta["spec"])
         bert = tok = None
         if (folder / "bert").exists():
             bert = AutoModel.from_pretrained(folder / "bert")
@@ -671,26 +354,3 @@ class ProfileModel(nn.Module):
         model = cls(cfg, spec, bert, tok, finetune=0)
         model.load_state_dict(torch.load(folder / "towers.pt", map_location=device), strict=False)
         return model.to(device).eval()
-
-
-def _epoch_seconds(frame: pd.DataFrame) -> np.ndarray:
-    """The request time of each row in epoch seconds (NaN when unknown); a naive time is UTC."""
-    for col in ("request_timestamp", "event_timestamp"):
-        if col in frame:
-            if len(frame) <= SMALL_FRAME:  # a request: pandas' column conversion cost 0.1 ms
-                return np.array([_epoch_second(v) for v in frame[col].tolist()], dtype=np.float64)
-            ts = pd.to_datetime(frame[col], utc=True, errors="coerce")
-            return ((ts - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=np.float64,
-                                                                                       na_value=np.nan)
-    return np.full(len(frame), np.nan)
-
-
-def _epoch_second(value) -> float:
-    """One time in epoch seconds, as ``_epoch_seconds`` reads a column: NaN for a null or not a time."""
-    if is_null(value):
-        return math.nan
-    try:
-        ts = pd.Timestamp(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return math.nan if ts is pd.NaT else ts.value / 1e9  # nanoseconds since the epoch, in UTC if aware

@@ -13,7 +13,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from training.dataset import ItemCatalogue
-from training.model import Catalogue, ItemInputs, ProfileModel, UserInputs, history_rows
+from training.encoding import ItemInputs, UserInputs
+from training.model import Catalogue, ProfileModel, history_rows
 
 
 @dataclass
@@ -45,7 +46,6 @@ class TrainConfig:
     average_decay: float | None = 0.99  # validated and kept: a moving average of the weights (None: the last step)
     checkpoint_dir: str | None = None
     resume: bool = False
-    history: list[dict] = field(default_factory=list)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -61,8 +61,9 @@ def seed_everything(seed: int) -> None:
 
 
 def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue, cfg: TrainConfig,
-          validate: Callable[[ProfileModel], float] | None = None, progress: bool = True) -> ProfileModel:
-    """Train in place; returns the model restored to its best validation state.
+          validate: Callable[[ProfileModel], float] | None = None, progress: bool = True) -> list[dict]:
+    """Train in place, leave the model at its best validation state (in eval mode), and return the
+    history: one row per epoch (``epoch, loss, val_ndcg10, lr, validation_seconds``).
 
     Each positive is a next-item target: a softmax over the whole catalogue as of the positive's time
     (its ``catalogue`` bucket), so a step sees item features from before its own examples only.
@@ -71,78 +72,33 @@ def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device)
-    positives = examples[(examples["label"] == 1) & examples["item_id"].isin(catalogue.item_ids)]
-    positives = positives.reset_index(drop=True)
-    if positives.empty:
-        raise ValueError("no positive examples to train on: check the configured positive event types")
-    index = {i: k for k, i in enumerate(catalogue.item_ids)}
-    targets = torch.tensor(positives["item_id"].map(index).to_numpy(), dtype=torch.long)
-    weights = torch.tensor(positives["weight"].to_numpy(), dtype=torch.float32)
-    buckets = catalogue.bucket_of(positives["event_timestamp"])
-    users = model.user_inputs(positives)  # BERT runs once per distinct text, here
-    users.history_rows = history_rows(users.history, index, model.cfg.seq_len)  # the same rows in every bucket
-    lengths = (users.history_rows > 0).sum(1).numpy()
-    items = {int(b): model.item_inputs(catalogue.frames[b]).to(device) for b in np.unique(buckets)}
+    data = Positives.build(model, examples, catalogue, device)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_amp = cfg.amp and device.type == "cuda"
-    ckpt = Path(cfg.checkpoint_dir) / "checkpoint.pt" if cfg.checkpoint_dir else None
-    start_epoch, best, best_state, stale = 0, -1.0, None, 0
     average = WeightAverage(model, cfg.average_decay) if cfg.average_decay else None
-    if cfg.resume and ckpt and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best, stale, cfg.history = state["epoch"] + 1, state["best"], state["stale"], state["history"]
-        best_state = state.get("best_state")
-        if average is not None and state.get("average") is not None:
-            average.load(state["average"])
+    best = BestEpoch(cfg.patience)
+    checkpoint = Checkpoint(cfg.checkpoint_dir)
+    start_epoch, history = checkpoint.resume(model, optimizer, average, best, device) if cfg.resume else (0, [])
     rng = np.random.default_rng(cfg.seed)
     started = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
         epoch_started = time.monotonic()
-        model.train()
-        batches = _batches(buckets, lengths, cfg.batch_size, cfg.max_positives, rng)
+        batches = _batches(data.buckets, data.lengths, cfg.batch_size, cfg.max_positives, rng)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-        losses = []
-        optimizer.zero_grad()
-        for step, (bucket, rows) in enumerate(bar):
-            idx = torch.from_numpy(rows)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = _loss(model, users.select(idx).to(device), items[bucket], catalogue, index,
-                             targets[idx].to(device), weights[idx].to(device), cfg.max_softmax_items)
-            (loss / cfg.grad_accum).backward()
-            if (step + 1) % cfg.grad_accum == 0 or step == len(batches) - 1:
-                optimizer.step()
-                optimizer.zero_grad()
-                if average is not None:
-                    average.update()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", best=f"{max(best, 0.0):.4f}")
-        model.eval()
+        loss = _train_epoch(model, data, batches, bar, optimizer, average, cfg, device, best.score)
         trained = time.monotonic()
         with average.applied() if average is not None else contextlib.nullcontext():
             val = validate(model) if validate else None
-            score = val if val is not None else float(epoch)  # without validation the newest epoch wins
-            if score > best:
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        cfg.history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_ndcg10": val,
-                            "lr": optimizer.param_groups[0]["lr"], "validation_seconds": time.monotonic() - trained})
+            improved = best.update(val if val is not None else float(epoch), model)  # no validation: newest wins
+        history.append({"epoch": epoch + 1, "loss": loss, "val_ndcg10": val, "lr": optimizer.param_groups[0]["lr"],
+                        "validation_seconds": time.monotonic() - trained})
         if progress:
             shown = f", validation NDCG@10 {val:.4f}" if val is not None else " (no validation set)"
-            tqdm.write(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}{shown}")
-        if score > best:
-            best, stale = score, 0
-        else:
-            stale += 1
+            tqdm.write(f"epoch {epoch + 1}: loss {loss:.4f}{shown}")
+        if not improved:
             for group in optimizer.param_groups:  # smaller steps from here on
                 group["lr"] *= cfg.plateau_decay
-        if ckpt:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                        "best": best, "stale": stale, "history": cfg.history, "best_state": best_state,
-                        "average": average.state() if average is not None else None}, ckpt)
-            (ckpt.parent / "history.json").write_text(json.dumps(cfg.history, indent=2))
-        if stale >= cfg.patience:
+        checkpoint.save(epoch, model, optimizer, average, best, history)
+        if best.done:
             break
         now = time.monotonic()
         if budget_spent(now - started, now - epoch_started, cfg.max_seconds):
@@ -150,9 +106,122 @@ def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
                 tqdm.write(f"stopping after epoch {epoch + 1}: another would end past the {cfg.max_seconds:.0f} s "
                            "budget")
             break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return model.eval()
+    best.restore(model)
+    model.eval()
+    return history
+
+
+@dataclass
+class Positives:
+    """The positive rows as tensors, built once before the first epoch (BERT runs once per distinct
+    text here); every batch selects rows of these."""
+
+    users: UserInputs
+    targets: torch.Tensor  # catalogue row of each positive's item
+    weights: torch.Tensor  # its event type's weight
+    buckets: np.ndarray  # its catalogue as-of bucket
+    lengths: np.ndarray  # its history length (batches group similar lengths)
+    items: dict[int, ItemInputs]  # each bucket's catalogue, on the device
+    index: dict[str, int]  # item id -> catalogue row
+
+    @classmethod
+    def build(cls, model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
+              device: torch.device) -> Positives:
+        positives = examples[(examples["label"] == 1) & examples["item_id"].isin(catalogue.item_ids)]
+        positives = positives.reset_index(drop=True)
+        if positives.empty:
+            raise ValueError("no positive examples to train on: check the configured positive event types")
+        index = {i: k for k, i in enumerate(catalogue.item_ids)}
+        targets = torch.tensor(positives["item_id"].map(index).to_numpy(), dtype=torch.long)
+        weights = torch.tensor(positives["weight"].to_numpy(), dtype=torch.float32)
+        buckets = catalogue.bucket_of(positives["event_timestamp"])
+        users = model.user_inputs(positives)
+        users.history_rows = history_rows(users.history, index, model.cfg.seq_len)  # the same rows in every bucket
+        lengths = (users.history_rows > 0).sum(1).numpy()
+        items = {int(b): model.item_inputs(catalogue.frames[b]).to(device) for b in np.unique(buckets)}
+        return cls(users, targets, weights, buckets, lengths, items, index)
+
+
+def _train_epoch(model: ProfileModel, data: Positives, batches: list, bar: tqdm, optimizer: torch.optim.Optimizer,
+                 average: WeightAverage | None, cfg: TrainConfig, device: torch.device, best: float) -> float:
+    """One pass over ``batches`` (``bar`` shows it with the best score so far), with gradient
+    accumulation; the mean loss."""
+    model.train()
+    use_amp = cfg.amp and device.type == "cuda"
+    losses = []
+    optimizer.zero_grad()
+    for step, (bucket, rows) in enumerate(bar):
+        idx = torch.from_numpy(rows)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = _loss(model, data.users.select(idx).to(device), data.items[bucket], data.index,
+                         data.targets[idx].to(device), data.weights[idx].to(device), cfg.max_softmax_items)
+        (loss / cfg.grad_accum).backward()
+        if (step + 1) % cfg.grad_accum == 0 or step == len(batches) - 1:
+            optimizer.step()
+            optimizer.zero_grad()
+            if average is not None:
+                average.update()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", best=f"{max(best, 0.0):.4f}")
+    model.eval()
+    return float(np.mean(losses))
+
+
+class BestEpoch:
+    """Early stopping: the best validation score so far, the weights that scored it, and how many
+    epochs have passed without beating it."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.score, self.state, self.stale = -1.0, None, 0
+
+    def update(self, score: float, model: nn.Module) -> bool:
+        """Keep the model's weights if ``score`` is the best yet; whether it was."""
+        if score > self.score:
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.score, self.stale = score, 0
+            return True
+        self.stale += 1
+        return False
+
+    @property
+    def done(self) -> bool:
+        return self.stale >= self.patience
+
+    def restore(self, model: nn.Module) -> None:
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
+class Checkpoint:
+    """``checkpoint.pt`` (all a resumed run needs) and ``history.json`` (the curve, for people) in
+    ``folder``, rewritten after every epoch; no folder, no checkpoint."""
+
+    def __init__(self, folder: str | None) -> None:
+        self.path = Path(folder) / "checkpoint.pt" if folder else None
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, average: WeightAverage | None,
+               best: BestEpoch, device: torch.device) -> tuple[int, list[dict]]:
+        """Restore the saved run into these objects: the next epoch and the history so far."""
+        if not (self.path and self.path.exists()):
+            return 0, []
+        state = torch.load(self.path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        best.score, best.stale, best.state = state["best"], state["stale"], state.get("best_state")
+        if average is not None and state.get("average") is not None:
+            average.load(state["average"])
+        return state["epoch"] + 1, state["history"]
+
+    def save(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, average: WeightAverage | None,
+             best: BestEpoch, history: list[dict]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                    "best": best.score, "stale": best.stale, "history": history, "best_state": best.state,
+                    "average": average.state() if average is not None else None}, self.path)
+        (self.path.parent / "history.json").write_text(json.dumps(history, indent=2))
 
 
 def budget_spent(elapsed: float, last_epoch: float, budget: float | None) -> bool:
@@ -223,8 +292,8 @@ def _batches(buckets: np.ndarray, lengths: np.ndarray, size: int, cap: int | Non
     return [out[k] for k in rng.permutation(len(out))]
 
 
-def _loss(model: ProfileModel, users: UserInputs, items: ItemInputs, catalogue: ItemCatalogue, index: dict,
-          targets: torch.Tensor, weights: torch.Tensor, max_softmax_items: int) -> torch.Tensor:
+def _loss(model: ProfileModel, users: UserInputs, items: ItemInputs, index: dict, targets: torch.Tensor,
+          weights: torch.Tensor, max_softmax_items: int) -> torch.Tensor:
     """Weighted cross-entropy of each target against the catalogue (a full softmax while it fits; else
     the targets plus a uniform sample, whose constant logQ correction cancels)."""
     vectors = model.item_tower(model.with_text_vectors(items))
@@ -244,4 +313,5 @@ def _loss(model: ProfileModel, users: UserInputs, items: ItemInputs, catalogue: 
 
 
 def config_dict(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in asdict(cfg).items() if k != "history"}
+    """The settings as plain values (a stored model's ``train_config`` metadata)."""
+    return asdict(cfg)

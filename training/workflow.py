@@ -1,16 +1,13 @@
 """``persona train`` / ``evaluate`` / ``recommend``: dataset -> models and baselines on the same
-split -> report -> refit on everything -> BentoML model store."""
+split -> report -> refit on everything (the CLI then saves it with ``training.model_store``)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,11 +26,11 @@ from training.baselines import (
     popularity_scorer,
     sequential_scorer,
 )
+from training.encoding import FeatureSpec, item_text
 from training.evaluate import Split, evaluate_scorers, global_split, last_per_user_split, ndcg_at_10, seen_before
-from training.model import Catalogue, FeatureSpec, ModelConfig, ProfileModel, in_batches, item_text, resolve_finetune
-from training.train import TrainConfig, config_dict, pick_device, seed_everything, train
+from training.model import Catalogue, ModelConfig, ProfileModel, in_batches, resolve_finetune
+from training.train import TrainConfig, pick_device, seed_everything, train
 
-MODEL_NAME = "persona-profile"
 TEXT_COLUMNS = {"recent_queries", "recent_titles", "item_title", "item_description", "query", "last_search_query",
                 "sequence_items", "sequence_types", "sequence_times"}
 NOT_FEATURES = {"example_id", "user_id", "item_id", "event_timestamp", "request_timestamp", "label", "weight",
@@ -94,15 +91,11 @@ class Stages:
                 tqdm.write(f"{name}: {self.seconds[name]:.1f} s")
 
 
-def _service_features(store, name: str) -> list[str]:
-    service = store.get_feature_service(name)
-    return [f.name for proj in service.feature_view_projections for f in proj.features]
-
-
 def feature_spec(store, frame: pd.DataFrame) -> FeatureSpec:
     """Split the services' features into numeric and categorical inputs by their dtypes."""
-    user_cols = [c for c in _service_features(store, dataset.USER_SERVICE) if c in frame and c not in NOT_FEATURES]
-    item_cols = [f"{dataset.ITEM_PREFIX}{c}" for c in _service_features(store, dataset.ITEM_SERVICE)]
+    user_cols = [c for c in dataset.service_features(store, dataset.USER_SERVICE)
+                 if c in frame and c not in NOT_FEATURES]
+    item_cols = [f"{dataset.ITEM_PREFIX}{c}" for c in dataset.service_features(store, dataset.ITEM_SERVICE)]
     item_cols = [c for c in item_cols if c in frame]
 
     def kinds(cols):
@@ -317,16 +310,16 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
         with stage("catalogue as of each training row"):
             train_catalogue = dataset.ItemCatalogue(store, item_ids, fit_frame["event_timestamp"]) if variants else None
         for name, mcfg in variants.items():
-            tcfg = replace(cfg.train, history=[], checkpoint_dir=None, resume=False)
+            tcfg = replace(cfg.train, checkpoint_dir=None, resume=False)
             if name == MODEL_ROWS["mlp"]:  # a baseline; the ablations get Persona's budget, to be fair
                 tcfg.max_seconds = min(tcfg.max_seconds or cfg.baseline_seconds, cfg.baseline_seconds)
             with stage(f"train: {name}"):
                 seed_everything(tcfg.seed)  # the same initial weights whatever ran before
                 model = ProfileModel.build(mcfg, spec).to(pick_device(tcfg.device))
-                train(model, fit_frame, train_catalogue, tcfg, validate, progress)
-            histories[f"{split.name}: {name}"] = tcfg.history
+                history = train(model, fit_frame, train_catalogue, tcfg, validate, progress)
+            histories[f"{split.name}: {name}"] = history
             if name == PERSONA and split_name == cfg.splits[0]:
-                best = max(tcfg.history, key=lambda h: h["val_ndcg10"] or 0.0) if tcfg.history else {"epoch": 1}
+                best = max(history, key=lambda h: h["val_ndcg10"] or 0.0) if history else {"epoch": 1}
                 best_epochs["Persona"] = best["epoch"]
                 evaluated_model = model
             scorers[name] = model_scorer(model, features, catalogue)
@@ -358,66 +351,18 @@ def refit(store, frame: pd.DataFrame, spec: FeatureSpec, cfg: RunConfig, epochs:
     item_ids = item_ids or sorted(set(spec.item_ids) | set(frame["item_id"].dropna().astype(str)))
     catalogue = dataset.ItemCatalogue(store, item_ids, frame["event_timestamp"])
     if start is not None:
-        tcfg = replace(cfg.train, epochs=REFIT_EPOCHS, patience=REFIT_EPOCHS + 1, history=[],
+        tcfg = replace(cfg.train, epochs=REFIT_EPOCHS, patience=REFIT_EPOCHS + 1,
                        lr=cfg.train.lr * cfg.train.plateau_decay, bert_lr=cfg.train.bert_lr * cfg.train.plateau_decay)
         model = ProfileModel.build(start.cfg, start.spec).to(pick_device(tcfg.device))
         model.load_state_dict(start.state_dict())
-        return train(model, frame, catalogue, tcfg, None, progress)
-    tcfg = replace(cfg.train, epochs=max(1, epochs), patience=epochs + 1, history=[])
+        train(model, frame, catalogue, tcfg, None, progress)
+        return model
+    tcfg = replace(cfg.train, epochs=max(1, epochs), patience=epochs + 1)
     seed_everything(tcfg.seed)
     device = pick_device(tcfg.device)
     model = ProfileModel.build(resolve_finetune(cfg.model, device, len(item_ids)), spec).to(device)
-    return train(model, frame, catalogue, tcfg, None, progress)
-
-
-def code_version() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001 - a copy without git still trains
-        return "unknown"
-
-
-def save_to_bentoml(model: ProfileModel, store, metrics: pd.DataFrame | None, events: pd.DataFrame,
-                    cfg: RunConfig, extra: dict | None = None):
-    """``bentoml.models.create``: the weights, tokenizer, feature spec and everything needed to serve."""
-    import bentoml
-
-    metadata = {
-        "feature_services": {"user": dataset.USER_SERVICE, "item": dataset.ITEM_SERVICE},
-        "features": {"user": _service_features(store, dataset.USER_SERVICE),
-                     "item": _service_features(store, dataset.ITEM_SERVICE)},
-        "normalisation": {k: list(v) for k, v in model.spec.stats.items()},
-        "data_window": {"from": events["event_timestamp"].min().isoformat(),
-                        "to": events["event_timestamp"].max().isoformat(), "events": int(len(events))},
-        "model_config": asdict(model.cfg),
-        "train_config": config_dict(cfg.train),
-        "splits": list(cfg.splits),
-        "metrics": json.loads(metrics.to_json(orient="records")) if metrics is not None else [],
-        "code_version": code_version(),
-        **(extra or {}),
-    }
-    metadata = _metadata_safe(json.loads(json.dumps(metadata, default=str)))
-    with bentoml.models.create(MODEL_NAME, metadata=metadata, labels={"stage": "refit"}) as bento_model:
-        model.save(Path(bento_model.path))
-    return bento_model.tag
-
-
-def _metadata_safe(value):
-    """BentoML metadata takes no None: drop null dict entries, spell nulls in lists as "null"."""
-    if isinstance(value, dict):
-        return {k: _metadata_safe(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_metadata_safe(v) if v is not None else "null" for v in value]
-    return value
-
-
-def load_from_bentoml(tag: str = "latest", device: str = "cpu") -> tuple[ProfileModel, dict, str]:
-    """The model with a version (or ``latest``, or a full ``name:version`` tag): model, metadata, full tag."""
-    import bentoml
-
-    bento_model = bentoml.models.get(tag if ":" in tag else f"{MODEL_NAME}:{tag}")
-    return ProfileModel.load(Path(bento_model.path), device), bento_model.info.metadata, str(bento_model.tag)
+    train(model, frame, catalogue, tcfg, None, progress)
+    return model
 
 
 def write_report(folder: Path, metrics: pd.DataFrame, histories: dict[str, list[dict]],
@@ -510,9 +455,3 @@ def recommend(model: ProfileModel, store, events: pd.DataFrame, items: pd.DataFr
             "item_id": np.array(item_ids)[top].ravel(), "score": top_scores.ravel()}
     out = pd.DataFrame(rows)
     return out[np.isfinite(out["score"])].reset_index(drop=True)
-
-
-def bentoml_home(workspace: Path) -> None:
-    """Keep the model store inside the workspace unless the user chose one."""
-    os.environ.setdefault("BENTOML_HOME", str((workspace / "bentoml").resolve()))
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")

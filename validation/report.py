@@ -15,6 +15,7 @@ from pathlib import Path
 import great_expectations as gx
 import pandas as pd
 
+from core.privacy import PERSONAL_COLUMNS, mask_reason
 from eventlog.sources import Batch
 from validation.gate import ROW, GateResult
 from validation.suites import GX_DIR, NOT_FUTURE_PARAM, load_suite
@@ -25,8 +26,6 @@ MAX_LISTED = 200  # rows listed per report; the quarantine table keeps all of th
 def rejected_rows(batch: Batch, result: GateResult, personal_values: bool = False) -> pd.DataFrame:
     """One line per rejected row: table, row number, key, rule, column, reason (values of personal
     columns masked unless ``personal_values``)."""
-    from core.privacy import mask_reason
-
     records = []
     for table, verdict in result.verdicts.items():
         tb = batch.tables[table]
@@ -101,8 +100,6 @@ def build_data_docs(workspace: Path, batch: Batch, now: datetime, skew: timedelt
     GX keeps sample unexpected values: for tables with personal columns none are kept unless
     ``personal_values`` (the workspace's ``privacy.show_personal_values``) allows it.
     """
-    from core.privacy import PERSONAL_COLUMNS
-
     root = workspace / "gx"
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(GX_DIR / "great_expectations.yml", root / "great_expectations.yml")

@@ -1,4 +1,6 @@
-"""Erase users from the feature stores: every offline table on every profile, and the online store.
+"""Each feature store erases its own copies of users, and gives their rows to ``persona export``.
+
+Erasure covers every offline table on every profile, and the online store.
 
 Offline tables are derived copies of the event log, so erasure rewrites them without the users'
 rows: Parquet files (local and spark part files, staging folders included) are rewritten and
@@ -13,12 +15,16 @@ import os
 import sqlite3
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 
-from feature_repo.pipeline import stores
+from core.plain import plain
+from feature_repo.pipeline import feast_adapter
+from feature_repo.pipeline.feast_config import TABLES, yaml_path
+from feature_repo.pipeline.registry import feature_store
 
 KEY = "user_id"
 
@@ -81,17 +87,22 @@ def erase_duckdb(path: Path, user_ids: list[str]) -> int:
     return n
 
 
+def _postgres_user_tables(conn: sa.Connection) -> list[str]:
+    """The offline tables ``persona_<view>`` keyed by user (erase and export scan the same ones)."""
+    inspector = sa.inspect(conn)
+    return sorted(name for name in inspector.get_table_names()
+                  if name.startswith("persona_") and KEY in {c["name"] for c in inspector.get_columns(name)})
+
+
 def erase_postgres(url: str, user_ids: list[str]) -> dict[str, int]:
     """Delete from every ``persona_*`` table keyed by user, then ``VACUUM FULL`` the touched ones."""
     engine = sa.create_engine(url)
     removed: dict[str, int] = {}
     try:
         with engine.begin() as conn:
-            inspector = sa.inspect(conn)
-            for name in inspector.get_table_names():
-                if name.startswith("persona_") and KEY in {c["name"] for c in inspector.get_columns(name)}:
-                    removed[name] = conn.execute(sa.text(f'DELETE FROM "{name}" WHERE {KEY} = ANY(:ids)'),
-                                                 {"ids": user_ids}).rowcount
+            for name in _postgres_user_tables(conn):
+                removed[name] = conn.execute(sa.text(f'DELETE FROM "{name}" WHERE {KEY} = ANY(:ids)'),
+                                             {"ids": user_ids}).rowcount
         with engine.connect() as conn:
             conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             for name in removed:
@@ -101,18 +112,11 @@ def erase_postgres(url: str, user_ids: list[str]) -> dict[str, int]:
     return removed
 
 
-def _entity_keys(user_ids: list[str]):
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Value
-
-    return [EntityKey(join_keys=[KEY], entity_values=[Value(string_val=u)]) for u in user_ids]
-
-
 def erase_online(workspace: Path, user_ids: list[str], store=None) -> int:
     """Delete the users from every online view keyed by them. Returns the rows or keys removed."""
-    if store is None and not stores.yaml_path(workspace).exists():
+    if store is None and not yaml_path(workspace).exists():
         return 0
-    store = store or stores.feature_store(workspace)
+    store = store or feature_store(workspace)
     config = store.config
     views = [v for v in store.list_feature_views(allow_cache=False) if KEY in v.join_keys]
     online = config.online_store
@@ -133,7 +137,7 @@ def _erase_sqlite_online(config, views, user_ids: list[str]) -> int:
     if not path.exists():
         return 0
     keys = [serialize_entity_key(k, entity_key_serialization_version=config.entity_key_serialization_version)
-            for k in _entity_keys(user_ids)]
+            for k in feast_adapter.entity_keys(user_ids)]
     versioning = getattr(config.registry, "enable_online_feature_view_versioning", False)
     con = sqlite3.connect(path, isolation_level=None, timeout=30)
     n = 0
@@ -154,11 +158,39 @@ def _erase_sqlite_online(config, views, user_ids: list[str]) -> int:
 
 def _erase_redis_online(store, user_ids: list[str]) -> int:
     """One Redis hash per entity holds every view's features: deleting the key removes them all."""
-    from feast.infra.online_stores.helpers import _redis_key
+    keys = feast_adapter.redis_keys(store, user_ids)
+    return int(feast_adapter.redis_client(store).delete(*keys)) if keys else 0
 
-    config = store.config
-    online = store._get_provider().online_store  # noqa: SLF001 - Feast has no public delete-by-key
-    client = online._get_client(config.online_store)  # noqa: SLF001
-    keys = [_redis_key(config.project, k, entity_key_serialization_version=config.entity_key_serialization_version)
-            for k in _entity_keys(user_ids)]
-    return int(client.delete(*keys)) if keys else 0
+
+def offline_rows(profile: str, workspace: Path, user_id: str) -> dict[str, pd.DataFrame]:
+    """The user's rows in every offline table of the profile (what ``persona export`` shows)."""
+    if profile == "prod":
+        engine = sa.create_engine(os.environ["PERSONA_POSTGRES_URL"])
+        try:
+            with engine.connect() as conn:
+                return {name.removeprefix("persona_"): pd.read_sql(
+                    sa.text(f'SELECT * FROM "{name}" WHERE {KEY} = :u'), conn, params={"u": user_id})
+                    for name in _postgres_user_tables(conn)}
+        finally:
+            engine.dispose()
+    out: dict[str, pd.DataFrame] = {}
+    folder = Path(workspace) / "offline"
+    for name in TABLES:
+        path = folder / name if profile == "spark" else folder / f"{name}.parquet"
+        if path.exists():
+            frame = pd.read_parquet(path)
+            if KEY in frame:
+                out[name] = frame[frame[KEY] == user_id]
+    return out
+
+
+def online_rows(store, user_id: str) -> dict[str, dict]:
+    """Each user-keyed view's online values for the user, as plain JSON values."""
+    out = {}
+    for view in store.list_feature_views(allow_cache=True):
+        if KEY not in view.join_keys:
+            continue
+        refs = [f"{view.name}:{f.name}" for f in view.features]
+        row = store.get_online_features(features=refs, entity_rows=[{KEY: user_id}]).to_dict()
+        out[view.name] = {k: plain(v[0]) for k, v in row.items() if k != KEY}
+    return out

@@ -17,52 +17,15 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import pandas as pd
-import sqlalchemy as sa
-
-from eventlog.store import EventLog, events, items, users, utcnow
-from feature_repo.pipeline.build import push_users
-from feature_repo.pipeline.compute import compute_item_table, last_event_day, user_personal
-from feature_repo.pipeline.stores import push_latest
+from eventlog.store import EventLog, utcnow
+from feature_repo.pipeline.history import item_rows, personal_rows, touched_since
+from feature_repo.pipeline.push import push_latest, push_users
 
 SYNC_FILE = "online_sync.json"
 # Keys touched a little before the previous sync are synced again: a batch whose transaction was
 # still open then stamped its rows before it committed. Writing a key twice changes nothing.
 OVERLAP = timedelta(minutes=10)
 CHUNK = 2_000  # keys per push: bounds memory on a day that touches every user
-
-
-def touched_since(log: EventLog, since: datetime) -> tuple[list[str], list[str]]:
-    """Users and items with a change in the log after ``since`` (naive UTC): an upsert or a new event."""
-    with log.engine.connect() as conn:
-        user_ids = {r[0] for r in conn.execute(sa.select(users.c.user_id).where(users.c.updated_at > since))}
-        item_ids = {r[0] for r in conn.execute(sa.select(items.c.item_id).where(items.c.updated_at > since))}
-        for user_id, item_id in conn.execute(sa.select(events.c.user_id, events.c.item_id).distinct().where(
-                events.c.ingested_at > since)):
-            user_ids.add(user_id)
-            if item_id is not None:
-                item_ids.add(item_id)
-    return sorted(user_ids), sorted(item_ids)
-
-
-def item_rows(log: EventLog, item_ids: list[str], now: datetime) -> pd.DataFrame:
-    """Each item's newest ``item_features`` row stamped at or before ``now``: what a full
-    materialization of an offline build of today's log would put online."""
-    with log.engine.connect() as conn:
-        catalogue = pd.read_sql(sa.select(items).where(items.c.item_id.in_(item_ids)), conn)
-        frame = pd.read_sql(sa.select(events).where(events.c.item_id.in_(item_ids)), conn)
-        newest = conn.execute(sa.select(sa.func.max(events.c.event_timestamp))).scalar()
-    frame["event_timestamp"] = pd.to_datetime(frame["event_timestamp"]).dt.tz_localize("UTC")
-    last_day = last_event_day(pd.DataFrame({"event_timestamp": [newest]})) if newest is not None else None
-    rows = compute_item_table(frame, catalogue, last_day)
-    rows = rows[rows["event_timestamp"] <= pd.Timestamp(now).tz_localize("UTC")]
-    return rows.sort_values("event_timestamp").groupby("item_id", as_index=False).tail(1)
-
-
-def personal_rows(log: EventLog, user_ids: list[str]) -> pd.DataFrame:
-    with log.engine.connect() as conn:
-        frame = pd.read_sql(sa.select(users).where(users.c.user_id.in_(user_ids)), conn)
-    return user_personal(frame)
 
 
 def sync_keys(store, log: EventLog, user_ids: list[str], item_ids: list[str],

@@ -27,7 +27,8 @@ import bisect
 import json
 import math
 
-EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "search", "review")
+from core.contract import EVENT_TYPES
+
 RECENCY_TYPES = ("view", "click", "add_to_cart", "purchase", "search")
 PRICED = ("click", "add_to_cart", "purchase")  # engaged events whose item price is averaged
 WINDOW_HOURS = {"1d": 24, "7d": 7 * 24, "30d": 30 * 24}

@@ -1,0 +1,217 @@
+"""Ranking: the model with the catalogue's item vectors (``Ranker``), built and refreshed by ``Rankers``;
+the user vector and the top k.
+
+The item vectors of every item with online features sit in one tensor on the device, rebuilt when a newer
+model or a changed catalogue appears. Query text goes through the batching ``TextEncoder`` service when
+it runs the same model (``QueryEncoder``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import bentoml
+import numpy as np
+import sqlalchemy as sa
+import torch
+
+from bentos import settings
+from eventlog.store import items
+from feature_repo.pipeline.online import SYNC_FILE
+from training.dataset import online_catalogue
+from training.encoding import user_text
+from training.model import Catalogue, in_batches
+from training.model_store import load_from_bentoml
+
+logger = logging.getLogger("persona.service")
+
+
+# --- the model --------------------------------------------------------------------------------------------
+def set_torch_threads() -> None:
+    """Requests run side by side (``PERSONA_THREADS``), each on one core: torch's own threads on top of
+    them fought for the same cores (see BENCHMARKS.md)."""
+    torch.set_num_threads(settings.TORCH_THREADS)
+
+
+def best_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(tag: str, device: str):
+    """A model from the store (the bento's own store when built), with its text cache bounded."""
+    model, meta, full_tag = load_from_bentoml(tag, device)
+    model.text_cache_size = settings.TEXT_CACHE_SIZE
+    return full_tag, model, meta
+
+
+# --- the collector, kept off the request path ----------------------------------------------------------
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No automatic garbage collection inside the block (a catalogue rebuild: its frames set off full
+    collections that stopped every request); then the young generations only."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.collect(1)
+            gc.enable()
+
+
+@functools.cache
+def _freeze_startup_heap() -> None:
+    """Once, after the first ranker is built (before any request; the modules /events needs are imported by
+    then, at the top of ``intake``): collect, then move every object alive to the collector's permanent
+    generation, so full collections on the request path walk only what came later (see BENCHMARKS.md)."""
+    gc.collect()
+    gc.freeze()
+
+
+# --- the model and the catalogue -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ranker:
+    """One model and the catalogue's item vectors, swapped as a whole so a request sees one version."""
+
+    tag: str
+    model: Any
+    meta: dict
+    catalogue: str  # fingerprint of the items and their materialised features
+    item_ids: list[str]  # the ranked items: those with online features
+    item_index: dict[str, int]
+    catalogue_ids: frozenset[str]  # every item in the event log, materialised or not
+    item_info: list[dict]  # title, category and weekly views per item, for the reasons
+    item_vectors: Any  # (n_items, dim) tensor on the device
+
+    @property
+    def history_lookup(self) -> Catalogue:
+        """The catalogue the user tower reads the user's engaged items from."""
+        return Catalogue(self.item_index, self.item_vectors)
+
+    @functools.cached_property
+    def unit_vectors(self):
+        """The item vectors at unit length, once per ranker: ranking is by cosine, and normalising the
+        whole catalogue on every request cost more than the matmul and top-k together."""
+        with torch.inference_mode():
+            return torch.nn.functional.normalize(self.item_vectors, dim=-1)
+
+
+class Rankers:
+    """Builds rankers: a model with the vectors of the items whose features are online.
+
+    An item appended to the event log but not materialised yet has no features online: it is left out
+    (null title, the same vector as every other such item) until ``features materialize`` brings them.
+    """
+
+    def __init__(self, store, log, device: str, workspace: Path) -> None:
+        self.store, self.log, self.device, self.workspace = store, log, device, workspace
+
+    def fingerprint(self) -> str:
+        """Changes when items are added or updated, or item features are materialised again (by Feast,
+        or by the sync of changed keys that follows it: a new item's features come that way)."""
+        with self.log.engine.connect() as conn:
+            count, updated = conn.execute(sa.select(sa.func.count(), sa.func.max(items.c.updated_at))).one()
+        view = self.store.get_feature_view("item_features", allow_registry_cache=False)
+        materialised = view.materialization_intervals[-1][1] if view.materialization_intervals else None
+        try:
+            synced = (self.workspace / "feast" / SYNC_FILE).stat().st_mtime_ns
+        except OSError:  # never synced
+            synced = None
+        return f"{count}|{updated}|{materialised}|{synced}"
+
+    def build(self, tag: str, model, meta: dict, fingerprint: str | None = None) -> Ranker:
+        fingerprint = fingerprint or self.fingerprint()
+        with _collector_paused():  # it runs beside requests: no full collections set off by its objects
+            table = self.log.read_table("items")
+            logged = table["item_id"].astype(str).tolist()
+            online = online_catalogue(self.store, logged)
+            features = [c for c in online.columns if c != "item_id"]
+            served = online[online[features].notna().any(axis=1)].reset_index(drop=True)
+            with torch.no_grad():
+                vectors = in_batches(model.item_vectors, served, 512) if len(served) else torch.zeros(0, model.cfg.dim)
+            item_ids = served["item_id"].astype(str).tolist()
+            info = served.reindex(columns=["item_title", "item_category", "item_views_7d"]).to_dict("records")
+            ranker = Ranker(tag, model, meta, fingerprint, item_ids, {i: n for n, i in enumerate(item_ids)},
+                            frozenset(logged), info, vectors.to(self.device))
+        _freeze_startup_heap()
+        return ranker
+
+    def changed(self, current: Ranker) -> Ranker | None:
+        """A ranker for a newer model (unless pinned) or a changed catalogue; None when nothing changed."""
+        latest = current.tag if settings.PINNED else str(bentoml.models.get(settings.MODEL_REF).tag)
+        fingerprint = self.fingerprint()
+        if latest != current.tag:
+            return self.build(*load_model(latest, self.device), fingerprint=fingerprint)
+        if fingerprint != current.catalogue:
+            return self.build(current.tag, current.model, current.meta, fingerprint=fingerprint)
+        return None
+
+
+# --- the user vector and the top k ---------------------------------------------------------------------
+class QueryEncoder:
+    """Query text through the batching ``TextEncoder`` service, once that runs the ranker's model."""
+
+    def __init__(self, encoder: Callable[[], Any]) -> None:
+        self.encoder = encoder  # the dependency, looked up when used
+        self.tag: str | None = None  # the model the encoder runs
+
+    async def follow(self, tag: str) -> None:
+        if self.tag != tag:
+            encoder = self.encoder()
+            remote = getattr(encoder, "to_async", None)  # a local instance when run in-process
+            self.tag = await remote.use_model(tag) if remote else encoder.use_model(tag)
+
+    def encode(self, ranker: Ranker, frame):
+        """The user text's vectors, or None: then the model encodes it in process (cached)."""
+        if ranker.model.bert is None or not ranker.model.cfg.use_text or self.tag != ranker.tag:
+            return None
+        try:
+            encoded = np.array(self.encoder().encode(user_text(frame)), dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - overloaded or restarting: encode in process instead
+            logger.warning("text encoder unavailable (%s); encoding in process", type(exc).__name__)
+            return None
+        return torch.from_numpy(encoded).to(ranker.item_vectors.device)
+
+
+def user_vector(ranker: Ranker, frame, text=None):
+    """The user tower's vector (inference mode: no autograd bookkeeping at all, unlike ``no_grad``)."""
+    with torch.inference_mode():
+        return ranker.model.user_vectors(frame, text, catalogue=ranker.history_lookup)
+
+
+class Ranked(NamedTuple):
+    indices: list[int]  # rows of the ranker's items, best first
+    scores: list[float]
+    unknown: list[str]  # candidates the ranker does not rank
+
+
+def top_items(ranker: Ranker, user, k: int, candidates: list[str] | None, leave_out: set[str]) -> Ranked:
+    """The k best items for the user vector, among the candidates (all items if None), less ``leave_out``."""
+    with torch.inference_mode():  # the model's score (cosine / temperature), over the cached unit vectors
+        unit_user = torch.nn.functional.normalize(user, dim=-1)
+        scores = (unit_user @ ranker.unit_vectors.T / ranker.model.cfg.temperature).squeeze(0)
+    # Rows set in one indexed write each: element by element, a user with 2,500 seen items cost 5 ms.
+    unknown = []
+    if candidates is None:
+        allowed = torch.ones(len(ranker.item_ids), dtype=torch.bool, device=scores.device)
+    else:
+        rows = [ranker.item_index.get(c) for c in candidates]
+        unknown = [c for c, row in zip(candidates, rows, strict=True) if row is None]
+        allowed = torch.zeros(len(ranker.item_ids), dtype=torch.bool, device=scores.device)
+        allowed[_row_tensor([row for row in rows if row is not None], scores.device)] = True
+    allowed[_row_tensor([ranker.item_index[i] for i in leave_out if i in ranker.item_index], scores.device)] = False
+    if not allowed.any():
+        return Ranked([], [], unknown)
+    top = torch.topk(scores.masked_fill(~allowed, float("-inf")), min(k, int(allowed.sum())))
+    return Ranked(top.indices.tolist(), top.values.tolist(), unknown)
+
+
+def _row_tensor(rows: list[int], device):
+    return torch.tensor(rows, dtype=torch.long, device=device)

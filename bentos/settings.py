@@ -1,0 +1,31 @@
+"""The service's settings: ``PERSONA_*`` environment variables, read once when the service starts.
+
+Modules read them as ``settings.NAME`` (not ``from bentos.settings import NAME``), so a test that reloads
+this module after changing the environment is seen everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from core.config import MODEL_NAME
+
+WORKSPACE = Path(os.environ.get("PERSONA_WORKSPACE", "workspace")).resolve()
+os.environ.setdefault("BENTOML_HOME", str(WORKSPACE / "bentoml"))  # the workspace's model store
+MODEL_TAG = os.environ.get("PERSONA_MODEL_TAG", "latest")
+MODEL_REF = f"{MODEL_NAME}:{MODEL_TAG}"
+PINNED = MODEL_TAG != "latest"  # a pinned tag is never swapped for a newer model
+REFRESH_SECONDS = float(os.environ.get("PERSONA_REFRESH_SECONDS", "30"))
+# Text embeddings kept in memory (about 75 MB for MiniLM at 50k).
+TEXT_CACHE_SIZE = int(os.environ.get("PERSONA_TEXT_CACHE_SIZE", "50000"))
+THREADS = int(os.environ.get("PERSONA_THREADS", "4"))  # requests the ranking service runs side by side
+TORCH_THREADS = int(os.environ.get("PERSONA_TORCH_THREADS", "1"))  # torch's threads per request
+TIMINGS = os.environ.get("PERSONA_TIMINGS") == "1"  # /rank answers carry their per-stage times (timings_ms)
+
+# Fixed bounds, not read from the environment.
+MAX_EVENTS = 500  # events per POST /events
+MAX_CANDIDATES = 10_000  # candidates per /rank
+SESSION_GAP = timedelta(minutes=30)  # a search this recent is still the live query (as in training)
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)  # request times taken

@@ -1,0 +1,179 @@
+"""Models: train, evaluate against the baselines, and batch recommendations from a saved model."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from persona.cli.common import DEFAULT_WS, Profile, Workspace, _config, _event_log, _fail, app, console
+from persona.cli.provenance import _provenance, _without_erased
+
+
+def _training_inputs(cfg):
+    from feature_repo.pipeline.registry import feature_store
+    from training.model_store import bentoml_home
+
+    bentoml_home(cfg.workspace)
+    log = _event_log(cfg)
+    events, items = log.read_table("events"), log.read_table("items")
+    log.dispose()
+    events = _without_erased(cfg, events)
+    if events.empty:
+        _fail("the event log is empty: run `persona ingest` first")
+    try:
+        store = feature_store(cfg.workspace)
+    except FileNotFoundError as exc:
+        _fail(f"{exc}; then `persona features build`")
+    return store, events, items
+
+
+def _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, baselines, refit,
+                models: str = "default"):
+    from training.model import ModelConfig
+    from training.train import TrainConfig
+    from training.workflow import DEFAULT_MODELS, MODEL_ROWS, RunConfig
+
+    model = ModelConfig(finetune_layers=finetune_layers, **({"bert_path": bert} if bert else {}))
+    chosen = tuple(s.strip() for s in splits.split(",") if s.strip())
+    if not set(chosen) <= {"global", "loo"} or not chosen:
+        _fail("--splits takes global, loo or both (comma-separated)")
+    named = {"default": DEFAULT_MODELS, "all": tuple(MODEL_ROWS)}
+    rows = named.get(models.strip()) or tuple(m.strip() for m in models.split(",") if m.strip())
+    if not rows or not set(rows) <= set(MODEL_ROWS):
+        _fail(f"--models takes default, all (with the ablations) or a comma-separated subset of "
+              f"{', '.join(MODEL_ROWS)}")
+    return RunConfig(model=model, train=TrainConfig(epochs=epochs, batch_size=batch_size, device=device,
+                                                    max_positives=max_positives or None),
+                     splits=chosen, baselines=baselines, refit=refit, models=rows)
+
+
+Epochs = Annotated[int, typer.Option(min=1, help="Training epochs (early stopping may end sooner).")]
+BatchSize = Annotated[int, typer.Option(min=2)]
+Finetune = Annotated[int | None, typer.Option(help="BERT's top layers to train, on cached states of the frozen "
+                                                    "layers below (default: 2 on a GPU, 0 on a CPU, where BERT "
+                                                    "stays frozen and only the adapters on its vectors train).")]
+MaxPositives = Annotated[int, typer.Option(help="Positives per epoch (0 = all): caps CPU time.")]
+Bert = Annotated[str | None, typer.Option(help="A Hugging Face BERT folder (default: packaged MiniLM).")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Splits = Annotated[str, typer.Option(help="global, loo, or global,loo.")]
+Models = Annotated[str, typer.Option(help="Rows of the table: default, all (adds the ablations no-ids and "
+                                          "no-sequence), or some of persona, mlp, frozen, popularity, "
+                                          "cooccurrence, ease, sequential, no-ids, no-sequence.")]
+
+
+def _run_protocol(cfg, run_cfg, kind: str):
+    """Train the model and baselines on the splits, print the metrics, write the report."""
+    from training.workflow import run
+
+    store, events, items = _training_inputs(cfg)
+    folder = cfg.reports_dir / kind / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    result = run(store, events, items, cfg.positives, run_cfg, folder)
+    _print_metrics(result["metrics"])
+    console.print(f"report: {result['report']}")
+    return store, events, result
+
+
+def _print_metrics(metrics) -> None:
+    overall = metrics[metrics["segment"] == "all"]
+    cols = [c for c in ("split", "model", "NDCG@10", "Recall@10", "Recall@50", "MRR@10", "coverage", "AUC")
+            if c in overall]
+    table = Table(title="ranking quality (full catalogue, seen items excluded)")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("split", "model") else "right")
+    for row in overall[cols].itertuples(index=False):
+        table.add_row(*["—" if isinstance(v, float) and v != v else f"{v:.4f}" if isinstance(v, float) else str(v)
+                        for v in row])
+    Console(width=max(console.width, 140)).print(table)  # wide enough for the model names
+
+
+@app.command("train")
+def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs: Epochs = 40,
+              batch_size: BatchSize = 256, finetune_layers: Finetune = None, max_positives: MaxPositives = 100_000,
+              bert: Bert = None, device: Device = "auto", splits: Splits = "loo",
+              baselines: Annotated[bool, typer.Option(help="Train and report the baselines too.")] = True,
+              refit: Annotated[bool, typer.Option(help="Refit on all data before saving (else the evaluated "
+                                                  "model is saved).")] = True,
+              resume: Annotated[bool, typer.Option(help="Resume the refit from WORKSPACE/checkpoints/refit.")] = False,
+              refit_from_scratch: Annotated[bool, typer.Option(
+                  help="Refit a new model for the evaluated run's best epoch count, instead of continuing "
+                       "the evaluated model for 2 epochs over every example (slower; refits statistics, "
+                       "vocabularies and item ids).")] = False,
+              ) -> None:
+    """Train, evaluate against baselines, refit on everything, and save to the BentoML model store."""
+    from training.model_store import save_to_bentoml
+    from training.workflow import refit as refit_model
+
+    cfg = _config(workspace, profile)
+    run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, baselines, refit)
+    store, events, result = _run_protocol(cfg, run_cfg, "training")
+    if refit:
+        console.print("refitting on all data up to the newest event")
+        run_cfg.train.checkpoint_dir = str(cfg.workspace / "checkpoints" / "refit")  # one per epoch
+        run_cfg.train.resume = resume
+        started = time.perf_counter()
+        model = refit_model(store, result["frame"], result["spec"], run_cfg,
+                            result["best_epochs"].get("Persona", epochs), item_ids=result["item_ids"],
+                            start=None if refit_from_scratch else result["model"])
+        console.print(f"refit: {time.perf_counter() - started:.1f} s")
+    else:  # the evaluated model (trained before the first split's cut) is the one deployed
+        model = result["model"]
+    tag = save_to_bentoml(model, store, result["metrics"], events, run_cfg,
+                          {"refit": refit, **_provenance(cfg, events)})
+    console.print(f"saved model {tag} (BENTOML_HOME={os.environ['BENTOML_HOME']}; "
+                  "`bentoml models list` there shows it)", highlight=False)
+
+
+@app.command("evaluate")
+def evaluate_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs: Epochs = 40,
+                 batch_size: BatchSize = 256, finetune_layers: Finetune = None, max_positives: MaxPositives = 100_000,
+                 bert: Bert = None, device: Device = "auto", splits: Splits = "loo",
+                 models: Models = "default") -> None:
+    """The ranking-quality protocol: model and baselines on the same temporal splits, with a report."""
+    cfg = _config(workspace, profile)
+    run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, True, False,
+                          models)
+    _run_protocol(cfg, run_cfg, "evaluation")
+
+
+@app.command("recommend")
+def recommend_cmd(
+    output: Annotated[Path, typer.Option(help="CSV or Parquet, by extension.")],
+    workspace: Workspace = DEFAULT_WS, profile: Profile = None,
+    k: Annotated[int, typer.Option(min=1, max=1000)] = 10,
+    users: Annotated[Path | None, typer.Option(help="A file with a user_id column (or one id a line).")] = None,
+    as_of: Annotated[str, typer.Option("--as-of", help="A timestamp, or latest (the newest event).")] = "latest",
+    model_tag: Annotated[str, typer.Option("--model", help="BentoML model version.")] = "latest",
+    include_seen: Annotated[bool, typer.Option(help="Keep items the user already engaged with.")] = False,
+) -> None:
+    """Batch top-K recommendations per user: user_id, rank, item_id, score."""
+    import pandas as pd
+
+    from training.model_store import load_from_bentoml
+    from training.workflow import recommend
+
+    if output.suffix not in (".csv", ".parquet"):
+        _fail("--output must end in .csv or .parquet")
+    cfg = _config(workspace, profile)
+    store, events, items = _training_inputs(cfg)
+    try:
+        model, _, _ = load_from_bentoml(model_tag)
+    except Exception as exc:  # noqa: BLE001 - bentoml raises its own NotFound
+        _fail(f"no trained model {model_tag!r} in {os.environ['BENTOML_HOME']}: {exc}. Run `persona train`.")
+    when = events["event_timestamp"].max() if as_of == "latest" else pd.Timestamp(as_of)
+    when = when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")
+    user_ids = None
+    if users:
+        frame = pd.read_csv(users) if users.suffix == ".csv" else pd.read_parquet(users)
+        user_ids = frame["user_id" if "user_id" in frame else frame.columns[0]].astype(str).tolist()
+    with console.status("scoring"):
+        recs = recommend(model, store, events, items, cfg.positives, k, user_ids, when, not include_seen)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    recs.to_parquet(output, index=False) if output.suffix == ".parquet" else recs.to_csv(output, index=False)
+    console.print(f"wrote {len(recs):,} rows for {recs['user_id'].nunique():,} users to {output} (as of {when})")

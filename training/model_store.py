@@ -1,0 +1,81 @@
+"""The BentoML model store: where ``persona train`` saves each model version and serving loads it.
+
+A version is the folder ``ProfileModel.save`` writes, plus metadata: the feature services and
+features it reads, the normalisation, the data window, the configs, the metrics and the code version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from core.config import MODEL_NAME
+from training import dataset
+from training.model import ProfileModel
+from training.train import config_dict
+
+if TYPE_CHECKING:
+    from training.workflow import RunConfig
+
+
+def bentoml_home(workspace: Path) -> None:
+    """Keep the model store inside the workspace unless the user chose one."""
+    os.environ.setdefault("BENTOML_HOME", str((workspace / "bentoml").resolve()))
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+
+def code_version() -> str:
+    """The git commit this code is at, recorded in each model version ("unknown" outside git)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001 - a copy without git still trains
+        return "unknown"
+
+
+def save_to_bentoml(model: ProfileModel, store, metrics: pd.DataFrame | None, events: pd.DataFrame,
+                    cfg: RunConfig, extra: dict | None = None):
+    """``bentoml.models.create``: the weights, tokenizer, feature spec and everything needed to serve."""
+    import bentoml
+
+    metadata = {
+        "feature_services": {"user": dataset.USER_SERVICE, "item": dataset.ITEM_SERVICE},
+        "features": {"user": dataset.service_features(store, dataset.USER_SERVICE),
+                     "item": dataset.service_features(store, dataset.ITEM_SERVICE)},
+        "normalisation": {k: list(v) for k, v in model.spec.stats.items()},
+        "data_window": {"from": events["event_timestamp"].min().isoformat(),
+                        "to": events["event_timestamp"].max().isoformat(), "events": int(len(events))},
+        "model_config": asdict(model.cfg),
+        "train_config": config_dict(cfg.train),
+        "splits": list(cfg.splits),
+        "metrics": json.loads(metrics.to_json(orient="records")) if metrics is not None else [],
+        "code_version": code_version(),
+        **(extra or {}),
+    }
+    metadata = _metadata_safe(json.loads(json.dumps(metadata, default=str)))
+    with bentoml.models.create(MODEL_NAME, metadata=metadata, labels={"stage": "refit"}) as bento_model:
+        model.save(Path(bento_model.path))
+    return bento_model.tag
+
+
+def _metadata_safe(value):
+    """BentoML metadata takes no None: drop null dict entries, spell nulls in lists as "null"."""
+    if isinstance(value, dict):
+        return {k: _metadata_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_metadata_safe(v) if v is not None else "null" for v in value]
+    return value
+
+
+def load_from_bentoml(tag: str = "latest", device: str = "cpu") -> tuple[ProfileModel, dict, str]:
+    """The model with a version (or ``latest``, or a full ``name:version`` tag): model, metadata, full tag."""
+    import bentoml
+
+    bento_model = bentoml.models.get(tag if ":" in tag else f"{MODEL_NAME}:{tag}")
+    return ProfileModel.load(Path(bento_model.path), device), bento_model.info.metadata, str(bento_model.tag)
