@@ -7,7 +7,7 @@ export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 export SPARK_LOCAL_IP := 127.0.0.1
 
-.PHONY: install quickstart test bench lint services clean
+.PHONY: install quickstart test bench bench-small lint services clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench: install services
 	cd benchmarks && ../$(BIN)/python bench_serving.py
 	cd benchmarks && ../$(BIN)/python bench_user_tower.py
 	cd benchmarks && ../$(BIN)/python bench_online.py
+
+# The same benchmarks at a smaller size, into benchmarks/small-run/ (compare two runs with
+# benchmarks/compare_runs.py; run_small.sh also takes another checkout, for a before/after pair).
+bench-small: install services
+	bash benchmarks/run_small.sh . benchmarks/small-run
 
 lint: install
 	$(BIN)/ruff check .

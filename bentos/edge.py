@@ -11,6 +11,7 @@ part of ``bentos``.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import os
 import traceback
@@ -74,7 +75,7 @@ class RequestGuard:
 
     def _problem(self, scope, headers: dict[str, str]) -> tuple[int, str] | None:
         given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
-        if self.key and given != self.key:
+        if self.key and not hmac.compare_digest(given.encode(), self.key.encode()):  # in constant time
             return 401, "missing or wrong API key (header X-API-Key)"
         if scope.get("method") != "POST":
             return None

@@ -49,6 +49,7 @@ UI_DIR = Path(__file__).with_name("ui")
 FAMILIES = ("personal", "behaviour", "context", "text")
 TIMELINE_EVENTS = 25
 USERS_LISTED = 12
+MAX_USERS_LISTED = 100
 BATCHES_LISTED = 10
 DAYS_CHARTED = 60
 REPORT_SUFFIXES = {".html": "text/html; charset=utf-8", ".md": "text/markdown; charset=utf-8",
@@ -424,7 +425,11 @@ def create_app(root: Path) -> Starlette:
         return JSONResponse(shop(ws))
 
     def user_list(request: Request) -> Response:
-        return JSONResponse(users(ws, min(int(request.query_params.get("limit", USERS_LISTED)), 100)))
+        raw = request.query_params.get("limit", str(USERS_LISTED))
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_USERS_LISTED:  # "-1" or "abc": a 400, not every user
+            return JSONResponse({"error": f"limit must be a whole number from 1 to {MAX_USERS_LISTED}"},
+                                status_code=400)
+        return JSONResponse(users(ws, int(raw)))
 
     def user_view(request: Request) -> Response:
         params = request.query_params

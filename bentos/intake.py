@@ -14,6 +14,7 @@ from typing import Any
 from bentos.edge import incident, is_outage
 from core.contract import columns
 from core.privacy import Privacy
+from eventlog import locks, tombstones
 from eventlog.sources import Batch, StructuralError, normalise
 from eventlog.tombstones import ErasedSet
 from feature_repo.pipeline.push import push_events
@@ -65,7 +66,8 @@ class Intake:
         self.cfg, self.log, self.store = cfg, log, store
         self.append_lock = threading.Lock()  # one append at a time: idempotent on event_id
         self.users = UserLocks()
-        self.privacy = Privacy.for_workspace(cfg.workspace, cfg)  # pseudonyms and tombstones at the door
+        # Pseudonyms and tombstones at the door, with the log's salt (shared by every workspace on the log).
+        self.privacy = tombstones.bound_to_log(Privacy.for_workspace(cfg.workspace, cfg), log.engine)
         self.erased = ErasedSet(log.engine)  # one tombstone read per request, a full one per erasure
         self.stale: set[str] = set()  # users whose last push failed: the next one recomputes from the log
 
@@ -88,30 +90,36 @@ class Intake:
         except StructuralError as exc:
             return 422, {"accepted": [], "rejected": rejected + [
                 {"index": None, "reason": str(exc).replace("request: ", "")}]}
-        screened = screen(Batch("POST /events", {"events": tb}), self.privacy, self.erased.hashes())
-        erased = screened.removed("events")  # erased users' events are not stored
-        rejected += [erased_rejection(kept[p]) for p in erased]
-        kept = [k for p, k in enumerate(kept) if p not in set(erased)]
-        if not kept:
-            return 422, {"accepted": [], "rejected": rejected, "pushed_users": [], "online_update": "updated"}
-        tb = screened.batch.tables["events"]
-        with self.users.hold(tb.frame["user_id"].dropna()):
-            report, verdict = self._append(screened)
-            ok = [i for i in range(len(tb.frame)) if i not in verdict.violations]
-            users = sorted(set(tb.frame["user_id"].iloc[ok].dropna()))
-            online = self._push(users, report.new_events)
+        # Screen to push under the log's erasure lock: a forget meanwhile waits, then erases what this wrote.
+        with locks.held(self.log.engine):
+            screened = screen(Batch("POST /events", {"events": tb}), self.privacy, self.erased.hashes())
+            erased = screened.removed("events")  # erased users' events are not stored
+            rejected += [erased_rejection(kept[p]) for p in erased]
+            kept = [k for p, k in enumerate(kept) if p not in set(erased)]
+            if not kept:
+                return 422, {"accepted": [], "rejected": rejected, "pushed_users": [], "online_update": "updated"}
+            tb = screened.batch.tables["events"]
+            with self.users.hold(tb.frame["user_id"].dropna()):
+                report, verdict = self._append(screened)
+                ok = [i for i in range(len(tb.frame)) if i not in verdict.violations]
+                users = sorted(set(tb.frame["user_id"].iloc[ok].dropna()))
+                online = self._push(users, report.new_events)
         rejected += [{"index": kept[row], "event_id": tb.frame["event_id"].iloc[row],
                       "reasons": [{"rule": x.rule, "column": x.column, "reason": x.reason} for x in vs]}
                      for row, vs in sorted(verdict.violations.items())]
         status = 422 if rejected else 200 if online == "updated" else HTTPStatus.ACCEPTED
-        return status, {"accepted": [tb.frame["event_id"].iloc[i] for i in ok],
-                        "rejected": sorted(rejected, key=lambda r: r["index"]),
-                        "pushed_users": users if online == "updated" else [], "online_update": online}
+        body = {"accepted": [tb.frame["event_id"].iloc[i] for i in ok],
+                "rejected": sorted(rejected, key=lambda r: r["index"]),
+                "pushed_users": users if online == "updated" else [], "online_update": online}
+        if report.quarantine_full:  # the rejected events are in this answer only: the client keeps them
+            body["quarantine"] = "full: the rejected events were not stored; " + report.notes[-1]
+        return status, body
 
     def _append(self, screened: Screened):
         v = self.cfg.validation
         gate = Gate(GateSettings(max_reject_share=1.0, clock_skew_minutes=v.clock_skew_minutes,
-                                 on_schema_drift="accept", engine="pandas"))  # the same suites, in-process
+                                 on_schema_drift="accept", engine="pandas",
+                                 max_quarantined_rows=v.max_quarantined_rows))  # the same suites, in-process
         with self.append_lock:
             report, result = admit(screened, self.log, gate)
         return report, result.verdicts["events"]

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import bentoml
 import numpy as np
 import sqlalchemy as sa
 import torch
@@ -28,7 +27,7 @@ from feature_repo.pipeline.online import SYNC_FILE
 from training.dataset import online_catalogue
 from training.encoding import user_text
 from training.model import Catalogue, in_batches
-from training.model_store import load_from_bentoml
+from training.model_store import latest_complete, load_from_bentoml
 
 logger = logging.getLogger("persona.service")
 
@@ -145,7 +144,7 @@ class Rankers:
 
     def changed(self, current: Ranker) -> Ranker | None:
         """A ranker for a newer model (unless pinned) or a changed catalogue; None when nothing changed."""
-        latest = current.tag if settings.PINNED else str(bentoml.models.get(settings.MODEL_REF).tag)
+        latest = current.tag if settings.PINNED else latest_complete()
         fingerprint = self.fingerprint()
         if latest != current.tag:
             return self.build(*load_model(latest, self.device), fingerprint=fingerprint)

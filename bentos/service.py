@@ -9,7 +9,8 @@ only routes; each job is its own module, in the order a request meets them:
 - ``intake.py``: /events: bounds, the gate, the append, the push; ``privacy_routes.py``: /forget, /export;
 - ``user_state.py``: one user's online features, and what the event log says;
 - ``ranking.py``: the model with its item vectors, the user vector, top-k;
-- ``answers.py``: the wording; ``settings.py``: the ``PERSONA_*`` settings; ``explorer.py``: /ui.
+- ``answers.py``: the wording; ``settings.py``: the ``PERSONA_*`` settings; ``explorer.py``: /ui;
+- ``metrics_labels.py``: Prometheus labels by route (a path may hold a user id).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from bentos import explorer, privacy_routes, settings
+from bentos import explorer, metrics_labels, privacy_routes, settings
 from bentos.answers import profile_answer, rank_answer
 from bentos.edge import UI_MOUNT, RequestGuard, answer
 from bentos.intake import Intake
@@ -43,6 +44,8 @@ from core import config
 from eventlog import tombstones
 from eventlog.store import EventLog
 from feature_repo.pipeline.registry import feature_store
+
+metrics_labels.install()  # before BentoML builds the app: a metric is labelled by route, never by a user's id
 
 logger = logging.getLogger("persona.service")
 logger.setLevel(logging.INFO)  # the server's root logger stops at WARNING: refreshes are worth a line

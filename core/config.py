@@ -26,6 +26,9 @@ class ValidationConfig:
     clock_skew_minutes: float = 5.0  # timestamps this far in the future are still accepted
     on_schema_drift: str = "hold"  # hold | accept: new or missing columns vs the previous batch
     feature_drift: str = "warn"  # warn | fail: key feature means moved against the previous build
+    # Open rows the quarantine may hold. Past it a file batch is refused whole (nothing written) and
+    # /events answers its rejected events without storing them: a flood of bad rows cannot fill the disk.
+    max_quarantined_rows: int = 100_000
 
 
 @dataclass

@@ -59,21 +59,29 @@ def erase_users(log: EventLog, user_ids: list[str]) -> LogErasure:
 
 
 def _quarantined_payloads(conn: sa.Connection, user_ids: list[str]) -> dict[int, dict]:
-    """Quarantined rows that belong to the users: keyed by them, or naming them in the payload."""
+    """Quarantined rows that belong to the users: a users row keyed by one of them, or any row whose
+    ``user_id`` is one of them, padding aside (the quarantine keeps a row as it came). An item or an
+    event whose key happens to equal a user id is not theirs, nor a row that only mentions the id."""
     found: dict[int, dict] = {}
-    wanted = set(user_ids)
+    wanted = {str(u).strip() for u in user_ids}
     for uid in user_ids:
-        like = f"%{uid}%"
-        stmt = sa.select(quarantine.c.id, quarantine.c.payload, quarantine.c.record_key).where(
-            sa.or_(quarantine.c.record_key == uid, quarantine.c.payload.like(like), quarantine.c.reason.like(like)))
-        for qid, payload, key in conn.execute(stmt):
+        like = f"%{_like_escaped(str(uid).strip())}%"
+        stmt = sa.select(quarantine.c.id, quarantine.c.table_name, quarantine.c.payload, quarantine.c.record_key).where(
+            sa.or_(quarantine.c.record_key.like(like, escape="\\"), quarantine.c.payload.like(like, escape="\\")))
+        for qid, table, payload, key in conn.execute(stmt):
             try:
                 row = json.loads(payload)
             except ValueError:
                 row = {}
-            if key in wanted or str(row.get("user_id")) in wanted or json.dumps(uid) in payload:
+            owner = row.get("user_id") if isinstance(row, dict) else None
+            if (table == "users" and str(key).strip() in wanted) or (
+                    owner is not None and str(owner).strip() in wanted):
                 found[int(qid)] = row
     return found
+
+
+def _like_escaped(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def reclaim(engine: sa.Engine, tables: tuple[str, ...] = TOUCHED) -> None:

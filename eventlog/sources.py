@@ -126,11 +126,22 @@ def _read_file(path: Path, table: str) -> pd.DataFrame:
         # Everything as text: the contract, not pandas' guesses, decides types. Only an empty
         # field is null ("NA" may be a real region code). Bytes that are not UTF-8 become INVALID_UTF8
         # and the gate quarantines their rows instead of the whole file failing.
-        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], **csv)
+        # pandas' C parser ends a field at a NUL byte (an id "u1\0x" read as "u1"): a file that holds
+        # one is read by the Python parser, which keeps it, so the gate can refuse that id by name.
+        engine = "python" if _holds_nul(path) else "c"
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], engine=engine, **csv)
     except StructuralError:
         raise
     except Exception as exc:  # pandas/pyarrow raise many types; all mean "unreadable"
         raise StructuralError(f"{path}: unreadable: {type(exc).__name__}: {exc}") from exc
+
+
+def _holds_nul(path: Path, chunk: int = 1 << 20) -> bool:
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            if b"\x00" in block:
+                return True
+    return False
 
 
 def _read_parquet(path: Path, table: str) -> pd.DataFrame:

@@ -290,6 +290,12 @@ class EventLog:
         with self.engine.connect() as conn:
             return pd.read_sql(stmt, conn)
 
+    @staticmethod
+    def open_quarantined(conn: sa.Connection) -> int:
+        """Rows the quarantine holds that were not replayed (its bound counts these)."""
+        return conn.execute(sa.select(sa.func.count()).select_from(quarantine)
+                            .where(quarantine.c.status != "replayed")).scalar_one()
+
     def update_quarantine(self, conn: sa.Connection, qid: int, values: dict) -> None:
         conn.execute(quarantine.update().where(quarantine.c.id == qid).values(**values))
 

@@ -8,9 +8,12 @@ user's rows when an old file is ingested again, nothing to re-identify them by. 
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
+
+from core.privacy import Privacy
 
 tombstone_metadata = sa.MetaData()
 tombstones = sa.Table(
@@ -22,6 +25,14 @@ tombstones = sa.Table(
 )
 
 
+# The salt every tombstone of this log is hashed with. It lives in the log, not in a workspace, so
+# workspaces that share one log (``PERSONA_EVENT_LOG_URL``) hash alike and honour each other's erasures.
+salt_table = sa.Table(
+    "privacy_salt", tombstone_metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),  # one row: id 1
+    sa.Column("salt", sa.Text, nullable=False),
+)
+
 _ENSURED: set[str] = set()
 
 
@@ -31,6 +42,29 @@ def ensure(engine: sa.Engine) -> None:
     if key not in _ENSURED:
         tombstone_metadata.create_all(engine)
         _ENSURED.add(key)
+
+
+def log_salt(engine: sa.Engine, candidate: bytes | None) -> bytes | None:
+    """The log's salt; on first use, ``candidate`` (the environment's or the first workspace's salt,
+    which that workspace's earlier tombstones were hashed with) becomes it."""
+    ensure(engine)
+    with engine.connect() as conn:
+        stored = conn.execute(sa.select(salt_table.c.salt).where(salt_table.c.id == 1)).scalar()
+    if stored is None and candidate:
+        try:
+            with engine.begin() as conn:
+                conn.execute(salt_table.insert().values(id=1, salt=candidate.decode()))
+        except sa.exc.IntegrityError:  # another process stored one first: theirs holds
+            pass
+        with engine.connect() as conn:
+            stored = conn.execute(sa.select(salt_table.c.salt).where(salt_table.c.id == 1)).scalar()
+    return stored.encode() if stored is not None else None
+
+
+def bound_to_log(privacy: Privacy, engine: sa.Engine) -> Privacy:
+    """``privacy`` with the log's salt: what every tombstone hash of this log is made with."""
+    salt = log_salt(engine, privacy.salt)
+    return privacy if salt == privacy.salt else replace(privacy, salt=salt)
 
 
 def record(engine: sa.Engine, hashes: list[str], reason: str | None) -> None:

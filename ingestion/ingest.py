@@ -14,6 +14,7 @@ import pandas as pd
 
 from core.contract import KEY_COLUMN
 from core.privacy import Privacy
+from eventlog import locks, tombstones
 from eventlog.sources import Batch, normalise
 from eventlog.store import EventLog, WriteCounts, new_batch_id
 from eventlog.tombstones import ErasedSet
@@ -46,6 +47,7 @@ class IngestReport:
     notes: list[str]
     # The events this ingest stored, as stored (after pseudonymisation): what the online push folds.
     new_events: pd.DataFrame | None = None
+    quarantine_full: bool = False  # rejected rows of an API batch were answered but not stored
 
     @property
     def rows(self) -> int:
@@ -65,10 +67,12 @@ def ingest(batch: Batch, log: EventLog, gate: Gate, *, dry_run: bool = False,
            replayed: dict[str, dict[int, int]] | None = None, privacy: Privacy | None = None,
            erased: ErasedSet | None = None) -> tuple[IngestReport, GateResult]:
     """Screen ``batch`` (pseudonyms, erased users), gate it and write it. ``replayed`` maps table ->
-    row -> quarantine id being retried."""
-    privacy = privacy or Privacy.for_log(log.url)
-    screened = screen(batch, privacy, (erased or ErasedSet(log.engine)).hashes())
-    return admit(screened, log, gate, dry_run=dry_run, replayed=_renumbered(replayed, screened))
+    row -> quarantine id being retried. The screen and the write share the log's erasure lock, so a
+    ``persona forget`` that starts in between waits for the write and then erases it."""
+    privacy = tombstones.bound_to_log(privacy or Privacy.for_log(log.url), log.engine)
+    with locks.held(log.engine):
+        screened = screen(batch, privacy, (erased or ErasedSet(log.engine)).hashes())
+        return admit(screened, log, gate, dry_run=dry_run, replayed=_renumbered(replayed, screened))
 
 
 def admit(screened: Screened, log: EventLog, gate: Gate, *, dry_run: bool = False,
@@ -119,6 +123,7 @@ def admit(screened: Screened, log: EventLog, gate: Gate, *, dry_run: bool = Fals
                         "rule", "column_name", "reason", "status")})
                 else:
                     quarantine_rows.append(record)
+        quarantine_rows = _within_bound(quarantine_rows, conn, log, gate.settings.max_quarantined_rows, batch, report)
         log.quarantine_rows(conn, quarantine_rows)
         log.resolve_quarantine(conn, resolved)
         summary = report.to_dict() | {"kind": batch.kind,
@@ -126,6 +131,30 @@ def admit(screened: Screened, log: EventLog, gate: Gate, *, dry_run: bool = Fals
         log.record_batch(conn, batch_id, batch.source, "held" if result.held else _STATUS.get(batch.kind, "api"),
                          summary)
     return report, result
+
+
+class QuarantineFull(RuntimeError):
+    """A file or SQL batch would take the quarantine past its bound: nothing of it was written."""
+
+
+def _within_bound(rows: list[dict], conn, log: EventLog, limit: int, batch: Batch, report: IngestReport) -> list[dict]:
+    """The quarantine rows that fit under ``limit`` open rows. A batch from a file or a database is
+    refused whole (raised inside its transaction: nothing is written, the source still has it); an
+    API batch keeps its accepted events, and the answer lists the rejected ones that were not stored."""
+    if not rows:
+        return rows
+    room = max(limit - log.open_quarantined(conn), 0)
+    if len(rows) <= room:
+        return rows
+    held = log.open_quarantined(conn)
+    if batch.kind not in ("api",):
+        raise QuarantineFull(f"the quarantine holds {held:,} open rows and this batch would add {len(rows):,} "
+                             f"(limit {limit:,}, setting validation.max_quarantined_rows): nothing was written. "
+                             "Review and replay the quarantine (`persona quarantine list`), or raise the limit")
+    report.quarantine_full = True
+    report.notes.append(f"quarantine full ({held:,} open rows, limit {limit:,}): {len(rows) - room} rejected "
+                        "row(s) were answered but not stored")
+    return rows[:room]
 
 
 def _renumbered(replayed: dict[str, dict[int, int]] | None, screened: Screened) -> dict[str, dict[int, int]] | None:

@@ -118,6 +118,12 @@ def _reasons(category, interests: set[str]) -> list[str]:
 
 
 def write(data: dict, output: Path) -> Path:
+    """The export as UTF-8 JSON, readable by its owner only (it is one person's data)."""
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder: give a file name, such as {output / 'export.json'}")
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    os.chmod(output, 0o600)  # an existing file keeps its mode through O_CREAT: set it
     return output

@@ -119,14 +119,18 @@ def test_held_batch_exits_non_zero_and_replays_after_setting_change(tmp_path, sh
     assert status["events"] == 30 and status["quarantined"] == 10
 
 
-def test_schema_drift_holds_the_batch(tmp_path, shop):
+def test_schema_drift_holds_a_new_column_and_warns_of_a_missing_one(tmp_path, shop):
+    """The README's rule: a missing optional column is not an error (a warning); a new one is held."""
     ws = str(tmp_path / "ws")
-    first, second = tmp_path / "a", tmp_path / "b"
+    first, second, third = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     sample_data.write({"users": shop["users"], "items": shop["items"], "events": shop["events"].head(20)}, first)
     assert _invoke("ingest", "--source", str(first), "--workspace", ws).exit_code == 0
     sample_data.write({"events": shop["events"].iloc[20:40].drop(columns=["device"])}, second)
     result = _invoke("ingest", "--source", str(second), "--workspace", ws)
-    assert result.exit_code == 1 and "missing: device" in result.output
+    assert result.exit_code == 0 and "columns missing since the previous batch: device" in result.output
+    sample_data.write({"events": shop["events"].iloc[40:60].assign(coupon="SPRING")}, third)
+    result = _invoke("ingest", "--source", str(third), "--workspace", ws)
+    assert result.exit_code == 1 and "new: coupon" in result.output
 
 
 def test_structural_error_is_clear_and_writes_nothing(tmp_path, shop):

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from feature_repo.pipeline import feast_adapter, feast_config, registry
+from feature_repo.pipeline import feast_adapter, feast_config, push, registry
 
 
 def _params(fn) -> list[str]:
@@ -92,6 +92,8 @@ RELIED_ON = [
     ("feast.infra.online_stores.helpers._redis_key(project, entity_key, entity_key_serialization_version)",
      lambda: _params(getattr(_helpers(), "_redis_key", lambda: None))
      == ["project", "entity_key", "entity_key_serialization_version"]),
+    ("SqliteOnlineStore._get_conn(config) returns the connection it caches in self._conn",
+     lambda: _params(_sqlite_store()._get_conn) == ["config"] and "_conn" in vars(_sqlite_store())),
     ("RedisOnlineStoreConfig has the field skip_dedup",
      lambda: "skip_dedup" in _redis_config().model_fields),
     ("feast.type_map.python_values_to_proto_values and feast_value_type_to_python_type",
@@ -190,5 +192,46 @@ def test_round_trip_on_redis(tmp_path):
         assert client.delete(keys[0]) == 1
         (_, gone), (_, kept) = feast_adapter.read_rows(store, "user_personal", users, ["age"])
         assert gone["age"] is None and kept["age"] == 41  # Redis answers a missing key with empty values
+        # So a user Redis lacks (new, or a store that came back empty) has no stored state: the push
+        # recomputes them from the log instead of folding their events into an empty state.
+        assert push.stored_states(store, [users[0], f"never-{uuid.uuid4().hex}"]) == {}
     finally:
         client.delete(*keys)
+
+
+def test_threads_write_and_read_the_sqlite_store_whole(local_store):
+    """Eight threads write and read one store at once (the service runs requests side by side): every
+    call succeeds and every row read back is one thread's whole write (Feast's one shared connection
+    let one thread's commit or rollback land in another's half-written rows)."""
+    import threading
+
+    store = local_store
+    stamp = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    errors: list[str] = []
+    torn: list[tuple] = []
+
+    def work(n: int) -> None:
+        for i in range(150):
+            mark = n * 1000 + i
+            rows = [(f"u{(n + j) % 4}", stamp, {"age": np.int64(mark), "gender": "f", "region": f"r{mark}",
+                                                 "occupation": None, "membership": f"m{mark}", "age_band": "35-49",
+                                                 "signup_timestamp": pd.Timestamp(stamp)}) for j in range(3)]
+            try:
+                feast_adapter.write_rows(store, "user_personal", rows)
+                got = store.get_online_features(features=["user_personal:age", "user_personal:region",
+                                                          "user_personal:membership"],
+                                                entity_rows=[{"user_id": f"u{k}"} for k in range(4)]).to_dict()
+            except Exception as exc:  # noqa: BLE001 - what a request would have answered 500 with
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            for age, region, membership in zip(got["age"], got["region"], got["membership"], strict=True):
+                if age is not None and (region != f"r{age}" or membership != f"m{age}"):
+                    torn.append((age, region, membership))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert not torn, torn[:3]

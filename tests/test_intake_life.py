@@ -54,8 +54,8 @@ def test_api_batch_is_not_a_drift_baseline(tmp_path, sqlite_log, shop, base):
     assert report.tables["events"].written == 40
     # A file that really drifts from the previous *file* batch is still held.
     drifted = _ingest_files(sqlite_log, tmp_path / "c",
-                            {"events": shop["events"].iloc[80:90].drop(columns=["device"])})
-    assert drifted.held and "missing: device" in drifted.hold_reasons[0]
+                            {"events": shop["events"].iloc[80:90].assign(coupon="SPRING")})
+    assert drifted.held and "new: coupon" in drifted.hold_reasons[0]
 
 
 # --- 2. replay without --batch leaves held batches alone ---------------------------------------

@@ -19,7 +19,7 @@ FLOOR = {name: n for n, name in enumerate(FLOORS)}
 # The CLI is the top floor, which nothing imports: its heavy imports stay lazy so `persona --help` is quick.
 LAZY_ALLOWED = ("persona/cli/",)
 FEAST_ADAPTER = "feature_repo/pipeline/feast_adapter.py"
-FEAST_PRIVATE = re.compile(r"\b_get_provider\b|\b_redis_key\b|\b_get_client\b|\bstore\.__dict__")
+FEAST_PRIVATE = re.compile(r"\b_get_provider\b|\b_redis_key\b|\b_get_client\b|\b_get_conn\b|\bstore\.__dict__")
 
 
 def _sources() -> dict[str, Path]:

@@ -692,3 +692,26 @@ def test_a_json_nan_value_is_quarantined_like_a_csv_nan(server, live_shop):
     if r.status_code == 422:  # the parser took NaN: the gate names the rule, the row and the column
         reasons = r.json()["rejected"][0]["reasons"]
         assert reasons[0]["rule"] == "finite_number" and reasons[0]["column"] == "value", reasons
+
+
+def test_metrics_are_labelled_by_route_never_by_a_user_id(server, live_shop):
+    """A path can hold a user id, or anything a client makes up: labelled by the path, `/metrics` served
+    user ids without a key, labels grew without bound, and the id stayed in the metric files (so
+    `persona forget` never completed). The label is the route's template."""
+    user = _users(live_shop)[7]
+    assert httpx.get(f"{server.base_url}/ui/api/users/{user}").status_code == 401  # counted all the same
+    assert server.get(f"/ui/api/users/{user}").status_code == 200
+    assert server.get(f"/made/up/{user}/path").status_code == 404
+    metrics = server.get("/metrics").text
+    assert user not in metrics and "/made/up" not in metrics
+    assert 'endpoint="/ui/api/users/{user_id}"' in metrics and 'endpoint="/other"' in metrics
+    assert 'endpoint="/rank"' in metrics
+    stored = [p for p in (server.workspace / "bentoml").rglob("*")
+              if p.is_file() and "models" not in p.parts and user.encode() in p.read_bytes()]
+    assert stored == []
+
+
+@pytest.mark.parametrize("limit", ["-1", "abc", "0", "101"])
+def test_explorer_user_list_limit_is_bounded(server, limit):
+    answer = server.get("/ui/api/users", params={"limit": limit})
+    assert answer.status_code == 400 and "limit" in answer.json()["error"]

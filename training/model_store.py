@@ -74,8 +74,38 @@ def _metadata_safe(value):
 
 
 def load_from_bentoml(tag: str = "latest", device: str = "cpu") -> tuple[ProfileModel, dict, str]:
-    """The model with a version (or ``latest``, or a full ``name:version`` tag): model, metadata, full tag."""
+    """The model with a version (or ``latest``: the newest complete one, or a full ``name:version``
+    tag): model, metadata, full tag. An incomplete version raises ``IncompleteModel``."""
     import bentoml
 
+    if tag in ("latest", f"{MODEL_NAME}:latest"):
+        tag = latest_complete()
     bento_model = bentoml.models.get(tag if ":" in tag else f"{MODEL_NAME}:{tag}")
     return ProfileModel.load(Path(bento_model.path), device), bento_model.info.metadata, str(bento_model.tag)
+
+
+def latest_complete() -> str:
+    """The newest version whose files are all there. BentoML's own ``latest`` is the newest by time,
+    which a save killed while BentoML copied it into the store would be."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        versions = sorted(bentoml.models.list(MODEL_NAME), key=lambda m: m.info.creation_time, reverse=True)
+    except NotFound:
+        versions = []
+    for version in versions:
+        if not ProfileModel.problems(Path(version.path)):
+            return str(version.tag)
+    raise NotFound(f"no complete {MODEL_NAME} model in the store: run `persona train`")
+
+
+def incomplete_versions() -> list[str]:
+    """Versions a save left half written (``persona status`` names them)."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        return [str(m.tag) for m in bentoml.models.list(MODEL_NAME) if ProfileModel.problems(Path(m.path))]
+    except NotFound:
+        return []

@@ -6,7 +6,8 @@ that need the event log: cell types (from the loader), referential integrity (an
 item exist in the log or the batch), and ``event_id`` conflicts with the log. Exact duplicate rows
 are collapsed, not rejected: re-delivery is normal. If too large a share of a table fails, or its
 columns drift from the previous accepted file or SQL batch (API requests and replays set no
-baseline), the whole batch is held. NaN and infinity in a numeric cell are quarantined
+baseline) by a column no earlier batch had, the whole batch is held; a missing optional column is
+accepted with a warning. NaN and infinity in a numeric cell are quarantined
 (``finite_number``) whatever the source.
 """
 
@@ -95,6 +96,7 @@ class GateSettings:
     clock_skew_minutes: float = 5.0
     on_schema_drift: str = "hold"
     engine: str = "gx"  # "gx", or "pandas" (the historical name): the same suite evaluated in process (API batches)
+    max_quarantined_rows: int = 100_000  # open rows the quarantine may hold: its bound against floods
 
 
 class KnownIds:
@@ -135,14 +137,15 @@ def _can_fail(exp, frame: pd.DataFrame) -> bool:
     name the rows. ``persona validate`` builds Data Docs from the full suite regardless.
     """
     rule = exp.meta.get("rule")
-    if rule not in ("max_length", "valid_utf8"):
+    if rule not in ("max_length", "valid_utf8", "id_characters"):
         return True
     column = frame[exp.column].dropna()
     if not len(column):
         return False
     if rule == "max_length":
         return bool((column.str.len() > exp.max_value).any())
-    return bool(column.str.contains(INVALID_UTF8, regex=False).any())
+    return bool(column.astype("string").str.contains("\x00" if rule == "id_characters" else INVALID_UTF8,
+                                                     regex=False).any())
 
 
 def _record_check(exp) -> Callable[[list[dict], pd.Timestamp], list[bool]] | None:
@@ -376,14 +379,18 @@ class Gate:
             if share > self.settings.max_reject_share:
                 reasons.append(f"{table}: {share:.0%} of rows break a rule "
                                f"(limit {self.settings.max_reject_share:.0%})")
-            if self.settings.on_schema_drift == "hold":
-                previous = known.last_columns(table)
+            previous = known.last_columns(table) if self.settings.on_schema_drift == "hold" else None
+            if previous is not None:
                 present = batch.tables[table].present
-                if previous is not None and set(previous) != set(present):
-                    new = sorted(set(present) - set(previous))
-                    gone = sorted(set(previous) - set(present))
+                new = sorted(set(present) - set(previous))
+                gone = sorted(set(previous) - set(present))
+                if new:  # a column no earlier batch had: someone should look before it lands
                     reasons.append(f"{table}: columns changed since the previous batch "
-                                   f"(new: {', '.join(new) or 'none'}; missing: {', '.join(gone) or 'none'})")
+                                   f"(new: {', '.join(new)}; missing: {', '.join(gone) or 'none'})")
+                elif gone:  # optional columns left out (required ones fail the loader): stored values stay
+                    batch.tables[table].notes.append(
+                        f"{table}: warning: columns missing since the previous batch: {', '.join(gone)} "
+                        "(optional: the stored values stay, features that need them are left out for new rows)")
         return reasons
 
 

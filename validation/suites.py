@@ -22,6 +22,9 @@ SUITE_DIR = GX_DIR / "expectations"
 NOT_FUTURE_PARAM = "latest_allowed_timestamp"  # now + clock skew, supplied at validation time
 
 
+ID_COLUMNS = ("user_id", "item_id", "event_id")
+
+
 def _meta(rule: str, description: str) -> dict:
     return {"rule": rule, "description": description}
 
@@ -41,6 +44,10 @@ def build_suite(table: str) -> gx.ExpectationSuite:
             add(gxe.ExpectColumnValuesToNotMatchRegex(
                 column=col.name, regex=INVALID_UTF8,
                 meta=_meta("valid_utf8", f"{col.name} holds bytes that are not valid UTF-8")))
+        if col.name in ID_COLUMNS:  # an id no command line can type could never be erased or exported
+            add(gxe.ExpectColumnValuesToNotMatchRegex(
+                column=col.name, regex=r"\x00",
+                meta=_meta("id_characters", f"{col.name} holds a NUL character")))
         if col.type == "timestamp":
             # No lower bound on dates: real logs go back decades.
             add(gxe.ExpectColumnValuesToBeBetween(

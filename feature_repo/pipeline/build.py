@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from eventlog import locks
 from eventlog.store import EventLog, utcnow
 from feature_repo.pipeline.compute import compute_all
 from feature_repo.pipeline.feast_config import feature_store_config
@@ -33,8 +34,15 @@ def build(log: EventLog, profile: str, workspace: Path,
 
     ``check`` sees the new tables before they replace the old ones; a report with ``failed`` set
     raises :class:`FeatureChecksFailed` and leaves the previous tables (and online store) as they were.
+    The log's erasure lock is held from the read to the write: a ``persona forget`` meanwhile waits for
+    the build and then erases what it wrote, so a build never brings an erased user back.
     """
-    workspace = Path(workspace)
+    with locks.held(log.engine):
+        return _build(log, profile, Path(workspace), check)
+
+
+def _build(log: EventLog, profile: str, workspace: Path,
+           check: Callable[[dict[str, pd.DataFrame]], Any] | None) -> dict[str, pd.DataFrame]:
     log_read_at = utcnow()  # keys touched after this are synced online from the log, not this build
     events_, items, users = log.read_table("events"), log.read_table("items"), log.read_table("users")
     if profile == "spark":

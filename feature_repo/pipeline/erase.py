@@ -42,10 +42,14 @@ def erase_offline(profile: str, workspace: Path, user_ids: list[str]) -> dict[st
 
 
 def erase_parquet(folder: Path, user_ids: list[str]) -> dict[str, int]:
-    """Rewrite every Parquet file under ``folder`` that holds the users (tables and Spark part files)."""
+    """Rewrite every Parquet file under ``folder`` that holds the users (tables and Spark part files), and
+    delete what a killed build left half written (``*.tmp``, listed with 0 rows)."""
     removed: dict[str, int] = {}
     if not folder.exists():
         return removed
+    for stale in sorted(folder.rglob("*.tmp")):  # a write killed half way: forget holds the lock, none is live
+        stale.unlink()
+        removed[str(stale.relative_to(folder.parent))] = 0
     wanted = pa.array(user_ids, pa.string())
     for path in sorted(folder.rglob("*.parquet")):
         if KEY not in pq.read_schema(path).names:

@@ -9,6 +9,7 @@ fails, naming what changed, when the installed Feast lacks one of them.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -112,3 +113,31 @@ def redis_keys(store, user_ids: list[str]) -> list[bytes]:
     # feast 0.67.x: helpers._redis_key(project, entity_key, entity_key_serialization_version) -> bytes.
     return [_redis_key(config.project, k, entity_key_serialization_version=config.entity_key_serialization_version)
             for k in entity_keys(user_ids)]
+
+
+def connection_per_thread(store) -> None:
+    """SQLite online store: each thread gets its own connection.
+
+    Feast keeps one connection per store (``check_same_thread=False``) and every read and write goes
+    through it, so one request's commit or rollback landed in another's half-written rows: under 16
+    concurrent threads, ``sqlite3.DatabaseError`` in the write and rows whose lists had different
+    lengths. With a connection each, SQLite's own locking keeps every write whole."""
+    online = store.provider.online_store
+    # feast 0.67.x: SqliteOnlineStore._get_conn(config) returns the one cached ``self._conn``.
+    if type(online).__name__ != "SqliteOnlineStore" or getattr(online, "_persona_per_thread", False):
+        return
+    local, opening = threading.local(), threading.Lock()
+    shared = online._get_conn  # noqa: SLF001 - makes a connection as Feast configures it (the first time)
+
+    def per_thread(config):
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            with opening:  # Feast caches the connection it makes: clear it before and after, one at a time
+                online._conn = None  # noqa: SLF001
+                conn = local.conn = shared(config)
+                online._conn = None  # noqa: SLF001
+            conn.execute("PRAGMA busy_timeout = 30000")  # wait for another thread's write, never fail
+        return conn
+
+    online._get_conn = per_thread  # noqa: SLF001
+    online._persona_per_thread = True

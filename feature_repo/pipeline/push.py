@@ -33,9 +33,8 @@ def stored_states(store, user_ids: list[str]) -> dict[str, fold.UserState]:
     states = {}
     for n, user in enumerate(user_ids):
         _, activity = read["user_activity"][n]
-        # A key test, as before: Feast's Redis store answers a user it lacks with empty values, not
-        # (None, None), so there such a user reads as an empty state (left as it was, see issue 23's notes).
-        if not activity or "activity_tiles" not in activity:
+        # Feast's Redis store answers a user it lacks with empty values, not (None, None): no tiles, no state.
+        if not activity or activity.get("activity_tiles") is None:
             continue
         values = {view: read[view][n][1] or {} for view in STATE_VIEWS}
         sequence = tuple(values["user_sequence"].get(c) for c in fold.SEQUENCE_COLUMNS)

@@ -10,6 +10,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from feature_repo.pipeline import feast_adapter
 from feature_repo.pipeline.feast_config import REPO_DIR, write_yaml, yaml_path
 
 
@@ -47,6 +48,7 @@ def feature_store(workspace: Path):
         raise FileNotFoundError(f"{path} is missing: run `persona features apply` first")
     store = FeatureStore(repo_path=str(REPO_DIR), fs_yaml_file=path)
     _write_ahead_log(store)
+    feast_adapter.connection_per_thread(store)
     return store
 
 

@@ -54,16 +54,24 @@ def _privacy(cfg: config_mod.Config):
     from core.privacy import Privacy
 
     try:
-        return Privacy.for_workspace(cfg.workspace, cfg)
+        privacy = Privacy.for_workspace(cfg.workspace, cfg)
     except ValueError as exc:
         _fail(str(exc))
+    from eventlog import tombstones
+
+    log = _event_log(cfg)
+    try:  # tombstones are hashed with the log's salt, which every workspace sharing the log uses
+        return tombstones.bound_to_log(privacy, log.engine)
+    finally:
+        log.dispose()
 
 
 def _gate(cfg: config_mod.Config):
     from validation.gate import Gate, GateSettings
 
     v = cfg.validation
-    return Gate(GateSettings(v.max_reject_share, v.clock_skew_minutes, v.on_schema_drift))
+    return Gate(GateSettings(v.max_reject_share, v.clock_skew_minutes, v.on_schema_drift,
+                             max_quarantined_rows=v.max_quarantined_rows))
 
 
 def _load(source: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from datetime import UTC, datetime, timedelta
@@ -69,9 +70,11 @@ def ingest(
     cfg = _config(workspace, profile)
     batch = _load(source)
     log = _event_log(cfg)
-    with console.status(f"validating and ingesting {batch.rows:,} rows"):
-        report, _ = run_ingest(batch, log, _gate(cfg), privacy=_privacy(cfg))
-    log.dispose()
+    try:
+        with console.status(f"validating and ingesting {batch.rows:,} rows"), _writes_or_fails():
+            report, _ = run_ingest(batch, log, _gate(cfg), privacy=_privacy(cfg))
+    finally:
+        log.dispose()
     if as_json:
         console.print_json(json.dumps(report.to_dict(), default=str))
     else:
@@ -85,6 +88,24 @@ def ingest(
     if strict and report.quarantined:
         err.print(f"[bold red]--strict:[/] {report.quarantined} row(s) quarantined", highlight=False)
         raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _writes_or_fails():
+    """A batch the event log cannot take ends in one clear line, never a traceback with row values
+    (SQLAlchemy's message quotes the statement's parameters): the transaction wrote nothing."""
+    import sqlalchemy as sa
+
+    from ingestion.ingest import QuarantineFull
+
+    try:
+        yield
+    except QuarantineFull as exc:
+        _fail(str(exc), 1)
+    except sa.exc.DBAPIError as exc:
+        cause = str(exc.orig).splitlines()[0][:200] if exc.orig is not None else type(exc).__name__
+        _fail(f"the event log could not be written ({type(exc.orig).__name__}: {cause}); nothing of this batch "
+              "was written. Fix the cause (disk space, database) and run the same command again.", 1)
 
 
 def _print_ingest(report) -> None:
@@ -231,7 +252,8 @@ def quarantine_replay(
             _fail(f"--batch {batch!r} matches {len(ids)} quarantined batches")
         batch = ids.pop()
     corrected = _load(source) if source else None
-    report, _ = replay(log, _gate(cfg), batch_id=batch, corrected=corrected, privacy=_privacy(cfg))
+    with _writes_or_fails():
+        report, _ = replay(log, _gate(cfg), batch_id=batch, corrected=corrected, privacy=_privacy(cfg))
     remaining = log.counts()["quarantined"]
     held = log.quarantined("held")["batch_id"].unique()
     log.dispose()

@@ -69,17 +69,13 @@ def features_materialize(workspace: Workspace = DEFAULT_WS, profile: Profile = N
     """Load the offline store's newest values into the online store (incremental by default), then
     write online every user and item the event log changed since the last sync (new users and
     items, edits, late events), recomputed from the log."""
+    from tqdm import tqdm
+
+    from eventlog import locks
     from feature_repo.pipeline.materialize import materialize
     from feature_repo.pipeline.online import sync_online
 
     cfg = _config(workspace, profile)
-    try:
-        with console.status("feast materialize"):
-            store = materialize(cfg.workspace, full=full)
-    except FileNotFoundError as exc:
-        _fail(str(exc))
-    from tqdm import tqdm
-
     log = _event_log(cfg)
     bar = None
 
@@ -89,7 +85,13 @@ def features_materialize(workspace: Workspace = DEFAULT_WS, profile: Profile = N
         return bar.update
 
     try:
-        synced = sync_online(store, log, cfg.workspace, progress)
+        with locks.held(log.engine):  # a forget meanwhile waits, then erases what this wrote online
+            try:
+                with console.status("feast materialize"):
+                    store = materialize(cfg.workspace, full=full)
+            except FileNotFoundError as exc:
+                _fail(str(exc))
+            synced = sync_online(store, log, cfg.workspace, progress)
     finally:
         log.dispose()
         if bar is not None:

@@ -174,6 +174,14 @@ def recommend_cmd(
         user_ids = frame["user_id" if "user_id" in frame else frame.columns[0]].astype(str).tolist()
     with console.status("scoring"):
         recs = recommend(model, store, events, items, cfg.positives, k, user_ids, when, not include_seen)
+    from eventlog import locks
+
     output.parent.mkdir(parents=True, exist_ok=True)
-    recs.to_parquet(output, index=False) if output.suffix == ".parquet" else recs.to_csv(output, index=False)
+    log = _event_log(cfg)
+    try:  # users erased while this scored are left out, under the lock a forget takes to erase files
+        with locks.held(log.engine):
+            recs = _without_erased(cfg, recs)
+            recs.to_parquet(output, index=False) if output.suffix == ".parquet" else recs.to_csv(output, index=False)
+    finally:
+        log.dispose()
     console.print(f"wrote {len(recs):,} rows for {recs['user_id'].nunique():,} users to {output} (as of {when})")

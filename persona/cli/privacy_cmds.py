@@ -53,9 +53,11 @@ def export(
     from privacy.export import export_with_ranking, write
 
     cfg = _config(workspace, profile)
+    if output.is_dir():
+        _fail(f"--output {output} is a folder: give a file name, such as {output / 'export.json'}")
     try:
         data = export_with_ranking(cfg, user)
-    except ValueError as exc:
+        write(data, output)
+    except (ValueError, OSError) as exc:
         _fail(str(exc))
-    write(data, output)
     console.print(f"wrote {output}: {len(data['raw']['events'])} events", highlight=False)

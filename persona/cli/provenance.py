@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from core.config import MODEL_NAME
-from persona.cli.common import _event_log
+from persona.cli.common import _event_log, _privacy
 
 
 def _models(workspace: Path) -> list[dict]:
@@ -24,8 +24,12 @@ def _models(workspace: Path) -> list[dict]:
         found = bentoml.models.list(MODEL_NAME)
     except NotFound:  # a model store without any Persona model yet
         return []
+    from training.model import ProfileModel
+
     models = sorted(found, key=lambda m: m.info.creation_time, reverse=True)
-    return [{"tag": str(m.tag), "created": m.info.creation_time.isoformat()} for m in models]
+    # A save killed half way leaves a version that is not served (`latest` is the newest complete one).
+    return [{"tag": str(m.tag), "created": m.info.creation_time.isoformat(),
+             "complete": not ProfileModel.problems(Path(m.path))} for m in models]
 
 
 def _erased_in_models(cfg, models: list[dict]) -> list[dict]:
@@ -52,16 +56,14 @@ def _erased_in_models(cfg, models: list[dict]) -> list[dict]:
 
 def _provenance(cfg, events) -> dict:
     """The model's training users as a Bloom filter of salted hashes (see training/provenance.py)."""
-    from core.privacy import Privacy
     from training.provenance import METADATA_KEY, bloom
 
-    privacy = Privacy.for_workspace(cfg.workspace, cfg)
+    privacy = _privacy(cfg)
     return {METADATA_KEY: bloom([privacy.hash(u) for u in events["user_id"].astype(str).unique()])}
 
 
 def _without_erased(cfg, events):
     """Events of tombstoned users never reach a new model (the log no longer holds them, but be sure)."""
-    from core.privacy import Privacy
     from eventlog import tombstones
 
     log = _event_log(cfg)
@@ -71,6 +73,6 @@ def _without_erased(cfg, events):
         log.dispose()
     if not erased:
         return events
-    privacy = Privacy.for_workspace(cfg.workspace, cfg)
+    privacy = _privacy(cfg)
     gone = {u for u in events["user_id"].astype(str).unique() if privacy.hash(u) in erased}
     return events[~events["user_id"].isin(gone)]
