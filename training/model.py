@@ -363,9 +363,11 @@ class ProfileModel(nn.Module):
                     for name, size in files.items()
                     if not (folder / name).is_file() or (folder / name).stat().st_size != size]
         missing = [n for n in ("model.json", "towers.pt") if not (folder / n).is_file()]
-        if not missing and json.loads((folder / "model.json").read_text())["config"].get("use_text", True) \
-                and not (folder / "bert").is_dir():
-            missing.append("bert/")
+        if not missing and json.loads((folder / "model.json").read_text())["config"].get("use_text", True):
+            bert = folder / "bert"
+            missing += [] if (bert / "config.json").is_file() else ["bert/config.json"]
+            if not any((bert / w).is_file() for w in ("model.safetensors", "pytorch_model.bin")):
+                missing.append("bert/ weights")
         return [f"{n} is missing" for n in missing]
 
     @classmethod
