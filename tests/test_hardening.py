@@ -206,25 +206,43 @@ with bentoml.models.create(MODEL_NAME, metadata={}) as saved:
 print(saved.tag)
 """
 
+# What a fresh process (a service, `persona recommend`) resolves: BentoML fixes its store per process.
+STORE_VIEW = """
+import json
+from bentoml.exceptions import NotFound
+from training.model_store import incomplete_versions, latest_complete, load_from_bentoml
+try:
+    latest = latest_complete()
+except NotFound:
+    latest = None
+loaded = load_from_bentoml("latest")[2] if latest else None
+print(json.dumps({"latest": latest, "loaded": loaded, "incomplete": incomplete_versions()}))
+"""
+
 
 def test_a_model_save_killed_half_way_is_never_served(tmp_path, tiny_bert, monkeypatch):
     """`kill -9` while the new version is copied into the store: it is not `latest`, it does not load,
     and `persona status` can name it; the version before it is served."""
-    from bentoml.exceptions import NotFound
-
     from training.model import IncompleteModel, ProfileModel
-    from training.model_store import incomplete_versions, latest_complete, load_from_bentoml
 
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
-    script = tmp_path / "save.py"
+    script, view = tmp_path / "save.py", tmp_path / "view.py"
     script.write_text(KILLED_SAVE)
+    view.write_text(STORE_VIEW)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
     def save(kill_at: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(script), tiny_bert, kill_at], capture_output=True,
-                              text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        return run(str(script), tiny_bert, kill_at)
 
-    with pytest.raises(NotFound):
-        latest_complete()
+    def store_view() -> dict:
+        seen = run(str(view))
+        assert seen.returncode == 0, seen.stderr[-2000:]
+        return json.loads(seen.stdout.strip().splitlines()[-1])
+
+    assert store_view() == {"latest": None, "loaded": None, "incomplete": []}
     whole = save("-")
     assert whole.returncode == 0, whole.stderr[-2000:]
     good = whole.stdout.strip().splitlines()[-1]
@@ -236,12 +254,11 @@ def test_a_model_save_killed_half_way_is_never_served(tmp_path, tiny_bert, monke
     assert ProfileModel.problems(left[0])
     with pytest.raises(IncompleteModel, match="incomplete"):
         ProfileModel.load(left[0])
-    assert latest_complete() == good
-    _, _, tag = load_from_bentoml("latest")
-    assert tag == good
+    seen = store_view()
+    assert seen["latest"] == good and seen["loaded"] == good
     # BentoML lists it when its model.yaml was copied before the kill (the copy's order is the
     # filesystem's): then `persona status` marks it incomplete.
-    assert set(incomplete_versions()) <= {f"persona-profile:{left[0].name}"}
+    assert set(seen["incomplete"]) <= {f"persona-profile:{left[0].name}"}
 
 
 def test_forget_with_the_online_store_down_says_pending_and_finishes_later(cfg, tmp_path):
