@@ -95,7 +95,8 @@ class Intake:
             screened = screen(Batch("POST /events", {"events": tb}), self.privacy, self.erased.hashes())
             erased = screened.removed("events")  # erased users' events are not stored
             rejected += [erased_rejection(kept[p]) for p in erased]
-            kept = [k for p, k in enumerate(kept) if p not in set(erased)]
+            gone = set(erased)
+            kept = [k for p, k in enumerate(kept) if p not in gone]
             if not kept:
                 return 422, {"accepted": [], "rejected": rejected, "pushed_users": [], "online_update": "updated"}
             tb = screened.batch.tables["events"]

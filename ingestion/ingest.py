@@ -143,10 +143,10 @@ def _within_bound(rows: list[dict], conn, log: EventLog, limit: int, batch: Batc
     API batch keeps its accepted events, and the answer lists the rejected ones that were not stored."""
     if not rows:
         return rows
-    room = max(limit - log.open_quarantined(conn), 0)
+    held = log.open_quarantined(conn)
+    room = max(limit - held, 0)
     if len(rows) <= room:
         return rows
-    held = log.open_quarantined(conn)
     if batch.kind not in ("api",):
         raise QuarantineFull(f"the quarantine holds {held:,} open rows and this batch would add {len(rows):,} "
                              f"(limit {limit:,}, setting validation.max_quarantined_rows): nothing was written. "
