@@ -117,6 +117,7 @@ def _read_file(path: Path, table: str) -> pd.DataFrame:
             return _read_parquet(path, table)
         if path.stat().st_size == 0:
             raise StructuralError(f"{path}: the file is empty (not even a header row)")
+        holds_nul = _holds_nul(path)  # refuses binary data before pandas reads any of it
         csv = {"encoding": "utf-8", "encoding_errors": "persona_mark_invalid"}
         # pandas renames a repeated header (a second user_id becomes "user_id.1"), so the header
         # is checked as written before the data is read.
@@ -128,7 +129,7 @@ def _read_file(path: Path, table: str) -> pd.DataFrame:
         # and the gate quarantines their rows instead of the whole file failing.
         # pandas' C parser ends a field at a NUL byte (an id "u1\0x" read as "u1"): a file that holds
         # one is read by the Python parser, which keeps it, so the gate can refuse that id by name.
-        engine = "python" if _holds_nul(path) else "c"
+        engine = "python" if holds_nul else "c"
         return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], engine=engine, **csv)
     except StructuralError:
         raise
@@ -136,12 +137,29 @@ def _read_file(path: Path, table: str) -> pd.DataFrame:
         raise StructuralError(f"{path}: unreadable: {type(exc).__name__}: {exc}") from exc
 
 
+# Bytes no text file is made of: C0 controls but tab, line feed, form feed and carriage return.
+_CONTROL_BYTES = bytes(b for b in range(32) if b not in (9, 10, 12, 13))
+
+
 def _holds_nul(path: Path, chunk: int = 1 << 20) -> bool:
+    """Whether the file holds a NUL byte; a file that is not text is refused on the way.
+
+    A CSV may hold the odd NUL or control character in a field (the gate names its row), but a file
+    in which more than 1% of the bytes read so far are such (all NULs, random junk, a compressed or
+    UTF-16 file) is binary: it is refused after at most one chunk more, never read into rows.
+    """
+    nul = False
+    control = seen = 0
     with path.open("rb") as f:
         while block := f.read(chunk):
-            if b"\x00" in block:
-                return True
-    return False
+            seen += len(block)
+            control += len(block) - len(block.translate(None, _CONTROL_BYTES))
+            nul = nul or b"\x00" in block
+            if control > 64 and control * 100 > seen:
+                raise StructuralError(
+                    f"{path}: not a text CSV file: {control:,} of its first {seen:,} bytes are NUL or other "
+                    "control bytes (binary data, or text in an encoding other than UTF-8 such as UTF-16)")
+    return nul
 
 
 def _read_parquet(path: Path, table: str) -> pd.DataFrame:
@@ -230,16 +248,31 @@ def normalise(table: str, frame: pd.DataFrame | list[dict], origin: str) -> Tabl
         if name not in frame.columns:
             out[name] = pd.Series(pd.NA, index=frame.index, dtype=_dtype(col.type))
             continue
-        values, bad, note = _coerce(frame[name], col.type)
-        non_finite = _non_finite(frame[name]) if col.type in ("int", "float") else np.zeros(len(frame), bool)
+        # A list or object (a Parquet list<string> column, a JSON array) is no single value: it is
+        # nulled and its row quarantined ("scalar_value"), never stored as its printed form.
+        cells = frame[name]
+        nested = _non_scalar(cells)
+        if nested.any():
+            cells = cells.astype(object).where(~nested, None)
+        values, bad, note = _coerce(cells, col.type)
+        non_finite = _non_finite(cells) if col.type in ("int", "float") else np.zeros(len(frame), bool)
         mistyped = bad[~non_finite[bad]]
         filled = int(frame[name].notna().sum() - non_finite.sum())
-        if len(mistyped) and len(mistyped) == filled and filled >= max(2, len(frame) / 2):
+        wrong = len(mistyped) + int(nested.sum())
+        if wrong and wrong == filled and filled >= max(2, len(frame) / 2):
             # The whole column is of another type (a sparse column's one bad cell is a row issue).
+            if not len(mistyped):
+                first = int(np.flatnonzero(nested)[0])
+                raise StructuralError(
+                    f"{origin}: column {name!r} holds lists or objects, not single {col.type} values "
+                    f"(row {first + 1} has {_shown(frame[name].iloc[first])})")
             example = frame[name].iloc[mistyped[0]]
             raise StructuralError(
                 f"{origin}: column {name!r} cannot be read as {col.type}: none of its "
                 f"{filled} values parse (row {mistyped[0] + 1} has {str(example)[:60]!r})")
+        issues += [CellIssue(int(i), name, "scalar_value",
+                             f"{name}={_shown(frame[name].iloc[i])} is a list or object, not a single value")
+                   for i in np.flatnonzero(nested)]
         out[name] = values
         issues += [CellIssue(int(i), name, "finite_number",
                              f"{name}={str(frame[name].iloc[i])[:60]!r} is not a finite number")
@@ -322,6 +355,23 @@ def _records_frame(table: str, records: list[dict]) -> pd.DataFrame:
         return value
 
     return pd.DataFrame([{k: mark(k, v) for k, v in r.items()} for r in records])
+
+
+_NESTED = (dict, list, tuple, set, np.ndarray)
+
+
+def _non_scalar(series: pd.Series) -> np.ndarray:
+    """Cells that hold a list, array or object instead of one value (only an object column can)."""
+    if not pd.api.types.is_object_dtype(series):
+        return np.zeros(len(series), dtype=bool)
+    cells = series.to_numpy(dtype=object)
+    return np.fromiter((isinstance(v, _NESTED) for v in cells), dtype=bool, count=len(cells))
+
+
+def _shown(value) -> str:
+    """A cell for a message: a nested value as JSON-like text, cut at 60 characters."""
+    text = repr(plain(value)) if isinstance(value, _NESTED) else repr(str(value))
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _non_finite(series: pd.Series) -> np.ndarray:
