@@ -1,43 +1,66 @@
 """The baselines every report compares against, trained on the same split as the profile model.
 
-popularity, item-item cosine (ItemKNN), EASE (Steck 2019, closed form) and an id-only sequential
-model in the style of SASRec (Kang & McAuley 2018). Each returns a scorer: requests -> a
-``[n_requests, n_items]`` score matrix over the catalogue in ``item_ids`` order. A request's history
-is the user's positives strictly before the request's own time, so a scorer never sees its target.
+popularity, item-item cosine (ItemKNN), EASE (Steck 2019, closed form), the user's own recent
+behaviour list and an id-only sequential model in the style of SASRec (Kang & McAuley 2018). Each
+returns a scorer: requests -> a ``[n_requests, n_items]`` score matrix over the catalogue in
+``item_ids`` order. A request's history is the user's events of the given types (the positives unless
+said otherwise) strictly before the request's own time, so a scorer never sees its target.
+
+Each fits in memory for any catalogue size: user x item matrices are sparse, EASE inverts a Gram
+matrix over at most ``EASE_MAX_ITEMS`` items (the most popular; the rest score 0 from it), and
+ItemKNN keeps ``KNN_NEIGHBOURS`` neighbours per item past ``KNN_FULL_ITEMS`` items.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import scipy.linalg
 import torch
+from scipy import sparse
 from torch import nn
 from tqdm.auto import tqdm
 
 from training.train import budget_spent
 
 Scorer = Callable[[pd.DataFrame], np.ndarray]  # requests -> [n_requests, n_items] scores
+Types = Collection[str]  # event types; a positives dict (type -> weight) stands for its keys
 EASE_LAMBDAS = (100.0, 250.0, 500.0, 1000.0, 2000.0)
-EASE_MAX_ITEMS = 20_000  # the closed form inverts an items x items matrix
+# EASE inverts a dense items x items matrix: 10,000 items take 0.8 GB and ~30 s on 2 CPU cores
+# (20,000: 3.2 GB a copy and ~6 min, and λ tuning inverts six times)
+EASE_MAX_ITEMS = 10_000
+KNN_FULL_ITEMS = 20_000  # up to this many items ItemKNN keeps every neighbour (exact)
+KNN_NEIGHBOURS = 200  # past it, each item's most similar items only
+KNN_BLOCK_CELLS = 20_000_000  # items x block columns of the Gram product held dense at once
 
 
-def positive_events(events: pd.DataFrame, positives: dict[str, float], item_ids: list[str]) -> pd.DataFrame:
-    """Positive events on catalogue items, in time order (then item id, the protocol's tie rule)."""
+def positive_events(events: pd.DataFrame, positives: Types, item_ids: list[str]) -> pd.DataFrame:
+    """Events of the given types on catalogue items, in time order (then item id, the protocol's tie rule)."""
     pos = events[events["event_type"].isin(list(positives)) & events["item_id"].isin(set(item_ids))]
     return pos.sort_values(["event_timestamp", "item_id"], kind="stable")
 
 
-class Histories:
-    """Each user's positives as catalogue indexes in time order, with a lookup by time."""
+def item_types(events: pd.DataFrame) -> tuple[str, ...]:
+    """Every behaviour type that names an item (all behaviour, for the recent list and EASE)."""
+    return tuple(sorted(events.loc[events["item_id"].notna(), "event_type"].dropna().astype(str).unique()))
 
-    def __init__(self, events: pd.DataFrame, positives: dict[str, float], item_ids: list[str]):
+
+def _micros(ts) -> np.ndarray:
+    """Times as naive UTC datetime64[us] (comparable with numpy, whatever the input's zone)."""
+    return pd.DatetimeIndex(pd.to_datetime(ts, utc=True)).tz_convert(None).to_numpy().astype("datetime64[us]")
+
+
+class Histories:
+    """Each user's events of the given types as catalogue indexes in time order, with a lookup by time."""
+
+    def __init__(self, events: pd.DataFrame, positives: Types, item_ids: list[str]):
         index = {i: k for k, i in enumerate(item_ids)}
         pos = positive_events(events, positives, item_ids)
-        ts = pd.to_datetime(pos["event_timestamp"], utc=True).dt.tz_convert(None).to_numpy().astype("datetime64[us]")
+        ts = _micros(pos["event_timestamp"])
         items = pos["item_id"].map(index).to_numpy(dtype=np.int64)
         codes, users = pd.factorize(pos["user_id"], sort=False)
         order = np.argsort(codes, kind="stable")  # by user, each user's rows still in time order
@@ -46,80 +69,166 @@ class Histories:
         self._by_user: dict[str, tuple[np.ndarray, np.ndarray]] = {
             user: (ts[order[a:b]], items[order[a:b]]) for user, a, b in zip(users, starts, ends, strict=False)}
 
-    def before(self, user: str, ts: pd.Timestamp) -> np.ndarray:
-        """Catalogue indexes of the user's positives strictly before ``ts``, oldest first."""
+    def timed_before(self, user: str, ts: pd.Timestamp) -> tuple[np.ndarray, np.ndarray]:
+        """(times, catalogue indexes) of the user's events strictly before ``ts``, oldest first."""
         got = self._by_user.get(user)
         if got is None:
-            return np.zeros(0, dtype=np.int64)
+            return np.zeros(0, dtype="datetime64[us]"), np.zeros(0, dtype=np.int64)
         cut = np.searchsorted(got[0], np.datetime64(pd.Timestamp(ts).tz_convert(None).asm8, "us"), side="left")
-        return got[1][:cut]
+        return got[0][:cut], got[1][:cut]
+
+    def before(self, user: str, ts: pd.Timestamp) -> np.ndarray:
+        """Catalogue indexes of the user's events strictly before ``ts``, oldest first."""
+        return self.timed_before(user, ts)[1]
 
     def sequences(self) -> list[np.ndarray]:
         """Every user's whole history (catalogue indexes, oldest first)."""
         return [items for _, items in self._by_user.values()]
 
+    def sparse(self, requests: pd.DataFrame, n_items: int) -> sparse.csr_matrix:
+        """Binary request x item matrix of each request's history (sparse: any catalogue size)."""
+        rows = [np.unique(self.before(u, t)) for u, t in
+                zip(requests["user_id"], requests["event_timestamp"], strict=True)]
+        indptr = np.r_[0, np.cumsum([len(r) for r in rows])]
+        cols = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        return sparse.csr_matrix((np.ones(len(cols), dtype=np.float32), cols, indptr), shape=(len(rows), n_items))
+
     def matrix(self, requests: pd.DataFrame, n_items: int) -> np.ndarray:
-        """Binary request x item matrix of each request's history."""
-        x = np.zeros((len(requests), n_items), dtype=np.float32)
-        for r, (user, ts) in enumerate(zip(requests["user_id"], requests["event_timestamp"], strict=True)):
-            x[r, self.before(user, ts)] = 1.0
-        return x
+        """Binary request x item matrix of each request's history, dense."""
+        return self.sparse(requests, n_items).toarray()
 
 
-def interaction_matrix(train_events: pd.DataFrame, positives: dict[str, float], item_ids: list[str]) -> np.ndarray:
-    """Binary user x item matrix of the training positives."""
+def interaction_matrix(train_events: pd.DataFrame, positives: Types, item_ids: list[str]) -> sparse.csr_matrix:
+    """Binary user x item matrix of the training events of the given types (sparse)."""
     index = {i: k for k, i in enumerate(item_ids)}
-    pos = positive_events(train_events, positives, item_ids)
-    users = {u: k for k, u in enumerate(pos["user_id"].unique())}
-    x = np.zeros((len(users), len(item_ids)), dtype=np.float64)
-    x[pos["user_id"].map(users).to_numpy(), pos["item_id"].map(index).to_numpy()] = 1.0
-    return x
+    pos = positive_events(train_events, positives, item_ids).drop_duplicates(["user_id", "item_id"])
+    users, _ = pd.factorize(pos["user_id"])
+    return sparse.csr_matrix((np.ones(len(pos), dtype=np.float32), (users, pos["item_id"].map(index).to_numpy())),
+                             shape=(int(users.max()) + 1 if len(users) else 0, len(item_ids)))
 
 
-def popularity_scorer(train_events: pd.DataFrame, positives: dict[str, float], item_ids: list[str]) -> Scorer:
-    """Training positive counts: the same list for everyone."""
-    counts = interaction_matrix(train_events, positives, item_ids).sum(axis=0)
+def popularity_scorer(train_events: pd.DataFrame, positives: Types, item_ids: list[str],
+                      count_events: bool = False) -> Scorer:
+    """Training counts, the same list for everyone: users per item, or events per item with
+    ``count_events`` (repeat purchases count)."""
+    if count_events:
+        pos = positive_events(train_events, positives, item_ids)
+        counts = pos["item_id"].value_counts().reindex(item_ids, fill_value=0).to_numpy(dtype=np.float32)
+    else:
+        counts = np.asarray(interaction_matrix(train_events, positives, item_ids).sum(axis=0)).ravel()
 
     def score(requests: pd.DataFrame) -> np.ndarray:
         return np.tile(counts, (len(requests), 1))
     return score
 
 
-def _history_scorer(weights: np.ndarray, histories: Histories, item_ids: list[str]) -> Scorer:
-    """score = history (binary, before the request) @ an item x item weight matrix."""
+def recent_behaviour_scorer(events: pd.DataFrame, item_ids: list[str], types: Types | None = None) -> Scorer:
+    """The user's own items, newest first: an item scores by the time of the user's newest event on it
+    before the request (as a dense rank, 1 = oldest time, so equal times tie); untouched items score 0.
+
+    ``types``: the behaviour that counts (default: every type with an item). On shop logs people buy
+    what they just viewed, so this list is a strong baseline (``../shared/data/tmall-2014``).
+    """
+    histories = Histories(events, types if types is not None else item_types(events), item_ids)
 
     def score(requests: pd.DataFrame) -> np.ndarray:
-        return histories.matrix(requests, len(item_ids)) @ weights
+        out = np.zeros((len(requests), len(item_ids)), dtype=np.float32)
+        for r, (user, ts) in enumerate(zip(requests["user_id"], requests["event_timestamp"], strict=True)):
+            times, items = histories.timed_before(user, ts)
+            if len(items):
+                np.maximum.at(out[r], items, (np.unique(times, return_inverse=True)[1] + 1).astype(np.float32))
+        return out
     return score
 
 
-def cooccurrence_scorer(train_events: pd.DataFrame, positives: dict[str, float], item_ids: list[str],
+def _history_scorer(weights: np.ndarray | sparse.spmatrix, histories: Histories, item_ids: list[str],
+                    cols: np.ndarray | None = None) -> Scorer:
+    """score = history (binary, before the request) @ an item x item weight matrix; with ``cols`` the
+    weights cover those catalogue items only and every other item scores 0."""
+
+    def score(requests: pd.DataFrame) -> np.ndarray:
+        x = histories.sparse(requests, len(item_ids))
+        if cols is None:
+            got = x @ weights
+            return (got.toarray() if sparse.issparse(got) else np.asarray(got)).astype(np.float32, copy=False)
+        out = np.zeros((len(requests), len(item_ids)), dtype=np.float32)
+        out[:, cols] = x[:, cols] @ weights
+        return out
+    return score
+
+
+def cosine_neighbours(x: sparse.spmatrix, keep: int | None = None) -> sparse.csr_matrix:
+    """Item x item cosine over a binary user x item matrix, zero diagonal, as a sparse matrix whose
+    row i holds item i's ``keep`` most similar items (all of them with ``keep=None``).
+
+    Built a block of columns at a time, so the items x items product is never whole in memory.
+    """
+    x = sparse.csc_matrix(x, dtype=np.float32)
+    n = x.shape[1]
+    norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=0)).ravel()) + 1e-12
+    xt = x.T.tocsr()
+    block = max(1, KNN_BLOCK_CELLS // max(n, 1))
+    kept = []
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        sim = (xt @ x[:, start:stop]).toarray()  # [n, block]: column j holds item j's similarities
+        sim /= norms[:, None] * norms[None, start:stop]
+        sim[np.arange(start, stop), np.arange(stop - start)] = 0.0
+        if keep is not None and keep < n:
+            weakest = np.argpartition(-sim, keep, axis=0)[keep:]
+            np.put_along_axis(sim, weakest, 0.0, axis=0)
+        kept.append(sparse.csc_matrix(sim))
+    full = sparse.hstack(kept, format="csc") if kept else sparse.csc_matrix((n, n), dtype=np.float32)
+    return full.T.tocsr()  # cosine is symmetric: column j's neighbours become row j's
+
+
+def cooccurrence_scorer(train_events: pd.DataFrame, positives: Types, item_ids: list[str],
                         histories: Histories | None = None) -> Scorer:
-    """ItemKNN: cosine over the binary user x item matrix; score = sum of similarities to the history.
+    """ItemKNN: cosine over the binary user x item matrix; score = sum of similarities to the history
+    (past ``KNN_FULL_ITEMS`` items, over each history item's ``KNN_NEIGHBOURS`` nearest only).
 
     ``histories`` (default: the training events') supplies each request's history.
     """
-    x = interaction_matrix(train_events, positives, item_ids).astype(np.float32)
-    norms = np.sqrt(x.sum(axis=0)) + 1e-12
-    sim = (x.T @ x) / np.outer(norms, norms)
-    np.fill_diagonal(sim, 0.0)
-    return _history_scorer(sim, histories or Histories(train_events, positives, item_ids), item_ids)
+    x = interaction_matrix(train_events, positives, item_ids)
+    keep = KNN_NEIGHBOURS if len(item_ids) > KNN_FULL_ITEMS else None
+    return _history_scorer(cosine_neighbours(x, keep), histories or Histories(train_events, positives, item_ids),
+                           item_ids)
 
 
-def ease_weights(x: np.ndarray, lam: float) -> np.ndarray:
+def ease_weights(x: np.ndarray | sparse.spmatrix, lam: float) -> np.ndarray:
     """EASE's closed form: B = I - P / diag(P) with P = (XᵀX + λI)⁻¹, zero diagonal."""
     gram = x.T @ x
+    gram = gram.toarray() if sparse.issparse(gram) else np.asarray(gram)
+    gram = gram.astype(np.float64, copy=False)
     gram[np.diag_indices_from(gram)] += lam
-    p = np.linalg.inv(gram)
-    b = -p / np.diag(p)
-    np.fill_diagonal(b, 0.0)
-    return b.astype(np.float32)
+    p = scipy.linalg.inv(gram, overwrite_a=True, check_finite=False)
+    del gram
+    p /= -np.diag(p).copy()  # column j over P_jj
+    np.fill_diagonal(p, 0.0)
+    return p.astype(np.float32)
 
 
-def ease_scorer(train_events: pd.DataFrame, positives: dict[str, float], item_ids: list[str],
+def popular_columns(x: sparse.spmatrix, limit: int) -> np.ndarray | None:
+    """The ``limit`` items with the most users in ``x`` (ascending index), or None when all fit."""
+    if x.shape[1] <= limit:
+        return None
+    users = np.asarray((x > 0).sum(axis=0)).ravel()
+    return np.sort(np.argsort(-users, kind="stable")[:limit])
+
+
+def ease_note(n_items: int) -> str:
+    """What the report row says when EASE covers only part of the catalogue."""
+    return f"; top {EASE_MAX_ITEMS:,} of {n_items:,} items, the rest score 0" if n_items > EASE_MAX_ITEMS else ""
+
+
+def ease_scorer(train_events: pd.DataFrame, positives: Types, item_ids: list[str],
                 lam: float = EASE_LAMBDAS[0], histories: Histories | None = None) -> Scorer:
-    return _history_scorer(ease_weights(interaction_matrix(train_events, positives, item_ids), lam),
-                           histories or Histories(train_events, positives, item_ids), item_ids)
+    """EASE over the binary user x item matrix of the given types; past ``EASE_MAX_ITEMS`` items only
+    the most popular that many are modelled (``ease_note``)."""
+    x = interaction_matrix(train_events, positives, item_ids)
+    cols = popular_columns(x, EASE_MAX_ITEMS)
+    weights = ease_weights(x if cols is None else x[:, cols], lam)
+    return _history_scorer(weights, histories or Histories(train_events, positives, item_ids), item_ids, cols)
 
 
 # --- SASRec-style sequential baseline: item ids only, no text, no features ---------------------------

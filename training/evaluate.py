@@ -8,12 +8,14 @@ Nothing here can flatter a model:
 - every split has a validation set before its test set, so early stopping and hyper-parameters never
   see a test target;
 - in leave-one-out each user has their own cut; training rows and every feature a request sees are
-  from before that user's cut (``Split.before``).
+  from before that user's cut (``Split.before``);
+- per target behaviour (``target_split``) each user's last day with the target type is held out and
+  only engaged items are excluded: a viewed-only item stays a candidate, as people buy what they viewed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +26,8 @@ from training.dataset import attach_session_query, session_key
 
 COLD_EVENTS = 5  # a user with fewer events before the request is "cold"
 VALIDATION_REQUESTS = 1000  # validation is a sample: it runs after every epoch
+CHUNK_CELLS = 20_000_000  # requests x items scored at once: a few float64 copies of it are the peak
+BROWSING = ("view", "impression", "search")  # looking, not engaging: such items stay candidates
 
 
 @dataclass
@@ -33,16 +37,24 @@ class Split:
     validation: pd.DataFrame  # the same columns, strictly before each user's test request
     fit_cut: pd.Timestamp | pd.Series  # models fit on rows before this (per user in leave-one-out)
     test_cut: pd.Timestamp | pd.Series  # baselines' final fit and seen items: rows before this
+    excluded_types: tuple[str, ...] | None = None  # items with these events before a request leave its
+    # ranking; None: the positives (the leave-one-out and global-cut protocol)
 
     def before(self, frame: pd.DataFrame, cut: pd.Timestamp | pd.Series) -> pd.DataFrame:
-        """Rows stamped strictly before the cut (the row's user's own cut in leave-one-out).
+        """Rows stamped strictly before the cut (the row's user's own cut in leave-one-out)."""
+        return rows_before(frame, cut)
 
-        A user with no cut of their own (no request in this split) keeps every row.
-        """
-        if isinstance(cut, pd.Series):
-            end = frame["user_id"].map(cut).fillna(pd.Timestamp.max.tz_localize("UTC"))
-            return frame[frame["event_timestamp"] < end]
-        return frame[frame["event_timestamp"] < cut]
+    def exclusion(self, positives: Collection[str]) -> tuple[str, ...]:
+        """The event types whose items a request's ranking leaves out."""
+        return self.excluded_types if self.excluded_types is not None else tuple(positives)
+
+
+def rows_before(frame: pd.DataFrame, cut: pd.Timestamp | pd.Series) -> pd.DataFrame:
+    """Rows stamped strictly before the cut; a per-user cut (Series) leaves users without one whole."""
+    if isinstance(cut, pd.Series):
+        end = frame["user_id"].map(cut).fillna(pd.Timestamp.max.tz_localize("UTC"))
+        return frame[frame["event_timestamp"] < end]
+    return frame[frame["event_timestamp"] < cut]
 
 
 def new_item_positives(events: pd.DataFrame, positives: dict[str, float]) -> pd.DataFrame:
@@ -71,6 +83,8 @@ def _with_context(requests: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
 
 def _events_before(events: pd.DataFrame, requests: pd.DataFrame) -> np.ndarray:
     """How many of the user's events are strictly older than each request (one sort, no loop)."""
+    if requests.empty:
+        return np.zeros(0, dtype=np.int64)
     ev = pd.DataFrame({"user_id": events["user_id"].to_numpy(), "t": pd.to_datetime(events["event_timestamp"],
                        utc=True).to_numpy(), "is_request": 0, "row": -1})
     rq = pd.DataFrame({"user_id": requests["user_id"].to_numpy(), "t": pd.to_datetime(requests["event_timestamp"],
@@ -112,9 +126,53 @@ def last_per_user_split(events: pd.DataFrame, positives: dict[str, float]) -> Sp
                  fit_cut, test_cut)
 
 
-def seen_before(events: pd.DataFrame, positives: dict[str, float], requests: pd.DataFrame,
+def non_browsing_types(events: pd.DataFrame, browsing: Collection[str] = BROWSING) -> tuple[str, ...]:
+    """Every event type of the log but browsing: what makes an item no longer a candidate."""
+    return tuple(sorted(set(events["event_type"].dropna().astype(str)) - set(browsing)))
+
+
+def last_target_day(events: pd.DataFrame, target: str) -> pd.DataFrame:
+    """Each user's distinct items of the target type on their last (UTC) day with one, stamped with
+    that day's start: days, not seconds, so a log of whole days (tmall) holds out a whole basket."""
+    hits = events[(events["event_type"] == target) & events["item_id"].notna()]
+    day = pd.to_datetime(hits["event_timestamp"], utc=True).dt.floor("D")
+    last = day.groupby(hits["user_id"]).transform("max")
+    held = hits.loc[day == last, ["user_id", "item_id"]].assign(event_timestamp=last[day == last])
+    return held.drop_duplicates(["user_id", "item_id"]).sort_values(["user_id", "item_id"], kind="stable")
+
+
+def target_split(events: pd.DataFrame, target: str = "purchase",
+                 engaged_types: Collection[str] | None = None) -> Split:
+    """Per target behaviour: each user's items of ``target`` on their last day with one are the test
+    targets at that day's start; that user's events from then on are dropped, other users' stay.
+
+    Candidates are every item but those the user engaged with before (``engaged_types``, default: every
+    type of the log but browsing); a held-out item the user engaged with before is therefore a miss. A
+    user with no event before the day has nothing to rank from and is left out. Validation is the same
+    rule one target day earlier.
+    """
+    engaged = tuple(engaged_types) if engaged_types is not None else non_browsing_types(events)
+    test = _with_history(last_target_day(events, target), events)
+    test_cut = test.groupby("user_id", sort=False)["event_timestamp"].first()
+    given = rows_before(events, test_cut)
+    val = _with_history(last_target_day(given, target), given)
+    fit_cut = val.groupby("user_id", sort=False)["event_timestamp"].first().reindex(test_cut.index).fillna(test_cut)
+    val = val.sample(min(len(val), VALIDATION_REQUESTS), random_state=0)
+    return Split(f"last {target} day per user", _with_context(test, events), _with_context(val, events),
+                 fit_cut, test_cut, engaged)
+
+
+def _with_history(held: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
+    """Held-out rows of users who have some event before their held-out day."""
+    first = pd.to_datetime(events["event_timestamp"], utc=True).groupby(events["user_id"]).min()
+    return held[held["user_id"].map(first) < held["event_timestamp"]]
+
+
+def seen_before(events: pd.DataFrame, positives: Collection[str], requests: pd.DataFrame,
                 item_index: dict[str, int]) -> list[np.ndarray]:
-    """Catalogue positions each user engaged with before the request (excluded from the ranking)."""
+    """Catalogue positions each user engaged with before the request (excluded from the ranking).
+
+    ``positives``: the event types that count (a positives dict's keys, or a split's exclusion)."""
     histories = Histories(events, positives, list(item_index))
     return [np.unique(histories.before(user, ts)) for user, ts in
             zip(requests["user_id"], requests["event_timestamp"], strict=True)]
@@ -137,18 +195,28 @@ def tie_aware_ranks(scores: np.ndarray, targets: np.ndarray, excluded: list[np.n
     return higher + tied / 2 + 1
 
 
+def protocol_ranks(scores: np.ndarray, targets: np.ndarray, excluded: list[np.ndarray]) -> np.ndarray:
+    """Tie-aware ranks, with a target among the excluded items a miss (rank inf): per target
+    behaviour a user may buy again what they engaged with, and such an item is not a candidate.
+    (A first-time positive, the target of the other splits, is never among them.)"""
+    ranks = tie_aware_ranks(scores, targets, excluded)
+    ranks[[bool(np.isin(t, ex)) for t, ex in zip(targets, excluded, strict=True)]] = np.inf
+    return ranks
+
+
 def top_k(scores: np.ndarray, excluded: list[np.ndarray], k: int = 10) -> np.ndarray:
-    """Indexes of each row's k best non-excluded items (for coverage)."""
+    """Indexes of each row's k best non-excluded items (for coverage); a copy, not a view that would
+    keep the whole [rows, items] partition alive while the caller collects chunks."""
     scores = np.where(np.isnan(scores), -np.inf, scores.astype(np.float64))
     for r, ex in enumerate(excluded):
         scores[r, ex] = -np.inf
     k = min(k, scores.shape[1])
-    return np.argpartition(-scores, k - 1, axis=1)[:, :k] if k else np.zeros((len(scores), 0), dtype=int)
+    return np.argpartition(-scores, k - 1, axis=1)[:, :k].copy() if k else np.zeros((len(scores), 0), dtype=int)
 
 
 def ranking_metrics(scores: np.ndarray, targets: np.ndarray, excluded: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Per-request tie-aware rank of the target, and the top-10 lists."""
-    return {"rank": tie_aware_ranks(scores, targets, excluded), "top10": top_k(scores, excluded)}
+    """Per-request tie-aware rank of the target (``protocol_ranks``), and the top-10 lists."""
+    return {"rank": protocol_ranks(scores, targets, excluded), "top10": top_k(scores, excluded)}
 
 
 def summarise(ranks: np.ndarray, top10: np.ndarray, n_items: int) -> dict[str, float]:
@@ -176,15 +244,16 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def ndcg_at_10(scorer: Scorer, requests: pd.DataFrame, events: pd.DataFrame, positives: dict[str, float],
+def ndcg_at_10(scorer: Scorer, requests: pd.DataFrame, events: pd.DataFrame, positives: Collection[str],
                item_ids: list[str]) -> float:
-    """NDCG@10 of one scorer on some requests (validation, hyper-parameter choice)."""
+    """NDCG@10 of one scorer on some requests (validation, hyper-parameter choice); ``positives``: the
+    event types whose items are excluded (``Split.exclusion``)."""
     item_index = {i: k for k, i in enumerate(item_ids)}
     req = requests[requests["item_id"].isin(item_index)].reset_index(drop=True)
     if req.empty:
         return float("nan")
-    ranks = tie_aware_ranks(scorer(req), req["item_id"].map(item_index).to_numpy(),
-                            seen_before(events, positives, req, item_index))
+    ranks = protocol_ranks(scorer(req), req["item_id"].map(item_index).to_numpy(),
+                           seen_before(events, positives, req, item_index))
     return float(np.mean(np.where(ranks <= 10, 1 / np.log2(ranks + 1), 0.0)))
 
 
@@ -201,7 +270,8 @@ def evaluate_scorers(scorers: dict[str, Scorer], split: Split, events: pd.DataFr
     warm = set(fit.loc[fit["event_type"].isin(list(positives)), "item_id"].dropna())
     req = split.requests[split.requests["item_id"].isin(item_index)].reset_index(drop=True)
     targets = req["item_id"].map(item_index).to_numpy()
-    excluded = seen_before(events, positives, req, item_index)
+    excluded = seen_before(events, split.exclusion(positives), req, item_index)
+    chunk = max(1, min(chunk, CHUNK_CELLS // max(len(item_ids), 1)))  # a large catalogue: fewer rows
     rows = []
     segments = {"all": np.ones(len(req), bool), "cold users": req["cold"].to_numpy(),
                 "active users": ~req["cold"].to_numpy(), "with query": req["query"].notna().to_numpy(),
