@@ -102,7 +102,15 @@ def shop(ws: Workspace) -> dict[str, Any]:
     return {"counts": counts, "oldest_event": iso(lo), "newest_event": iso(hi),
             "active_users": active_users(ws, hi), "events_per_day": events_per_day(ws, hi),
             "batches": batches(ws), "reports": validation_reports(ws), "models": models(ws),
-            "freshness": view_freshness(ws), "profile": ws.cfg.profile}
+            "freshness": view_freshness(ws), "profile": ws.cfg.profile,
+            "event_types": behaviour_types(ws)}
+
+
+def behaviour_types(ws: Workspace) -> list[dict[str, Any]]:
+    """The declared behaviour types (built-in and the shop's own, ``behaviours:`` in persona.yaml), in
+    declaration order, with what each means: the chart's legend and the timeline's kinds."""
+    return [{"type": name, "weight": b.weight, "sequence": name in ws.cfg.sequence_types, "exposure": b.exposure}
+            for name, b in ws.cfg.behaviours.items()]
 
 
 def active_users(ws: Workspace, newest: datetime | None) -> dict[str, int]:
@@ -176,8 +184,11 @@ def validation_reports(ws: Workspace, limit: int = BATCHES_LISTED) -> list[dict[
 def report_file(ws: Workspace, relative: str) -> Path | None:
     """A file under the workspace's reports folder, never outside it."""
     base = ws.cfg.reports_dir.resolve()
-    path = (base / relative).resolve()
-    if not path.is_relative_to(base) or not path.is_file() or path.suffix not in REPORT_SUFFIXES:
+    try:  # a NUL or an over-long name in the path is no such report, not a 500 (or a 503 "outage")
+        path = (base / relative).resolve()
+        if not path.is_relative_to(base) or not path.is_file() or path.suffix not in REPORT_SUFFIXES:
+            return None
+    except (ValueError, OSError):
         return None
     return path
 

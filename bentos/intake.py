@@ -120,7 +120,8 @@ class Intake:
         v = self.cfg.validation
         gate = Gate(GateSettings(max_reject_share=1.0, clock_skew_minutes=v.clock_skew_minutes,
                                  on_schema_drift="accept", engine="pandas",
-                                 max_quarantined_rows=v.max_quarantined_rows))  # the same suites, in-process
+                                 max_quarantined_rows=v.max_quarantined_rows,
+                                 event_types=self.cfg.event_types))  # the same suites, in-process
         with self.append_lock:
             report, result = admit(screened, self.log, gate)
         return report, result.verdicts["events"]
@@ -133,7 +134,8 @@ class Intake:
             return "updated"
         stored = sorted(set(new_events["user_id"]))
         try:
-            push_events(self.store, self.log, new_events, stale=self.stale.intersection(stored))
+            push_events(self.store, self.log, new_events, stale=self.stale.intersection(stored),
+                        sequence_types=self.cfg.sequence_types)
             self.stale.difference_update(stored)
         except Exception as exc:  # noqa: BLE001 - the answer says the update is deferred
             self.stale.update(stored)

@@ -13,7 +13,10 @@ import pandas as pd
 
 ColumnType = Literal["string", "int", "float", "timestamp"]
 TABLES: tuple[str, ...] = ("users", "items", "events")
-EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase", "search", "review")
+# The built-in behaviour types. A shop declares more (and sets what each means for training and the
+# sequence) under ``behaviours:`` in persona.yaml (``core.config.Behaviour``).
+EVENT_TYPES: tuple[str, ...] = ("impression", "view", "click", "favorite", "add_to_cart", "purchase", "search",
+                                "review")
 # What a byte that is not UTF-8 reads as. Not U+FFFD: real text may hold that character literally
 # (scraped catalogues often do), and a valid file must not be quarantined for it. U+FFFE is a
 # noncharacter that no valid text contains.
@@ -59,7 +62,8 @@ CONTRACT: dict[str, tuple[Column, ...]] = {
         Column("event_id", "string", max_length=SHORT_TEXT, meaning="unique; a stable row hash if absent"),
         Column("user_id", "string", True, SHORT_TEXT, "must exist in users"),
         Column("event_timestamp", "timestamp", True, meaning="when it happened (UTC)"),
-        Column("event_type", "string", True, SHORT_TEXT, "|".join(EVENT_TYPES)),
+        Column("event_type", "string", True, SHORT_TEXT,
+               "|".join(EVENT_TYPES) + ", or a type declared under `behaviours:` in persona.yaml"),
         Column("item_id", "string", max_length=SHORT_TEXT, meaning="required except for search"),
         Column("query", "string", max_length=1_000, meaning="required for search"),
         Column("text", "string", max_length=LONG_TEXT, meaning="review text"),

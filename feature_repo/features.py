@@ -85,6 +85,8 @@ user_personal = FeatureView(
     tags={"family": "personal"},
 )
 
+# Counts per built-in event type; a shop's own declared types get none (a Feast schema is static per
+# build): they reach the models through the sequence.
 _behaviour_fields = (
     [Field(name=f"{e}_count_{w}", dtype=Int64) for e in EVENT_TYPES for w in WINDOWS]
     + [Field(name=f"hours_since_last_{e}", dtype=Float64) for e in RECENCY_TYPES]
@@ -127,10 +129,11 @@ user_activity = FeatureView(
     tags={"family": "behaviour"},
 )
 
-# Fresh queries and engaged titles reach the online store through this push source.
+# Fresh queries and recent titles reach the online store through this push source.
 user_text_push = PushSource(name="user_text_push", batch_source=offline_source("user_text"))
 
-# What the user said and looked at: recent queries and engaged titles, newest first, for BERT;
+# What the user said and looked at: recent queries and the titles of their recent sequence items
+# (views included), newest first, for BERT;
 # the last search and its time tell the service whether a search intent is still in session.
 # ``text_state`` keeps their times, so a push can fold new events in; models do not read it.
 user_text = FeatureView(
@@ -145,17 +148,19 @@ user_text = FeatureView(
     tags={"family": "text"},
 )
 
-# Fresh engaged items reach the online store through this push source.
+# Fresh sequence slots reach the online store through this push source.
 user_sequence_push = PushSource(name="user_sequence_push", batch_source=offline_source("user_sequence"))
 
-# The order of what the user engaged with: the last 50 items, oldest first, with event types and
-# times (JSON lists), for the user tower's sequence encoder.
+# The order of what the user did: the newest 100 (hour, item, type) slots of the configured sequence
+# types (views included), oldest first, as JSON lists: items, types, the hour's start (epoch seconds)
+# and the events in the slot (a burst of views of one item is one slot). The user tower's sequence
+# encoder reads the newest of them.
 user_sequence = FeatureView(
     name="user_sequence",
     entities=[user],
     ttl=timedelta(days=36500),  # a user's history does not expire: an idle user comes back to it
     schema=[Field(name="sequence_items", dtype=String), Field(name="sequence_types", dtype=String),
-            Field(name="sequence_times", dtype=String)],
+            Field(name="sequence_times", dtype=String), Field(name="sequence_counts", dtype=String)],
     source=user_sequence_push,
     online=True,
     tags={"family": "behaviour"},
@@ -259,7 +264,7 @@ profile_v1 = FeatureService(
     tags={"model": "profile", "version": "1"},
 )
 
-# Exactly what profile model v2 reads: v1 plus the engaged-item sequence.
+# Exactly what profile model v2 reads: v1 plus the behaviour sequence.
 profile_v2 = FeatureService(
     name="profile_v2",
     features=[user_personal, user_behaviour_now, user_text[list(USER_TEXT_FEATURES)], user_sequence,

@@ -21,11 +21,15 @@ The generative story (every step is vectorised with NumPy, so 1M events take sec
    start with a query that states the intent in varied wording: synonyms of the noun, with or
    without the attribute, the audience, a brand or a price phrase.
 5. **Funnel.** Each session views a handful of items: most from the intent category (and, more so
-   after a search, the intent noun), the rest from the global popularity distribution. A view
-   becomes a click, a click an add-to-cart, a cart a purchase, with logistic probabilities that
-   rise with text match (noun and attribute), interest and quality, and fall with price for
-   price-sensitive users. Some purchases are reviewed days later; the rating follows the match
-   and the quality, and the review text follows the rating.
+   after a search, the intent noun), the rest from the global popularity distribution. Most views
+   start from an impression (the item shown in a list, seconds before), and the session shows a few
+   more items that nobody opens, less on target than the opened ones. A view becomes a click, a
+   click an add-to-cart, a cart a purchase, with logistic probabilities that rise with text match
+   (noun and attribute), interest and quality, and fall with price for price-sensitive users. A
+   view is sometimes saved as a favourite (more so when it matches and was not bought), and some
+   favourites and abandoned carts are bought on a later visit: the item viewed again, carted and
+   paid. So people buy what they viewed. Some purchases are reviewed days later; the rating follows
+   the match and the quality, and the review text follows the rating.
 
 So query text, titles, personal features and context each carry signal that a model can learn
 and that popularity alone cannot. The output is deterministic for a seed: the window ends at a
@@ -296,6 +300,37 @@ def _query_texts(rng: np.random.Generator, cat: np.ndarray, noun: np.ndarray, at
     return out
 
 
+def _draw_items(rng: np.random.Generator, it: dict[str, np.ndarray], pool: np.ndarray, noun_key: np.ndarray,
+                cat_key: np.ndarray) -> np.ndarray:
+    """One item per row, by popularity, from its pool: 0 = the session's intent noun in its intent
+    category, 1 = the intent category, 2 = the whole catalogue (``noun_key``: category * 3 + noun)."""
+    n_cat, n_items = len(CATEGORIES), len(it["cat"])
+    pop = np.exp(0.8 * it["quality"])
+    key_noun = it["cat"] * 3 + it["noun"]
+    out = np.empty(len(pool), dtype=np.int64)
+    for p_id, keys, n_groups, v_key in (
+        (0, key_noun, n_cat * 3, noun_key),
+        (1, it["cat"], n_cat, cat_key),
+        (2, np.zeros(n_items, dtype=np.int64), 1, np.zeros(len(pool), dtype=np.int64)),
+    ):
+        sel = pool == p_id
+        order = np.argsort(keys, kind="stable")
+        cum = np.cumsum(pop[order])
+        counts = np.bincount(keys, minlength=n_groups)
+        hi = np.cumsum(counts)
+        lo = hi - counts
+        lo_w = np.where(lo > 0, cum[np.maximum(lo - 1, 0)], 0.0)
+        hi_w = cum[np.maximum(hi - 1, 0)]
+        g = v_key[sel]
+        empty = counts[g] == 0  # a group with no items falls back to the whole catalogue
+        draw = lo_w[g] + rng.random(sel.sum()) * (hi_w[g] - lo_w[g])
+        idx = np.searchsorted(cum, draw, side="right").clip(0, n_items - 1)
+        chosen = order[idx]
+        chosen[empty] = rng.integers(0, n_items, empty.sum())
+        out[sel] = chosen
+    return out
+
+
 def generate(n_users: int = 1000, n_items: int = 500, days: int = 30, seed: int = 0,
              end: pd.Timestamp = DEFAULT_END) -> dict[str, pd.DataFrame]:
     """Return the ``users``, ``items`` and ``events`` tables of a synthetic shop."""
@@ -344,29 +379,8 @@ def generate(n_users: int = 1000, n_items: int = 500, days: int = 30, seed: int 
     p_noun = np.where(s_search[v_sess], 0.65, 0.35)
     u = rng.random(n_v)
     pool = np.where(u < p_noun, 0, np.where(u < p_noun + 0.35, 1, 2))
-    pop = np.exp(0.8 * it["quality"])
     key_noun = it["cat"] * 3 + it["noun"]
-    v_item = np.empty(n_v, dtype=np.int64)
-    for p_id, keys, n_groups, v_key in (
-        (0, key_noun, n_cat * 3, s_cat[v_sess] * 3 + s_noun[v_sess]),
-        (1, it["cat"], n_cat, s_cat[v_sess]),
-        (2, np.zeros(n_items, dtype=np.int64), 1, np.zeros(n_v, dtype=np.int64)),
-    ):
-        sel = pool == p_id
-        order = np.argsort(keys, kind="stable")
-        cum = np.cumsum(pop[order])
-        counts = np.bincount(keys, minlength=n_groups)
-        hi = np.cumsum(counts)
-        lo = hi - counts
-        lo_w = np.where(lo > 0, cum[np.maximum(lo - 1, 0)], 0.0)
-        hi_w = cum[np.maximum(hi - 1, 0)]
-        g = v_key[sel]
-        empty = counts[g] == 0  # a group with no items falls back to the whole catalogue
-        draw = lo_w[g] + rng.random(sel.sum()) * (hi_w[g] - lo_w[g])
-        idx = np.searchsorted(cum, draw, side="right").clip(0, n_items - 1)
-        chosen = order[idx]
-        chosen[empty] = rng.integers(0, n_items, empty.sum())
-        v_item[sel] = chosen
+    v_item = _draw_items(rng, it, pool, s_cat[v_sess] * 3 + s_noun[v_sess], s_cat[v_sess])
 
     noun_match = (key_noun[v_item] == s_cat[v_sess] * 3 + s_noun[v_sess]).astype(float)
     attr_match = ((it["attr"][v_item] == s_attr[v_sess]) & s_has_attr[v_sess]
@@ -410,11 +424,12 @@ def generate(n_users: int = 1000, n_items: int = 500, days: int = 30, seed: int 
     item_ids = items["item_id"].to_numpy(dtype=object)
     user_ids = users["user_id"].to_numpy(dtype=object)
 
-    def block(mask: np.ndarray, etype: str, t: np.ndarray) -> pd.DataFrame:
+    def block(mask: np.ndarray, etype: str, t: np.ndarray, visit: str = "") -> pd.DataFrame:
+        """Events of the views in ``mask`` (``visit``: a suffix of the session id, for a later visit)."""
         sess = v_sess[mask]
         return pd.DataFrame({
             "user_id": user_ids[s_user[sess]], "t": t[mask], "event_type": etype,
-            "item_id": item_ids[v_item[mask]], "session_id": session_ids[sess],
+            "item_id": item_ids[v_item[mask]], "session_id": session_ids[sess] + visit,
             "device": device_names[s_dev[sess]], "channel": channel_names[s_channel[sess]],
         })
 
@@ -435,6 +450,35 @@ def generate(n_users: int = 1000, n_items: int = 500, days: int = 30, seed: int 
         "channel": channel_names[s_channel[ss]],
         "query": _query_texts(rng, s_cat[ss], s_noun[ss], s_attr[ss], s_has_attr[ss]),
     })
+
+    # --- the wider funnel: impressions, favourites, later visits -----------------------------
+    # Drawn after every other event, so a seed's sessions, views, clicks and carts stay as they were.
+    listed = rng.random(n_v) < 0.85  # most views start from a list the item was shown in
+    shown_t = v_t - rng.uniform(1, 30, n_v)
+    n_unopened = rng.poisson(1.5, n_s)  # items shown in the session that nobody opened, less on target
+    u_sess = np.repeat(np.arange(n_s), n_unopened)
+    u_item = _draw_items(rng, it, _pick(rng, np.tile([0.2, 0.35, 0.45], (len(u_sess), 1))),
+                         s_cat[u_sess] * 3 + s_noun[u_sess], s_cat[u_sess])
+    last_view = v_t[np.cumsum(n_views) - 1]
+    u_t = first_view[u_sess] + rng.uniform(0, 1, len(u_sess)) * (last_view - first_view)[u_sess] + 0.5
+    unopened = pd.DataFrame({
+        "user_id": user_ids[s_user[u_sess]], "t": u_t, "event_type": "impression", "item_id": item_ids[u_item],
+        "session_id": session_ids[u_sess], "device": device_names[s_dev[u_sess]],
+        "channel": channel_names[s_channel[u_sess]],
+    })
+    favourite = rng.random(n_v) < _sigmoid(-3.4 + 0.8 * noun_match + 0.5 * attr_match + 0.4 * item_interest
+                                           + 0.3 * quality_v - 1.5 * bought)
+    f_t = v_t + rng.exponential(20.0, n_v) + 1.0
+    # Saved for later: some favourites and abandoned carts are bought on a later visit, viewed again first.
+    back = ~bought & ((favourite & (rng.random(n_v) < 0.2)) | (carted & (rng.random(n_v) < 0.15)))
+    back_t = v_t + rng.uniform(0.3, 6.0, n_v) * 86400
+    back &= back_t < window - 600
+    back_cart_t = back_t + rng.exponential(60.0, n_v) + 1.0
+    back_buy_t = back_cart_t + rng.exponential(180.0, n_v) + 1.0
+    later_buy = block(back, "purchase", back_buy_t, "-later")
+    later_buy["value"] = it["price"][v_item[back]]
+    frames += [block(listed, "impression", shown_t), unopened, block(favourite, "favorite", f_t),
+               block(back, "view", back_t, "-later"), block(back, "add_to_cart", back_cart_t, "-later"), later_buy]
     events = pd.concat(frames + [buy, rev, search], ignore_index=True)
     events = events.sort_values(["t", "user_id"], kind="stable").reset_index(drop=True)
     events["event_timestamp"] = start + pd.to_timedelta(np.round(events.pop("t") * 1e6), unit="us")

@@ -90,10 +90,10 @@ def test_profile_end_to_end(workspace, shop):
     assert hist.loc[t0, "purchase_count_1d"] == 2  # not the purchase at T0
     assert hist.loc[t0, "view_count_1d"] == 0  # nor the tie at T0
     assert hist.loc[t0 + timedelta(microseconds=1), "purchase_count_1d"] == 3
-    # The sequence too: two purchases before T0, the third (at T0) only after it; views are not engagement.
+    # The sequence too: two purchases before T0, the third and the view (at T0) only after it.
     assert len(json.loads(hist.loc[t0 - timedelta(hours=2), "sequence_items"])) == 1
     assert json.loads(hist.loc[t0, "sequence_types"]) == ["purchase", "purchase"]
-    assert len(json.loads(hist.loc[t0 + timedelta(microseconds=1), "sequence_items"])) == 3
+    assert json.loads(hist.loc[t0 + timedelta(microseconds=1), "sequence_types"])[-2:] == ["purchase", "view"]
     assert hist["age"].notna().all() and hist["hour_sin"].notna().all()
 
     # Offline/online parity, after the last event: the service online equals Feast's offline answer
@@ -120,7 +120,7 @@ def test_profile_end_to_end(workspace, shop):
             _assert_same(row[col], newest.loc[row["user_id"], col], f"{row['user_id']}.{col}")
     sequences = tables["user_sequence"].sort_values("event_timestamp").groupby("user_id").tail(1).set_index("user_id")
     for _, row in online.iterrows():
-        for col in ("sequence_items", "sequence_types", "sequence_times"):
+        for col in ("sequence_items", "sequence_types", "sequence_times", "sequence_counts"):
             expected = sequences.loc[row["user_id"], col] if row["user_id"] in sequences.index else None
             _assert_same(row[col], expected, f"{row['user_id']}.{col}")
     assert online.loc[online.user_id == "u_leak", "purchase_count_1d"].item() == 3
@@ -147,7 +147,7 @@ def test_profile_end_to_end(workspace, shop):
     assert after["purchase_count_1d"] == [4]
     pushed = store.get_online_features(features=["user_sequence:sequence_items"],
                                        entity_rows=[{"user_id": user}]).to_dict()["sequence_items"][0]
-    assert json.loads(pushed)[-1] == shop["items"]["item_id"].iloc[1] and len(json.loads(pushed)) == 4
+    assert json.loads(pushed)[-1] == shop["items"]["item_id"].iloc[1] and len(json.loads(pushed)) == 5
     assert after["spend_30d"][0] == pytest.approx(3 * 10.0 + 99.0)
     rebuilt_tables = build(log, cfg.profile, cfg.workspace)
     rebuilt = rebuilt_tables["user_behaviour"]
@@ -198,16 +198,20 @@ def test_spark_build_equals_the_duckdb_build(tmp_path, shop, monkeypatch):
 
 
 def test_pushed_sequence_equals_the_rebuild_for_an_old_history(tmp_path, shop, sqlite_log):
-    """A user's sequence reaches back past every 30-day window: the push path must fetch it too."""
+    """A user's sequence reaches back past every 30-day window: the push path must fetch it too, every
+    event of each kept slot included (a burst in the oldest kept hour)."""
     from feature_repo.pipeline.compute import SEQUENCE_LENGTH, compute_user_tables, latest_user_state
     from feature_repo.pipeline.history import recent_user_events
 
     items = shop["items"]["item_id"].tolist()
-    start = pd.Timestamp("2018-01-01", tz="UTC")
+    start = pd.Timestamp("2010-01-01", tz="UTC")
     rows = [{"event_id": f"old{k}", "user_id": "u_old", "item_id": items[k % len(items)], "event_type": "purchase",
              "event_timestamp": start + pd.Timedelta(days=40 * k)} for k in range(SEQUENCE_LENGTH + 5)]
+    oldest_kept = rows[6]  # the 105 slots and the view's: 6 fall out
+    rows += [{**oldest_kept, "event_id": f"burst{n}", "event_timestamp": oldest_kept["event_timestamp"]
+              + pd.Timedelta(minutes=n + 1)} for n in range(3)]
     rows.append({"event_id": "new", "user_id": "u_old", "item_id": items[3], "event_type": "view",
-                 "event_timestamp": rows[-1]["event_timestamp"] + pd.Timedelta(days=90)})
+                 "event_timestamp": rows[SEQUENCE_LENGTH + 4]["event_timestamp"] + pd.Timedelta(days=90)})
     user = shop["users"].head(1).assign(user_id="u_old")
     folder = tmp_path / "old"
     sample_data.write({"users": user, "items": shop["items"], "events": pd.DataFrame(rows)}, folder)
@@ -217,8 +221,10 @@ def test_pushed_sequence_equals_the_rebuild_for_an_old_history(tmp_path, shop, s
     rebuilt = compute_user_tables(sqlite_log.read_table("events"), catalogue)["user_sequence"]
     newest = rebuilt.sort_values("event_timestamp").tail(1)
     assert pushed["sequence_items"].item() == newest["sequence_items"].item()
-    assert len(json.loads(pushed["sequence_items"].item())) == SEQUENCE_LENGTH  # the 50 newest, 5 dropped
-    assert json.loads(pushed["sequence_items"].item())[-1] == rows[-2]["item_id"]  # a view is not engagement
+    assert pushed["sequence_counts"].item() == newest["sequence_counts"].item()
+    assert len(json.loads(pushed["sequence_items"].item())) == SEQUENCE_LENGTH  # the newest slots, 6 dropped
+    assert json.loads(pushed["sequence_counts"].item())[0] == 4  # the oldest kept slot: all its events fetched
+    assert json.loads(pushed["sequence_types"].item())[-1] == "view"  # views are in the sequence
 
 
 def test_newest_rows_of_a_large_state_view(tmp_path):

@@ -42,22 +42,27 @@ def test_text_keeps_the_newest_five_distinct_within_30_days_of_the_newest():
     assert values["last_search_at"] == pd.Timestamp(START + 10 * MINUTE, unit="us", tz="UTC")
 
 
-def test_text_titles_come_from_engaged_titled_items_only():
+def test_text_titles_come_from_titled_items_of_the_sequence_types_only():
     stream = [_event(START, "click", "i1"), _event(START + MINUTE, "view", "i2"),
-              _event(START + 2 * MINUTE, "purchase", "untitled"), _event(START + 3 * MINUTE, "add_to_cart", "i3")]
+              _event(START + 2 * MINUTE, "purchase", "untitled"), _event(START + 3 * MINUTE, "add_to_cart", "i3"),
+              _event(START + 4 * MINUTE, "impression", "i4")]  # shown, not opened: not in the text
     state = _fold(stream)
-    assert fold.text_values(state, _titles(state))["recent_titles"] == "title 3 | title 1"
+    assert fold.text_values(state, _titles(state))["recent_titles"] == "title 3 | title 2 | title 1"
 
 
-def test_the_sequence_keeps_the_last_50_in_time_order_whatever_the_arrival_order():
-    stream = [_event(START + n * MINUTE, "click", f"i{n % 8}") for n in range(60)]
+HOUR = 60 * MINUTE
+
+
+def test_the_sequence_keeps_the_newest_slots_in_time_order_whatever_the_arrival_order():
+    stream = [_event(START + n * HOUR, "click", f"i{n % 8}") for n in range(fold.SEQUENCE_LENGTH + 10)]
     shuffled = stream[:]
     random.Random(0).shuffle(shuffled)
     values = fold.sequence_values(_fold(shuffled))
     assert values == fold.sequence_values(_fold(stream))
     times = json.loads(values["sequence_times"])
     assert len(times) == fold.SEQUENCE_LENGTH and times == sorted(times)
-    assert times[0] == (START + 10 * MINUTE) // 1_000_000  # the 10 oldest fell out
+    assert times[0] == (START + 10 * HOUR) // 1_000_000  # the 10 oldest fell out
+    assert json.loads(values["sequence_counts"]) == [1] * fold.SEQUENCE_LENGTH
 
 
 def _stored(state: fold.UserState) -> tuple:
@@ -73,7 +78,7 @@ def test_folding_into_a_stored_state_equals_folding_the_whole_stream(seed):
     rng = random.Random(seed)
     stream = []
     for _ in range(rng.randint(1, 30)):
-        kind = rng.choice(["view", "click", "add_to_cart", "purchase", "search", "review"])
+        kind = rng.choice(["impression", "view", "click", "favorite", "add_to_cart", "purchase", "search", "review"])
         t = START + rng.randint(0, 90 * 24 * 60) * MINUTE
         stream.append(_event(t, kind, None if kind == "search" else rng.choice(list(CATALOGUE)),
                              f"q{rng.randint(0, 7)}" if kind == "search" else None))

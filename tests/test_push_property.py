@@ -1,6 +1,8 @@
 """Property: whatever order events arrive in (late ones included), pushing them one by one leaves the
 online store equal to a batch build of the same log. After the first, every push folds the event into
-the stored state (it never reads the user's history from the log)."""
+the stored state (it never reads the user's history from the log). The sequence is cut to a few slots
+here, so that slots are pushed out (and late events of pushed-out slots arrive) within a short stream,
+and many events fall into one hour's slot."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from hypothesis import strategies as st
 
 from eventlog.sources import Batch, load_batch, normalise
 from eventlog.store import EventLog
-from feature_repo.pipeline import registry
+from feature_repo.pipeline import fold, history, registry
 from feature_repo.pipeline.build import build
 from feature_repo.pipeline.push import push_events, push_users
 from ingestion.ingest import ingest
@@ -21,13 +23,15 @@ from persona import sample_data
 from validation.gate import Gate, GateSettings
 
 USERS = ("u1", "u2", "u3")
-TYPES = ("view", "click", "add_to_cart", "purchase", "search")
+TYPES = ("impression", "view", "click", "favorite", "add_to_cart", "purchase", "search")
+SHORT_SEQUENCE = 4  # slots kept in this test: a 25-event stream pushes some out
 START = pd.Timestamp("2026-03-01", tz="UTC")
 VIEWS = ("user_behaviour", "user_activity", "user_text", "user_sequence")
 
 event = st.fixed_dictionaries({
     "user_id": st.sampled_from(USERS), "event_type": st.sampled_from(TYPES), "item": st.integers(0, 5),
-    "minutes": st.integers(0, 90 * 24 * 60),  # 90 days: many events fall out of the 30-day windows
+    # 90 days: many events fall out of the 30-day windows; the first 3 hours: bursts share a slot
+    "minutes": st.one_of(st.integers(0, 90 * 24 * 60), st.integers(0, 180)),
     "value": st.one_of(st.none(), st.floats(0, 500, allow_nan=False)),
 })
 
@@ -58,7 +62,9 @@ EXAMPLES = int(os.environ.get("PERSONA_PROPERTY_EXAMPLES", "10"))  # more for a 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stream=st.lists(event, min_size=1, max_size=25))
-def test_pushed_one_by_one_equals_the_batch_build(stream, catalogue, tmp_path_factory):
+def test_pushed_one_by_one_equals_the_batch_build(stream, catalogue, tmp_path_factory, monkeypatch):
+    monkeypatch.setattr(fold, "SEQUENCE_LENGTH", SHORT_SEQUENCE)  # the fold's and the log fetch's bound
+    monkeypatch.setattr(history, "SEQUENCE_LENGTH", SHORT_SEQUENCE)
     folder = tmp_path_factory.mktemp("push_property")
     ws = folder / "ws"
     log = EventLog(f"sqlite:///{folder / 'eventlog.db'}")

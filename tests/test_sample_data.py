@@ -38,11 +38,27 @@ def test_follows_the_contract(shop):
 
 def test_funnel_ratios_in_documented_ranges(big):
     counts = big["events"]["event_type"].value_counts()
+    assert counts["impression"] > 0.8 * counts["view"]  # shown first: most views start from an impression
     assert 0.10 <= counts["click"] / counts["view"] <= 0.30
+    assert 0.04 <= counts["favorite"] / counts["view"] <= 0.15
     assert 0.25 <= counts["add_to_cart"] / counts["click"] <= 0.55
     assert 0.35 <= counts["purchase"] / counts["add_to_cart"] <= 0.75
-    assert 0.03 <= counts["search"] / counts.sum() <= 0.10
+    assert 0.03 <= counts["search"] / (counts.sum() - counts["impression"]) <= 0.10
     assert 0.15 <= counts["review"] / counts["purchase"] <= 0.45
+
+
+def test_people_buy_what_they_viewed(big):
+    """Most purchases follow a view of the item by the same user, some on a later visit."""
+    events = big["events"]
+    views = events[events.event_type == "view"].groupby(["user_id", "item_id"])["event_timestamp"].min()
+    buys = events[events.event_type == "purchase"].join(views.rename("first_view"), on=["user_id", "item_id"])
+    assert (buys["first_view"] < buys["event_timestamp"]).mean() > 0.9
+    later = buys["session_id"].str.endswith("-later")
+    assert 0.1 < later.mean() < 0.5 and (buys.loc[later, "event_timestamp"] - buys.loc[later, "first_view"]
+                                          > pd.Timedelta(hours=6)).all()
+    # Items shown but not opened are less on target than the opened ones: impressions outnumber views.
+    shown = events[events.event_type == "impression"]
+    assert shown["item_id"].notna().all() and len(shown) > len(events[events.event_type == "view"])
 
 
 def test_demographics_predict_interest(big):

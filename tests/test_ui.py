@@ -16,6 +16,8 @@ import httpx
 import pytest
 from test_service import featured_workspace, serve, service_env, stop  # the service tests' helpers
 
+from core.contract import EVENT_TYPES
+
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 API_KEY = "ui-key-456"
@@ -180,6 +182,10 @@ def test_explorer_user_search_whatif_and_shop(browser, ui_server):  # no browser
     page.find("#tab-shop").click()
     page.wait(lambda: len(page.all("#chart svg rect[data-day]")) > 0, "no events-per-day chart")
     assert "view=shop" in browser.current_url
+    legend = {r.get_attribute("data-legend"): r.get_attribute("fill") for r in page.all("#chart svg rect[data-legend]")}
+    assert set(EVENT_TYPES) <= set(legend) and len(set(legend.values())) == len(legend)  # a colour per declared type
+    assert all(r.get_attribute("fill") == legend[r.get_attribute("data-type")]
+               for r in page.all("#chart svg rect[data-day]"))
     assert len(page.all("#shop-counts .card")) >= 5
     batches = page.all("#batches tbody tr[data-batch]")
     assert batches and any(b.get_attribute("data-status") == "api" for b in batches)  # the what-if events

@@ -1,7 +1,8 @@
 """Point-in-time training sets: labelled (user, item, time) rows, then features through Feast.
 
-Positives are the configured event types with their weights; exposures are views not followed by
-a positive on the same item in the session; sampled negatives are items that already existed at
+Positives are the configured event types with their weights; exposures are events of the configured
+exposure types (``behaviours:`` in persona.yaml; by default impressions) not followed by a positive on
+the same item in the session; sampled negatives are items that already existed at
 the time (seen in the log by then, or never seen at all). Every row carries the request context
 (device, channel) and the session's latest query before it, which the user tower reads as the
 live query. Features come only from ``get_historical_features`` through the model's
@@ -10,8 +11,12 @@ FeatureServices, so a row at time T sees feature values from before T (see featu
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import pandas as pd
+
+from core.config import DEFAULT_EXPOSURE_TYPES
 
 USER_SERVICE = "profile_v2"
 ITEM_SERVICE = "items_v1"
@@ -39,8 +44,11 @@ def session_key(events: pd.DataFrame) -> pd.Series:
 
 
 def build_examples(events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, float],
-                   neg_per_pos: int = 2, exposure_ratio: float = 1.0, seed: int = 0) -> pd.DataFrame:
-    """Labelled rows: ``user_id, item_id, event_timestamp, label, weight, kind, device, channel, query``."""
+                   neg_per_pos: int = 2, exposure_ratio: float = 1.0, seed: int = 0,
+                   exposure_types: Collection[str] = DEFAULT_EXPOSURE_TYPES) -> pd.DataFrame:
+    """Labelled rows: ``user_id, item_id, event_timestamp, label, weight, kind, device, channel, query``.
+
+    ``exposure_types``: ``Config.exposure_types`` (shown, not opened: the negatives that were seen)."""
     rng = np.random.default_rng(seed)
     ev = events.copy()
     ev["event_timestamp"] = pd.to_datetime(ev["event_timestamp"], utc=True)
@@ -56,10 +64,10 @@ def build_examples(events: pd.DataFrame, items: pd.DataFrame, positives: dict[st
            .agg(event_timestamp=("event_timestamp", "first"), weight=("weight", "max"),
                 device=("device", "first"), channel=("channel", "first")))
     pos["label"], pos["kind"] = 1, "positive"
-    views = ev[(ev["event_type"] == "view") & ev["item_id"].notna()]
+    shown = ev[ev["event_type"].isin(list(exposure_types)) & ev["item_id"].notna()]
     engaged = set(zip(pos["user_id"], pos["item_id"], pos["session"], strict=True))
-    keys = list(zip(views["user_id"], views["item_id"], views["session"], strict=True))
-    exposures = views.loc[np.array([k not in engaged for k in keys], dtype=bool)]
+    keys = list(zip(shown["user_id"], shown["item_id"], shown["session"], strict=True))
+    exposures = shown.loc[np.array([k not in engaged for k in keys], dtype=bool)]
     exposures = exposures.drop_duplicates(["user_id", "item_id", "session"])
     n_exp = min(len(exposures), int(exposure_ratio * len(pos)))
     exposures = exposures.sample(n_exp, random_state=seed) if n_exp < len(exposures) else exposures

@@ -22,10 +22,13 @@ MISSING = "<missing>"
 SMALL_FRAME = 64  # rows up to which a column is converted value by value (serving's one-row frames)
 
 # The event types of the user's sequence, in the order of the event-type embedding's rows (row k + 1;
-# row 0 = padding / unknown): trained models were saved with this layout, so the order never changes.
-SEQUENCE_TYPES = ("click", "add_to_cart", "purchase", "review", "view", "search")
-if sorted(SEQUENCE_TYPES) != sorted(EVENT_TYPES):
-    raise AssertionError(f"SEQUENCE_TYPES {SEQUENCE_TYPES} must be a permutation of core.contract.EVENT_TYPES")
+# row 0 = padding): new built-in types are appended, never inserted, so a row keeps its meaning. The
+# last row, ``OTHER_TYPE``, stands for every type a shop declares itself (``behaviours:`` in persona.yaml).
+OTHER_TYPE = "<other>"
+SEQUENCE_TYPES = ("click", "add_to_cart", "purchase", "review", "view", "search", "favorite", "impression",
+                  OTHER_TYPE)
+if set(SEQUENCE_TYPES) - {OTHER_TYPE} != set(EVENT_TYPES):
+    raise AssertionError(f"SEQUENCE_TYPES {SEQUENCE_TYPES} must hold every type of core.contract.EVENT_TYPES")
 GAP_BUCKETS = 24  # log2(hours since the step + 1) buckets
 
 
@@ -167,6 +170,7 @@ def sequences(frame: pd.DataFrame, length: int) -> tuple[list[list[str]], torch.
     gaps = np.zeros((n, length), dtype=np.int64)
     history: list[list[str]] = []
     type_index = {t: k + 1 for k, t in enumerate(SEQUENCE_TYPES)}
+    other = type_index[OTHER_TYPE]
     now = _epoch_seconds(frame)
     for r, (items, kinds, times) in enumerate(zip(_col(frame, "sequence_items"), _col(frame, "sequence_types"),
                                                   _col(frame, "sequence_times"), strict=True)):
@@ -178,7 +182,7 @@ def sequences(frame: pd.DataFrame, length: int) -> tuple[list[list[str]], torch.
         times = np.array(json.loads(times)[-length:], dtype=np.float64)
         ref = now[r] if np.isfinite(now[r]) else times.max()
         hours = np.clip((ref - times) / 3600.0, 0, None)
-        types[r, length - len(items):] = [type_index.get(k, 0) for k in kinds]
+        types[r, length - len(items):] = [type_index.get(k, other) for k in kinds]
         gaps[r, length - len(items):] = np.minimum(np.log2(hours + 1).astype(np.int64) + 1, GAP_BUCKETS)
     return history, torch.from_numpy(types), torch.from_numpy(gaps)
 

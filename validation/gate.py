@@ -97,6 +97,12 @@ class GateSettings:
     on_schema_drift: str = "hold"
     engine: str = "gx"  # "gx", or "pandas" (the historical name): the same suite evaluated in process (API batches)
     max_quarantined_rows: int = 100_000  # open rows the quarantine may hold: its bound against floods
+    # The declared behaviour types (persona.yaml's `behaviours:`, ``Config.event_types``); None: the built-ins.
+    event_types: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.event_types is not None:  # a tuple: the compiled suites are cached by it
+            self.event_types = tuple(self.event_types)
 
 
 class KnownIds:
@@ -124,8 +130,8 @@ def _gx_batch_definition(table: str):
 
 
 @cache
-def _suite(table: str) -> gx.ExpectationSuite:
-    return load_suite(table)
+def _suite(table: str, event_types: tuple[str, ...] | None = None) -> gx.ExpectationSuite:
+    return load_suite(table, event_types=event_types)
 
 
 def _can_fail(exp, frame: pd.DataFrame) -> bool:
@@ -203,10 +209,10 @@ def _record_check(exp) -> Callable[[list[dict], pd.Timestamp], list[bool]] | Non
 
 
 @cache
-def _record_checks(table: str) -> list[tuple] | None:
+def _record_checks(table: str, event_types: tuple[str, ...] | None = None) -> list[tuple] | None:
     """The suite compiled once: (column, meta, type, check) per expectation, or None if one is unknown."""
     out = []
-    for exp in _suite(table).expectations:
+    for exp in _suite(table, event_types).expectations:
         check = _record_check(exp)
         if check is None:
             return None
@@ -224,7 +230,8 @@ def _run_on_records(checks: list[tuple], data: pd.DataFrame, latest: pd.Timestam
     return out
 
 
-def run_suite_in_process(table: str, frame: pd.DataFrame, now: datetime, skew: timedelta) -> list[Violation] | None:
+def run_suite_in_process(table: str, frame: pd.DataFrame, now: datetime, skew: timedelta,
+                         event_types: tuple[str, ...] | None = None) -> list[Violation] | None:
     """The checked-in suite evaluated in process: the same rules, without GX's per-call overhead.
 
     GX costs a fixed ~80 ms per validation whatever the batch size, too slow for ``POST /events``.
@@ -233,18 +240,20 @@ def run_suite_in_process(table: str, frame: pd.DataFrame, now: datetime, skew: t
     expectation this evaluator does not know, so the caller runs GX instead; tests check both give
     the same verdicts on the whole bad-input corpus.
     """
-    checks = _record_checks(table)
+    checks = _record_checks(table, event_types)
     if checks is None:
         return None
     return _run_on_records(checks, frame.reset_index(drop=True), pd.Timestamp(now + skew))
 
 
-def run_suite(table: str, frame: pd.DataFrame, now: datetime, skew: timedelta) -> list[Violation]:
-    """Run the table's GX suite; return one violation per failing (row, expectation)."""
+def run_suite(table: str, frame: pd.DataFrame, now: datetime, skew: timedelta,
+              event_types: tuple[str, ...] | None = None) -> list[Violation]:
+    """Run the table's GX suite (``event_types``: the declared ones, else the built-ins); return one
+    violation per failing (row, expectation)."""
     data = frame.reset_index(drop=True).copy()
     data[ROW] = np.arange(len(data))
     batch = _gx_batch_definition(table).get_batch(batch_parameters={"dataframe": data})
-    suite = _suite(table)
+    suite = _suite(table, event_types)
     applicable = gx.ExpectationSuite(name=table, expectations=[e for e in suite.expectations
                                                                if _can_fail(e, data)])
     result = batch.validate(
@@ -317,8 +326,10 @@ class Gate:
         found: list[Violation] = [Violation(i.row, i.column, i.rule, i.reason) for i in tb.issues]
         type_cells = {(i.row, i.column) for i in tb.issues}
         rows = frame.iloc[unique_pos]
-        found_by_suite = run_suite_in_process(tb.table, rows, now, skew) if self.settings.engine == "pandas" else None
-        for v in found_by_suite if found_by_suite is not None else run_suite(tb.table, rows, now, skew):
+        types = self.settings.event_types
+        found_by_suite = (run_suite_in_process(tb.table, rows, now, skew, types)
+                          if self.settings.engine == "pandas" else None)
+        for v in found_by_suite if found_by_suite is not None else run_suite(tb.table, rows, now, skew, types):
             row = int(unique_pos[v.row])
             if (row, v.column) not in type_cells:  # a bad cell is nulled: report "type", not "not_null"
                 found.append(Violation(row, v.column, v.rule, v.reason))

@@ -92,13 +92,15 @@ def write_summary(folder: Path, batch: Batch, result: GateResult,
 
 
 def build_data_docs(workspace: Path, batch: Batch, now: datetime, skew: timedelta,
-                    personal_values: bool = False) -> Path:
+                    personal_values: bool = False, event_types: tuple[str, ...] | None = None) -> Path:
     """Run the suites through a GX file context in the workspace and build its Data Docs.
 
     The workspace context is a copy of the checked-in ``validation/gx`` project, refreshed with
     the current suites each time, so results and docs stay with the dataset they describe.
     GX keeps sample unexpected values: for tables with personal columns none are kept unless
     ``personal_values`` (the workspace's ``privacy.show_personal_values``) allows it.
+    ``event_types``: the workspace's declared behaviour types (``Config.event_types``), checked as the
+    gate checks them; None: the built-in ones.
     """
     root = workspace / "gx"
     root.mkdir(parents=True, exist_ok=True)
@@ -107,7 +109,7 @@ def build_data_docs(workspace: Path, batch: Batch, now: datetime, skew: timedelt
     context.variables.progress_bars = {"globally": False}
     source = context.data_sources.add_or_update_pandas("persona")
     for table, tb in batch.tables.items():
-        suite = load_suite(table)
+        suite = load_suite(table, event_types=event_types)
         with contextlib.suppress(Exception):  # GX raises a private error type when absent
             context.suites.delete(table)
         suite = context.suites.add(suite)

@@ -3,8 +3,10 @@
 "use strict";
 
 const K = 20;
-const TYPE_COLOURS = { view: "#9db4d3", click: "#3d7dd8", add_to_cart: "#f0a030", purchase: "#2e9e5b",
-  search: "#9b59b6", review: "#d35454" };
+// Chart colours, given to the declared behaviour types (the shop API's event_types) in order and cycled:
+// the built-ins keep their colours, and a shop's own types take the next ones.
+const PALETTE = ["#c8c8c8", "#9db4d3", "#3d7dd8", "#e377c2", "#f0a030", "#2e9e5b", "#d35454", "#9b59b6",
+  "#17becf", "#8c564b", "#bcbd22", "#7f7f7f"];
 const state = { key: "", view: "user", userId: "", query: "", device: "", channel: "", timeMode: "shop",
   at: "", newest: null, ranked: [] };
 
@@ -280,7 +282,7 @@ async function loadShop() {
     card("active users, 7 days", s.active_users["7d"], `${s.active_users["1d"]} in 1 day, ${s.active_users["30d"]} in 30`),
     card("events", s.counts.events, `${fmtTime(s.oldest_event)} to ${fmtTime(s.newest_event)}`),
     card("rows in quarantine", s.counts.quarantined), card("store profile", s.profile));
-  $("chart").replaceChildren(chart(s.events_per_day));
+  $("chart").replaceChildren(chart(s.events_per_day, (s.event_types || []).map((t) => t.type)));
   showBatches(s.batches);
   showReports(s.reports);
   showModels(s.models);
@@ -295,33 +297,44 @@ function svg(tag, attrs, ...children) {
   return node;
 }
 
-function chart(days) {
+function chart(days, declared) {
   if (!days.length) return el("p", { class: "muted" }, "no events yet");
+  // The declared types in order, then any other the log holds (a type persona.yaml no longer declares).
+  const types = [...declared];
+  for (const d of days) for (const type of Object.keys(d.by_type)) if (!types.includes(type)) types.push(type);
+  const colour = (type) => PALETTE[types.indexOf(type) % PALETTE.length];
   const W = 900, H = 220, left = 48, bottom = 28, top = 10;
+  const legend = [];  // [type, x, row]
+  let x = left, row = 0;
+  for (const type of types) {
+    const width = 24 + type.length * 7;
+    if (x + width > W && x > left) { x = left; row += 1; }
+    legend.push([type, x, row]);
+    x += width;
+  }
   const max = Math.max(...days.map((d) => d.total));
   const bw = (W - left - 10) / days.length;
   const y = (v) => H - bottom - (v / max) * (H - bottom - top);
-  const root = svg("svg", { viewBox: `0 0 ${W} ${H + 24}`, role: "img", "aria-label": "events per day" });
+  const root = svg("svg", { viewBox: `0 0 ${W} ${H + 24 + row * 16}`, role: "img", "aria-label": "events per day" });
   for (const frac of [0, 0.5, 1]) {
     root.append(svg("line", { x1: left, x2: W - 10, y1: y(max * frac), y2: y(max * frac), class: "grid" }),
       svg("text", { x: left - 6, y: y(max * frac) + 4, "text-anchor": "end" }, fmtNum(Math.round(max * frac))));
   }
   days.forEach((d, n) => {
     let base = 0;
-    for (const type of Object.keys(TYPE_COLOURS)) {
+    for (const type of types) {
       const v = d.by_type[type] || 0;
       if (!v) continue;
       root.append(svg("rect", { x: left + n * bw + 1, width: Math.max(bw - 2, 1), y: y(base + v), height: y(base) - y(base + v),
-        fill: TYPE_COLOURS[type], "data-day": d.day }, svg("title", {}, `${d.day}: ${v} ${type} (${d.total} events)`)));
+        fill: colour(type), "data-day": d.day, "data-type": type }, svg("title", {}, `${d.day}: ${v} ${type} (${d.total} events)`)));
       base += v;
     }
   });
   const first = days[0].day, last = days[days.length - 1].day;
   root.append(svg("text", { x: left, y: H - 8 }, first), svg("text", { x: W - 10, y: H - 8, "text-anchor": "end" }, last));
-  let x = left;
-  for (const [type, colour] of Object.entries(TYPE_COLOURS)) {
-    root.append(svg("rect", { x, y: H + 8, width: 10, height: 10, fill: colour }), svg("text", { x: x + 14, y: H + 17 }, type));
-    x += 24 + type.length * 7;
+  for (const [type, lx, r] of legend) {
+    root.append(svg("rect", { x: lx, y: H + 8 + r * 16, width: 10, height: 10, fill: colour(type), "data-legend": type }),
+      svg("text", { x: lx + 14, y: H + 17 + r * 16 }, type));
   }
   return root;
 }

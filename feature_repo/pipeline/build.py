@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from core.config import DEFAULT_SEQUENCE_TYPES
 from eventlog import locks
 from eventlog.store import EventLog, utcnow
 from feature_repo.pipeline.compute import compute_all
@@ -29,8 +30,11 @@ class FeatureChecksFailed(RuntimeError):
 
 
 def build(log: EventLog, profile: str, workspace: Path,
-          check: Callable[[dict[str, pd.DataFrame]], Any] | None = None) -> dict[str, pd.DataFrame]:
+          check: Callable[[dict[str, pd.DataFrame]], Any] | None = None,
+          sequence_types: Collection[str] = DEFAULT_SEQUENCE_TYPES) -> dict[str, pd.DataFrame]:
     """Recompute every feature table from the whole event log and replace the offline tables.
+
+    ``sequence_types``: the workspace's ``Config.sequence_types`` (the push must fold with the same).
 
     ``check`` sees the new tables before they replace the old ones; a report with ``failed`` set
     raises :class:`FeatureChecksFailed` and leaves the previous tables (and online store) as they were.
@@ -38,23 +42,24 @@ def build(log: EventLog, profile: str, workspace: Path,
     the build and then erases what it wrote, so a build never brings an erased user back.
     """
     with locks.held(log.engine):
-        return _build(log, profile, Path(workspace), check)
+        return _build(log, profile, Path(workspace), check, sequence_types)
 
 
-def _build(log: EventLog, profile: str, workspace: Path,
-           check: Callable[[dict[str, pd.DataFrame]], Any] | None) -> dict[str, pd.DataFrame]:
+def _build(log: EventLog, profile: str, workspace: Path, check: Callable[[dict[str, pd.DataFrame]], Any] | None,
+           sequence_types: Collection[str]) -> dict[str, pd.DataFrame]:
     log_read_at = utcnow()  # keys touched after this are synced online from the log, not this build
     events_, items, users = log.read_table("events"), log.read_table("items"), log.read_table("users")
     if profile == "spark":
         spark_conf = feature_store_config("spark", workspace)["offline_store"]["spark_conf"]
         staging = workspace / "offline" / ".staging"
         shutil.rmtree(staging, ignore_errors=True)
-        build_with_spark(events_, items, users, workspace, spark_conf, out_dir=staging)
+        build_with_spark(events_, items, users, workspace, spark_conf, out_dir=staging,
+                         sequence_types=sequence_types)
         tables = read_offline_spark(workspace, staging)
         _checked(check, tables)
         swap_in_spark_tables(workspace, staging)
     else:
-        tables = compute_all(events_, items, users)
+        tables = compute_all(events_, items, users, sequence_types)
         _checked(check, tables)
         write_offline(profile, workspace, tables)
     newest = tables["user_behaviour"]["event_timestamp"].max() if len(tables["user_behaviour"]) else None

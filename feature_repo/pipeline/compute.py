@@ -12,14 +12,16 @@ the request time, summed from ``user_activity``'s hourly tiles (``windows.py``).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from functools import cache
 
 import duckdb
 import numpy as np
 import pandas as pd
 
+from core.config import DEFAULT_SEQUENCE_TYPES
 from feature_repo.pipeline import fold
-from feature_repo.pipeline.fold import ENGAGED, SEQUENCE_LENGTH, TEXT_ITEMS  # noqa: F401 - re-exported
+from feature_repo.pipeline.fold import SEQUENCE_LENGTH, TEXT_ITEMS  # noqa: F401 - re-exported
 
 DAY_US = 86_400_000_000
 DESCRIPTION_CHARS = 500  # item text for BERT: the start of the description is enough
@@ -119,10 +121,11 @@ def _connect(events: pd.DataFrame, items: pd.DataFrame) -> duckdb.DuckDBPyConnec
     return con
 
 
-def compute_user_tables(events: pd.DataFrame, items: pd.DataFrame) -> dict[str, pd.DataFrame]:
+def compute_user_tables(events: pd.DataFrame, items: pd.DataFrame,
+                        sequence_types: Collection[str] = DEFAULT_SEQUENCE_TYPES) -> dict[str, pd.DataFrame]:
     """``user_behaviour``, ``user_activity``, ``user_text`` and ``user_sequence`` for whatever users
-    ``events`` holds."""
-    return fold.user_tables(events, items)
+    ``events`` holds (``sequence_types``: the workspace's ``Config.sequence_types``)."""
+    return fold.user_tables(events, items, sequence_types)
 
 
 def compute_item_table(events: pd.DataFrame, items: pd.DataFrame, last_day: int | None = None) -> pd.DataFrame:
@@ -140,12 +143,14 @@ def last_event_day(events: pd.DataFrame) -> int | None:
     return int(newest.value // 1000 // DAY_US)
 
 
-def compute_all(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame) -> dict[str, pd.DataFrame]:
+def compute_all(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame,
+                sequence_types: Collection[str] = DEFAULT_SEQUENCE_TYPES) -> dict[str, pd.DataFrame]:
     """All four feature tables from event-log frames."""
-    return {**compute_user_tables(events, items), "user_personal": user_personal(users),
+    return {**compute_user_tables(events, items, sequence_types), "user_personal": user_personal(users),
             "item_features": compute_item_table(events, items)}
 
 
-def latest_user_state(events: pd.DataFrame, items: pd.DataFrame) -> dict[str, pd.DataFrame]:
+def latest_user_state(events: pd.DataFrame, items: pd.DataFrame,
+                      sequence_types: Collection[str] = DEFAULT_SEQUENCE_TYPES) -> dict[str, pd.DataFrame]:
     """Each user's state after their newest event, folded from ``events`` (the push's fallback)."""
-    return fold.frames(fold.fold_rows(events, fold.catalogue_of(items), every=False))
+    return fold.frames(fold.fold_rows(events, fold.catalogue_of(items), every=False, sequence_types=sequence_types))

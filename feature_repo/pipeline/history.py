@@ -3,15 +3,15 @@ set of users' (or items') newest state depends on, never the whole log."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import datetime, timedelta
 
 import pandas as pd
 import sqlalchemy as sa
 
+from core.config import DEFAULT_SEQUENCE_TYPES
 from eventlog.store import EventLog, events, items, users
 from feature_repo.pipeline.compute import (
-    ENGAGED,
     SEQUENCE_LENGTH,
     compute_item_table,
     last_event_day,
@@ -21,29 +21,52 @@ from feature_repo.pipeline.compute import (
 # A user's state depends only on events in the 30 days before their newest one (the longest window);
 # fetching a day more is harmless, since every window bounds itself.
 FETCH_WINDOW = timedelta(days=31)
-TEXT_TYPES = ("search", *ENGAGED)  # the events the text part of a state folds
 
 
-def recent_user_events(log: EventLog, user_ids: list[str]) -> pd.DataFrame:
+def recent_user_events(log: EventLog, user_ids: list[str],
+                       sequence_types: Collection[str] = DEFAULT_SEQUENCE_TYPES) -> pd.DataFrame:
     """Enough of each user's events to rebuild their newest state (``fold.py``): the 30 days up to
-    their newest event (activity), the 30 days up to their newest search or engaged event (text),
-    and their last ``SEQUENCE_LENGTH`` engaged events of any age (sequence). Older events fall
-    outside every part, so the extra ones a day's margin fetches change nothing."""
-    parts = [_windowed_user_events(log, user_ids), _windowed_user_events(log, user_ids, TEXT_TYPES),
-             _last_engaged_events(log, user_ids)]
+    their newest event (activity), the 30 days up to their newest search or sequence-type event
+    (text), and every event of their newest ``SEQUENCE_LENGTH`` sequence slots, of any age. Older
+    events fall outside every part, so the extra ones a margin fetches change nothing."""
+    types = tuple(sequence_types)
+    parts = [_windowed_user_events(log, user_ids), _windowed_user_events(log, user_ids, ("search", *types)),
+             _sequence_events(log, user_ids, types)]
     frame = pd.concat([p for p in parts if len(p)] or parts[:1], ignore_index=True)
     return frame.drop_duplicates("event_id", ignore_index=True)
 
 
-def _last_engaged_events(log: EventLog, user_ids: list[str]) -> pd.DataFrame:
-    ranked = (sa.select(events, sa.func.row_number().over(
-        partition_by=events.c.user_id,
-        order_by=(events.c.event_timestamp.desc(), events.c.item_id.desc(), events.c.event_type.desc()))
-        .label("newest_rank"))
-        .where(events.c.user_id.in_(user_ids), events.c.event_type.in_(ENGAGED), events.c.item_id.is_not(None))
-        .subquery())
-    stmt = sa.select(*[ranked.c[c.name] for c in events.columns]).where(ranked.c.newest_rank <= SEQUENCE_LENGTH)
+def _hour(dialect: str, column) -> sa.ColumnElement | None:
+    """The UTC hour (floor of epoch seconds / 3600) of a naive-UTC timestamp column, as the fold keys
+    slots; None for a database without a known expression."""
+    if dialect == "sqlite":
+        # Whole seconds from the text (SQLite stores 'YYYY-MM-DD HH:MM:SS.ffffff'): its own parse rounds to
+        # the millisecond, so 00:59:59.9996 would read as the next hour.
+        seconds = sa.cast(sa.func.strftime("%s", sa.func.substr(column, 1, 19)), sa.Integer)
+        return (seconds - ((seconds % 3600) + 3600) % 3600) // 3600  # exact, and a floor before 1970 too
+    if dialect == "postgresql":
+        return sa.func.floor(sa.extract("epoch", column) / 3600)
+    return None
+
+
+def _sequence_events(log: EventLog, user_ids: list[str], types: tuple[str, ...]) -> pd.DataFrame:
+    """Each user's events of the sequence types from the hour of their ``SEQUENCE_LENGTH``-th newest
+    slot on: every event of the kept slots, plus the other slots of that hour, which the fold drops
+    again (so the database's collation of item ids need not match the fold's order)."""
+    of_types = sa.and_(events.c.user_id.in_(user_ids), events.c.event_type.in_(types), events.c.item_id.is_not(None))
     with log.engine.connect() as conn:
+        hour = _hour(conn.dialect.name, events.c.event_timestamp)
+        if hour is None:  # any other database: every such event (a superset)
+            stmt = sa.select(events).where(of_types)
+        else:
+            slots = (sa.select(events.c.user_id, hour.label("hour"), sa.func.dense_rank().over(
+                partition_by=events.c.user_id, order_by=(hour.desc(), events.c.item_id.desc(),
+                                                         events.c.event_type.desc())).label("slot"))
+                     .where(of_types).subquery())
+            since = (sa.select(slots.c.user_id, sa.func.min(slots.c.hour).label("since"))
+                     .where(slots.c.slot <= SEQUENCE_LENGTH).group_by(slots.c.user_id).subquery())
+            stmt = (sa.select(events).join(since, events.c.user_id == since.c.user_id)
+                    .where(of_types, hour >= since.c.since))
         frame = pd.read_sql(stmt, conn)
     frame["event_timestamp"] = pd.to_datetime(frame["event_timestamp"]).dt.tz_localize("UTC")
     return frame

@@ -13,10 +13,11 @@ event log stays the one source of truth, and the write does not depend on stamps
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from core.config import DEFAULT_SEQUENCE_TYPES
 from eventlog.store import EventLog, utcnow
 from feature_repo.pipeline.history import item_rows, personal_rows, touched_since
 from feature_repo.pipeline.push import push_latest, push_users
@@ -29,13 +30,15 @@ CHUNK = 2_000  # keys per push: bounds memory on a day that touches every user
 
 
 def sync_keys(store, log: EventLog, user_ids: list[str], item_ids: list[str],
-              progress: Callable[[int], None] | None = None) -> None:
-    """Write the newest state of these users and items online, recomputed from the log."""
+              progress: Callable[[int], None] | None = None,
+              sequence_types: Collection[str] = DEFAULT_SEQUENCE_TYPES) -> None:
+    """Write the newest state of these users and items online, recomputed from the log
+    (``sequence_types``: the workspace's ``Config.sequence_types``, as the build and the push use them)."""
     now = utcnow()
     catalogue = log.read_table("items") if user_ids else None
     for chunk in _chunks(user_ids):
         push_latest(store, {"user_personal": personal_rows(log, chunk)})
-        push_users(store, log, chunk, items=catalogue)
+        push_users(store, log, chunk, items=catalogue, sequence_types=sequence_types)
         if progress:
             progress(len(chunk))
     for chunk in _chunks(item_ids):
@@ -45,14 +48,16 @@ def sync_keys(store, log: EventLog, user_ids: list[str], item_ids: list[str],
 
 
 def sync_online(store, log: EventLog, workspace: Path,
-                progress: Callable[[int, int], Callable[[int], None] | None] | None = None) -> dict:
+                progress: Callable[[int, int], Callable[[int], None] | None] | None = None,
+                sequence_types: Collection[str] = DEFAULT_SEQUENCE_TYPES) -> dict:
     """Sync every key touched since the previous sync (or, the first time, since the build read the
-    log), then move the mark. ``progress(total, done)`` may return a per-chunk callback."""
+    log), then move the mark. ``progress(total, done)`` may return a per-chunk callback.
+    ``sequence_types``: the workspace's ``Config.sequence_types``."""
     started = utcnow()
     since = _last_mark(workspace)
     user_ids, item_ids = touched_since(log, since - OVERLAP)
     tick = progress(len(user_ids) + len(item_ids)) if progress else None
-    sync_keys(store, log, user_ids, item_ids, tick)
+    sync_keys(store, log, user_ids, item_ids, tick, sequence_types)
     _mark_path(workspace).write_text(json.dumps({"synced_at": started.isoformat(), "users": len(user_ids),
                                                  "items": len(item_ids)}, indent=2))
     return {"users": len(user_ids), "items": len(item_ids), "since": since.isoformat()}

@@ -10,10 +10,11 @@ by the same fold the batch build runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import pandas as pd
 
+from core.config import DEFAULT_SEQUENCE_TYPES
 from eventlog.store import EventLog
 from feature_repo.pipeline import fold
 from feature_repo.pipeline.compute import latest_user_state
@@ -41,15 +42,17 @@ def stored_states(store, user_ids: list[str]) -> dict[str, fold.UserState]:
         states[user] = fold.from_stored(values["user_activity"]["activity_tiles"],
                                         values["user_activity"].get("activity_last"),
                                         values["user_text"].get("text_state"),
-                                        sequence if all(sequence) else None)
+                                        sequence if all(sequence[:3]) else None)  # no counts: a row from before them
     return states
 
 
-def push_events(store, log: EventLog, new_events: pd.DataFrame, stale: Iterable[str] = ()) -> dict[str, str]:
+def push_events(store, log: EventLog, new_events: pd.DataFrame, stale: Iterable[str] = (),
+                sequence_types: Collection[str] = DEFAULT_SEQUENCE_TYPES) -> dict[str, str]:
     """Write online the state of every user in ``new_events`` (events just appended to the log).
 
     Returns how each user was brought up to date: ``"folded"`` (stored state + these events) or
-    ``"recomputed"`` (from the log, with their personal row: no stored state, or listed in ``stale``)."""
+    ``"recomputed"`` (from the log, with their personal row: no stored state, or listed in ``stale``).
+    ``sequence_types``: the workspace's ``Config.sequence_types``, as the build used them."""
     users = sorted(set(new_events["user_id"].dropna().astype(str)))
     if not users:
         return {}
@@ -57,22 +60,23 @@ def push_events(store, log: EventLog, new_events: pd.DataFrame, stale: Iterable[
     states = stored_states(store, [u for u in users if u not in stale])
     missing = [u for u in users if u not in states]
     folded = new_events[new_events["user_id"].isin(states)]
-    history = recent_user_events(log, missing) if missing else folded.iloc[:0]
+    history = recent_user_events(log, missing, sequence_types) if missing else folded.iloc[:0]
     frames = pd.concat([folded, history], ignore_index=True) if len(folded) and len(history) else (
         folded if len(folded) else history)
     known = catalogue(log, [*frames["item_id"].dropna(), *fold.item_ids(states.values())])
-    write_rows(store, fold.fold_rows(frames, known, states=states, every=False))
+    write_rows(store, fold.fold_rows(frames, known, states=states, every=False, sequence_types=sequence_types))
     if missing:  # a user without stored state may lack the rest too: an online store that came back empty
         push_latest(store, {"user_personal": personal_rows(log, missing)})
     return {u: "recomputed" if u in missing else "folded" for u in users}
 
 
-def push_users(store, log: EventLog, user_ids: list[str], items: pd.DataFrame | None = None) -> dict:
+def push_users(store, log: EventLog, user_ids: list[str], items: pd.DataFrame | None = None,
+               sequence_types: Collection[str] = DEFAULT_SEQUENCE_TYPES) -> dict:
     """Recompute the users' fresh behaviour and text state from the log and push it to the online store."""
     if not user_ids:
         return {}
     items = items if items is not None else log.read_table("items")
-    states = latest_user_state(recent_user_events(log, list(user_ids)), items)
+    states = latest_user_state(recent_user_events(log, list(user_ids), sequence_types), items, sequence_types)
     push_latest(store, states)
     return states
 

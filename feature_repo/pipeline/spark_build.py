@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import pandas as pd
 
+from core.config import DEFAULT_SEQUENCE_TYPES
 from feature_repo.pipeline import compute
 
 _SPARK_TYPES = {"int64": "bigint", "Int64": "bigint", "float64": "double", "Float64": "double",
@@ -23,6 +25,12 @@ EVENT_COLUMNS = ["user_id", "event_timestamp", "event_type", "item_id", "query",
 
 def _ddl(frame: pd.DataFrame) -> str:
     return ", ".join(f"`{c}` {_SPARK_TYPES.get(str(t), 'string')}" for c, t in frame.dtypes.items())
+
+
+def _concat(batches) -> pd.DataFrame:
+    """A partition's batches as one frame; an empty partition (fewer users than partitions) has none."""
+    batches = list(batches)
+    return pd.concat(batches, ignore_index=True) if batches else pd.DataFrame()
 
 
 def spark_session(spark_conf: dict[str, str]):
@@ -36,9 +44,12 @@ def spark_session(spark_conf: dict[str, str]):
 
 
 def build_with_spark(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, workspace: Path,
-                     spark_conf: dict[str, str], partitions: int = 8, out_dir: Path | None = None) -> dict[str, int]:
+                     spark_conf: dict[str, str], partitions: int = 8, out_dir: Path | None = None,
+                     sequence_types: Collection[str] = DEFAULT_SEQUENCE_TYPES) -> dict[str, int]:
     """Compute and write every feature table with Spark (to ``out_dir``, by default the workspace's
-    offline store); returns row counts per table."""
+    offline store); returns row counts per table. ``sequence_types``: the workspace's
+    ``Config.sequence_types`` (the push folds with the same)."""
+    sequence_types = tuple(sequence_types)  # shipped to the workers with the closures
     spark = spark_session(spark_conf)
     ev = events[EVENT_COLUMNS].copy()
     ev["event_timestamp"] = pd.to_datetime(ev["event_timestamp"], utc=True).astype("datetime64[us, UTC]")
@@ -49,20 +60,20 @@ def build_with_spark(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFr
                                            "item_id string, query string, value double, device string, "
                                            "channel string")
     # Output schemas from a run of the same kernel on a small sample.
-    sample = compute.compute_all(ev.head(2000), catalogue, users.head(10))
+    sample = compute.compute_all(ev.head(2000), catalogue, users.head(10), sequence_types)
 
     def per_users(kind: str):
         def run(batches):
-            frame = pd.concat(list(batches), ignore_index=True)
+            frame = _concat(batches)
             if len(frame):
-                tables = compute.compute_user_tables(frame, catalogue)
+                tables = compute.compute_user_tables(frame, catalogue, sequence_types)
                 yield tables[kind]
         return run
 
     last_day = compute.last_event_day(ev)
 
     def per_items(batches):
-        frame = pd.concat(list(batches), ignore_index=True)
+        frame = _concat(batches)
         if len(frame):
             present = catalogue[catalogue["item_id"].isin(frame["item_id"])]
             yield compute.compute_item_table(frame, present, last_day)

@@ -29,7 +29,7 @@ import math
 
 from core.contract import EVENT_TYPES
 
-RECENCY_TYPES = ("view", "click", "add_to_cart", "purchase", "search")
+RECENCY_TYPES = ("view", "click", "favorite", "add_to_cart", "purchase", "search")
 PRICED = ("click", "add_to_cart", "purchase")  # engaged events whose item price is averaged
 WINDOW_HOURS = {"1d": 24, "7d": 7 * 24, "30d": 30 * 24}
 RETAINED_HOURS = WINDOW_HOURS["30d"]  # tiles kept: the longest window
@@ -313,6 +313,8 @@ def behaviour_at(tiles_json: str | None, last_json: str | None, request_ts: floa
     return behaviour_of(state, request_ts)
 
 
+# A count per built-in type and window. A shop's own types (``behaviours:`` in persona.yaml) enter the
+# tiles and the sequence but get no columns: Feast schemas are fixed when the repo is applied.
 _COUNT_KEYS = [(f"{e}_count_{name}", name, e) for name in WINDOW_HOURS for e in EVENT_TYPES]
 _RECENCY_KEYS = [(f"hours_since_last_{e}", e) for e in RECENCY_TYPES]
 

@@ -71,7 +71,7 @@ def _gate(cfg: config_mod.Config):
 
     v = cfg.validation
     return Gate(GateSettings(v.max_reject_share, v.clock_skew_minutes, v.on_schema_drift,
-                             max_quarantined_rows=v.max_quarantined_rows))
+                             max_quarantined_rows=v.max_quarantined_rows, event_types=cfg.event_types))
 
 
 def _load(source: str):

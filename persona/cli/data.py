@@ -161,7 +161,7 @@ def validate(
     if docs:
         with console.status("building GX Data Docs"):
             index = build_data_docs(cfg.workspace, batch, now, timedelta(minutes=cfg.validation.clock_skew_minutes),
-                                    shown)
+                                    shown, event_types=cfg.event_types)
         console.print(f"GX Data Docs: {index}")
     console.print(f"summary: {md} and {html_path}")
     if result.held:

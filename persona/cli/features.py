@@ -41,7 +41,7 @@ def features_build(workspace: Workspace = DEFAULT_WS, profile: Profile = None,
     checks = (lambda tables: _check_features(cfg, tables)) if check else None
     try:
         with console.status(f"building features from the event log ({cfg.profile})"):
-            tables = build(log, cfg.profile, cfg.workspace, check=checks)
+            tables = build(log, cfg.profile, cfg.workspace, check=checks, sequence_types=cfg.sequence_types)
     except FeatureChecksFailed as exc:
         err.print(f"[bold red]feature checks failed[/] (see {exc.report.path}); the previous offline tables "
                   "are unchanged", highlight=False)
@@ -91,7 +91,7 @@ def features_materialize(workspace: Workspace = DEFAULT_WS, profile: Profile = N
                     store = materialize(cfg.workspace, full=full)
             except FileNotFoundError as exc:
                 _fail(str(exc))
-            synced = sync_online(store, log, cfg.workspace, progress)
+            synced = sync_online(store, log, cfg.workspace, progress, sequence_types=cfg.sequence_types)
     finally:
         log.dispose()
         if bar is not None:
