@@ -15,23 +15,40 @@ import numpy as np
 import pandas as pd
 import torch
 
+from core.config import DEFAULT_EXPOSURE_TYPES, DEFAULT_SEQUENCE_TYPES
 from training import dataset
 from training.baselines import (
     EASE_LAMBDAS,
-    EASE_MAX_ITEMS,
     Histories,
     Scorer,
+    Types,
     cooccurrence_scorer,
+    ease_note,
     ease_scorer,
+    item_types,
     popularity_scorer,
+    recent_behaviour_scorer,
     sequential_scorer,
 )
 from training.encoding import FeatureSpec, item_text
-from training.evaluate import Split, evaluate_scorers, global_split, last_per_user_split, ndcg_at_10, seen_before
+from training.evaluate import (
+    Split,
+    evaluate_scorers,
+    global_split,
+    last_per_user_split,
+    ndcg_at_10,
+    seen_before,
+    target_split,
+)
 from training.model import Catalogue, ModelConfig, ProfileModel, in_batches, resolve_finetune
+from training.recall.evaluation import ROW as RECALL_RANK
+from training.recall.evaluation import recall_and_rank
+from training.recall.fit import Behaviours
+from training.recall.two_stage import PER_SOURCE
 from training.train import TrainConfig, pick_device, seed_everything, train
 
 TEXT_COLUMNS = {"recent_queries", "recent_titles", "item_title", "item_description", "query", "last_search_query",
+                "sequence_counts",
                 "sequence_items", "sequence_types", "sequence_times"}
 NOT_FEATURES = {"example_id", "user_id", "item_id", "event_timestamp", "request_timestamp", "label", "weight",
                 "kind", "session", "device", "channel", "history_events", "cold", "event_id", "event_type",
@@ -50,9 +67,15 @@ MODEL_ROWS = {
     "cooccurrence": "item co-occurrence",
     "ease": "EASE",
     "sequential": "sequential (SASRec-style, ids only)",
+    "recent": "recent behaviour (own items, newest day first)",
+    "ease-all": "EASE over all behaviour",
+    "recall-rank": RECALL_RANK,
 }
+TARGET_ONLY = ("recent", "ease-all")  # rows of a per-target-behaviour run (``RunConfig.target``) only
 
-DEFAULT_MODELS = ("persona", "mlp", "frozen", "popularity", "cooccurrence", "ease", "sequential")
+DEFAULT_MODELS = ("persona", "recall-rank", "mlp", "frozen", "popularity", "cooccurrence", "ease", "sequential",
+                  "recent", "ease-all")
+OURS = ("persona", "recall-rank")  # rows that are Persona, not baselines
 ABLATIONS = {"mlp": "text", "no-ids": "item ids", "no-sequence": "sequence"}  # row -> what it leaves out
 
 
@@ -66,9 +89,28 @@ class RunConfig:
     baselines: bool = True
     refit: bool = True
     models: tuple[str, ...] = DEFAULT_MODELS  # which rows to train and report (keys of MODEL_ROWS)
+    target: str | None = None  # an event type: evaluate on each user's last day of it (``target_split``)
+    sequence_types: tuple[str, ...] = DEFAULT_SEQUENCE_TYPES  # the workspace's (``Config.sequence_types``)
+    exposure_types: tuple[str, ...] = DEFAULT_EXPOSURE_TYPES  # negatives in training (``Config.exposure_types``)
+    ranker_ablation: bool = True  # recall + rank: one more ranker per feature group, to show what each adds
 
     def wants(self, key: str) -> bool:
-        return key in self.models and (key == "persona" or self.baselines)
+        if key in TARGET_ONLY and self.target is None:
+            return False
+        return key in self.models and (key in OURS or self.baselines)
+
+    def split_names(self) -> tuple[str, ...]:
+        """The splits to run: the per-target split alone when a target is set."""
+        return ("target",) if self.target else self.splits
+
+
+def make_split(name: str, events: pd.DataFrame, positives: dict[str, float], cfg: RunConfig) -> Split:
+    """One split by its name: global, loo, or target (``cfg.target``'s last day per user)."""
+    if name == "target":
+        if not (events["event_type"] == cfg.target).any():
+            raise ValueError(f"no event of type {cfg.target!r} in the log: nothing to hold out")
+        return target_split(events, cfg.target)
+    return global_split(events, positives) if name == "global" else last_per_user_split(events, positives)
 
 
 class Stages:
@@ -239,30 +281,46 @@ def _validation(features: RequestFeatures, split: Split, events: pd.DataFrame, p
         return None
 
     def validate(model: ProfileModel) -> float:
-        return ndcg_at_10(model_scorer(model, features, catalogue), split.validation, events, positives, item_ids)
+        return ndcg_at_10(model_scorer(model, features, catalogue), split.validation, events,
+                          split.exclusion(positives), item_ids)
     return validate
 
 
 def baseline_scorers(split: Split, events: pd.DataFrame, positives: dict[str, float], item_ids: list[str],
                      cfg: RunConfig, progress: bool = True) -> dict[str, Scorer]:
-    """The id-based baselines: hyper-parameters and early stopping on the validation requests only."""
+    """The id-based baselines: hyper-parameters and early stopping on the validation requests only.
+
+    With a target (``cfg.target``) popularity counts that type's events, and the rows include the
+    user's own recent behaviour list and EASE over every behaviour type."""
     fit_events = split.before(events, split.fit_cut)
     train_events = split.before(events, split.test_cut)
     histories = Histories(events, positives, item_ids)  # each request's own history, shared by every scorer
 
-    def validated(scorer: Scorer) -> float:
-        return ndcg_at_10(scorer, split.validation, events, positives, item_ids)
-
     out: dict[str, Scorer] = {}
-    if cfg.wants("popularity"):
-        out[MODEL_ROWS["popularity"]] = popularity_scorer(train_events, positives, item_ids)
-    if cfg.wants("cooccurrence"):
-        out[MODEL_ROWS["cooccurrence"]] = cooccurrence_scorer(train_events, positives, item_ids, histories)
-    if cfg.wants("ease") and len(item_ids) <= EASE_MAX_ITEMS:
+
+    def validated(scorer: Scorer) -> float:
+        return ndcg_at_10(scorer, split.validation, events, split.exclusion(positives), item_ids)
+
+    def tuned_ease(types: Types, name: str) -> None:
+        hist = histories if types is positives else Histories(events, types, item_ids)
         lam = EASE_LAMBDAS[0]
         if len(split.validation):
-            lam = max(EASE_LAMBDAS, key=lambda v: validated(ease_scorer(fit_events, positives, item_ids, v, histories)))
-        out[f"{MODEL_ROWS['ease']} (λ={lam:g})"] = ease_scorer(train_events, positives, item_ids, lam, histories)
+            lam = max(EASE_LAMBDAS, key=lambda v: validated(ease_scorer(fit_events, types, item_ids, v, hist)))
+        out[f"{name} (λ={lam:g}{ease_note(len(item_ids))})"] = ease_scorer(train_events, types, item_ids, lam, hist)
+
+    if cfg.wants("popularity") and cfg.target:
+        out[f"{MODEL_ROWS['popularity']} ({cfg.target} counts)"] = popularity_scorer(
+            train_events, (cfg.target,), item_ids, count_events=True)
+    elif cfg.wants("popularity"):
+        out[MODEL_ROWS["popularity"]] = popularity_scorer(train_events, positives, item_ids)
+    if cfg.wants("recent"):
+        out[MODEL_ROWS["recent"]] = recent_behaviour_scorer(events, item_ids)
+    if cfg.wants("cooccurrence"):
+        out[MODEL_ROWS["cooccurrence"]] = cooccurrence_scorer(train_events, positives, item_ids, histories)
+    if cfg.wants("ease"):
+        tuned_ease(positives, MODEL_ROWS["ease"])
+    if cfg.wants("ease-all"):
+        tuned_ease(item_types(events), MODEL_ROWS["ease-all"])
     if cfg.wants("sequential"):
         out[MODEL_ROWS["sequential"]] = sequential_scorer(
             fit_events, positives, item_ids, histories, validated if len(split.validation) else None,
@@ -286,11 +344,12 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
     frame = None
     if variants or cfg.wants("frozen"):  # the id baselines read the event log only: no training set for them
         with stage("training set (examples and point-in-time features)"):
-            examples = dataset.build_examples(events, items, positives, cfg.neg_per_pos, seed=cfg.train.seed)
+            examples = dataset.build_examples(events, items, positives, cfg.neg_per_pos, seed=cfg.train.seed,
+                                              exposure_types=cfg.exposure_types)
             frame = dataset.fetch_features(store, examples)
-    tables, histories, best_epochs, evaluated_model = [], {}, {}, None
-    for split_name in cfg.splits:
-        split = global_split(events, positives) if split_name == "global" else last_per_user_split(events, positives)
+    tables, histories, best_epochs, evaluated_model, extra, persona_model = [], {}, {}, None, [], None
+    for split_name in cfg.split_names():
+        split = make_split(split_name, events, positives, cfg)
         with stage("id baselines (fit and tune)"):
             scorers = baseline_scorers(split, events, positives, item_ids, cfg, progress)
         pairs, test_rows = {}, None
@@ -318,19 +377,80 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
                 model = ProfileModel.build(mcfg, spec).to(pick_device(tcfg.device))
                 history = train(model, fit_frame, train_catalogue, tcfg, validate, progress)
             histories[f"{split.name}: {name}"] = history
-            if name == PERSONA and split_name == cfg.splits[0]:
+            if name == PERSONA and split_name == cfg.split_names()[0]:
                 best = max(history, key=lambda h: h["val_ndcg10"] or 0.0) if history else {"epoch": 1}
                 best_epochs["Persona"] = best["epoch"]
                 evaluated_model = model
             scorers[name] = model_scorer(model, features, catalogue)
             pairs[name] = pair_scorer(model, catalogue)
+            if name == PERSONA:
+                persona_model = model
+        if cfg.wants("recall-rank"):
+            with stage("recall + rank: sources, ranker" + (" and its ablations" if cfg.ranker_ablation else "")):
+                tower = tower_scorer(persona_model, features, store, item_ids) if PERSONA in variants else None
+                rr = recall_and_rank(events, items, _behaviours(cfg, split, positives), split.fit_cut, split.test_cut,
+                                     split.before, tower, _lexical_texts(items), cfg.ranker_ablation)
+                scorers.update(rr.scorers)
+                extra += _recall_lines(split.name, rr, split.requests)
         with stage("evaluation on the test requests"):
             tables.append(evaluate_scorers(scorers, split, events, positives, item_ids, pairs, test_rows))
     metrics = pd.concat(tables, ignore_index=True)
-    report = write_report(report_dir, metrics, histories, stage.seconds)
+    report = write_report(report_dir, metrics, histories, stage.seconds, extra)
     return {"metrics": metrics, "spec": feature_spec(store, frame) if frame is not None else None, "frame": frame,
             "item_ids": item_ids, "stages": stage.seconds,
             "best_epochs": best_epochs, "report": report, "histories": histories, "model": evaluated_model}
+
+
+def _behaviours(cfg: RunConfig, split: Split, positives: dict[str, float]) -> Behaviours:
+    """What recall + rank reads: the sequence types, the items left out (the split's rule) and the
+    targets it learns (the split's target type, else every positive with its weight)."""
+    targets = {cfg.target: 1.0} if cfg.target else dict(positives)
+    return Behaviours(list(cfg.sequence_types), list(split.exclusion(positives)), targets)
+
+
+def _lexical_texts(items: pd.DataFrame) -> list[str]:
+    """Each item's title, brand and category: what a query is matched against."""
+    cols = [items[c].astype(object).where(items[c].notna(), "").astype(str).tolist() if c in items
+            else [""] * len(items) for c in ("title", "brand", "category")]
+    return [" ".join(parts) for parts in zip(*cols, strict=True)]
+
+
+TOWER_CACHE_BYTES = 1 << 30  # tower scores kept for re-use by the ranker's ablations
+
+
+def tower_scorer(model: ProfileModel, features: Callable[[pd.DataFrame], pd.DataFrame], store,
+                 item_ids: list[str]) -> Scorer:
+    """The profile model's scores for any requests, the catalogue as of their own times, kept for the
+    next caller with the same requests (each ablation scores the same test chunks)."""
+    cache: dict[bytes, np.ndarray] = {}
+
+    def score(requests: pd.DataFrame) -> np.ndarray:
+        requests = requests.reset_index(drop=True)
+        for col in ("device", "channel", "query"):
+            if col not in requests:
+                requests[col] = None
+        if "request_timestamp" not in requests:
+            requests["request_timestamp"] = requests["event_timestamp"]
+        key = hashlib.sha256(pd.util.hash_pandas_object(requests[["user_id", "event_timestamp"]].astype(str),
+                                                        index=False).to_numpy().tobytes()).digest()
+        if key not in cache:
+            catalogue = dataset.ItemCatalogue(store, item_ids, requests["event_timestamp"])
+            out = model_scorer(model, features, catalogue)(requests)
+            if sum(v.nbytes for v in cache.values()) + out.nbytes > TOWER_CACHE_BYTES:
+                return out
+            cache[key] = out
+        return cache[key]
+    return score
+
+
+def _recall_lines(split_name: str, rr, requests: pd.DataFrame) -> list[str]:
+    """The report's recall-per-source table and the ranker's feature-group ablation."""
+    lines = [f"## Recall + rank: candidates per source ({split_name})", "",
+             f"Share of the test targets each source proposes (its best {PER_SOURCE}), and their union: the "
+             f"ranker can only place what recall found. The ranker learnt from {rr.lists:,} requests with a target "
+             "among their candidates (target events between the fit and test cuts).", "",
+             rr.recall_table(requests).to_markdown(index=False, floatfmt=".4f"), ""]
+    return lines
 
 
 REFIT_EPOCHS = 2  # a refit that starts from the evaluated model: its epochs over every example
@@ -366,7 +486,7 @@ def refit(store, frame: pd.DataFrame, spec: FeatureSpec, cfg: RunConfig, epochs:
 
 
 def write_report(folder: Path, metrics: pd.DataFrame, histories: dict[str, list[dict]],
-                 stages: dict[str, float] | None = None) -> Path:
+                 stages: dict[str, float] | None = None, extra: list[str] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -387,6 +507,8 @@ def write_report(folder: Path, metrics: pd.DataFrame, histories: dict[str, list[
                seg[seg["model"] == seg["model"].iloc[0]].set_index("segment")[["requests"]].T.to_markdown(index=False),
                ""]
     md += _ablation(overall)
+    md += _ranker_ablation(overall)
+    md += extra or []
     if stages:
         md += ["## Where the time went", "", pd.DataFrame({"stage": list(stages), "seconds": list(stages.values())})
                .to_markdown(index=False, floatfmt=".1f"), ""]
@@ -431,6 +553,22 @@ def _ablation(overall: pd.DataFrame) -> list[str]:
                 for key, part in ABLATIONS.items() if MODEL_ROWS[key] in ndcg]
         if rows:
             lines += [f"## Ablation ({split})", "", pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f"), ""]
+    return lines
+
+
+def _ranker_ablation(overall: pd.DataFrame) -> list[str]:
+    """What each feature group adds to recall + rank: its NDCG@10 with the ranker retrained without it."""
+    lines, prefix = [], f"{RECALL_RANK} without "
+    for split, group in overall.groupby("split", sort=False):
+        ndcg = group.set_index("model")["NDCG@10"]
+        if RECALL_RANK not in ndcg:
+            continue
+        rows = [{"left out": name[len(prefix):], "NDCG@10": value, "lift of the full ranker": ndcg[RECALL_RANK] - value}
+                for name, value in ndcg.items() if name.startswith(prefix)]
+        if rows:
+            lines += [f"## Ranker ablation ({split})", "", f"{RECALL_RANK}: NDCG@10 {ndcg[RECALL_RANK]:.4f}. Each row "
+                      "retrains the ranker with one feature group held constant.", "",
+                      pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f"), ""]
     return lines
 
 

@@ -35,7 +35,7 @@ def _training_inputs(cfg):
 
 
 def _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, baselines, refit,
-                models: str = "default"):
+                models: str = "default", target: str | None = None):
     from training.model import ModelConfig
     from training.train import TrainConfig
     from training.workflow import DEFAULT_MODELS, MODEL_ROWS, RunConfig
@@ -51,7 +51,7 @@ def _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device
               f"{', '.join(MODEL_ROWS)}")
     return RunConfig(model=model, train=TrainConfig(epochs=epochs, batch_size=batch_size, device=device,
                                                     max_positives=max_positives or None),
-                     splits=chosen, baselines=baselines, refit=refit, models=rows)
+                     splits=chosen, baselines=baselines, refit=refit, models=rows, target=target or None)
 
 
 Epochs = Annotated[int, typer.Option(min=1, help="Training epochs (early stopping may end sooner).")]
@@ -66,6 +66,10 @@ Splits = Annotated[str, typer.Option(help="global, loo, or global,loo.")]
 Models = Annotated[str, typer.Option(help="Rows of the table: default, all (adds the ablations no-ids and "
                                           "no-sequence), or some of persona, mlp, frozen, popularity, "
                                           "cooccurrence, ease, sequential, no-ids, no-sequence.")]
+Target = Annotated[str | None, typer.Option(
+    "--target", metavar="TYPE", help="Evaluate per target behaviour instead of --splits: hold out each user's "
+    "items of this event type (say, purchase) on their last day with one; items only viewed stay candidates. "
+    "Adds the rows recent behaviour and EASE over all behaviour (--models keys recent, ease-all).")]
 
 
 def _run_protocol(cfg, run_cfg, kind: str):
@@ -105,13 +109,15 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
                   help="Refit a new model for the evaluated run's best epoch count, instead of continuing "
                        "the evaluated model for 2 epochs over every example (slower; refits statistics, "
                        "vocabularies and item ids).")] = False,
+              target: Target = None,
               ) -> None:
     """Train, evaluate against baselines, refit on everything, and save to the BentoML model store."""
     from training.model_store import save_to_bentoml
     from training.workflow import refit as refit_model
 
     cfg = _config(workspace, profile)
-    run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, baselines, refit)
+    run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, baselines, refit,
+                          target=target)
     store, events, result = _run_protocol(cfg, run_cfg, "training")
     if refit:
         console.print("refitting on all data up to the newest event")
@@ -134,11 +140,11 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
 def evaluate_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs: Epochs = 40,
                  batch_size: BatchSize = 256, finetune_layers: Finetune = None, max_positives: MaxPositives = 100_000,
                  bert: Bert = None, device: Device = "auto", splits: Splits = "loo",
-                 models: Models = "default") -> None:
+                 models: Models = "default", target: Target = None) -> None:
     """The ranking-quality protocol: model and baselines on the same temporal splits, with a report."""
     cfg = _config(workspace, profile)
     run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, True, False,
-                          models)
+                          models, target)
     _run_protocol(cfg, run_cfg, "evaluation")
 
 

@@ -1,0 +1,61 @@
+"""Candidate source: items that go with the user's recent items (item-to-item co-occurrence).
+
+Cosine over the binary user x item matrix of every behaviour (sparse, so any catalogue fits), each
+item keeping its ``NEIGHBOURS`` most similar items; a user's score is the sum of the similarities to
+their recent items, newer items counting more.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from training.recall.history import Recent
+
+NEIGHBOURS = 200
+
+
+def item_similarity(events: pd.DataFrame, index: dict[str, int], types: list[str],
+                    neighbours: int = NEIGHBOURS) -> sparse.csr_matrix:
+    """Sparse item x item cosine, the top ``neighbours`` of each row, zero diagonal."""
+    ev = events[events["event_type"].isin(types) & events["item_id"].isin(index)]
+    users = pd.factorize(ev["user_id"])[0]
+    x = sparse.csr_matrix((np.ones(len(ev), np.float32), (users, ev["item_id"].map(index).to_numpy())),
+                          shape=(users.max() + 1 if len(users) else 0, len(index)))
+    x.data[:] = 1.0  # binary: duplicates summed above
+    norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel()) + 1e-12
+    sim = (x.T @ x).tocsr().astype(np.float32)
+    sim.setdiag(0.0)
+    sim.eliminate_zeros()
+    sim = sparse.diags(1 / norms) @ sim @ sparse.diags(1 / norms)
+    return _top_per_row(sim.tocsr(), neighbours)
+
+
+def _top_per_row(m: sparse.csr_matrix, k: int) -> sparse.csr_matrix:
+    rows, cols, vals = [], [], []
+    for r in range(m.shape[0]):
+        a, b = m.indptr[r], m.indptr[r + 1]
+        keep = a + np.argpartition(-m.data[a:b], k - 1)[:k] if b - a > k else np.arange(a, b)
+        rows.append(np.full(len(keep), r))
+        cols.append(m.indices[keep])
+        vals.append(m.data[keep])
+    if not rows:
+        return m
+    return sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=m.shape)
+
+
+class CooccurrenceSource:
+    name = "often together with your items"
+
+    def __init__(self, events: pd.DataFrame, index: dict[str, int], types: list[str]):
+        self.sim = item_similarity(events, index, types)
+        self.n_items = len(index)
+
+    def scores(self, recent: Recent, now: float, query: str | None) -> np.ndarray:
+        order = np.argsort(-recent.times, kind="stable")
+        distinct = list(dict.fromkeys(int(i) for i in recent.items[order] if i >= 0))
+        if not distinct:
+            return np.zeros(self.n_items, dtype=np.float32)
+        weights = 1.0 / np.sqrt(1.0 + np.arange(len(distinct), dtype=np.float32))
+        return np.asarray(self.sim[distinct].T @ weights, dtype=np.float32).ravel()

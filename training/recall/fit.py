@@ -1,0 +1,135 @@
+"""Fitting recall and rank on a split: sources on the rows before the fit cut, the ranker on the
+target events between the fit cut and the test cut (models never saw them), then the sources again
+on every row before the test cut for scoring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from training.baselines import Histories
+from training.recall.cooccurrence import CooccurrenceSource
+from training.recall.history import EventHistories, Recent, TypeCodes
+from training.recall.lexical import LexicalSource
+from training.recall.pairs import ItemGroups
+from training.recall.popular import ItemCounts, ItemStats, PopularSource
+from training.recall.ranker import Lists, RankerConfig, fit
+from training.recall.recent import RecentSource
+from training.recall.two_stage import Recall, ranked
+
+Scores = Callable[[pd.DataFrame], np.ndarray]  # requests -> [n, n_items] (the towers)
+TOWER = "the profile model's match"
+
+
+@dataclass
+class Behaviours:
+    """Which event types feed what: the behaviour the sequence keeps, what the user has 'engaged'
+    with (left out of their candidates), and the targets with their weights."""
+
+    sequence: list[str]
+    engaged: list[str]
+    targets: dict[str, float]
+
+
+class TowerSource:
+    """The two-tower retrieval: its scores come precomputed per request (they need the user's features)."""
+
+    name = TOWER
+    dense = True  # every item has a score, negative ones included
+
+    def scores(self, recent: Recent, now: float, query: str | None) -> None:
+        return None
+
+
+def make_recall(events: pd.DataFrame, items: pd.DataFrame, behaviours: Behaviours, with_tower: bool,
+                texts: list[str] | None = None) -> Recall:
+    index = {i: k for k, i in enumerate(items["item_id"].astype(str))}
+    behaviour = ItemCounts(events, index, behaviours.sequence)
+    sources = [RecentSource(len(index)), CooccurrenceSource(events, index, behaviours.sequence),
+               PopularSource(behaviour)]
+    if texts is not None:
+        sources.append(LexicalSource(texts))
+    if with_tower:
+        sources.append(TowerSource())
+    groups = ItemGroups.from_columns(_column(items, "category"), _column(items, "brand"))
+    stats = ItemStats(behaviour, ItemCounts(events, index, list(behaviours.targets)))
+    return Recall(sources, groups, TypeCodes(behaviours.sequence), stats)
+
+
+def _column(items: pd.DataFrame, name: str) -> list:
+    if name not in items:
+        return [None] * len(items)
+    return items[name].astype(object).where(items[name].notna(), None).tolist()
+
+
+def target_requests(events: pd.DataFrame, behaviours: Behaviours, start: pd.Series | pd.Timestamp,
+                    end: pd.Series | pd.Timestamp) -> pd.DataFrame:
+    """One request per (user, UTC day) with target events in [start, end): at the day's first target
+    event, its targets the items of that day's target events, with the strongest type's weight."""
+    ev = events[events["event_type"].isin(list(behaviours.targets)) & events["item_id"].notna()]
+    t = pd.to_datetime(ev["event_timestamp"], utc=True)
+    lo = ev["user_id"].map(start) if isinstance(start, pd.Series) else start
+    hi = ev["user_id"].map(end) if isinstance(end, pd.Series) else end
+    keep = ((t >= lo) & (t < hi)).fillna(False).astype(bool)  # a user without a cut has no request
+    ev = ev[keep].assign(day=t[keep].dt.floor("D"), w=lambda f: f["event_type"].map(behaviours.targets))
+    if ev.empty:
+        return pd.DataFrame(columns=["user_id", "event_timestamp", "targets"])
+    grouped = ev.groupby(["user_id", "day"], sort=True)
+    out = grouped.agg(event_timestamp=("event_timestamp", "min")).reset_index()
+    weights = ev.groupby(["user_id", "day", "item_id"])["w"].max()
+    out["targets"] = [weights.loc[(u, d)].to_dict() for u, d in zip(out["user_id"], out["day"], strict=True)]
+    return out.drop(columns="day")
+
+
+def training_lists(recall: Recall, requests: pd.DataFrame, histories: EventHistories, engaged: Histories,
+                   index: dict[str, int], tower: Scores | None) -> Lists:
+    """Each request's candidates and their target weights (0 for the rest)."""
+    tower_scores = tower(requests) if tower is not None and len(requests) else None
+    lists = Lists([], [])
+    for r, (user, ts, targets) in enumerate(zip(requests["user_id"], requests["event_timestamp"],
+                                                requests["targets"], strict=True)):
+        given = {TOWER: tower_scores[r]} if tower_scores is not None else None
+        cands = recall.candidates(histories.at(user, ts), pd.Timestamp(ts).value / 1e9, None,
+                                  engaged.before(user, ts), given)
+        weight = {index[i]: w for i, w in targets.items() if i in index}
+        lists.features.append(cands.features)
+        lists.labels.append(np.array([weight.get(int(i), 0.0) for i in cands.items], dtype=np.float32))
+    return lists
+
+
+def fit_ranker(events: pd.DataFrame, items: pd.DataFrame, behaviours: Behaviours, fit_cut, test_cut,
+               before: Callable[[pd.DataFrame, object], pd.DataFrame], tower: Scores | None = None,
+               texts: list[str] | None = None, cfg: RankerConfig | None = None):
+    """The ranker of a split, and the lists it learnt from (for the report)."""
+    index = {i: k for k, i in enumerate(items["item_id"].astype(str))}
+    fit_events = before(events, fit_cut)
+    recall = make_recall(fit_events, items, behaviours, tower is not None, texts)
+    requests = target_requests(before(events, test_cut), behaviours, fit_cut, test_cut)
+    histories = EventHistories(events, index, recall.codes, behaviours.sequence)
+    engaged = Histories(events, dict.fromkeys(behaviours.engaged, 1.0), list(index))
+    lists = training_lists(recall, requests, histories, engaged, index, tower)
+    return fit(lists, cfg), lists
+
+
+def two_stage_scorer(recall: Recall, ranker, histories: EventHistories, engaged: Histories,
+                     tower: Scores | None = None) -> Scores:
+    """A scorer for ``evaluate_scorers``: candidates in the ranker's order above every other item."""
+    n_items = len(recall.groups.category)
+
+    def score(requests: pd.DataFrame) -> np.ndarray:
+        requests = requests.reset_index(drop=True)
+        tower_scores = tower(requests) if tower is not None else None
+        out = np.full((len(requests), n_items), -1e9, dtype=np.float32)
+        queries = requests["query"].tolist() if "query" in requests else [None] * len(requests)
+        for r, (user, ts) in enumerate(zip(requests["user_id"], requests["event_timestamp"], strict=True)):
+            given = {TOWER: tower_scores[r]} if tower_scores is not None else None
+            query = queries[r] if isinstance(queries[r], str) and queries[r] else None
+            items, scores, _ = ranked(recall, ranker, histories.at(user, ts), pd.Timestamp(ts).value / 1e9,
+                                      query, engaged.before(user, ts), given)
+            out[r, items] = scores - scores.min() + 1.0 if len(scores) else scores
+        return out
+    return score

@@ -1,0 +1,89 @@
+"""Pair features: what the user did to this item, its category and its brand, as of the request.
+
+For each behaviour type, the number of the user's events on the candidate item (and on items of its
+category and brand) and the hours since the newest one; then the candidate's place in the user's
+recent list. They are read from ``Recent`` (the stored sequence), so offline and online agree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from training.recall.history import Recent
+
+NEVER_HOURS = 24 * 365.0  # the recency of a behaviour the user never had on the item
+RECENT_LIMIT = 100  # the recent-list place of an item the user never touched
+
+
+class ItemGroups:
+    """Each catalogue item's category and brand as integer codes (-1: none), for matching."""
+
+    def __init__(self, category: np.ndarray, brand: np.ndarray):
+        self.category, self.brand = category.astype(np.int64), brand.astype(np.int64)
+
+    @staticmethod
+    def from_columns(category: list, brand: list) -> ItemGroups:
+        def codes(values: list) -> np.ndarray:
+            table: dict = {}
+            return np.array([-1 if v is None or v != v or v == "" else table.setdefault(v, len(table))
+                             for v in values], dtype=np.int64)
+        return ItemGroups(codes(category), codes(brand))
+
+
+def names(type_names: list[str]) -> list[str]:
+    """The feature names, in the column order of :func:`pair_features`."""
+    out = []
+    for t in type_names:
+        out += [f"item_{t}_count", f"item_{t}_hours", f"category_{t}_count", f"brand_{t}_count"]
+    return out + ["item_any_count", "item_any_hours", "recent_rank", "item_share_of_user", "user_hours_since_last",
+                  "user_distinct_items"]
+
+
+def pair_features(recent: Recent, candidates: np.ndarray, groups: ItemGroups, n_types: int,
+                  now: float) -> np.ndarray:
+    """[len(candidates), 4 * n_types + 6] features (counts as log1p, hours as log1p)."""
+    n = len(candidates)
+    out = np.zeros((n, 4 * n_types + 6), dtype=np.float32)
+    never = np.log1p(NEVER_HOURS)
+    out[:, 1:4 * n_types:4] = never
+    out[:, -5], out[:, -4], out[:, -2] = never, np.log1p(float(RECENT_LIMIT)), never
+    if not len(recent.items) or not n:
+        return out
+    hours = np.clip((now - recent.times) / 3600.0, 0, None)
+    same_item = recent.items[None, :] == candidates[:, None]
+    slot_cat, slot_brand = _group_of(groups.category, recent.items), _group_of(groups.brand, recent.items)
+    cand_cat, cand_brand = groups.category[candidates], groups.brand[candidates]
+    same_cat = (slot_cat[None, :] == cand_cat[:, None]) & (cand_cat[:, None] >= 0)
+    same_brand = (slot_brand[None, :] == cand_brand[:, None]) & (cand_brand[:, None] >= 0)
+    for k in range(n_types):
+        of_type = recent.types == k
+        if not of_type.any():
+            continue
+        counts = np.where(of_type, recent.counts, 0.0)
+        on_item = same_item & of_type[None, :]
+        out[:, 4 * k] = np.log1p(on_item @ counts)
+        newest = np.where(on_item, hours[None, :], np.inf).min(axis=1)
+        out[:, 4 * k + 1] = np.where(np.isfinite(newest), np.log1p(newest), never)
+        out[:, 4 * k + 2] = np.log1p(same_cat.astype(np.float32) @ counts)
+        out[:, 4 * k + 3] = np.log1p(same_brand.astype(np.float32) @ counts)
+    on_item = same_item.astype(np.float32) @ recent.counts
+    out[:, -6] = np.log1p(on_item)
+    newest_any = np.where(same_item, hours[None, :], np.inf).min(axis=1)
+    out[:, -5] = np.where(np.isfinite(newest_any), np.log1p(newest_any), never)
+    out[:, -4] = np.log1p(_recent_rank(recent, candidates, RECENT_LIMIT))
+    out[:, -3] = on_item / recent.counts.sum()
+    out[:, -2] = np.log1p(hours.min())
+    out[:, -1] = np.log1p(len(np.unique(recent.items)))
+    return out
+
+
+def _group_of(codes: np.ndarray, items: np.ndarray) -> np.ndarray:
+    return np.where(items >= 0, codes[np.clip(items, 0, None)], -1)
+
+
+def _recent_rank(recent: Recent, candidates: np.ndarray, limit: int) -> np.ndarray:
+    """The candidate's place among the user's distinct items, newest first (``limit`` if absent)."""
+    order = np.argsort(-recent.times, kind="stable")
+    seen = dict.fromkeys(int(i) for i in recent.items[order] if i >= 0)
+    place = {item: r for r, item in enumerate(seen)}
+    return np.array([place.get(int(c), limit) for c in candidates], dtype=np.float32)

@@ -1,0 +1,99 @@
+"""Recall then rank: the union of each source's best items, described and ordered by the ranker.
+
+The same code serves evaluation, ``persona recommend`` and ``/rank``: give it the request's
+``Recent`` behaviour, time and query, and the items to leave out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from training.recall import pairs
+from training.recall.history import Recent, TypeCodes
+from training.recall.popular import ItemStats
+from training.recall.ranker import Ranker
+
+PER_SOURCE = 100  # candidates each source proposes
+UNRANKED = PER_SOURCE + 1  # a candidate's rank in a source that did not propose it
+
+
+class Source(Protocol):
+    name: str
+
+    def scores(self, recent: Recent, now: float, query: str | None) -> np.ndarray | None: ...
+
+
+@dataclass
+class Candidates:
+    items: np.ndarray  # catalogue positions
+    features: np.ndarray  # [n, n_features]
+    ranks: np.ndarray  # [n, n_sources]: each source's rank of the item (UNRANKED if not proposed)
+
+
+class Recall:
+    """The candidate sources and the features the ranker reads."""
+
+    def __init__(self, sources: Sequence[Source], groups: pairs.ItemGroups, codes: TypeCodes, stats: ItemStats,
+                 per_source: int = PER_SOURCE):
+        self.sources, self.groups, self.codes, self.per_source = list(sources), groups, codes, per_source
+        self.stats = stats
+
+    def feature_names(self) -> list[str]:
+        per_source = [f"{s.name}: {part}" for s in self.sources for part in ("score", "rank", "proposed")]
+        return per_source + pairs.names(self.codes.names) + self.stats.names
+
+    def candidates(self, recent: Recent, now: float, query: str | None, leave_out: np.ndarray | None = None,
+                   given: dict[str, np.ndarray] | None = None) -> Candidates:
+        """The union of each source's best ``per_source`` items (never one in ``leave_out``) and their
+        features. ``given``: scores computed elsewhere, by source name (the towers')."""
+        given = given or {}
+        scored = [given[s.name] if s.name in given else s.scores(recent, now, query) for s in self.sources]
+        n_items = len(self.groups.category)
+        allowed = np.ones(n_items, dtype=bool)
+        if leave_out is not None and len(leave_out):
+            allowed[leave_out] = False
+        tops = [None if vector is None else self._top(source, vector, allowed)
+                for source, vector in zip(self.sources, scored, strict=True)]
+        proposed = [top for top in tops if top is not None]
+        items = np.unique(np.concatenate(proposed)) if proposed else np.zeros(0, dtype=np.int64)
+        ranks = np.full((len(items), len(self.sources)), float(UNRANKED), dtype=np.float32)
+        values = np.zeros((len(items), len(self.sources)), dtype=np.float32)
+        for s, (vector, top) in enumerate(zip(scored, tops, strict=True)):
+            if vector is None or not len(items):
+                continue
+            values[:, s] = vector[items]
+            place = {int(i): r + 1 for r, i in enumerate(top)}
+            ranks[:, s] = [place.get(int(i), UNRANKED) for i in items]
+        source_cols = np.stack([values, np.log1p(ranks), (ranks < UNRANKED).astype(np.float32)], axis=2)
+        source_cols = source_cols.reshape(len(items), 3 * len(self.sources))
+        pair_cols = pairs.pair_features(recent, items, self.groups, len(self.codes), now)
+        item_cols = self.stats.features(items, now)
+        return Candidates(items, np.concatenate([source_cols, pair_cols, item_cols], axis=1), ranks)
+
+
+    def _top(self, source: Source, vector: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """The source's best allowed items, best first. A score of 0 is "no opinion" unless the source
+        scores every item (``dense``: the towers' cosine may be negative)."""
+        usable = allowed if getattr(source, "dense", False) else allowed & (vector > 0)
+        masked = np.where(usable, vector, -np.inf)
+        k = min(self.per_source, int(usable.sum()))
+        if not k:
+            return np.zeros(0, dtype=np.int64)
+        top = np.argpartition(-masked, k - 1)[:k]
+        return top[np.argsort(-masked[top], kind="stable")]
+
+
+def ranked(recall: Recall, ranker: Ranker, recent: Recent, now: float, query: str | None,
+           leave_out: np.ndarray | None = None, given: dict[str, np.ndarray] | None = None,
+           ) -> tuple[np.ndarray, np.ndarray, Candidates]:
+    """Candidates in the ranker's order: (items, scores, candidates)."""
+    cands = recall.candidates(recent, now, query, leave_out, given)
+    if not len(cands.items):
+        return cands.items, np.zeros(0, dtype=np.float32), cands
+    scores = ranker.score(cands.features)
+    order = np.argsort(-scores, kind="stable")
+    return cands.items[order], scores[order], cands
