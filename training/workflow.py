@@ -70,12 +70,13 @@ MODEL_ROWS = {
     "recent": "recent behaviour (own items, newest day first)",
     "ease-all": "EASE over all behaviour",
     "recall-rank": RECALL_RANK,
+    "rank-ablation": f"{RECALL_RANK} without each feature group",  # one more ranker per group (in `all`)
 }
 TARGET_ONLY = ("recent", "ease-all")  # rows of a per-target-behaviour run (``RunConfig.target``) only
 
 DEFAULT_MODELS = ("persona", "recall-rank", "mlp", "frozen", "popularity", "cooccurrence", "ease", "sequential",
                   "recent", "ease-all")
-OURS = ("persona", "recall-rank")  # rows that are Persona, not baselines
+OURS = ("persona", "recall-rank", "rank-ablation")  # rows that are Persona, not baselines
 ABLATIONS = {"mlp": "text", "no-ids": "item ids", "no-sequence": "sequence"}  # row -> what it leaves out
 
 
@@ -92,12 +93,16 @@ class RunConfig:
     target: str | None = None  # an event type: evaluate on each user's last day of it (``target_split``)
     sequence_types: tuple[str, ...] = DEFAULT_SEQUENCE_TYPES  # the workspace's (``Config.sequence_types``)
     exposure_types: tuple[str, ...] = DEFAULT_EXPOSURE_TYPES  # negatives in training (``Config.exposure_types``)
-    ranker_ablation: bool = True  # recall + rank: one more ranker per feature group, to show what each adds
 
     def wants(self, key: str) -> bool:
         if key in TARGET_ONLY and self.target is None:
             return False
         return key in self.models and (key in OURS or self.baselines)
+
+    @property
+    def ranker_ablation(self) -> bool:
+        """Recall + rank retrained without each feature group, to show what each adds."""
+        return self.wants("rank-ablation")
 
     def split_names(self) -> tuple[str, ...]:
         """The splits to run: the per-target split alone when a target is set."""

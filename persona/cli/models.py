@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -63,9 +64,10 @@ MaxPositives = Annotated[int, typer.Option(help="Positives per epoch (0 = all): 
 Bert = Annotated[str | None, typer.Option(help="A Hugging Face BERT folder (default: packaged MiniLM).")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Splits = Annotated[str, typer.Option(help="global, loo, or global,loo.")]
-Models = Annotated[str, typer.Option(help="Rows of the table: default, all (adds the ablations no-ids and "
-                                          "no-sequence), or some of persona, mlp, frozen, popularity, "
-                                          "cooccurrence, ease, sequential, no-ids, no-sequence.")]
+Models = Annotated[str, typer.Option(help="Rows of the table: default, all (adds the ablations no-ids, "
+                                          "no-sequence and rank-ablation), or some of persona, recall-rank, mlp, "
+                                          "frozen, popularity, cooccurrence, ease, sequential, no-ids, no-sequence, "
+                                          "rank-ablation, recent, ease-all.")]
 Target = Annotated[str | None, typer.Option(
     "--target", metavar="TYPE", help="Evaluate per target behaviour instead of --splits: hold out each user's "
     "items of this event type (say, purchase) on their last day with one; items only viewed stay candidates. "
@@ -78,6 +80,7 @@ def _run_protocol(cfg, run_cfg, kind: str):
 
     store, events, items = _training_inputs(cfg)
     folder = cfg.reports_dir / kind / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_cfg = replace(run_cfg, sequence_types=cfg.sequence_types, exposure_types=cfg.exposure_types)
     result = run(store, events, items, cfg.positives, run_cfg, folder)
     _print_metrics(result["metrics"])
     console.print(f"report: {result['report']}")
