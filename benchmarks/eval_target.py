@@ -4,6 +4,11 @@
     .venv/bin/python benchmarks/eval_target.py ../shared/data/tmall-2014 --target purchase
     .venv/bin/python benchmarks/eval_target.py ../shared/data/amazon-office --target purchase
     .venv/bin/python benchmarks/eval_target.py --synthetic   # 55k items, 84k events: memory stays bounded
+    .venv/bin/python benchmarks/eval_target.py ../shared/data/tmall-2014 --ranker   # + recall and rank
+
+With ``--ranker`` the table comes from ``training.workflow.run`` (no feature store: the profile model's
+towers are left out), with Persona's recall + rank, its feature-group ablation, and the report's
+recall per source.
 
 The rows are those of ``training.workflow.baseline_scorers`` (popularity by target counts, the
 user's recent behaviour list, ItemKNN, EASE over the positives, EASE over all behaviour), each EASE's
@@ -24,7 +29,7 @@ import pandas as pd
 from eventlog.sources import load_batch
 from training.baselines import EASE_MAX_ITEMS, KNN_FULL_ITEMS, KNN_NEIGHBOURS
 from training.evaluate import CHUNK_CELLS, evaluate_scorers
-from training.workflow import RunConfig, baseline_scorers, make_split
+from training.workflow import RunConfig, baseline_scorers, make_split, run
 
 ROWS = ("popularity", "recent", "cooccurrence", "ease", "ease-all")
 COLUMNS = ["model", "requests", "NDCG@10", "Recall@10", "Recall@50", "MRR@10", "coverage"]
@@ -83,6 +88,9 @@ def main() -> None:
     parser.add_argument("--positives", default=None,
                         help="comma-separated positive types for ItemKNN and EASE (default: the target)")
     parser.add_argument("--synthetic", action="store_true", help="a generated log instead of a folder")
+    parser.add_argument("--ranker", action="store_true", help="add recall + rank (through training.workflow.run)")
+    parser.add_argument("--report", type=Path, default=Path("benchmarks/results/eval_target"),
+                        help="where --ranker writes its report")
     parser.add_argument("--items", type=int, default=55_000)
     parser.add_argument("--events", type=int, default=84_000)
     args = parser.parse_args()
@@ -96,6 +104,10 @@ def main() -> None:
         parser.error("give a folder or --synthetic")
     positives = {t: 1.0 for t in (args.positives.split(",") if args.positives else [args.target])}
     loaded = peak_gb()
+    if args.ranker:
+        items = load_batch(args.folder).tables["items"].frame if args.folder else pd.DataFrame({"item_id": item_ids})
+        with_ranker(events, items, args.target, positives, args.report, name)
+        return
     split, table, (fit_s, fit_gb), (eval_s, eval_gb) = evaluate(events, item_ids, args.target, positives)
     print(f"## {name}: {split.name}, {len(events):,} events, {len(item_ids):,} items\n")
     print(f"{len(split.requests):,} held-out {args.target} items of {split.requests['user_id'].nunique():,} "
@@ -106,6 +118,18 @@ def main() -> None:
     print(f"\npeak memory (resident): {loaded:.2f} GB after loading the log, {fit_gb:.2f} GB after fitting and "
           f"tuning ({fit_s:.0f} s), {eval_gb:.2f} GB after evaluating ({eval_s:.0f} s, requests in chunks of "
           f"{min(2048, CHUNK_CELLS // len(item_ids)):,} x {len(item_ids):,} items)")
+
+
+def with_ranker(events: pd.DataFrame, items: pd.DataFrame, target: str, positives: dict[str, float],
+                report: Path, name: str) -> None:
+    """The baselines and recall + rank with its ablation, as ``persona evaluate --target`` runs them."""
+    cfg = RunConfig(models=(*ROWS, "recall-rank", "rank-ablation"), target=target, refit=False)
+    started = time.perf_counter()
+    result = run(None, events, items, positives, cfg, report, progress=False)
+    overall = result["metrics"][result["metrics"]["segment"] == "all"]
+    print(f"## {name}: recall + rank, target {target}\n")
+    print(overall[COLUMNS].to_markdown(index=False, floatfmt=".4f"))
+    print(f"\n{time.perf_counter() - started:.0f} s, peak memory {peak_gb():.2f} GB; report: {report / 'report.md'}")
 
 
 if __name__ == "__main__":
