@@ -162,7 +162,9 @@ def user_features(store, requests: pd.DataFrame) -> pd.DataFrame:
     entity["event_timestamp"] = dataset.micro(entity["event_timestamp"])
     entity["request_timestamp"] = dataset.micro(entity["request_timestamp"])
     for col in ("device", "channel"):
-        entity[col] = entity[col].astype(object).where(entity[col].notna(), None)
+        values = entity[col].astype(object).where(entity[col].notna(), None)
+        # a column of nothing but nulls has no type: Postgres' offline store cannot create its entity table
+        entity[col] = values if values.notna().any() else pd.Series(pd.NA, index=entity.index, dtype="string")
     feats = dataset.historical_user_features(store, entity)
     feats = feats.sort_values("example_id").reset_index(drop=True)
     keep = requests.reset_index(drop=True)
