@@ -168,3 +168,20 @@ def test_slots_rebuilt_from_events_are_the_slots_the_fold_stores():
     rebuilt = EventHistories(ev, index, codes, TYPES).at("u", ev["event_timestamp"].max() + pd.Timedelta(seconds=1))
     for part in ("items", "types", "times", "counts"):
         assert getattr(from_store, part).tolist() == getattr(rebuilt, part).tolist(), part
+
+
+ZH = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "zh-catalogue"
+
+
+@pytest.mark.skipif(not (ZH / "items.csv").exists(), reason="needs ../shared/data/zh-catalogue (real Chinese titles)")
+def test_the_query_source_finds_real_chinese_titles_by_brand_without_a_dictionary():
+    items = pd.read_csv(ZH / "items.csv", dtype=str, keep_default_na=False)
+    texts = (items["title"] + " " + items["brand"] + " " + items["category"]).tolist()
+    source = LexicalSource(texts)
+    chinese = items["brand"].str.extract(r"([\u4e00-\u9fff]{2,})", expand=False)
+    asked = items[chinese.notna()].drop_duplicates("brand").head(100)
+    found = 0
+    for brand, query in zip(asked["brand"], chinese[asked.index], strict=True):
+        top = np.argsort(-source.scores(Recent.empty(), 0, query), kind="stable")[:10]
+        found += bool((items["brand"].to_numpy()[top] == brand).any())
+    assert found / len(asked) >= 0.9, found
