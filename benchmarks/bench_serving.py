@@ -6,6 +6,8 @@ unless said otherwise:
 
 - ``/rank`` over the whole catalogue without a query (target p99 <= 15 ms), the first request of
   each user (its profile text not yet encoded) and later ones;
+- the same against a second service with ``PERSONA_RECALL_RANK=off`` (the two towers' top k, as before
+  recall + rank), in alternating blocks: recall + rank's p99 over the towers' (target <= 1.3x);
 - ``/rank`` with a search query (target p99 <= 50 ms) and with 100 candidates;
 - throughput with 8 concurrent clients, with and without a query;
 - freshness: ``/events`` (one view) until ``/profile`` shows it (target p99 <= 50 ms);
@@ -157,10 +159,13 @@ def main() -> None:
     shop = prepare(ws)
     env = env_for(ws)
     logs = ws.parent
-    p_rank, p_feast, p_model = free_port(), free_port(), free_port()
+    p_rank, p_feast, p_model, p_towers = free_port(), free_port(), free_port(), free_port()
     procs = [
         start([str(BIN / "bentoml"), "serve", "bentos.service:Persona", "--host", "127.0.0.1", "--port", str(p_rank)],
               env, f"http://127.0.0.1:{p_rank}/readyz", logs / "persona.log"),
+        start([str(BIN / "bentoml"), "serve", "bentos.service:Persona", "--host", "127.0.0.1", "--port",
+               str(p_towers)], {**env, "PERSONA_RECALL_RANK": "off"}, f"http://127.0.0.1:{p_towers}/readyz",
+              logs / "persona-towers.log"),
         start([str(BIN / "feast"), "-c", str(REPO / "feature_repo"), "-f", str(feast_config.yaml_path(ws)), "serve",
                "-h", "127.0.0.1", "-p", str(p_feast), "--no-access-log"], env,
               f"http://127.0.0.1:{p_feast}/health", logs / "feast.log"),
@@ -170,7 +175,7 @@ def main() -> None:
     ]
     try:
         results = run(shop, ws, f"http://127.0.0.1:{p_rank}", f"http://127.0.0.1:{p_feast}",
-                      f"http://127.0.0.1:{p_model}")
+                      f"http://127.0.0.1:{p_model}", f"http://127.0.0.1:{p_towers}")
     finally:
         for proc in procs:
             proc.terminate()
@@ -180,7 +185,27 @@ def main() -> None:
     plot(results, Path(__file__).parent / "serving_latency.png")
 
 
-def run(shop: dict, ws: Path, rank_url: str, feast_url: str, model_url: str) -> dict:
+def before_and_after(rank: httpx.Client, towers: httpx.Client, users: list[str], blocks: int = 4) -> dict:
+    """``/rank`` without a query on the towers-only service ("before") and on recall + rank ("after"), in
+    alternating blocks of the same users, so both see the same machine load."""
+    samples: dict[str, list[float]] = {"before": [], "after": []}
+    for who in (towers, rank):  # warm both: every user's profile text encoded once
+        measure(who, "warm-up", [(lambda u=u, who=who: who.post("/rank", json={"user_id": u})) for u in users])
+    for b in range(blocks):
+        part = users[b::blocks]
+        for name, who in (("before", towers), ("after", rank)):
+            samples[name] += measure(who, f"/rank {name}", [
+                (lambda u=u, who=who: who.post("/rank", json={"user_id": u})) for u in part],
+                check=lambda r, name=name: _ranked_by(r, "two towers" if name == "before" else "recall + rank"))
+    return {name: percentiles(values) for name, values in samples.items()}
+
+
+def _ranked_by(response: httpx.Response, how: str) -> None:
+    if response.json().get("ranking") != how:
+        raise RuntimeError(f"expected a ranking by {how}, got {response.json().get('ranking')}")
+
+
+def run(shop: dict, ws: Path, rank_url: str, feast_url: str, model_url: str, towers_url: str) -> dict:
     rng = np.random.default_rng(0)
     ev = shop["events"]
     users = list(ev["user_id"].drop_duplicates().sample(min(N_REQ, ev["user_id"].nunique()), random_state=0))
@@ -197,6 +222,10 @@ def run(shop: dict, ws: Path, rank_url: str, feast_url: str, model_url: str) -> 
         lat["/rank, first request per user"] = percentiles(measure(
             rank, "rank cold", [rank_call({"user_id": u}) for u in users]))
         lat["/rank, no query"] = percentiles(measure(rank, "rank", [rank_call({"user_id": u}) for u in pick]))
+        with httpx.Client(base_url=towers_url, timeout=60) as towers:
+            pair = before_and_after(rank, towers, pick)
+        lat["/rank, no query: two towers only (before recall + rank)"] = pair["before"]
+        lat["/rank, no query: recall + rank (same run, alternating)"] = pair["after"]
         qs = [queries[i] for i in rng.integers(0, len(queries), N_REQ)]
         lat["/rank, with a query"] = percentiles(measure(
             rank, "rank+query", [rank_call({"user_id": u, "query": q}) for u, q in zip(pick, qs, strict=True)]))
@@ -243,7 +272,9 @@ def run(shop: dict, ws: Path, rank_url: str, feast_url: str, model_url: str) -> 
     bare = lat["feast serve fetch (bare)"]
     ratio = {"p50": round(lat["/rank, no query"]["p50_ms"] / bare["p50_ms"], 2),
              "p99": round(lat["/rank, no query"]["p99_ms"] / bare["p99_ms"], 2)}
+    recall_rank = {q: round(pair["after"][f"{q}_ms"] / pair["before"][f"{q}_ms"], 2) for q in ("p50", "p99")}
     return {"items": len(item_ids), "users": len(users), "requests": N_REQ, "latency": lat,
+            "recall_rank_over_towers": recall_rank,
             "throughput_8_clients_rps": tput, "rank_over_bare_feast_fetch": ratio,
             "cpu": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
 

@@ -17,12 +17,22 @@ def rank_answer(user_id: str, ranker: Ranker, ranked: Ranked, user: UserFrame) -
     query = user.frame["query"].iloc[0]
     row = user.frame.iloc[0]
     items = []
-    for idx, score in zip(ranked.indices, ranked.scores, strict=True):
+    for n, (idx, score) in enumerate(zip(ranked.indices, ranked.scores, strict=True)):
         item = ranker.item_info[idx]
+        own = ranked.reasons[n] if ranked.reasons is not None else []
         items.append({"item_id": ranker.item_ids[idx], "score": round(float(score), 4),
-                      "title": item.get("item_title"), "reasons": reasons(row, item, query, user.source)})
+                      "title": item.get("item_title"), "reasons": merged_reasons(own, row, item, query, user.source)})
     return {"user_id": user_id, "items": items, "cold_start": not user.known, "unknown_candidates": ranked.unknown,
-            "query": query, "query_source": user.source, "model": ranker.tag}
+            "query": query, "query_source": user.source, "model": ranker.tag, "ranking": ranked.how}
+
+
+def merged_reasons(own: list[str], row, item, query: str | None, source: str | None) -> list[str]:
+    """Recall + rank's reasons (the source and the user's own behaviour) first, then the profile's."""
+    searched = any("search for" in r for r in own)
+    profile = reasons(row, item, None if searched else query, source)
+    if own:
+        profile = [r for r in profile if r != FALLBACK]
+    return list(dict.fromkeys(own + profile))
 
 
 def profile_answer(user_id: str, user: UserFrame, vector: list[float], last_event: str | None) -> dict[str, Any]:
@@ -46,4 +56,7 @@ def reasons(user, item, query: str | None, source: str | None) -> list[str]:
     views = item.get("item_views_7d")
     if pd.notna(views) and views >= 20:
         out.append("popular this week")
-    return out or ["picked for your profile"]
+    return out or [FALLBACK]
+
+
+FALLBACK = "picked for your profile"

@@ -12,22 +12,26 @@ import contextlib
 import functools
 import gc
 import logging
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import pandas as pd
 import sqlalchemy as sa
 import torch
 
 from bentos import settings
-from eventlog.store import items
+from eventlog.store import events, items
 from feature_repo.pipeline.online import SYNC_FILE
 from training.dataset import online_catalogue
 from training.encoding import user_text
 from training.model import Catalogue, in_batches
-from training.model_store import latest_complete, load_from_bentoml
+from training.model_store import latest_complete, load_from_bentoml, saved_two_stage
+from training.recall.history import from_frame
+from training.recall.package import TwoStage
 
 logger = logging.getLogger("persona.service")
 
@@ -88,6 +92,9 @@ class Ranker:
     catalogue_ids: frozenset[str]  # every item in the event log, materialised or not
     item_info: list[dict]  # title, category and weekly views per item, for the reasons
     item_vectors: Any  # (n_items, dim) tensor on the device
+    two_stage: TwoStage | None = None  # recall + rank over the same items, when the model has a ranker
+    events_seen: str = ""  # the event log's fingerprint when ``two_stage`` was built
+    built_at: float = field(default_factory=time.monotonic)
 
     @property
     def history_lookup(self) -> Catalogue:
@@ -137,10 +144,30 @@ class Rankers:
                 vectors = in_batches(model.item_vectors, served, 512) if len(served) else torch.zeros(0, model.cfg.dim)
             item_ids = served["item_id"].astype(str).tolist()
             info = served.reindex(columns=["item_title", "item_category", "item_views_7d"]).to_dict("records")
+            seen = self.events_fingerprint()
+            two_stage = self.two_stage(tag, table, item_ids)
             ranker = Ranker(tag, model, meta, fingerprint, item_ids, {i: n for n, i in enumerate(item_ids)},
-                            frozenset(logged), info, vectors.to(self.device))
+                            frozenset(logged), info, vectors.to(self.device), two_stage, seen)
         _freeze_startup_heap()
         return ranker
+
+    def events_fingerprint(self) -> str:
+        """Changes when events are appended (or erased)."""
+        with self.log.engine.connect() as conn:
+            count, newest = conn.execute(sa.select(sa.func.count(), sa.func.max(events.c.ingested_at))).one()
+        return f"{count}|{newest}"
+
+    def two_stage(self, tag: str, table: pd.DataFrame, item_ids: list[str]) -> TwoStage | None:
+        """The model's ranker with its sources rebuilt from the event log; None (the towers' top k) when
+        the model has none, it is switched off, or the shop's layout changed since it was trained."""
+        saved = saved_two_stage(tag) if settings.RECALL_RANK else None
+        if saved is None or not item_ids:
+            return None
+        try:
+            return TwoStage(*saved, self.log.read_table("events"), table, item_ids)
+        except Exception as exc:  # noqa: BLE001 - the towers still rank; the cause is in the log
+            logger.warning("recall + rank unavailable, ranking by the towers: %s: %s", type(exc).__name__, exc)
+            return None
 
     def changed(self, current: Ranker) -> Ranker | None:
         """A ranker for a newer model (unless pinned) or a changed catalogue; None when nothing changed."""
@@ -150,7 +177,19 @@ class Rankers:
             return self.build(*load_model(latest, self.device), fingerprint=fingerprint)
         if fingerprint != current.catalogue:
             return self.build(current.tag, current.model, current.meta, fingerprint=fingerprint)
-        return None
+        return self.with_fresh_recall(current)
+
+    def with_fresh_recall(self, current: Ranker) -> Ranker | None:
+        """The same ranker with its recall state rebuilt, when events came since the last build and at
+        least ``PERSONA_RECALL_REFRESH_SECONDS`` have passed (co-occurrence and counts move slowly)."""
+        if current.two_stage is None or time.monotonic() - current.built_at < settings.RECALL_REFRESH_SECONDS:
+            return None
+        seen = self.events_fingerprint()
+        if seen == current.events_seen:
+            return None
+        with _collector_paused():
+            two_stage = self.two_stage(current.tag, self.log.read_table("items"), current.item_ids)
+        return replace(current, two_stage=two_stage, events_seen=seen, built_at=time.monotonic())
 
 
 # --- the user vector and the top k ---------------------------------------------------------------------
@@ -189,6 +228,37 @@ class Ranked(NamedTuple):
     indices: list[int]  # rows of the ranker's items, best first
     scores: list[float]
     unknown: list[str]  # candidates the ranker does not rank
+    reasons: list[list[str]] | None = None  # recall + rank's own, per item
+    how: str = "two towers"
+
+
+def rank_items(ranker: Ranker, user, frame, k: int, candidates: list[str] | None, leave_out: set[str],
+               recent_search: bool = False) -> Ranked:
+    """Recall then rank when the model has a ranker, else the towers' top k."""
+    if ranker.two_stage is None:
+        return top_items(ranker, user, k, candidates, leave_out)
+    return two_stage_items(ranker, user, frame, k, candidates, leave_out, recent_search)
+
+
+def two_stage_items(ranker: Ranker, user, frame, k: int, candidates: list[str] | None, leave_out: set[str],
+                    recent_search: bool = False) -> Ranked:
+    """Recall + rank (``TwoStage.top``) with the user's behaviour from the online ``user_sequence`` row and
+    the towers' scores of every item."""
+    stage = ranker.two_stage
+    with torch.inference_mode():
+        unit_user = torch.nn.functional.normalize(user, dim=-1)
+        tower = (unit_user @ ranker.unit_vectors.T / ranker.model.cfg.temperature).squeeze(0).float().cpu().numpy()
+    unknown, only = [], None
+    if candidates is not None:
+        rows = [ranker.item_index.get(c) for c in candidates]
+        unknown = [c for c, row in zip(candidates, rows, strict=True) if row is None]
+        only = np.array([row for row in rows if row is not None], dtype=np.int64)
+    leave = np.array([ranker.item_index[i] for i in leave_out if i in ranker.item_index], dtype=np.int64)
+    recent = from_frame(frame, ranker.item_index, stage.codes)[0]
+    now = pd.Timestamp(frame["request_timestamp"].iloc[0]).value / 1e9
+    query = frame["query"].iloc[0] if isinstance(frame["query"].iloc[0], str) else None
+    top = stage.top(recent, now, query, leave, tower, k, only, recent_search)
+    return Ranked(top.items, top.scores, unknown, top.reasons, "recall + rank")
 
 
 def top_items(ranker: Ranker, user, k: int, candidates: list[str] | None, leave_out: set[str]) -> Ranked:

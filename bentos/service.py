@@ -34,8 +34,8 @@ from bentos.ranking import (
     Rankers,
     best_device,
     load_model,
+    rank_items,
     set_torch_threads,
-    top_items,
     user_vector,
 )
 from bentos.timings import Laps
@@ -132,8 +132,9 @@ class Persona:
                 await self.queries.follow((fresh or self.ranker).tag)
                 if fresh is not None:
                     self.ranker = fresh
-                    logger.info("ranker refreshed: model %s, catalogue %s (%d items ranked of %d)", fresh.tag,
-                                fresh.catalogue, len(fresh.item_ids), len(fresh.catalogue_ids))
+                    logger.info("ranker refreshed: model %s, catalogue %s (%d items ranked of %d), %s", fresh.tag,
+                                fresh.catalogue, len(fresh.item_ids), len(fresh.catalogue_ids),
+                                "recall + rank" if fresh.two_stage is not None else "two towers")
             except Exception as exc:  # noqa: BLE001 - keep serving the current version; try again next tick
                 logger.warning("refresh skipped: %s: %s", type(exc).__name__, exc)
 
@@ -175,7 +176,7 @@ class Persona:
             laps.lap("user_tower")
             leave_out = self.history.seen(user_id) if exclude_seen else set()
             laps.lap("seen")
-            ranked = top_items(ranker, vector, k, candidates, leave_out)
+            ranked = rank_items(ranker, vector, user.frame, k, candidates, leave_out, user.source == "session")
             laps.lap("top_k")
             return laps.attach(rank_answer(user_id, ranker, ranked, user), "answer")
 
@@ -234,7 +235,8 @@ class Persona:
             user = self.features.read(uid, None, None)
             vector = user_vector(ranker, user.frame)
             profile = profile_answer(uid, user, vector.squeeze(0).cpu().tolist(), self.history.last_event(uid))
-            ranking = rank_answer(uid, ranker, top_items(ranker, vector, 10, None, self.history.seen(uid)), user)
+            ranking = rank_answer(uid, ranker, rank_items(ranker, vector, user.frame, 10, None,
+                                                          self.history.seen(uid)), user)
             return privacy_routes.export(self, self.cfg, uid, profile, ranking)
 
         return answer(ctx, "/export", user_id, work)

@@ -22,6 +22,11 @@ REFRESH_SECONDS = float(os.environ.get("PERSONA_REFRESH_SECONDS", "30"))
 TEXT_CACHE_SIZE = int(os.environ.get("PERSONA_TEXT_CACHE_SIZE", "50000"))
 THREADS = int(os.environ.get("PERSONA_THREADS", "4"))  # requests the ranking service runs side by side
 TORCH_THREADS = int(os.environ.get("PERSONA_TORCH_THREADS", "1"))  # torch's threads per request
+# Recall + rank when the model has a ranker ("off": the two towers' top k, as before the ranker).
+RECALL_RANK = os.environ.get("PERSONA_RECALL_RANK", "on").lower() not in ("off", "0", "false", "no")
+# The recall state built from the event log (co-occurrence, item counts, the lexical index) is rebuilt at
+# most this often after new events; a user's own behaviour reaches /rank through the online store at once.
+RECALL_REFRESH_SECONDS = float(os.environ.get("PERSONA_RECALL_REFRESH_SECONDS", "60"))
 TIMINGS = os.environ.get("PERSONA_TIMINGS") == "1"  # /rank answers carry their per-stage times (timings_ms)
 
 # Fixed bounds, not read from the environment.

@@ -18,6 +18,7 @@ import pandas as pd
 from core.config import MODEL_NAME
 from training import dataset
 from training.model import ProfileModel
+from training.recall import package
 from training.train import config_dict
 
 if TYPE_CHECKING:
@@ -40,8 +41,9 @@ def code_version() -> str:
 
 
 def save_to_bentoml(model: ProfileModel, store, metrics: pd.DataFrame | None, events: pd.DataFrame,
-                    cfg: RunConfig, extra: dict | None = None):
-    """``bentoml.models.create``: the weights, tokenizer, feature spec and everything needed to serve."""
+                    cfg: RunConfig, extra: dict | None = None, two_stage=None):
+    """``bentoml.models.create``: the weights, tokenizer, feature spec and everything needed to serve;
+    ``two_stage``: recall + rank's ranker and its layout (``training.recall.package``), when trained."""
     import bentoml
 
     metadata = {
@@ -56,10 +58,13 @@ def save_to_bentoml(model: ProfileModel, store, metrics: pd.DataFrame | None, ev
         "splits": list(cfg.splits),
         "metrics": json.loads(metrics.to_json(orient="records")) if metrics is not None else [],
         "code_version": code_version(),
+        "ranking": "recall + rank" if two_stage is not None else "two towers",
         **(extra or {}),
     }
     metadata = _metadata_safe(json.loads(json.dumps(metadata, default=str)))
     with bentoml.models.create(MODEL_NAME, metadata=metadata, labels={"stage": "refit"}) as bento_model:
+        if two_stage is not None:  # first: the model's manifest, written last, then lists its files too
+            package.save(Path(bento_model.path) / package.FOLDER, *two_stage)
         model.save(Path(bento_model.path))
     return bento_model.tag
 
@@ -82,6 +87,13 @@ def load_from_bentoml(tag: str = "latest", device: str = "cpu") -> tuple[Profile
         tag = latest_complete()
     bento_model = bentoml.models.get(tag if ":" in tag else f"{MODEL_NAME}:{tag}")
     return ProfileModel.load(Path(bento_model.path), device), bento_model.info.metadata, str(bento_model.tag)
+
+
+def saved_two_stage(tag: str):
+    """The version's recall + rank ranker and layout, or None when it was saved without one."""
+    import bentoml
+
+    return package.load(Path(bentoml.models.get(tag).path) / package.FOLDER)
 
 
 def latest_complete() -> str:

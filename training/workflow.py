@@ -44,6 +44,9 @@ from training.model import Catalogue, ModelConfig, ProfileModel, in_batches, res
 from training.recall.evaluation import ROW as RECALL_RANK
 from training.recall.evaluation import recall_and_rank
 from training.recall.fit import Behaviours
+from training.recall.history import EventHistories
+from training.recall.lexical import item_texts
+from training.recall.package import TwoStage
 from training.recall.two_stage import PER_SOURCE
 from training.train import TrainConfig, pick_device, seed_everything, train
 
@@ -355,6 +358,7 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
                                               exposure_types=cfg.exposure_types)
             frame = dataset.fetch_features(store, examples)
     tables, histories, best_epochs, evaluated_model, extra, persona_model = [], {}, {}, None, [], None
+    two_stage = None  # the first split's ranker and its layout: what `persona train` saves for serving
     for split_name in cfg.split_names():
         split = make_split(split_name, events, positives, cfg)
         with stage("id baselines (fit and tune)"):
@@ -396,16 +400,18 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
             with stage("recall + rank: sources, ranker" + (" and its ablations" if cfg.ranker_ablation else "")):
                 tower = tower_scorer(persona_model, features, store, item_ids) if PERSONA in variants else None
                 rr = recall_and_rank(events, items, _behaviours(cfg, split, positives), split.fit_cut, split.test_cut,
-                                     split.before, tower, _lexical_texts(items), cfg.ranker_ablation)
+                                     split.before, tower, item_texts(items), cfg.ranker_ablation)
                 scorers.update(rr.scorers)
                 extra += _recall_lines(split.name, rr, split.requests)
+                two_stage = two_stage or (rr.ranker, rr.spec)
         with stage("evaluation on the test requests"):
             tables.append(evaluate_scorers(scorers, split, events, positives, item_ids, pairs, test_rows))
     metrics = pd.concat(tables, ignore_index=True)
     report = write_report(report_dir, metrics, histories, stage.seconds, extra)
     return {"metrics": metrics, "spec": feature_spec(store, frame) if frame is not None else None, "frame": frame,
             "item_ids": item_ids, "stages": stage.seconds,
-            "best_epochs": best_epochs, "report": report, "histories": histories, "model": evaluated_model}
+            "best_epochs": best_epochs, "report": report, "histories": histories, "model": evaluated_model,
+            "two_stage": two_stage}
 
 
 def _behaviours(cfg: RunConfig, split: Split, positives: dict[str, float]) -> Behaviours:
@@ -413,13 +419,6 @@ def _behaviours(cfg: RunConfig, split: Split, positives: dict[str, float]) -> Be
     targets it learns (the split's target type, else every positive with its weight)."""
     targets = {cfg.target: 1.0} if cfg.target else dict(positives)
     return Behaviours(list(cfg.sequence_types), list(split.exclusion(positives)), targets)
-
-
-def _lexical_texts(items: pd.DataFrame) -> list[str]:
-    """Each item's title, brand and category: what a query is matched against."""
-    cols = [items[c].astype(object).where(items[c].notna(), "").astype(str).tolist() if c in items
-            else [""] * len(items) for c in ("title", "brand", "category")]
-    return [" ".join(parts) for parts in zip(*cols, strict=True)]
 
 
 TOWER_CACHE_BYTES = 1 << 30  # tower scores kept for re-use by the ranker's ablations
@@ -580,19 +579,25 @@ def _ranker_ablation(overall: pd.DataFrame) -> list[str]:
 
 
 def recommend(model: ProfileModel, store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, float],
-              k: int, users: list[str] | None, as_of: pd.Timestamp, exclude_seen: bool = True) -> pd.DataFrame:
-    """Top-k items per user as of a time: ``user_id, rank, item_id, score``."""
+              k: int, users: list[str] | None, as_of: pd.Timestamp, exclude_seen: bool = True,
+              two_stage=None) -> pd.DataFrame:
+    """Top-k items per user as of a time: ``user_id, rank, item_id, score`` (and ``reasons`` with recall +
+    rank). ``two_stage``: the saved ranker and its layout; the same ``TwoStage.top`` as ``/rank``."""
     item_ids = items["item_id"].astype(str).tolist()
     users = users if users is not None else sorted(events["user_id"].unique())
     requests = pd.DataFrame({"user_id": users, "event_timestamp": as_of, "device": None, "channel": None,
                              "request_timestamp": as_of, "query": None})
     catalogue = dataset.ItemCatalogue(store, item_ids, requests["event_timestamp"], max_buckets=1)
     scores = model_scorer(model, lambda r: user_features(store, r), catalogue)(requests)
-    if exclude_seen:
-        index = {i: n for n, i in enumerate(item_ids)}
-        for r, ex in enumerate(seen_before(events, positives, requests.assign(
-                event_timestamp=as_of + pd.Timedelta(microseconds=1)), index)):
-            scores[r, ex] = -np.inf
+    index = {i: n for n, i in enumerate(item_ids)}
+    after = as_of + pd.Timedelta(microseconds=1)  # the newest event counts, as the online store has it
+    seen = seen_before(events, positives, requests.assign(event_timestamp=after), index) if exclude_seen \
+        else [np.zeros(0, dtype=np.int64)] * len(users)
+    if two_stage is not None:
+        return _two_stage_recommend(TwoStage(*two_stage, events, items, item_ids), events, users, scores, seen,
+                                    after, k)
+    for r, ex in enumerate(seen):
+        scores[r, ex] = -np.inf
     k = min(k, len(item_ids))
     best = torch.topk(torch.from_numpy(scores), k, dim=1)  # O(n·k), not a full sort per user
     top, top_scores = best.indices.numpy(), best.values.numpy()
@@ -600,3 +605,20 @@ def recommend(model: ProfileModel, store, events: pd.DataFrame, items: pd.DataFr
             "item_id": np.array(item_ids)[top].ravel(), "score": top_scores.ravel()}
     out = pd.DataFrame(rows)
     return out[np.isfinite(out["score"])].reset_index(drop=True)
+
+
+def _two_stage_recommend(stage: TwoStage, events: pd.DataFrame, users: list[str], tower: np.ndarray,
+                         seen: list[np.ndarray], after: pd.Timestamp, k: int) -> pd.DataFrame:
+    """Each user's behaviour rebuilt from the log as the fold stores it (``EventHistories``), then
+    ``TwoStage.top``, as ``/rank`` runs it on the online row."""
+    histories = EventHistories(events, stage.index, stage.codes, stage.spec.behaviours.sequence)
+    now = after.value / 1e9
+    rows: dict[str, list] = {"user_id": [], "rank": [], "item_id": [], "score": [], "reasons": []}
+    for r, user in enumerate(users):
+        top = stage.top(histories.at(user, after), now, None, np.asarray(seen[r], dtype=np.int64), tower[r], k)
+        rows["user_id"] += [user] * len(top.items)
+        rows["rank"] += list(range(1, len(top.items) + 1))
+        rows["item_id"] += [stage.item_ids[i] for i in top.items]
+        rows["score"] += top.scores
+        rows["reasons"] += ["; ".join(why) for why in top.reasons]
+    return pd.DataFrame(rows)

@@ -134,7 +134,7 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
     else:  # the evaluated model (trained before the first split's cut) is the one deployed
         model = result["model"]
     tag = save_to_bentoml(model, store, result["metrics"], events, run_cfg,
-                          {"refit": refit, **_provenance(cfg, events)})
+                          {"refit": refit, **_provenance(cfg, events)}, result.get("two_stage"))
     console.print(f"saved model {tag} (BENTOML_HOME={os.environ['BENTOML_HOME']}; "
                   "`bentoml models list` there shows it)", highlight=False)
 
@@ -160,11 +160,13 @@ def recommend_cmd(
     as_of: Annotated[str, typer.Option("--as-of", help="A timestamp, or latest (the newest event).")] = "latest",
     model_tag: Annotated[str, typer.Option("--model", help="BentoML model version.")] = "latest",
     include_seen: Annotated[bool, typer.Option(help="Keep items the user already engaged with.")] = False,
+    recall_rank: Annotated[bool, typer.Option(help="Recall + rank when the model has a ranker (with a reasons "
+                                                   "column), as /rank; --no-recall-rank: the towers' top K.")] = True,
 ) -> None:
-    """Batch top-K recommendations per user: user_id, rank, item_id, score."""
+    """Batch top-K recommendations per user: user_id, rank, item_id, score (and reasons)."""
     import pandas as pd
 
-    from training.model_store import load_from_bentoml
+    from training.model_store import load_from_bentoml, saved_two_stage
     from training.workflow import recommend
 
     if output.suffix not in (".csv", ".parquet"):
@@ -172,7 +174,7 @@ def recommend_cmd(
     cfg = _config(workspace, profile)
     store, events, items = _training_inputs(cfg)
     try:
-        model, _, _ = load_from_bentoml(model_tag)
+        model, _, full_tag = load_from_bentoml(model_tag)
     except Exception as exc:  # noqa: BLE001 - bentoml raises its own NotFound
         _fail(f"no trained model {model_tag!r} in {os.environ['BENTOML_HOME']}: {exc}. Run `persona train`.")
     when = events["event_timestamp"].max() if as_of == "latest" else pd.Timestamp(as_of)
@@ -182,7 +184,8 @@ def recommend_cmd(
         frame = pd.read_csv(users) if users.suffix == ".csv" else pd.read_parquet(users)
         user_ids = frame["user_id" if "user_id" in frame else frame.columns[0]].astype(str).tolist()
     with console.status("scoring"):
-        recs = recommend(model, store, events, items, cfg.positives, k, user_ids, when, not include_seen)
+        two_stage = saved_two_stage(full_tag) if recall_rank else None
+        recs = recommend(model, store, events, items, cfg.positives, k, user_ids, when, not include_seen, two_stage)
     from eventlog import locks
 
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from training.baselines import Histories
 from training.recall import pairs
 from training.recall.fit import TOWER, Behaviours, Scores, fit_ranker, make_recall, two_stage_scorer
 from training.recall.history import EventHistories
+from training.recall.package import TwoStageSpec
 from training.recall.ranker import Lists, Ranker, RankerConfig, fit
 from training.recall.two_stage import Recall
 
@@ -56,6 +57,8 @@ class RecallRank:
     ablation: list[tuple[str, str]]  # (group left out, row name)
     lists: int  # training requests with a target among their candidates
     recall_table: Callable[[pd.DataFrame], pd.DataFrame]
+    ranker: Ranker  # what serving runs, with ``spec``
+    spec: TwoStageSpec
 
 
 def recall_and_rank(events: pd.DataFrame, items: pd.DataFrame, behaviours: Behaviours, fit_cut, test_cut,
@@ -79,7 +82,8 @@ def recall_and_rank(events: pd.DataFrame, items: pd.DataFrame, behaviours: Behav
 
     def recall_table(requests: pd.DataFrame) -> pd.DataFrame:
         return source_recall(recall, requests, histories, engaged, index, tower)
-    return RecallRank(scorers, ablation, len(lists.useful().labels), recall_table)
+    spec = TwoStageSpec(recall.feature_names(), behaviours, tower is not None, texts is not None)
+    return RecallRank(scorers, ablation, len(lists.useful().labels), recall_table, ranker, spec)
 
 
 def source_recall(recall: Recall, requests: pd.DataFrame, histories: EventHistories, engaged: Histories,

@@ -82,7 +82,26 @@ def target_requests(events: pd.DataFrame, behaviours: Behaviours, start: pd.Seri
     out = grouped.agg(event_timestamp=("event_timestamp", "min")).reset_index()
     weights = ev.groupby(["user_id", "day", "item_id"])["w"].max()
     out["targets"] = [weights.loc[(u, d)].to_dict() for u, d in zip(out["user_id"], out["day"], strict=True)]
-    return out.drop(columns="day")
+    return live_queries(out.drop(columns="day"), events)
+
+
+SESSION_GAP = pd.Timedelta(minutes=30)  # a search this recent is the live query (serving's rule)
+
+
+def live_queries(requests: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
+    """Each request's live query: the user's newest search at most ``SESSION_GAP`` before it, as
+    ``/rank`` takes it from the online store."""
+    if "query" not in events or requests.empty:
+        return requests.assign(query=None)
+    searches = events[(events["event_type"] == "search") & events["query"].notna()]
+    if searches.empty:
+        return requests.assign(query=None)
+    left = requests.assign(t=pd.to_datetime(requests["event_timestamp"], utc=True)).reset_index(names="_row")
+    right = searches.assign(t=pd.to_datetime(searches["event_timestamp"], utc=True))[["user_id", "t", "query"]]
+    merged = pd.merge_asof(left.sort_values("t"), right.sort_values("t"), on="t", by="user_id",
+                           tolerance=SESSION_GAP, direction="backward")
+    merged = merged.sort_values("_row").set_index("_row")
+    return requests.assign(query=merged["query"].astype(object).where(merged["query"].notna(), None).to_numpy())
 
 
 def training_lists(recall: Recall, requests: pd.DataFrame, histories: EventHistories, engaged: Histories,
@@ -90,10 +109,11 @@ def training_lists(recall: Recall, requests: pd.DataFrame, histories: EventHisto
     """Each request's candidates and their target weights (0 for the rest)."""
     tower_scores = tower(requests) if tower is not None and len(requests) else None
     lists = Lists([], [])
+    queries = requests["query"].tolist() if "query" in requests else [None] * len(requests)
     for r, (user, ts, targets) in enumerate(zip(requests["user_id"], requests["event_timestamp"],
                                                 requests["targets"], strict=True)):
         given = {TOWER: tower_scores[r]} if tower_scores is not None else None
-        cands = recall.candidates(histories.at(user, ts), pd.Timestamp(ts).value / 1e9, None,
+        cands = recall.candidates(histories.at(user, ts), pd.Timestamp(ts).value / 1e9, queries[r] or None,
                                   engaged.before(user, ts), given)
         weight = {index[i]: w for i, w in targets.items() if i in index}
         lists.features.append(cands.features)

@@ -11,6 +11,7 @@ import re
 
 import bm25s
 import numpy as np
+import pandas as pd
 
 from training.recall.history import Recent
 
@@ -47,3 +48,40 @@ class LexicalSource:
         if not words:
             return None
         return np.asarray(self.index.get_scores(words), dtype=np.float32)
+
+
+def item_texts(items: pd.DataFrame) -> list[str]:
+    """Each item's title, brand and category: what a query is matched against."""
+    cols = [items[c].astype(object).where(items[c].notna(), "").astype(str).tolist() if c in items
+            else [""] * len(items) for c in ("title", "brand", "category")]
+    return [" ".join(parts) for parts in zip(*cols, strict=True)]
+
+
+def matched_terms(query: str, text: str, limit: int = 3) -> list[str]:
+    """The query's words found in ``text``, longest first: whole words, and for a run of CJK characters
+    its longest pieces (two characters or more) that the text contains."""
+    haystack = text.lower()
+    words = set(tokens(haystack))
+    found: list[str] = []
+    for word in _WORD.findall(query.lower()):
+        for part in [w for w in _UNSPACED.split(word) if w]:
+            if part in words:
+                found.append(part)
+        for run in _UNSPACED.findall(word):
+            found += _pieces_in(run, haystack)
+    return sorted(dict.fromkeys(found), key=len, reverse=True)[:limit]
+
+
+def _pieces_in(run: str, text: str) -> list[str]:
+    """Greedy, left to right: the longest substring of ``run`` starting here that ``text`` holds."""
+    out, start = [], 0
+    while start < len(run) - 1:
+        end = len(run)
+        while end - start >= 2 and run[start:end] not in text:
+            end -= 1
+        if end - start >= 2:
+            out.append(run[start:end])
+            start = end
+        else:
+            start += 1
+    return out

@@ -7,7 +7,8 @@ with one-hot targets), so the model learns to put what the user went on to do fi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,12 +27,18 @@ class RankerConfig:
     seed: int = 0
 
 
+CONSTANT = 1e-5  # a training standard deviation below this: the feature is treated as constant
+
+
 class Ranker(nn.Module):
     """Standardised features -> MLP -> one score per candidate."""
 
     def __init__(self, n_features: int, cfg: RankerConfig, mean: np.ndarray, std: np.ndarray):
         super().__init__()
         self.cfg = cfg
+        # A feature that never varied in training (no query in the log: the lexical columns) is held at
+        # its mean, so a value serving sees for the first time cannot blow up through a tiny scale.
+        std = np.where(np.asarray(std) < CONSTANT, np.inf, std)
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
         self.net = nn.Sequential(nn.Linear(n_features, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.hidden),
@@ -44,6 +51,18 @@ class Ranker(nn.Module):
     def score(self, features: np.ndarray) -> np.ndarray:
         self.eval()
         return self(torch.from_numpy(features.astype(np.float32))).numpy()
+
+    def save(self, path: Path) -> None:
+        torch.save({"config": asdict(self.cfg), "n_features": int(self.mean.shape[0]),
+                    "state": self.state_dict()}, path)
+
+    @staticmethod
+    def load(path: Path) -> Ranker:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        n = saved["n_features"]
+        model = Ranker(n, RankerConfig(**saved["config"]), np.zeros(n), np.ones(n))
+        model.load_state_dict(saved["state"])
+        return model.eval()
 
 
 @dataclass
@@ -103,7 +122,7 @@ def fit(lists: Lists, cfg: RankerConfig | None = None) -> Ranker:
     val = Lists([lists.features[k] for k in order[:n_val]], [lists.labels[k] for k in order[:n_val]])
     train_ids = order[n_val:]
     stacked = np.concatenate([lists.features[k] for k in train_ids])
-    mean, std = stacked.mean(axis=0), stacked.std(axis=0) + 1e-6
+    mean, std = stacked.mean(axis=0), stacked.std(axis=0)
     model = Ranker(stacked.shape[1], cfg, mean, std)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best, best_state, stale = -1.0, None, 0

@@ -47,33 +47,43 @@ class Recall:
         return per_source + pairs.names(self.codes.names) + self.stats.names
 
     def candidates(self, recent: Recent, now: float, query: str | None, leave_out: np.ndarray | None = None,
-                   given: dict[str, np.ndarray] | None = None) -> Candidates:
+                   given: dict[str, np.ndarray] | None = None, only: np.ndarray | None = None) -> Candidates:
         """The union of each source's best ``per_source`` items (never one in ``leave_out``) and their
-        features. ``given``: scores computed elsewhere, by source name (the towers')."""
+        features. ``given``: scores computed elsewhere, by source name (the towers'). ``only``: the
+        caller's own candidates (catalogue positions), described in full whatever the sources propose."""
         given = given or {}
         scored = [given[s.name] if s.name in given else s.scores(recent, now, query) for s in self.sources]
-        n_items = len(self.groups.category)
-        allowed = np.ones(n_items, dtype=bool)
+        allowed = np.ones(len(self.groups.category), dtype=bool)
         if leave_out is not None and len(leave_out):
             allowed[leave_out] = False
         tops = [None if vector is None else self._top(source, vector, allowed)
                 for source, vector in zip(self.sources, scored, strict=True)]
-        proposed = [top for top in tops if top is not None]
-        items = np.unique(np.concatenate(proposed)) if proposed else np.zeros(0, dtype=np.int64)
+        if only is not None:
+            items = np.unique(only[allowed[only]]) if len(only) else np.zeros(0, dtype=np.int64)
+        else:
+            proposed = [top for top in tops if top is not None]
+            items = np.unique(np.concatenate(proposed)) if proposed else np.zeros(0, dtype=np.int64)
+        return self.describe(items, recent, now, scored, tops)
+
+    def describe(self, items: np.ndarray, recent: Recent, now: float, scored: list[np.ndarray | None],
+                 tops: list[np.ndarray | None]) -> Candidates:
+        """The ranker's features of ``items``: each source's score, rank and whether it proposed the item,
+        the pair features and the item statistics."""
         ranks = np.full((len(items), len(self.sources)), float(UNRANKED), dtype=np.float32)
         values = np.zeros((len(items), len(self.sources)), dtype=np.float32)
-        for s, (vector, top) in enumerate(zip(scored, tops, strict=True)):
-            if vector is None or not len(items):
-                continue
-            values[:, s] = vector[items]
-            place = {int(i): r + 1 for r, i in enumerate(top)}
-            ranks[:, s] = [place.get(int(i), UNRANKED) for i in items]
+        if len(items):
+            for s, (vector, top) in enumerate(zip(scored, tops, strict=True)):
+                if vector is None:
+                    continue
+                values[:, s] = vector[items]
+                place = np.full(len(vector), UNRANKED, dtype=np.float32)  # one write per proposal, one read per item
+                place[top] = np.arange(1, len(top) + 1, dtype=np.float32)
+                ranks[:, s] = place[items]
         source_cols = np.stack([values, np.log1p(ranks), (ranks < UNRANKED).astype(np.float32)], axis=2)
         source_cols = source_cols.reshape(len(items), 3 * len(self.sources))
         pair_cols = pairs.pair_features(recent, items, self.groups, len(self.codes), now)
         item_cols = self.stats.features(items, now)
         return Candidates(items, np.concatenate([source_cols, pair_cols, item_cols], axis=1), ranks)
-
 
     def _top(self, source: Source, vector: np.ndarray, allowed: np.ndarray) -> np.ndarray:
         """The source's best allowed items, best first. A score of 0 is "no opinion" unless the source
@@ -89,11 +99,12 @@ class Recall:
 
 def ranked(recall: Recall, ranker: Ranker, recent: Recent, now: float, query: str | None,
            leave_out: np.ndarray | None = None, given: dict[str, np.ndarray] | None = None,
-           ) -> tuple[np.ndarray, np.ndarray, Candidates]:
-    """Candidates in the ranker's order: (items, scores, candidates)."""
-    cands = recall.candidates(recent, now, query, leave_out, given)
+           only: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Candidates]:
+    """Candidates in the ranker's order: (items, scores, candidates), the candidates' rows in that order."""
+    cands = recall.candidates(recent, now, query, leave_out, given, only)
     if not len(cands.items):
         return cands.items, np.zeros(0, dtype=np.float32), cands
     scores = ranker.score(cands.features)
     order = np.argsort(-scores, kind="stable")
-    return cands.items[order], scores[order], cands
+    cands = Candidates(cands.items[order], cands.features[order], cands.ranks[order])
+    return cands.items, scores[order], cands

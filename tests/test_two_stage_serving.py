@@ -1,0 +1,170 @@
+"""Recall + rank where it serves: saved with the model, run by `/rank` and `persona recommend` with the
+same code, its reasons naming the source and the user's own behaviour, fresh events in the next ranking."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from test_service import BIN, featured_workspace, serve, service_env, stop
+
+from persona import sample_data
+from training.recall.fit import Behaviours
+from training.recall.package import LayoutChanged, TwoStage, TwoStageSpec
+from training.recall.ranker import Ranker, RankerConfig
+
+SOURCE_WORDS = ("you viewed", "you added", "you saved", "you clicked", "often together with", "popular this week",
+                "from a brand you looked at", "search for")
+
+
+@pytest.fixture(scope="module")
+def two_stage_shop():
+    return sample_data.generate(n_users=300, n_items=200, days=30, seed=23)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, two_stage_shop, tiny_bert):
+    root = tmp_path_factory.mktemp("two_stage")
+    ws = featured_workspace(root, two_stage_shop)
+    env = service_env(ws, PERSONA_REFRESH_SECONDS="1", PERSONA_RECALL_REFRESH_SECONDS="1")
+    subprocess.run([str(BIN / "persona"), "train", "-w", str(ws), "--bert", tiny_bert, "--epochs", "2",
+                    "--splits", "global", "--no-baselines", "--no-refit"],
+                   env=env, check=True, capture_output=True, timeout=900)
+    proc, url, log_file = serve(env, root / "server.log")
+    with httpx.Client(base_url=url, timeout=30) as client:
+        client.workspace, client.env, client.root = ws, env, root
+        yield client
+    stop(proc, log_file)
+
+
+def _iso(ts) -> str:
+    return pd.Timestamp(ts).isoformat().replace("+00:00", "Z")
+
+
+def _active_users(shop, n: int) -> list[str]:
+    return shop["events"]["user_id"].value_counts().index[:n].tolist()
+
+
+def test_the_model_version_carries_its_ranker(server):
+    folders = list((server.workspace / "bentoml" / "models").glob("*/*/two_stage"))
+    assert len(folders) == 1
+    spec = json.loads((folders[0] / "spec.json").read_text())
+    assert "view" in spec["behaviours"]["sequence"] and spec["with_tower"] and spec["lexical"]
+    manifest = json.loads((folders[0].parent / "manifest.json").read_text())["files"]
+    assert {"two_stage/ranker.pt", "two_stage/spec.json"} <= set(manifest)  # a half-written save is never served
+
+
+def test_rank_runs_recall_then_rank_and_says_why(server, two_stage_shop):
+    reasons = []
+    for user in _active_users(two_stage_shop, 5):
+        body = server.post("/rank", json={"user_id": user, "k": 10}).json()
+        assert body["ranking"] == "recall + rank", body
+        assert len(body["items"]) == 10
+        scores = [i["score"] for i in body["items"]]
+        assert scores == sorted(scores, reverse=True)
+        assert len({i["item_id"] for i in body["items"]}) == 10
+        assert all(i["reasons"] for i in body["items"])
+        reasons += [r for i in body["items"] for r in i["reasons"]]
+    assert any(any(w in r for w in SOURCE_WORDS) for r in reasons), reasons
+    # A cold user gets k items too (popular ones, then the towers' order).
+    cold = server.post("/rank", json={"user_id": "never-seen", "k": 10}).json()
+    assert cold["cold_start"] and len(cold["items"]) == 10
+
+
+def test_given_candidates_are_all_ranked_by_the_ranker(server, two_stage_shop):
+    user = _active_users(two_stage_shop, 1)[0]
+    pool = sorted(two_stage_shop["items"]["item_id"])[:30]
+    body = server.post("/rank", json={"user_id": user, "k": 30, "candidates": pool + ["nope"],
+                                      "exclude_seen": False}).json()
+    assert body["ranking"] == "recall + rank" and body["unknown_candidates"] == ["nope"]
+    assert sorted(i["item_id"] for i in body["items"]) == pool
+
+
+def test_recommend_gives_what_rank_gives(server, two_stage_shop, tmp_path):
+    """Offline (`persona recommend`: the behaviour rebuilt from the log) equals online (`/rank`: the online
+    store's sequence row) for the same users at the same time. The time is a day after the newest event:
+    `recommend` reads item features point in time, and the newest daily item rows are stamped after the
+    last event, so only then do both read the same item rows."""
+    users = _active_users(two_stage_shop, 4) + [two_stage_shop["events"]["user_id"].value_counts().index[-1]]
+    (tmp_path / "users.csv").write_text("user_id\n" + "\n".join(users) + "\n")
+    out = tmp_path / "recs.csv"
+    at = pd.Timestamp(two_stage_shop["events"]["event_timestamp"].max()) + pd.Timedelta(days=1, minutes=30)
+    subprocess.run([str(BIN / "persona"), "recommend", "-w", str(server.workspace), "--output", str(out),
+                    "--users", str(tmp_path / "users.csv"), "--k", "10", "--as-of", _iso(at)],
+                   env=server.env, check=True, capture_output=True, timeout=600)
+    recs = pd.read_csv(out, keep_default_na=False)
+    assert "reasons" in recs and (recs["reasons"] != "").any()
+    for user in users:
+        body = server.post("/rank", json={"user_id": user, "k": 10, "context": {"timestamp": _iso(at)}}).json()
+        mine = recs[recs["user_id"] == user].sort_values("rank")
+        assert [i["item_id"] for i in body["items"]] == mine["item_id"].tolist(), user
+        np.testing.assert_allclose([i["score"] for i in body["items"]], mine["score"], atol=2e-3)
+
+
+def test_fresh_views_reach_the_next_ranking_with_their_reason(server, two_stage_shop):
+    """Three views of an item the user never touched, posted to /events: the next /rank has it, and says so."""
+    events, catalogue = two_stage_shop["events"], sorted(two_stage_shop["items"]["item_id"])
+    end = pd.Timestamp(events["event_timestamp"].max())
+    moved = 0
+    for n, user in enumerate(_active_users(two_stage_shop, 12)[6:]):
+        touched = set(events.loc[events["user_id"] == user, "item_id"].dropna())
+        at = end + pd.Timedelta(minutes=30)
+        before = server.post("/rank", json={"user_id": user, "k": 20, "context": {"timestamp": _iso(at)}}).json()
+        item = next(i for i in catalogue[n * 7:] if i not in touched and i not in
+                    {x["item_id"] for x in before["items"]})
+        views = [{"event_id": f"fresh-{n}-{v}", "user_id": user, "item_id": item, "event_type": "view",
+                  "event_timestamp": _iso(end + pd.Timedelta(minutes=v + 1)), "device": "app"} for v in range(3)]
+        assert server.post("/events", json={"events": views}).status_code == 200
+        after = server.post("/rank", json={"user_id": user, "k": 20, "context": {"timestamp": _iso(at)}}).json()
+        found = [i for i in after["items"] if i["item_id"] == item]
+        if found:
+            moved += 1
+            assert "you viewed this 3 times today" in found[0]["reasons"], found[0]
+    assert moved >= 4, moved  # the ranker learnt that people go back to what they just looked at
+
+
+def test_new_events_rebuild_the_recall_state(server, two_stage_shop):
+    """Item counts follow the log: an item that many people viewed this hour becomes "popular this week"
+    (the popular source's top) once the recall state is rebuilt, off the request path, after new events."""
+    events = two_stage_shop["events"]
+    end = pd.Timestamp(events["event_timestamp"].max())
+    views = events[events["event_type"] == "view"]["item_id"].value_counts()
+    item = views.index[-1]  # the least viewed
+    ask = {"user_id": "a-newcomer", "k": 1, "candidates": [item],  # counts take the events before the hour
+           "context": {"timestamp": _iso(end + pd.Timedelta(hours=2))}}
+
+    def reasons() -> list[str]:
+        body = server.post("/rank", json=ask).json()
+        assert body["ranking"] == "recall + rank" and [i["item_id"] for i in body["items"]] == [item]
+        return body["items"][0]["reasons"]
+
+    assert "popular this week" not in reasons()
+    viewers = events["user_id"].value_counts().index[-40:]
+    batch = [{"event_id": f"crowd-{n}-{v}", "user_id": user, "item_id": item, "event_type": "view",
+              "event_timestamp": _iso(end + pd.Timedelta(minutes=5 + v)), "device": "app"}
+             for n, user in enumerate(viewers) for v in range(3)]
+    assert server.post("/events", json={"events": batch}).status_code == 200
+    deadline = time.time() + 60
+    while time.time() < deadline and "popular this week" not in reasons():
+        time.sleep(1)
+    assert "popular this week" in reasons()
+
+
+def _tiny_stage(behaviours: Behaviours, names: list[str]):
+    shop = sample_data.generate(n_users=30, n_items=20, days=5, seed=3)
+    spec = TwoStageSpec(names, behaviours, True, True)
+    ranker = Ranker(len(names), RankerConfig(), np.zeros(len(names)), np.ones(len(names)))
+    return TwoStage(ranker, spec, shop["events"], shop["items"], shop["items"]["item_id"].tolist())
+
+
+def test_a_changed_behaviour_layout_is_refused_not_misread():
+    """A ranker learnt on other behaviour types cannot read this shop's features: a clear refusal (serving
+    then falls back to the towers), never columns in the wrong places."""
+    behaviours = Behaviours(["view", "purchase"], ["purchase"], {"purchase": 1.0})
+    with pytest.raises(LayoutChanged):
+        _tiny_stage(behaviours, ["not", "the", "layout"])
