@@ -90,6 +90,9 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     # Every declared behaviour type: the built-ins (DEFAULT_BEHAVIOURS) merged with persona.yaml's.
     behaviours: dict[str, Behaviour] = field(default_factory=lambda: dict(DEFAULT_BEHAVIOURS))
+    # The text encoder (a local Hugging Face folder): `persona train`'s default for --bert, and the
+    # vocabulary the feature checks measure unknown tokens against. None: all-MiniLM-L6-v2.
+    text_model: str | None = None
 
     @property
     def positives(self) -> dict[str, float]:
@@ -157,7 +160,7 @@ def load(workspace: Path | str, profile: str | None = None) -> Config:
     validation = ValidationConfig(**(data.pop("validation", None) or {}))
     privacy = PrivacyConfig(**(data.pop("privacy", None) or {}))
     behaviours = merge_behaviours(data.pop("behaviours", None), data.pop("positives", None), str(path))
-    unknown = set(data) - {"profile", "event_log_url"}
+    unknown = set(data) - {"profile", "event_log_url", "text_model"}
     if unknown:
         raise ValueError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
     cfg = Config(workspace=ws, validation=validation, privacy=privacy, behaviours=behaviours, **data)

@@ -347,3 +347,15 @@ def test_a_declared_type_is_not_failing_in_the_data_docs(tmp_path, shop):
     assert rule and all(e["success"] for e in rule), rule
     assert all("share" in e["expectation_config"]["kwargs"]["value_set"] for e in rule)
     assert all(r["success"] for r in events)
+
+
+def test_text_model_is_a_setting(tmp_path):
+    """`text_model:` names the encoder (train's default --bert; the feature checks' vocabulary); unset, the
+    default encoder."""
+    assert config_mod.load(tmp_path / "plain").text_model is None
+    (tmp_path / "zh").mkdir()
+    (tmp_path / "zh" / config_mod.CONFIG_FILE).write_text("text_model: /models/a-chinese-encoder\n")
+    cfg = config_mod.load(tmp_path / "zh")
+    assert cfg.text_model == "/models/a-chinese-encoder"
+    cfg.save()
+    assert config_mod.load(tmp_path / "zh").text_model == "/models/a-chinese-encoder"

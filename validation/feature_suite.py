@@ -3,11 +3,17 @@
 Structural expectations (keys present, counts never null or negative, shares within 0–1) fail the
 build. Drift compares the mean of key features with the previous accepted build, through GX's
 ``ExpectColumnMeanToBeBetween``; it warns or fails as ``validation.feature_drift`` says.
+
+Text the encoder cannot read is a finding too: for each text column the model reads, the share of its
+tokens the configured encoder's vocabulary maps to unknown (``[UNK]``), through the same GX
+expectation on a per-text share. Above ``UNKNOWN_TOKENS_WARN`` it warns (the text still trains, but
+the model sees little of it) and names the setting that fixes it.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +29,24 @@ DRIFT_FEATURES = {
     "user_behaviour": ["view_count_30d", "click_count_30d", "purchase_count_30d", "spend_30d", "ctr_30d"],
     "item_features": ["views_30d", "ctr_30d", "price"],
 }
+
+
+# The text columns the profile model reads (item text, and the user's searches).
+TEXT_COLUMNS = {"item_features": ["title", "description", "category"],
+                "user_text": ["recent_queries", "last_search_query"]}
+UNKNOWN_TOKENS_WARN = 0.05  # mean share of a text's tokens unknown to the encoder above which it warns
+TEXT_SAMPLE = 5_000  # texts measured per column (a seeded sample of larger tables)
+UNKNOWN_FIX = ("set `text_model:` in persona.yaml (or `persona train --bert`) to a local encoder whose "
+               "vocabulary covers this language")
+
+
+@dataclass(frozen=True)
+class TextEncoderVocabulary:
+    """The configured encoder's name and a function: texts -> share of each text's tokens it maps to
+    unknown (the caller loads the tokenizer: validation does not import the model)."""
+
+    name: str
+    unknown_share: Callable[[list[str]], list[float]]
 
 
 @dataclass
@@ -59,7 +83,48 @@ def _drift_rules(table: str, frame: pd.DataFrame, baseline: dict) -> list:
     return rules
 
 
-def check_features(tables: dict[str, pd.DataFrame], folder: Path, on_drift: str = "warn") -> FeatureCheckReport:
+def _text_shares(table: str, frame: pd.DataFrame, vocabulary: TextEncoderVocabulary) -> pd.DataFrame | None:
+    """One column per text column: each (sampled, non-empty) text's share of unknown tokens."""
+    shares = {}
+    for col in TEXT_COLUMNS.get(table, []):
+        if col not in frame:
+            continue
+        texts = frame[col].dropna().astype(str)
+        texts = texts[texts.str.strip() != ""]
+        if len(texts) > TEXT_SAMPLE:
+            texts = texts.sample(TEXT_SAMPLE, random_state=0)
+        if len(texts):
+            shares[col] = pd.Series(vocabulary.unknown_share(texts.tolist()), dtype="float64")
+    return pd.DataFrame(shares) if shares else None
+
+
+def _text_rules(shares: pd.DataFrame) -> list:
+    return [gxe.ExpectColumnMeanToBeBetween(column=col, min_value=0.0, max_value=UNKNOWN_TOKENS_WARN,
+                                            meta={"rule": "unknown_tokens"}) for col in shares.columns]
+
+
+def check_text(tables: dict[str, pd.DataFrame], vocabulary: TextEncoderVocabulary,
+               source) -> list[tuple[str, str, bool]]:
+    """(table.column, detail, ok) per text column: the mean unknown-token share through GX."""
+    out = []
+    for table, frame in tables.items():
+        shares = _text_shares(table, frame, vocabulary)
+        if shares is None:
+            continue
+        batch = source.add_dataframe_asset(f"{table}_text").add_batch_definition_whole_dataframe("all").get_batch(
+            batch_parameters={"dataframe": shares})
+        result = batch.validate(gx.ExpectationSuite(name=f"text_{table}", expectations=_text_rules(shares)),
+                                result_format="SUMMARY")
+        for res in result.results:
+            column = res.expectation_config.kwargs["column"]
+            detail = (f"{res.result['observed_value']:.1%} of tokens unknown to {vocabulary.name} "
+                      f"(mean over {shares[column].notna().sum():,} texts)")
+            out.append((f"{table}.{column}", detail, bool(res.success)))
+    return out
+
+
+def check_features(tables: dict[str, pd.DataFrame], folder: Path, on_drift: str = "warn",
+                   vocabulary: TextEncoderVocabulary | None = None) -> FeatureCheckReport:
     folder.mkdir(parents=True, exist_ok=True)
     baseline_path = folder / "baseline.json"
     baseline = json.loads(baseline_path.read_text()) if baseline_path.exists() else {}
@@ -90,8 +155,15 @@ def check_features(tables: dict[str, pd.DataFrame], folder: Path, on_drift: str 
             report.failed |= fatal
             report.lines.append(f"{'FAIL' if fatal else 'warn'}: {table}.{column} {rule}: {detail}")
             md.append(f"| {table} | {rule} | {column} | {'FAIL' if fatal else 'warn'} | {detail} |")
-    if not report.lines:
-        report.lines.append(f"feature checks passed ({sum(len(t) for t in tables.values()):,} rows)")
+    if vocabulary is not None:
+        for where, detail, ok in check_text(tables, vocabulary, source):
+            table, column = where.split(".", 1)
+            md.append(f"| {table} | unknown_tokens | {column} | {'ok' if ok else 'warn'} | {detail} |")
+            if not ok:
+                report.lines.append(f"warn: {where} unknown_tokens: {detail}: the model cannot read most of "
+                                    f"this text; {UNKNOWN_FIX}")
+    if not any(line.startswith(("FAIL", "warn")) for line in report.lines):
+        report.lines.insert(0, f"feature checks passed ({sum(len(t) for t in tables.values()):,} rows)")
     report.path = folder / "summary.md"
     report.path.write_text("\n".join(md) + "\n")
     if not report.failed:  # the accepted build becomes the next drift baseline

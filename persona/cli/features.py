@@ -56,7 +56,8 @@ def features_build(workspace: Workspace = DEFAULT_WS, profile: Profile = None,
 def _check_features(cfg, tables):
     from validation.feature_suite import check_features
 
-    report = check_features(tables, cfg.reports_dir / "features", cfg.validation.feature_drift)
+    report = check_features(tables, cfg.reports_dir / "features", cfg.validation.feature_drift,
+                            encoder_vocabulary(cfg.text_model))
     for line in report.lines:
         console.print(line, highlight=False)
     return report
@@ -98,3 +99,23 @@ def features_materialize(workspace: Workspace = DEFAULT_WS, profile: Profile = N
             bar.close()
     console.print(f"materialized; synced {synced['users']:,} changed users and {synced['items']:,} changed items "
                   f"from the event log (changes since {synced['since']})", highlight=False)
+
+
+def encoder_vocabulary(text_model: str | None):
+    """The configured encoder's tokenizer as the feature checks' ``TextEncoderVocabulary`` (its name is
+    the folder's, or all-MiniLM-L6-v2): each text's share of tokens it maps to unknown."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from training.model import default_bert_path
+    from validation.feature_suite import TextEncoderVocabulary
+
+    path = text_model or default_bert_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    unknown = tokenizer.unk_token_id
+
+    def unknown_share(texts: list[str]) -> list[float]:
+        ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=256)["input_ids"]
+        return [sum(t == unknown for t in row) / len(row) if row else 0.0 for row in ids]
+    return TextEncoderVocabulary(Path(path).name if text_model else "all-MiniLM-L6-v2", unknown_share)

@@ -119,7 +119,8 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
     from training.workflow import refit as refit_model
 
     cfg = _config(workspace, profile)
-    run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, baselines, refit,
+    run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert or cfg.text_model, device, splits,
+                          baselines, refit,
                           target=target)
     store, events, result = _run_protocol(cfg, run_cfg, "training")
     if refit:
@@ -146,7 +147,8 @@ def evaluate_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epo
                  models: Models = "default", target: Target = None) -> None:
     """The ranking-quality protocol: model and baselines on the same temporal splits, with a report."""
     cfg = _config(workspace, profile)
-    run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, True, False,
+    run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert or cfg.text_model, device, splits,
+                          True, False,
                           models, target)
     _run_protocol(cfg, run_cfg, "evaluation")
 
