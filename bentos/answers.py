@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from feature_repo.pipeline.profile import summary
+from training.recall.lexical import matched_terms
 
 if TYPE_CHECKING:
     from bentos.ranking import Ranked, Ranker
@@ -43,10 +44,10 @@ def profile_answer(user_id: str, user: UserFrame, vector: list[float], last_even
 def reasons(user, item, query: str | None, source: str | None) -> list[str]:
     out = []
     if query and isinstance(item.get("item_title"), str):
-        words = set(query.lower().split()) & set(item["item_title"].lower().replace(",", " ").split())
+        words = matched_terms(query, item["item_title"])  # words, numbers, and CJK pieces (no spaces in Chinese)
         if words:
             recent = "recent " if source == "session" else ""
-            out.append(f"matches your {recent}search for '{' '.join(sorted(words))}'")
+            out.append(f"matches your {recent}search for '{' '.join(words)}'")
     category = item.get("item_category")
     for n in (1, 2, 3):
         top = user.get(f"top_category_{n}_30d")

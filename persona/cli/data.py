@@ -7,7 +7,7 @@ import json
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.table import Table
@@ -30,6 +30,12 @@ from persona.cli.common import (
 )
 from persona.cli.provenance import _erased_in_models, _models
 
+# The keys of ``persona.sample_data.LOCALES``, written out so `persona --help` need not import NumPy
+# and pandas (tests/test_sample_data.py keeps the two equal).
+SampleLocale = Annotated[Literal["en", "zh"], typer.Option(
+    help="Language and geography of the sample shop: en (English, dollars) or zh (Chinese, "
+         "Taobao-style titles and queries, Chinese provinces, yuan). The behaviour is the same.")]
+
 
 @app.command()
 def generate(
@@ -39,6 +45,7 @@ def generate(
     days: Annotated[int, typer.Option(min=1)] = 30,
     seed: int = 0,
     fmt: Annotated[str, typer.Option("--format", help="csv or parquet")] = "csv",
+    locale: SampleLocale = "en",
 ) -> None:
     """Write a realistic synthetic shop (users, items, events) that follows the input contract."""
     from persona import sample_data
@@ -47,8 +54,10 @@ def generate(
         _fail("--format must be csv or parquet")
     start = time.perf_counter()
     with console.status("generating sample data"):
-        tables = sample_data.generate(users, items, days, seed)
-        paths = sample_data.write(tables, out, fmt)
+        tables = sample_data.generate(users, items, days, seed, locale=locale)
+        # A BOM so that spreadsheet software reads Chinese CSV as UTF-8 (the loader skips it); English
+        # files stay as they were.
+        paths = sample_data.write(tables, out, fmt, encoding="utf-8" if locale == "en" else "utf-8-sig")
     took = time.perf_counter() - start
     n = len(tables["events"])
     console.print(f"wrote {', '.join(str(p) for p in paths)}: {len(tables['users'])} users, "

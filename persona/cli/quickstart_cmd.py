@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from persona.cli.common import DEFAULT_WS, Workspace, _config, app, console
-from persona.cli.data import generate, ingest, status, validate
+from persona.cli.data import SampleLocale, generate, ingest, status, validate
 from persona.cli.features import features_apply, features_build, features_materialize
 from persona.cli.models import train_cmd
 from persona.cli.serving import build_bento
@@ -18,12 +18,13 @@ def quickstart(
     items: int = 500,
     days: int = 30,
     seed: int = 0,
+    locale: SampleLocale = "en",
 ) -> None:
     """Run the whole pipeline on generated sample data inside the workspace."""
     cfg = _config(workspace)
     started = time.perf_counter()
     console.rule("1/6 generate sample data")
-    generate(out=cfg.sample_dir, users=users, items=items, days=days, seed=seed, fmt="csv")
+    generate(out=cfg.sample_dir, users=users, items=items, days=days, seed=seed, fmt="csv", locale=locale)
     console.rule("2/6 validate and ingest")
     validate(source=str(cfg.sample_dir), workspace=workspace, profile=None, strict=True, docs=True)
     ingest(source=str(cfg.sample_dir), workspace=workspace, profile=None, strict=True, as_json=False)
