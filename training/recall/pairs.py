@@ -55,17 +55,17 @@ def pair_features(recent: Recent, candidates: np.ndarray, groups: ItemGroups, n_
     cand_cat, cand_brand = groups.category[candidates], groups.brand[candidates]
     same_cat = (slot_cat[None, :] == cand_cat[:, None]) & (cand_cat[:, None] >= 0)
     same_brand = (slot_brand[None, :] == cand_brand[:, None]) & (cand_brand[:, None] >= 0)
-    for k in range(n_types):
-        of_type = recent.types == k
-        if not of_type.any():
-            continue
-        counts = np.where(of_type, recent.counts, 0.0)
-        on_item = same_item & of_type[None, :]
-        out[:, 4 * k] = np.log1p(on_item @ counts)
+    # Each slot's count under its type's column: three products give every type's counts at once.
+    by_type = np.zeros((len(recent.items), n_types), dtype=np.float32)
+    by_type[np.arange(len(recent.items)), recent.types] = recent.counts
+    out[:, 0:4 * n_types:4] = np.log1p(same_item.astype(np.float32) @ by_type)
+    out[:, 2:4 * n_types:4] = np.log1p(same_cat.astype(np.float32) @ by_type)
+    out[:, 3:4 * n_types:4] = np.log1p(same_brand.astype(np.float32) @ by_type)
+    touched = same_item.any(axis=1)
+    for k in np.unique(recent.types):  # the newest event of each type the user had, on touched candidates
+        on_item = same_item[touched] & (recent.types == k)[None, :]
         newest = np.where(on_item, hours[None, :], np.inf).min(axis=1)
-        out[:, 4 * k + 1] = np.where(np.isfinite(newest), np.log1p(newest), never)
-        out[:, 4 * k + 2] = np.log1p(same_cat.astype(np.float32) @ counts)
-        out[:, 4 * k + 3] = np.log1p(same_brand.astype(np.float32) @ counts)
+        out[touched, 4 * k + 1] = np.where(np.isfinite(newest), np.log1p(newest), never)
     on_item = same_item.astype(np.float32) @ recent.counts
     out[:, -6] = np.log1p(on_item)
     newest_any = np.where(same_item, hours[None, :], np.inf).min(axis=1)

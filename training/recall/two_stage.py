@@ -87,14 +87,19 @@ class Recall:
 
     def _top(self, source: Source, vector: np.ndarray, allowed: np.ndarray) -> np.ndarray:
         """The source's best allowed items, best first. A score of 0 is "no opinion" unless the source
-        scores every item (``dense``: the towers' cosine may be negative)."""
-        usable = allowed if getattr(source, "dense", False) else allowed & (vector > 0)
-        masked = np.where(usable, vector, -np.inf)
-        k = min(self.per_source, int(usable.sum()))
+        scores every item (``dense``: the towers' cosine may be negative); a sparse source's few
+        scored items are sorted alone."""
+        if getattr(source, "dense", False):
+            pool = np.flatnonzero(allowed)
+        else:
+            pool = np.flatnonzero(vector > 0)
+            pool = pool[allowed[pool]]
+        k = min(self.per_source, len(pool))
         if not k:
             return np.zeros(0, dtype=np.int64)
-        top = np.argpartition(-masked, k - 1)[:k]
-        return top[np.argsort(-masked[top], kind="stable")]
+        values = vector[pool]
+        top = np.argpartition(-values, k - 1)[:k] if len(pool) > k else np.arange(len(pool))
+        return pool[top[np.argsort(-values[top], kind="stable")]]
 
 
 def ranked(recall: Recall, ranker: Ranker, recent: Recent, now: float, query: str | None,
