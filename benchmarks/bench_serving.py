@@ -247,8 +247,10 @@ def run(shop: dict, ws: Path, rank_url: str, feast_url: str, model_url: str, tow
         lat["two-hop, with a query"] = percentiles(measure(
             model, "two-hop+query", [two_hop(u, q) for u, q in zip(pick, qs, strict=True)]))
 
-        # After the log's newest event (earlier runs appended theirs), with ids unique to this run.
-        end = max(newest_event(ws), ev["event_timestamp"].max())
+        # After the log's newest event (earlier runs appended theirs), with ids unique to this run, and
+        # within the last 30 days of now: /profile's windows end at the request, and the sample shop's
+        # window ends on a fixed date.
+        end = max(newest_event(ws), ev["event_timestamp"].max(), pd.Timestamp.now(tz="UTC") - pd.Timedelta(minutes=10))
         run_id = f"{time.time():.0f}"
         item = item_ids[0]
 

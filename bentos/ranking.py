@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
+import threadpoolctl
 import torch
 
 from bentos import settings
@@ -39,8 +40,10 @@ logger = logging.getLogger("persona.service")
 # --- the model --------------------------------------------------------------------------------------------
 def set_torch_threads() -> None:
     """Requests run side by side (``PERSONA_THREADS``), each on one core: torch's own threads on top of
-    them fought for the same cores (see BENCHMARKS.md)."""
+    them fought for the same cores (see BENCHMARKS.md). NumPy's BLAS likewise: recall + rank's small
+    products paid for waking its threads."""
     torch.set_num_threads(settings.TORCH_THREADS)
+    threadpoolctl.threadpool_limits(settings.TORCH_THREADS, user_api="blas")
 
 
 def best_device() -> str:
