@@ -185,3 +185,23 @@ def test_the_query_source_finds_real_chinese_titles_by_brand_without_a_dictionar
         top = np.argsort(-source.scores(Recent.empty(), 0, query), kind="stable")[:10]
         found += bool((items["brand"].to_numpy()[top] == brand).any())
     assert found / len(asked) >= 0.9, found
+
+
+def test_recall_rank_serves_only_where_it_ranked_better():
+    """The evaluation decides what /rank runs: the ranker is kept only above the profile model alone."""
+    from training.workflow import PERSONA, RECALL_RANK, serving_choice
+
+    def metrics(ours: float, towers: float | None) -> pd.DataFrame:
+        rows = [{"model": RECALL_RANK, "segment": "all", "NDCG@10": ours},
+                {"model": RECALL_RANK, "segment": "cold users", "NDCG@10": 0.9}]
+        if towers is not None:
+            rows.append({"model": PERSONA, "segment": "all", "NDCG@10": towers})
+        return pd.DataFrame(rows)
+
+    ranker = ("ranker", "spec")
+    assert serving_choice(metrics(0.31, 0.50), ranker)[0] == PERSONA
+    assert "0.3100, not above the profile model's 0.5000" in serving_choice(metrics(0.31, 0.50), ranker)[1]
+    assert serving_choice(metrics(0.50, 0.50), ranker)[0] == PERSONA  # a tie keeps the simpler path
+    assert serving_choice(metrics(0.17, 0.05), ranker)[0] == RECALL_RANK
+    assert serving_choice(metrics(0.17, None), ranker)[0] == RECALL_RANK  # no towers in the run (no text)
+    assert serving_choice(metrics(0.17, 0.05), None)[0] == PERSONA  # nothing to serve

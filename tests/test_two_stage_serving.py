@@ -32,8 +32,10 @@ def server(tmp_path_factory, two_stage_shop, tiny_bert):
     root = tmp_path_factory.mktemp("two_stage")
     ws = featured_workspace(root, two_stage_shop)
     env = service_env(ws, PERSONA_REFRESH_SECONDS="1", PERSONA_RECALL_REFRESH_SECONDS="1")
+    # --serve recall-rank: on this small shop the evaluation may keep the towers (auto); these tests are
+    # about the recall + rank path itself.
     subprocess.run([str(BIN / "persona"), "train", "-w", str(ws), "--bert", tiny_bert, "--epochs", "2",
-                    "--splits", "global", "--no-baselines", "--no-refit"],
+                    "--splits", "global", "--no-baselines", "--no-refit", "--serve", "recall-rank"],
                    env=env, check=True, capture_output=True, timeout=900)
     proc, url, log_file = serve(env, root / "server.log")
     with httpx.Client(base_url=url, timeout=30) as client:
@@ -51,6 +53,9 @@ def _active_users(shop, n: int) -> list[str]:
 
 
 def test_the_model_version_carries_its_ranker(server):
+    """Saved with the model, and the report says what /rank runs and why."""
+    report = next((server.workspace / "reports" / "training").glob("*/report.md")).read_text()
+    assert "`/rank` runs recall + rank (`--serve recall-rank`)" in report
     folders = list((server.workspace / "bentoml" / "models").glob("*/*/two_stage"))
     assert len(folders) == 1
     spec = json.loads((folders[0] / "spec.json").read_text())

@@ -94,6 +94,7 @@ class RunConfig:
     refit: bool = True
     models: tuple[str, ...] = DEFAULT_MODELS  # which rows to train and report (keys of MODEL_ROWS)
     target: str | None = None  # an event type: evaluate on each user's last day of it (``target_split``)
+    serve: str = "auto"  # what `persona train` saves for /rank: auto (the evaluation decides), recall-rank, towers
     sequence_types: tuple[str, ...] = DEFAULT_SEQUENCE_TYPES  # the workspace's (``Config.sequence_types``)
     exposure_types: tuple[str, ...] = DEFAULT_EXPOSURE_TYPES  # negatives in training (``Config.exposure_types``)
 
@@ -359,6 +360,7 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
             frame = dataset.fetch_features(store, examples)
     tables, histories, best_epochs, evaluated_model, extra, persona_model = [], {}, {}, None, [], None
     two_stage = None  # the first split's ranker and its layout: what `persona train` saves for serving
+    served = None  # the row chosen for serving, on the first split
     for split_name in cfg.split_names():
         split = make_split(split_name, events, positives, cfg)
         with stage("id baselines (fit and tune)"):
@@ -400,18 +402,42 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
             with stage("recall + rank: sources, ranker" + (" and its ablations" if cfg.ranker_ablation else "")):
                 tower = tower_scorer(persona_model, features, store, item_ids) if PERSONA in variants else None
                 rr = recall_and_rank(events, items, _behaviours(cfg, split, positives), split.fit_cut, split.test_cut,
-                                     split.before, tower, item_texts(items), cfg.ranker_ablation)
+                                     split.before, tower, item_texts(items), cfg.ranker_ablation,
+                                     per_event=split_name != "target")  # requests shaped as the split's
                 scorers.update(rr.scorers)
                 extra += _recall_lines(split.name, rr, split.requests)
-                two_stage = two_stage or (rr.ranker, rr.spec)
+                candidate = (rr.ranker, rr.spec) if two_stage is None and not served else None
         with stage("evaluation on the test requests"):
             tables.append(evaluate_scorers(scorers, split, events, positives, item_ids, pairs, test_rows))
+        if not served and cfg.wants("recall-rank"):
+            served, verdict = serving_choice(tables[-1], candidate, cfg.serve)
+            two_stage = candidate if served == RECALL_RANK else None
+            extra += [f"## What `persona train` serves ({split.name})", "", verdict, ""]
     metrics = pd.concat(tables, ignore_index=True)
     report = write_report(report_dir, metrics, histories, stage.seconds, extra)
     return {"metrics": metrics, "spec": feature_spec(store, frame) if frame is not None else None, "frame": frame,
             "item_ids": item_ids, "stages": stage.seconds,
             "best_epochs": best_epochs, "report": report, "histories": histories, "model": evaluated_model,
             "two_stage": two_stage}
+
+
+def serving_choice(metrics: pd.DataFrame, candidate, serve: str = "auto") -> tuple[str, str]:
+    """Recall + rank serves only where it ranked better than the profile model alone on the split's
+    test requests (NDCG@10): the evaluation decides what `/rank` runs, not the code path. ``serve``
+    (`persona train --serve`) overrides it."""
+    overall = metrics[metrics["segment"] == "all"].set_index("model")["NDCG@10"]
+    ours, towers = overall.get(RECALL_RANK), overall.get(PERSONA)
+    if candidate is None or ours is None:
+        return PERSONA, "Recall + rank was not trained: `/rank` ranks with the two towers."
+    if serve == "towers":
+        return PERSONA, f"`/rank` ranks with the two towers (`--serve towers`; recall + rank scored {ours:.4f})."
+    if serve == "recall-rank":
+        return RECALL_RANK, f"`/rank` runs recall + rank (`--serve recall-rank`): NDCG@10 {ours:.4f}."
+    if towers is not None and not ours > towers:
+        return PERSONA, (f"`/rank` ranks with the two towers: recall + rank scored NDCG@10 {ours:.4f}, not above the "
+                         f"profile model's {towers:.4f}, so its ranker is not saved with the model.")
+    against = f", the profile model alone {towers:.4f}" if towers is not None else ""
+    return RECALL_RANK, f"`/rank` runs recall + rank: NDCG@10 {ours:.4f}{against}. Its ranker is saved with the model."
 
 
 def _behaviours(cfg: RunConfig, split: Split, positives: dict[str, float]) -> Behaviours:

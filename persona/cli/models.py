@@ -113,15 +113,20 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
                        "the evaluated model for 2 epochs over every example (slower; refits statistics, "
                        "vocabularies and item ids).")] = False,
               target: Target = None,
+              serve: Annotated[str, typer.Option(
+                  help="What /rank runs with this model: auto (recall + rank where the evaluation ranked it "
+                       "above the profile model alone, else the towers), recall-rank, or towers.")] = "auto",
               ) -> None:
     """Train, evaluate against baselines, refit on everything, and save to the BentoML model store."""
     from training.model_store import save_to_bentoml
     from training.workflow import refit as refit_model
 
     cfg = _config(workspace, profile)
+    if serve not in ("auto", "recall-rank", "towers"):
+        _fail("--serve takes auto, recall-rank or towers")
     run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert or cfg.text_model, device, splits,
-                          baselines, refit,
-                          target=target)
+                          baselines, refit, target=target)
+    run_cfg.serve = serve
     store, events, result = _run_protocol(cfg, run_cfg, "training")
     if refit:
         console.print("refitting on all data up to the newest event")

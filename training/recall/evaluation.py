@@ -15,7 +15,7 @@ import pandas as pd
 
 from training.baselines import Histories
 from training.recall import pairs
-from training.recall.fit import TOWER, Behaviours, Scores, fit_ranker, make_recall, two_stage_scorer
+from training.recall.fit import TOWER, Behaviours, Scores, fit_ranker, make_recall, tower_column, two_stage_scorer
 from training.recall.history import EventHistories
 from training.recall.package import TwoStageSpec
 from training.recall.ranker import Lists, Ranker, RankerConfig, fit
@@ -63,10 +63,10 @@ class RecallRank:
 
 def recall_and_rank(events: pd.DataFrame, items: pd.DataFrame, behaviours: Behaviours, fit_cut, test_cut,
                     before: Callable, tower: Scores | None = None, texts: list[str] | None = None,
-                    ablate: bool = True, cfg: RankerConfig | None = None) -> RecallRank:
+                    ablate: bool = True, cfg: RankerConfig | None = None, per_event: bool = False) -> RecallRank:
     """Fit the ranker (and, with ``ablate``, one per feature group left out) and build its scorers."""
     index = {i: k for k, i in enumerate(items["item_id"].astype(str))}
-    ranker, lists = fit_ranker(events, items, behaviours, fit_cut, test_cut, before, tower, texts, cfg)
+    ranker, lists = fit_ranker(events, items, behaviours, fit_cut, test_cut, before, tower, texts, cfg, per_event)
     given = before(events, test_cut)
     recall = make_recall(given, items, behaviours, tower is not None, texts)
     histories = EventHistories(given, index, recall.codes, behaviours.sequence)
@@ -77,7 +77,9 @@ def recall_and_rank(events: pd.DataFrame, items: pd.DataFrame, behaviours: Behav
         for group, cols in feature_groups(recall).items():
             blanked = Lists([_blank(f, cols) for f in lists.features], lists.labels)
             name = f"{ROW} without {group}"
-            scorers[name] = two_stage_scorer(recall, Without(fit(blanked, cfg), cols), histories, engaged, tower)
+            base = tower_column(recall) if tower is not None else None
+            base = None if base in set(cols.tolist()) else base  # without the towers' score: no base either
+            scorers[name] = two_stage_scorer(recall, Without(fit(blanked, cfg, base), cols), histories, engaged, tower)
             ablation.append((group, name))
 
     def recall_table(requests: pd.DataFrame) -> pd.DataFrame:

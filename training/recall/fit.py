@@ -66,23 +66,33 @@ def _column(items: pd.DataFrame, name: str) -> list:
     return items[name].astype(object).where(items[name].notna(), None).tolist()
 
 
+MAX_LISTS = 10_000  # training requests a ranker learns from (a seeded sample past it): bounds the fit's time
+
+
 def target_requests(events: pd.DataFrame, behaviours: Behaviours, start: pd.Series | pd.Timestamp,
-                    end: pd.Series | pd.Timestamp) -> pd.DataFrame:
-    """One request per (user, UTC day) with target events in [start, end): at the day's first target
-    event, its targets the items of that day's target events, with the strongest type's weight."""
+                    end: pd.Series | pd.Timestamp, per_event: bool = False) -> pd.DataFrame:
+    """Training requests from the target events in [start, end), shaped as the split's test requests:
+    ``per_event`` (the global and leave-one-out splits, as serving asks) one request at each target
+    event, its item the target; else (the per-target-type split) one per (user, UTC day) at the day's
+    first target event, its targets that day's items. Weights: the strongest type's."""
     ev = events[events["event_type"].isin(list(behaviours.targets)) & events["item_id"].notna()]
     t = pd.to_datetime(ev["event_timestamp"], utc=True)
     lo = ev["user_id"].map(start) if isinstance(start, pd.Series) else start
     hi = ev["user_id"].map(end) if isinstance(end, pd.Series) else end
     keep = ((t >= lo) & (t < hi)).fillna(False).astype(bool)  # a user without a cut has no request
-    ev = ev[keep].assign(day=t[keep].dt.floor("D"), w=lambda f: f["event_type"].map(behaviours.targets))
+    ev = ev[keep].assign(w=lambda f: f["event_type"].map(behaviours.targets))
     if ev.empty:
-        return pd.DataFrame(columns=["user_id", "event_timestamp", "targets"])
-    grouped = ev.groupby(["user_id", "day"], sort=True)
+        return pd.DataFrame(columns=["user_id", "event_timestamp", "targets", "query"])
+    key = ev["event_timestamp"] if per_event else t[keep].dt.floor("D")
+    ev = ev.assign(key=key.to_numpy())
+    grouped = ev.groupby(["user_id", "key"], sort=True)
     out = grouped.agg(event_timestamp=("event_timestamp", "min")).reset_index()
-    weights = ev.groupby(["user_id", "day", "item_id"])["w"].max()
-    out["targets"] = [weights.loc[(u, d)].to_dict() for u, d in zip(out["user_id"], out["day"], strict=True)]
-    return live_queries(out.drop(columns="day"), events)
+    weights = ev.groupby(["user_id", "key", "item_id"])["w"].max()
+    out["targets"] = [weights.loc[(u, k)].to_dict() for u, k in zip(out["user_id"], out["key"], strict=True)]
+    out = out.drop(columns="key")
+    if len(out) > MAX_LISTS:
+        out = out.sample(MAX_LISTS, random_state=0).sort_values(["user_id", "event_timestamp"]).reset_index(drop=True)
+    return live_queries(out, events)
 
 
 SESSION_GAP = pd.Timedelta(minutes=30)  # a search this recent is the live query (serving's rule)
@@ -123,16 +133,23 @@ def training_lists(recall: Recall, requests: pd.DataFrame, histories: EventHisto
 
 def fit_ranker(events: pd.DataFrame, items: pd.DataFrame, behaviours: Behaviours, fit_cut, test_cut,
                before: Callable[[pd.DataFrame, object], pd.DataFrame], tower: Scores | None = None,
-               texts: list[str] | None = None, cfg: RankerConfig | None = None):
+               texts: list[str] | None = None, cfg: RankerConfig | None = None, per_event: bool = False):
     """The ranker of a split, and the lists it learnt from (for the report)."""
     index = {i: k for k, i in enumerate(items["item_id"].astype(str))}
     fit_events = before(events, fit_cut)
     recall = make_recall(fit_events, items, behaviours, tower is not None, texts)
-    requests = target_requests(before(events, test_cut), behaviours, fit_cut, test_cut)
+    requests = target_requests(before(events, test_cut), behaviours, fit_cut, test_cut, per_event)
     histories = EventHistories(events, index, recall.codes, behaviours.sequence)
     engaged = Histories(events, dict.fromkeys(behaviours.engaged, 1.0), list(index))
     lists = training_lists(recall, requests, histories, engaged, index, tower)
-    return fit(lists, cfg), lists
+    return fit(lists, cfg, tower_column(recall) if tower is not None else None), lists
+
+
+def tower_column(recall: Recall) -> int | None:
+    """The profile model's score among the ranker's features: the order the ranker corrects."""
+    name = f"{TOWER}: score"
+    names = recall.feature_names()
+    return names.index(name) if name in names else None
 
 
 def two_stage_scorer(recall: Recall, ranker, histories: EventHistories, engaged: Histories,

@@ -33,9 +33,10 @@ CONSTANT = 1e-5  # a training standard deviation below this: the feature is trea
 class Ranker(nn.Module):
     """Standardised features -> MLP -> one score per candidate."""
 
-    def __init__(self, n_features: int, cfg: RankerConfig, mean: np.ndarray, std: np.ndarray):
+    def __init__(self, n_features: int, cfg: RankerConfig, mean: np.ndarray, std: np.ndarray,
+                 base: int | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.base = cfg, base
         # A feature that never varied in training (no query in the log: the lexical columns) is held at
         # its mean, so a value serving sees for the first time cannot blow up through a tiny scale.
         std = np.where(np.asarray(std) < CONSTANT, np.inf, std)
@@ -45,9 +46,15 @@ class Ranker(nn.Module):
         self.net = nn.Sequential(nn.Linear(n_features, cfg.hidden), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.hidden, 1))
+        # With a base column (the profile model's score), the MLP learns a correction to it and starts at
+        # zero: the ranker begins as the towers' order and moves only where its lists say so.
+        if base is not None:
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std).squeeze(-1)
+        out = self.net((x - self.mean) / self.std).squeeze(-1)
+        return out + x[..., self.base] if self.base is not None else out
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """The forward pass in NumPy with the current weights: for one request's few hundred candidates
@@ -56,7 +63,8 @@ class Ranker(nn.Module):
         x = (features.astype(np.float32) - self._np_mean) / self._np_std
         x = _gelu(x @ w1 + b1)
         x = _gelu(x @ w2 + b2)
-        return (x @ w3 + b3).ravel()
+        out = (x @ w3 + b3).ravel()
+        return out + features[:, self.base].astype(np.float32) if self.base is not None else out
 
     def _weights(self):
         """NumPy copies of the layers, refreshed when training changed them (a version per state)."""
@@ -69,14 +77,14 @@ class Ranker(nn.Module):
         return self._np
 
     def save(self, path: Path) -> None:
-        torch.save({"config": asdict(self.cfg), "n_features": int(self.mean.shape[0]),
+        torch.save({"config": asdict(self.cfg), "n_features": int(self.mean.shape[0]), "base": self.base,
                     "state": self.state_dict()}, path)
 
     @staticmethod
     def load(path: Path) -> Ranker:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         n = saved["n_features"]
-        model = Ranker(n, RankerConfig(**saved["config"]), np.zeros(n), np.ones(n))
+        model = Ranker(n, RankerConfig(**saved["config"]), np.zeros(n), np.ones(n), saved.get("base"))
         model.load_state_dict(saved["state"])
         return model.eval()
 
@@ -130,8 +138,9 @@ def ndcg10(model: Ranker, lists: Lists) -> float:
     return total / max(len(lists.labels), 1)
 
 
-def fit(lists: Lists, cfg: RankerConfig | None = None) -> Ranker:
-    """Train on most lists, stop early on the rest; keep the best epoch's weights."""
+def fit(lists: Lists, cfg: RankerConfig | None = None, base: int | None = None) -> Ranker:
+    """Train on most lists, stop early on the rest; keep the best epoch's weights (with a ``base``
+    column, "no epoch" counts: the base's own order, if no epoch beats it on the held-out lists)."""
     cfg = cfg or RankerConfig()
     lists = lists.useful()
     if not lists.labels:
@@ -144,9 +153,11 @@ def fit(lists: Lists, cfg: RankerConfig | None = None) -> Ranker:
     train_ids = order[n_val:]
     stacked = np.concatenate([lists.features[k] for k in train_ids])
     mean, std = stacked.mean(axis=0), stacked.std(axis=0)
-    model = Ranker(stacked.shape[1], cfg, mean, std)
+    model = Ranker(stacked.shape[1], cfg, mean, std, base)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best, best_state, stale = -1.0, None, 0
+    if base is not None and n_val:
+        best, best_state = ndcg10(model, val), {k: v.detach().clone() for k, v in model.state_dict().items()}
     for _ in range(cfg.epochs):
         model.train()
         for b in range(0, len(train_ids), cfg.lists_per_batch):
