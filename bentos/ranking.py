@@ -253,9 +253,8 @@ def two_stage_items(ranker: Ranker, user, frame, k: int, candidates: list[str] |
         tower = (unit_user @ ranker.unit_vectors.T / ranker.model.cfg.temperature).squeeze(0).float().cpu().numpy()
     unknown, only = [], None
     if candidates is not None:
-        rows = [ranker.item_index.get(c) for c in candidates]
-        unknown = [c for c, row in zip(candidates, rows, strict=True) if row is None]
-        only = np.array([row for row in rows if row is not None], dtype=np.int64)
+        known, unknown = candidate_rows(ranker, candidates)
+        only = np.array(known, dtype=np.int64)
     leave = np.array([ranker.item_index[i] for i in leave_out if i in ranker.item_index], dtype=np.int64)
     recent = from_frame(frame, ranker.item_index, stage.codes)[0]
     now = pd.Timestamp(frame["request_timestamp"].iloc[0]).value / 1e9
@@ -274,15 +273,21 @@ def top_items(ranker: Ranker, user, k: int, candidates: list[str] | None, leave_
     if candidates is None:
         allowed = torch.ones(len(ranker.item_ids), dtype=torch.bool, device=scores.device)
     else:
-        rows = [ranker.item_index.get(c) for c in candidates]
-        unknown = [c for c, row in zip(candidates, rows, strict=True) if row is None]
+        known, unknown = candidate_rows(ranker, candidates)
         allowed = torch.zeros(len(ranker.item_ids), dtype=torch.bool, device=scores.device)
-        allowed[_row_tensor([row for row in rows if row is not None], scores.device)] = True
+        allowed[_row_tensor(known, scores.device)] = True
     allowed[_row_tensor([ranker.item_index[i] for i in leave_out if i in ranker.item_index], scores.device)] = False
     if not allowed.any():
         return Ranked([], [], unknown)
     top = torch.topk(scores.masked_fill(~allowed, float("-inf")), min(k, int(allowed.sum())))
     return Ranked(top.indices.tolist(), top.values.tolist(), unknown)
+
+
+def candidate_rows(ranker: Ranker, candidates: list[str]) -> tuple[list[int], list[str]]:
+    """The caller's candidates as rows of the ranker's items, and those it does not rank."""
+    rows = [ranker.item_index.get(c) for c in candidates]
+    return ([row for row in rows if row is not None],
+            [c for c, row in zip(candidates, rows, strict=True) if row is None])
 
 
 def _row_tensor(rows: list[int], device):

@@ -7,10 +7,11 @@ this module after changing the environment is seen everywhere.
 from __future__ import annotations
 
 import os
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from core.config import MODEL_NAME
+from training.recall.fit import SESSION_GAP as LIVE_QUERY_GAP
 
 WORKSPACE = Path(os.environ.get("PERSONA_WORKSPACE", "workspace")).resolve()
 os.environ.setdefault("BENTOML_HOME", str(WORKSPACE / "bentoml"))  # the workspace's model store
@@ -32,5 +33,5 @@ TIMINGS = os.environ.get("PERSONA_TIMINGS") == "1"  # /rank answers carry their 
 # Fixed bounds, not read from the environment.
 MAX_EVENTS = 500  # events per POST /events
 MAX_CANDIDATES = 10_000  # candidates per /rank
-SESSION_GAP = timedelta(minutes=30)  # a search this recent is still the live query (as in training)
+SESSION_GAP = LIVE_QUERY_GAP.to_pytimedelta()  # a search this recent is still the live query (training's rule)
 EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)  # request times taken

@@ -406,7 +406,7 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
                                      per_event=split_name != "target")  # requests shaped as the split's
                 scorers.update(rr.scorers)
                 extra += _recall_lines(split.name, rr, split.requests)
-                candidate = (rr.ranker, rr.spec) if two_stage is None and not served else None
+                candidate = (rr.ranker, rr.spec)
         with stage("evaluation on the test requests"):
             tables.append(evaluate_scorers(scorers, split, events, positives, item_ids, pairs, test_rows))
         if not served and cfg.wants("recall-rank"):

@@ -73,12 +73,12 @@ def recall_and_rank(events: pd.DataFrame, items: pd.DataFrame, behaviours: Behav
     engaged = Histories(given, dict.fromkeys(behaviours.engaged, 1.0), list(index))
     scorers = {ROW: two_stage_scorer(recall, ranker, histories, engaged, tower)}
     ablation = []
+    tower_base = tower_column(recall) if tower is not None else None
     if ablate:
         for group, cols in feature_groups(recall).items():
             blanked = Lists([_blank(f, cols) for f in lists.features], lists.labels)
             name = f"{ROW} without {group}"
-            base = tower_column(recall) if tower is not None else None
-            base = None if base in set(cols.tolist()) else base  # without the towers' score: no base either
+            base = None if tower_base in set(cols.tolist()) else tower_base  # without the towers' score: no base
             scorers[name] = two_stage_scorer(recall, Without(fit(blanked, cfg, base), cols), histories, engaged, tower)
             ablation.append((group, name))
 
