@@ -173,3 +173,78 @@ def test_a_changed_behaviour_layout_is_refused_not_misread():
     behaviours = Behaviours(["view", "purchase"], ["purchase"], {"purchase": 1.0})
     with pytest.raises(LayoutChanged):
         _tiny_stage(behaviours, ["not", "the", "layout"])
+
+
+def _wait_for(check, seconds: float = 90) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if check():
+            return True
+        time.sleep(1)
+    return False
+
+
+def test_a_second_day_new_items_new_users_restart_and_forget(server, two_stage_shop, tmp_path):
+    """A shop's life for the recall state: a day-two item and day-two users join co-occurrence; a restarted
+    service ranks as the running one does (rebuilt from the log = refreshed in place); erasing the users
+    who made a pair removes it from the recall state too."""
+    events, items = two_stage_shop["events"], two_stage_shop["items"]
+    end = pd.Timestamp(events["event_timestamp"].max())
+    rare = events["item_id"].value_counts()
+    old_item = rare.index[-1]  # an item few people touched: the pair below is the day-two users' alone
+    new_item = "day2-item"
+    folder = tmp_path / "day2"
+    folder.mkdir()
+    items.head(1).assign(item_id=new_item, title="Day-two walnut desk organiser").to_csv(folder / "items.csv",
+                                                                                          index=False)
+    newcomers = ["day2-maker-a", "day2-maker-b", "probe-user"]  # the day's new users come in its batch too
+    two_stage_shop["users"].head(3).assign(user_id=newcomers).to_csv(folder / "users.csv", index=False)
+    for args in (("ingest", "--source", str(folder)), ("features", "build"), ("features", "materialize")):
+        done = subprocess.run([str(BIN / "persona"), *args, "-w", str(server.workspace)], env=server.env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    at = {"timestamp": _iso(end + pd.Timedelta(hours=1))}
+
+    def ask(user: str, candidates: list[str] | None = None, k: int = 10) -> dict:
+        body = {"user_id": user, "k": k, "context": at} | ({"candidates": candidates} if candidates else {})
+        return server.post("/rank", json=body).json()
+
+    assert _wait_for(lambda: ask("probe-user", [new_item])["unknown_candidates"] == [])
+    makers = newcomers[:2]
+    views = [{"event_id": f"day2-{user}-{item}", "user_id": user, "item_id": item, "event_type": "view",
+              "event_timestamp": _iso(end + pd.Timedelta(minutes=10 + n)), "device": "app"}
+             for user in makers for n, item in enumerate((old_item, new_item))]
+    views.append({"event_id": "day2-probe", "user_id": "probe-user", "item_id": old_item, "event_type": "view",
+                  "event_timestamp": _iso(end + pd.Timedelta(minutes=20)), "device": "app"})
+    posted = server.post("/events", json={"events": views})
+    assert posted.status_code == 200, posted.text
+
+    def together() -> bool:
+        return any("often together with" in r for r in ask("probe-user", [new_item])["items"][0]["reasons"])
+
+    assert _wait_for(together), ask("probe-user", [new_item])
+    assert ask(makers[0])["ranking"] == "recall + rank"
+
+    # A restart rebuilds the recall state from the log: it must rank as the running service does.
+    time.sleep(3)  # past PERSONA_RECALL_REFRESH_SECONDS: the running one has seen every event
+    users = ["probe-user", *makers, *_active_users(two_stage_shop, 2), "never-seen"]
+    running = {user: ask(user) for user in users}
+    proc, url, log_file = serve(server.env, server.root / "restarted.log")
+    try:
+        with httpx.Client(base_url=url, timeout=30) as again:
+            for user in users:
+                body = again.post("/rank", json={"user_id": user, "k": 10, "context": at}).json()
+                assert [i["item_id"] for i in body["items"]] == [i["item_id"] for i in running[user]["items"]], user
+                assert [i["reasons"] for i in body["items"]] == [i["reasons"] for i in running[user]["items"]]
+                np.testing.assert_allclose([i["score"] for i in body["items"]],
+                                           [i["score"] for i in running[user]["items"]], atol=1e-4)
+    finally:
+        stop(proc, log_file)
+
+    # `persona forget` beside the service: the pair the erased users made leaves the recall state.
+    done = subprocess.run([str(BIN / "persona"), "forget", "-w", str(server.workspace), "--user", makers[0],
+                           "--user", makers[1], "--reason", "test"], env=server.env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _wait_for(lambda: not together()), ask("probe-user", [new_item])
+    assert ask(makers[0])["cold_start"]
