@@ -132,9 +132,10 @@ class Persona:
                 await self.queries.follow((fresh or self.ranker).tag)
                 if fresh is not None:
                     self.ranker = fresh
+                    stage = fresh.two_stage
                     logger.info("ranker refreshed: model %s, catalogue %s (%d items ranked of %d), %s", fresh.tag,
                                 fresh.catalogue, len(fresh.item_ids), len(fresh.catalogue_ids),
-                                "recall + rank" if fresh.two_stage is not None else "two towers")
+                                "two towers" if stage is None else f"recall + rank ({stage.spec.scope} requests)")
             except Exception as exc:  # noqa: BLE001 - keep serving the current version; try again next tick
                 logger.warning("refresh skipped: %s: %s", type(exc).__name__, exc)
 

@@ -25,6 +25,8 @@ THREADS = int(os.environ.get("PERSONA_THREADS", "4"))  # requests the ranking se
 TORCH_THREADS = int(os.environ.get("PERSONA_TORCH_THREADS", "1"))  # torch's threads per request
 # Recall + rank when the model has a ranker ("off": the two towers' top k, as before the ranker).
 RECALL_RANK = os.environ.get("PERSONA_RECALL_RANK", "on").lower() not in ("off", "0", "false", "no")
+# A query the towers cannot read (Chinese for all-MiniLM-L6-v2) is ranked by its words first; off: as read.
+QUERY_WORDS = os.environ.get("PERSONA_QUERY_WORDS", "on").lower() not in ("off", "0", "false", "no")
 # The recall state built from the event log (co-occurrence, item counts, the lexical index) is rebuilt at
 # most this often after new events; a user's own behaviour reaches /rank through the online store at once.
 RECALL_REFRESH_SECONDS = float(os.environ.get("PERSONA_RECALL_REFRESH_SECONDS", "60"))

@@ -205,3 +205,31 @@ def test_recall_rank_serves_only_where_it_ranked_better():
     assert serving_choice(metrics(0.17, 0.05), ranker)[0] == RECALL_RANK
     assert serving_choice(metrics(0.17, None), ranker)[0] == RECALL_RANK  # no towers in the run (no text)
     assert serving_choice(metrics(0.17, 0.05), None)[0] == PERSONA  # nothing to serve
+    assert serving_choice(metrics(0.17, 0.05), ranker)[2] == "all"
+
+
+def test_recall_rank_serves_searches_where_only_they_ranked_better():
+    """Better only on the requests with a search (enough of them): it serves those, the towers the rest."""
+    from training.recall.package import TwoStageSpec
+    from training.workflow import MIN_QUERY_REQUESTS, PERSONA, RECALL_RANK, serving_choice
+
+    def metrics(searched: int, ours: float, towers: float) -> pd.DataFrame:
+        return pd.DataFrame([
+            {"model": RECALL_RANK, "segment": "all", "NDCG@10": 0.30, "requests": 500},
+            {"model": PERSONA, "segment": "all", "NDCG@10": 0.50, "requests": 500},
+            {"model": RECALL_RANK, "segment": "with query", "NDCG@10": ours, "requests": searched},
+            {"model": PERSONA, "segment": "with query", "NDCG@10": towers, "requests": searched}])
+
+    ranker = ("ranker", "spec")
+    served, verdict, scope = serving_choice(metrics(80, 0.61, 0.20), ranker)
+    assert (served, scope) == (RECALL_RANK, "queries")
+    assert "on the 80 test requests with a search it scored 0.6100 against 0.2000" in verdict
+    assert serving_choice(metrics(80, 0.20, 0.61), ranker)[:3:2] == (PERSONA, "all")
+    assert serving_choice(metrics(MIN_QUERY_REQUESTS - 1, 0.61, 0.20), ranker)[0] == PERSONA  # too few to tell
+    assert serving_choice(metrics(80, 0.61, 0.20), ranker, "towers")[0] == PERSONA
+    spec = TwoStageSpec(["f"], None, True, True, "queries")
+    assert spec.serves("落地窗") and not spec.serves(None) and not spec.serves("")
+    behaviours = {"sequence": [], "engaged": [], "targets": {}}
+    assert TwoStageSpec.from_json({**spec.to_json(), "behaviours": behaviours}).scope == "queries"
+    legacy = {k: v for k, v in spec.to_json().items() if k != "scope"}  # saved before scopes
+    assert TwoStageSpec.from_json({**legacy, "behaviours": behaviours}).scope == "all"

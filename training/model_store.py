@@ -58,7 +58,8 @@ def save_to_bentoml(model: ProfileModel, store, metrics: pd.DataFrame | None, ev
         "splits": list(cfg.splits),
         "metrics": json.loads(metrics.to_json(orient="records")) if metrics is not None else [],
         "code_version": code_version(),
-        "ranking": "recall + rank" if two_stage is not None else "two towers",
+        "ranking": ("two towers" if two_stage is None else
+                    "recall + rank" if two_stage[1].scope == "all" else "recall + rank for searches, else two towers"),
         **(extra or {}),
     }
     metadata = _metadata_safe(json.loads(json.dumps(metadata, default=str)))

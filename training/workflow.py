@@ -410,8 +410,8 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
         with stage("evaluation on the test requests"):
             tables.append(evaluate_scorers(scorers, split, events, positives, item_ids, pairs, test_rows))
         if not served and cfg.wants("recall-rank"):
-            served, verdict = serving_choice(tables[-1], candidate, cfg.serve)
-            two_stage = candidate if served == RECALL_RANK else None
+            served, verdict, scope = serving_choice(tables[-1], candidate, cfg.serve)
+            two_stage = (candidate[0], replace(candidate[1], scope=scope)) if served == RECALL_RANK else None
             extra += [f"## What `persona train` serves ({split.name})", "", verdict, ""]
     metrics = pd.concat(tables, ignore_index=True)
     report = write_report(report_dir, metrics, histories, stage.seconds, extra)
@@ -421,23 +421,45 @@ def run(store, events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, f
             "two_stage": two_stage}
 
 
-def serving_choice(metrics: pd.DataFrame, candidate, serve: str = "auto") -> tuple[str, str]:
+def serving_choice(metrics: pd.DataFrame, candidate, serve: str = "auto") -> tuple[str, str, str]:
     """Recall + rank serves only where it ranked better than the profile model alone on the split's
-    test requests (NDCG@10): the evaluation decides what `/rank` runs, not the code path. ``serve``
-    (`persona train --serve`) overrides it."""
-    overall = metrics[metrics["segment"] == "all"].set_index("model")["NDCG@10"]
-    ours, towers = overall.get(RECALL_RANK), overall.get(PERSONA)
+    test requests (NDCG@10): the evaluation decides what `/rank` runs, not the code path. Where it is
+    better only on the requests with a search (``MIN_QUERY_REQUESTS`` of them at least), it serves those
+    (scope "queries"). ``serve`` (`persona train --serve`) overrides it. Returns (row, verdict, scope)."""
+    ndcg = metrics.set_index(["model", "segment"])["NDCG@10"]
+    ours, towers = ndcg.get((RECALL_RANK, "all")), ndcg.get((PERSONA, "all"))
     if candidate is None or ours is None:
-        return PERSONA, "Recall + rank was not trained: `/rank` ranks with the two towers."
+        return PERSONA, "Recall + rank was not trained: `/rank` ranks with the two towers.", "all"
     if serve == "towers":
-        return PERSONA, f"`/rank` ranks with the two towers (`--serve towers`; recall + rank scored {ours:.4f})."
+        return PERSONA, f"`/rank` ranks with the two towers (`--serve towers`; recall + rank scored {ours:.4f}).", "all"
     if serve == "recall-rank":
-        return RECALL_RANK, f"`/rank` runs recall + rank (`--serve recall-rank`): NDCG@10 {ours:.4f}."
+        return RECALL_RANK, f"`/rank` runs recall + rank (`--serve recall-rank`): NDCG@10 {ours:.4f}.", "all"
     if towers is not None and not ours > towers:
-        return PERSONA, (f"`/rank` ranks with the two towers: recall + rank scored NDCG@10 {ours:.4f}, not above the "
-                         f"profile model's {towers:.4f}, so its ranker is not saved with the model.")
+        searched = _with_query(metrics)
+        verdict = f"recall + rank scored NDCG@10 {ours:.4f}, not above the profile model's {towers:.4f}"
+        if searched is not None and searched[0] > searched[1]:
+            return RECALL_RANK, (f"`/rank` runs recall + rank for requests with a search and the two towers for the "
+                                 f"rest: overall {verdict}, but on the {searched[2]} test requests with a search it "
+                                 f"scored {searched[0]:.4f} against {searched[1]:.4f}."), "queries"
+        return PERSONA, f"`/rank` ranks with the two towers: {verdict}, so its ranker is not saved with the model.", \
+            "all"
     against = f", the profile model alone {towers:.4f}" if towers is not None else ""
-    return RECALL_RANK, f"`/rank` runs recall + rank: NDCG@10 {ours:.4f}{against}. Its ranker is saved with the model."
+    saved = "Its ranker is saved with the model."
+    return RECALL_RANK, f"`/rank` runs recall + rank: NDCG@10 {ours:.4f}{against}. {saved}", "all"
+
+
+MIN_QUERY_REQUESTS = 30  # fewer test requests with a search than this: too few to decide on them
+
+
+def _with_query(metrics: pd.DataFrame) -> tuple[float, float, int] | None:
+    """(recall + rank, towers, requests) on the test requests with a search, when there are enough."""
+    rows = metrics[metrics["segment"] == "with query"].set_index("model")
+    if RECALL_RANK not in rows.index or PERSONA not in rows.index or "requests" not in rows:
+        return None
+    n = int(rows.loc[RECALL_RANK, "requests"])
+    if n < MIN_QUERY_REQUESTS:
+        return None
+    return float(rows.loc[RECALL_RANK, "NDCG@10"]), float(rows.loc[PERSONA, "NDCG@10"]), n
 
 
 def _behaviours(cfg: RunConfig, split: Split, positives: dict[str, float]) -> Behaviours:
@@ -619,7 +641,7 @@ def recommend(model: ProfileModel, store, events: pd.DataFrame, items: pd.DataFr
     after = as_of + pd.Timedelta(microseconds=1)  # the newest event counts, as the online store has it
     seen = seen_before(events, positives, requests.assign(event_timestamp=after), index) if exclude_seen \
         else [np.zeros(0, dtype=np.int64)] * len(users)
-    if two_stage is not None:
+    if two_stage is not None and two_stage[1].serves(None):  # a ranker for searches only: the towers here
         return _two_stage_recommend(TwoStage(*two_stage, events, items, item_ids), events, users, scores, seen,
                                     after, k)
     for r, ex in enumerate(seen):

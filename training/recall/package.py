@@ -37,6 +37,11 @@ class TwoStageSpec:
     behaviours: Behaviours
     with_tower: bool  # the profile model's score is a source
     lexical: bool  # the query's text is a source
+    scope: str = "all"  # the requests it ranks: "all", or "queries" (those with a search; the towers the rest)
+
+    def serves(self, query: str | None) -> bool:
+        """Whether this ranker ranks a request with this query (None: no search)."""
+        return self.scope == "all" or bool(query)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -44,7 +49,7 @@ class TwoStageSpec:
     @staticmethod
     def from_json(data: dict) -> TwoStageSpec:
         return TwoStageSpec(data["feature_names"], Behaviours(**data["behaviours"]), data["with_tower"],
-                            data["lexical"])
+                            data["lexical"], data.get("scope", "all"))  # saved before scopes: every request
 
 
 def save(folder: Path, ranker: Ranker, spec: TwoStageSpec) -> None:
