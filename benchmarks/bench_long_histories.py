@@ -71,12 +71,14 @@ def join_cost(ws: Path, rows_of: str) -> dict:
     memory is the join's): the heaviest user's rows, or as many rows of the lightest users."""
     code = f"""
 import json, resource, sys, time
+from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from core import config
 from eventlog.store import EventLog
 from feature_repo.pipeline import registry
 from training import dataset
-cfg = config.load({str(ws)!r})
+ws = Path({str(ws)!r})
+cfg = config.load(ws)
 log = EventLog(cfg.resolved_event_log_url())
 examples = dataset.build_examples(log.read_table("events"), log.read_table("items"), cfg.positives, 0, seed=0,
                                   exposure_types=cfg.exposure_types)
@@ -90,7 +92,7 @@ rows = rows.assign(event_timestamp=dataset.micro(rows["event_timestamp"]),
                    request_timestamp=dataset.micro(rows["request_timestamp"]))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
-dataset.historical_user_features(registry.feature_store({str(ws)!r}), rows)
+dataset.historical_user_features(registry.feature_store(ws), rows)
 print(json.dumps({{"rows": len(rows), "users": int(rows["user_id"].nunique()),
                   "seconds": round(time.perf_counter() - start, 1),
                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
