@@ -34,6 +34,7 @@ from training.model_store import latest_complete, load_from_bentoml, saved_two_s
 from training.recall.history import from_frame
 from training.recall.lexical import item_texts, tokens
 from training.recall.package import TwoStage
+from validation.feature_suite import UNKNOWN_TOKENS_WARN
 
 logger = logging.getLogger("persona.service")
 
@@ -265,7 +266,7 @@ def rank_items(ranker: Ranker, user, frame, k: int, candidates: list[str] | None
 
 
 UNREADABLE_SHARE = 0.2  # a query with this share of its tokens unknown to the text model: its words decide
-TITLES_UNKNOWN = 0.05  # the feature checks' warning (``UNKNOWN_TOKENS_WARN``): the shop's language is not read
+TITLES_UNKNOWN = UNKNOWN_TOKENS_WARN  # the feature checks' warning: the shop's language is not read
 
 
 def unknown_share(model, texts: list) -> float:
