@@ -157,3 +157,17 @@ def test_status_with_a_model_store_that_has_no_persona_model(tmp_path):
                          env={**os.environ, "BENTOML_HOME": str(other)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["models"] == []
+
+
+def test_recommend_csv_has_a_bom_only_when_its_text_is_not_ascii(tmp_path):
+    """Chinese reasons open correctly in spreadsheet software (a UTF-8 BOM); an English file is unchanged."""
+    from persona.cli.models import csv_encoding
+
+    zh = pd.DataFrame({"user_id": ["u1"], "rank": [1], "item_id": ["z0001"], "score": [0.5],
+                       "reasons": ["often together with '山水U3无线话筒'"]})
+    en = zh.assign(reasons="popular this week")
+    for frame, bom in ((zh, True), (en, False)):
+        path = tmp_path / f"{bom}.csv"
+        frame.to_csv(path, index=False, encoding=csv_encoding(frame))
+        assert path.read_bytes().startswith(b"\xef\xbb\xbf") is bom
+        pd.testing.assert_frame_equal(pd.read_csv(path), frame)

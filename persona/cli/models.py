@@ -200,7 +200,17 @@ def recommend_cmd(
     try:  # users erased while this scored are left out, under the lock a forget takes to erase files
         with locks.held(log.engine):
             recs = _without_erased(cfg, recs)
-            recs.to_parquet(output, index=False) if output.suffix == ".parquet" else recs.to_csv(output, index=False)
+            if output.suffix == ".parquet":
+                recs.to_parquet(output, index=False)
+            else:
+                recs.to_csv(output, index=False, encoding=csv_encoding(recs))
     finally:
         log.dispose()
     console.print(f"wrote {len(recs):,} rows for {recs['user_id'].nunique():,} users to {output} (as of {when})")
+
+
+def csv_encoding(frame) -> str:
+    """UTF-8 with a BOM when any text is not ASCII (Chinese titles in the reasons): without it spreadsheet
+    software reads the file in the system's legacy code page. Plain UTF-8 otherwise, as before."""
+    text = frame.select_dtypes(include=["object", "string"])
+    return "utf-8-sig" if any(not str(v).isascii() for col in text for v in text[col].dropna()) else "utf-8"
