@@ -7,8 +7,9 @@ options run on it. The stage times come from the training report's "Where the ti
 
 It also times Feast's point-in-time join for the training rows of the user with the longest history
 against as many rows of the users with the shortest ones (``--join-only``: that alone, without the
-training): the join matches each entity row with every earlier feature row of its user, so its cost
-grows with the square of a user's history.
+training), with the look-backs of ``training/point_in_time.py`` and without them: Feast's join
+matches each entity row with every earlier feature row of its user, so unbounded its cost grows with
+the square of a user's history.
 
 ``BENCH_LONG_EVENTS`` sizes the log (default 100,000). Writes benchmarks/long_histories_results.json.
 """
@@ -66,9 +67,10 @@ def persona(*args: str, env: dict) -> float:
     return time.perf_counter() - start
 
 
-def join_cost(ws: Path, rows_of: str) -> dict:
+def join_cost(ws: Path, rows_of: str, bounded: bool = True) -> dict:
     """Feast's point-in-time user features for one set of training rows, in a fresh process (its peak
-    memory is the join's): the heaviest user's rows, or as many rows of the lightest users."""
+    memory is the join's): the heaviest user's rows, or as many rows of the lightest users; with the
+    look-backs of training/point_in_time.py, or (``bounded=False``) Feast's unbounded join."""
     code = f"""
 import json, resource, sys, time
 from pathlib import Path
@@ -76,7 +78,9 @@ sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from core import config
 from eventlog.store import EventLog
 from feature_repo.pipeline import registry
-from training import dataset
+from training import dataset, point_in_time
+if not {bounded!r}:
+    point_in_time.MIN_MATCHES_PER_ROW = float("inf")  # never worth bounding: Feast's own join
 ws = Path({str(ws)!r})
 cfg = config.load(ws)
 log = EventLog(cfg.resolved_event_log_url())
@@ -128,7 +132,9 @@ def main() -> None:
                "BENTOML_DO_NOT_TRACK": "true"}
         results["prepare_seconds"] = round(sum(persona(*cmd, "-w", str(ws), env=env) for cmd in (
             ("ingest", "--source", str(tmp / "shop")), ("features", "apply"), ("features", "build"))), 1)
-        results["point_in_time_join"] = {who: join_cost(ws, who) for who in ("lightest", "heaviest")}
+        results["point_in_time_join"] = {
+            **{who: join_cost(ws, who) for who in ("lightest", "heaviest")},
+            **{f"{who}_unbounded": join_cost(ws, who, bounded=False) for who in ("lightest", "heaviest")}}
         print(json.dumps(results["point_in_time_join"], indent=2), flush=True)
         if "--join-only" not in sys.argv:
             results["train_seconds"] = round(persona("train", "-w", str(ws), env=env), 1)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from core.config import DEFAULT_EXPOSURE_TYPES
+from training.point_in_time import historical_features
 
 USER_SERVICE = "profile_v2"
 ITEM_SERVICE = "items_v1"
@@ -124,28 +125,10 @@ def micro(series) -> pd.Series:
 STATE_COLUMNS = ("activity_tiles", "activity_last")
 
 
-# Entity rows per point-in-time call. The join carries each feature row's state (JSON tiles, the
-# sequence) before it keeps the newest per entity row, so one call over a whole training set held
-# 14 GB on a 53k-event log (3 GB in slices of this size), and the slices cost no more time there.
-ENTITY_ROWS_PER_CALL = 5_000
-
-
-def in_slices(entity: pd.DataFrame, fetch) -> pd.DataFrame:
-    """``fetch`` over slices of the entity rows, concatenated (each row's join is independent)."""
-    if len(entity) <= ENTITY_ROWS_PER_CALL:
-        return fetch(entity)
-    return pd.concat([fetch(entity.iloc[s:s + ENTITY_ROWS_PER_CALL])
-                      for s in range(0, len(entity), ENTITY_ROWS_PER_CALL)], ignore_index=True)
-
-
 def historical_user_features(store, entity: pd.DataFrame) -> pd.DataFrame:
     """The user FeatureService, point in time, without the state columns its ODFVs read."""
-    service = store.get_feature_service(USER_SERVICE)
-
-    def fetch(rows: pd.DataFrame) -> pd.DataFrame:
-        frame = store.get_historical_features(entity_df=rows, features=service).to_df()
-        return frame.drop(columns=[c for c in STATE_COLUMNS if c in frame])
-    return in_slices(entity, fetch)
+    frame = historical_features(store, entity, USER_SERVICE)
+    return frame.drop(columns=[c for c in STATE_COLUMNS if c in frame])
 
 
 def fetch_features(store, examples: pd.DataFrame) -> pd.DataFrame:
@@ -159,9 +142,7 @@ def fetch_features(store, examples: pd.DataFrame) -> pd.DataFrame:
     users = historical_user_features(store, user_entity)
     item_entity = examples[["example_id", "item_id", "event_timestamp"]].assign(
         event_timestamp=lambda f: micro(f["event_timestamp"]))
-    items = store.get_feature_service(ITEM_SERVICE)
-    item_feats = in_slices(item_entity, lambda rows: store.get_historical_features(entity_df=rows,
-                                                                                   features=items).to_df())
+    item_feats = historical_features(store, item_entity, ITEM_SERVICE)
     users = users.drop(columns=["user_id", "event_timestamp", "device", "channel", "request_timestamp"])
     item_feats = prefix_items(item_feats.drop(columns=["item_id", "event_timestamp"]), keep=("example_id",))
     out = examples.merge(users, on="example_id", how="left").merge(item_feats, on="example_id", how="left")
@@ -174,8 +155,7 @@ def catalogue_features_at(store, item_ids: list[str], times: list[pd.Timestamp])
                            "event_timestamp": np.repeat(micro(pd.Series(times)).to_numpy(), len(item_ids)),
                            "bucket": np.repeat(np.arange(len(times)), len(item_ids))})
     entity["event_timestamp"] = micro(entity["event_timestamp"])
-    items = store.get_feature_service(ITEM_SERVICE)
-    feats = in_slices(entity, lambda rows: store.get_historical_features(entity_df=rows, features=items).to_df())
+    feats = historical_features(store, entity, ITEM_SERVICE)
     out = []
     for k in range(len(times)):
         one = feats[feats["bucket"] == k].drop(columns=["event_timestamp", "bucket"])
