@@ -23,6 +23,8 @@ import pandas as pd
 from feast import FeatureStore
 from feast import utils as feast_utils
 
+from feature_repo.pipeline import feast_adapter
+
 # Entity rows per point-in-time call. The join carries each feature row's state (JSON tiles, the
 # sequence) before it keeps the newest per entity row, so one call over a whole training set held
 # 14 GB on a 53k-event log (3 GB in slices of this size), and the slices cost no more time there.
@@ -84,7 +86,7 @@ class _Plan:
 
     def fetch(self, rows: pd.DataFrame, lookback: timedelta | None = None) -> pd.DataFrame:
         views = [self._bounded(v, lookback) if lookback and v.name in self.bounded else v for v in self.views]
-        job = self.store._get_provider().get_historical_features(
+        job = feast_adapter.provider(self.store).get_historical_features(
             self.store.config, views, self.provider_refs, rows, self.store.registry, self.store.project, False)
         return job.to_df()
 
@@ -120,7 +122,7 @@ class _Plan:
         if view.projection.join_key_map or len(keys) != 1 or view.batch_source is None:
             return None
         source = view.batch_source
-        offline = self.store._get_provider().offline_store
+        offline = feast_adapter.provider(self.store).offline_store
         job = offline.pull_all_from_table_or_query(
             self.store.config, source, keys, [], source.timestamp_field,
             start_date=datetime(1970, 1, 1, tzinfo=UTC), end_date=until.to_pydatetime())

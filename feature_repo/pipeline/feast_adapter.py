@@ -141,3 +141,9 @@ def connection_per_thread(store) -> None:
 
     online._get_conn = per_thread  # noqa: SLF001
     online._persona_per_thread = True
+
+
+def provider(store):
+    """The store's provider: its offline store and the point-in-time join that takes views with a
+    look-back as their TTL (training/point_in_time.py). Feast keeps the accessor private."""
+    return store._get_provider()
