@@ -271,15 +271,14 @@ TITLES_UNKNOWN = UNKNOWN_TOKENS_WARN  # the feature checks' warning: the shop's 
 
 def unknown_share(model, texts: list) -> float:
     """The share of the texts' tokens the model's tokenizer maps to unknown (1.0 without a text branch)."""
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None or getattr(model, "texts", None) is None:
+    cache = getattr(model, "texts", None)  # the tokenizer only through the cache: requests share it
+    if cache is None or cache.tokenizer is None:
         return 1.0
     texts = [t for t in texts if isinstance(t, str) and t]
     if not texts:
         return 0.0
-    ids = [i for row in tokenizer(texts, add_special_tokens=False, truncation=True, max_length=64)["input_ids"]
-           for i in row]
-    return sum(i == tokenizer.unk_token_id for i in ids) / len(ids) if ids else 0.0
+    ids = [i for row in cache.token_ids(texts, 64) for i in row]
+    return sum(i == cache.tokenizer.unk_token_id for i in ids) / len(ids) if ids else 0.0
 
 
 def query_words(ranker: Ranker, query: str | None) -> list[str]:

@@ -81,6 +81,12 @@ class TextCache:
         found.update(fresh)
         return found
 
+    def token_ids(self, texts: list[str], max_len: int) -> list[list[int]]:
+        """Each text's token ids, without the special tokens. Every use of the shared tokenizer goes
+        through ``tokenizer_lock``: a call outside it, beside an encode, fails with "Already borrowed"."""
+        with self.tokenizer_lock:
+            return self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_len)["input_ids"]
+
     def _tokens(self, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
         device = next(self.bert.parameters()).device
         with self.tokenizer_lock:
