@@ -102,6 +102,7 @@ class _Plan:
         times = pd.to_datetime(entity["event_timestamp"], utc=True)
         need = np.zeros(len(entity), dtype="timedelta64[us]")
         matches = 0
+        self.bounded = []  # this entity frame's: a second call does not add to the first's
         for view in self.views:
             stamps = self._stamps(view, times.max())
             if stamps is None or len(stamps) < MIN_ROWS_PER_KEY * max(stamps.iloc[:, 0].nunique(), 1):

@@ -56,7 +56,9 @@ def feature_store_config(profile: str, workspace: Path) -> dict:
         cfg |= {"registry": local_registry, "online_store": sqlite_online,
                 "offline_store": {"type": "spark", "spark_conf": {
                     "spark.master": os.environ.get("PERSONA_SPARK_MASTER", "local[2]"),
-                    "spark.driver.host": "127.0.0.1", "spark.ui.enabled": "false",
+                    # where executors reach the driver: this machine, or the driver pod's address on a cluster
+                    "spark.driver.host": os.environ.get("PERSONA_SPARK_DRIVER_HOST", "127.0.0.1"),
+                    "spark.ui.enabled": "false",
                     "spark.driver.memory": os.environ.get("PERSONA_SPARK_DRIVER_MEMORY", "4g"),
                     "spark.sql.session.timeZone": "UTC", "spark.sql.shuffle.partitions": "4",
                     "spark.sql.execution.arrow.pyspark.enabled": "true"}}}
