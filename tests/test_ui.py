@@ -197,3 +197,40 @@ def test_explorer_user_search_whatif_and_shop(browser, ui_server):  # no browser
         r.find_element("css selector", "td").text for r in page.all("#freshness tbody tr")}
     shop_png = page.shot("shop")
     assert shop_png.stat().st_size > 10_000 and (ws / "reports" / "ui" / "user.png").exists()
+
+
+def _cjk_families() -> set[str]:
+    """The families fontconfig knows with Chinese glyphs (what Chromium on Linux draws them with)."""
+    listed = subprocess.run(["fc-list", ":lang=zh", "family"], capture_output=True, text=True).stdout
+    return {name.strip() for line in listed.splitlines() for name in line.split(",") if name.strip()}
+
+
+def test_chinese_text_is_drawn_with_a_font_that_has_its_glyphs(browser, ui_server):
+    """A Chinese search in the explorer: the browser draws each character with a font that holds it,
+    found among the page's own font stack and the system's fonts (nothing fetched), not empty boxes."""
+    if shutil.which("fc-list") is None or not _cjk_families():
+        pytest.skip("no font with Chinese glyphs (apt-get install fonts-wqy-microhei; .ci/run does)")
+    url, ws = ui_server
+    page = Page(browser, url, ws / "reports" / "ui")
+    page.open("/ui?view=user")
+    page.wait(lambda: "API key" in page.status(), "the page did not ask for the key")
+    page.type("#api-key", API_KEY)
+    page.find("#key-apply").click()
+    page.wait(lambda: len(page.all("#active-users .chip")) > 0, "no most-active users")
+    page.all("#active-users .chip")[1].click()
+    page.wait(lambda: len(page.all("#ranking tbody tr[data-item]")) == 20, "no top-20 ranking")
+    query = "落地窗帘 遮光"
+    page.type("#whatif-query", query)
+    page.find("#whatif-search").click()
+    page.wait(lambda: query in page.find("#rank-note").text, "the Chinese search did not become the live query")
+    page.shot("chinese-search")
+
+    browser.execute_cdp_cmd("DOM.enable", {})
+    browser.execute_cdp_cmd("CSS.enable", {})
+    root = browser.execute_cdp_cmd("DOM.getDocument", {"depth": -1})["root"]["nodeId"]
+    node = browser.execute_cdp_cmd("DOM.querySelector", {"nodeId": root, "selector": "#rank-note"})["nodeId"]
+    fonts = browser.execute_cdp_cmd("CSS.getPlatformFontsForNode", {"nodeId": node})["fonts"]
+    hanzi = sum(1 for c in page.find("#rank-note").text if "\u4e00" <= c <= "\u9fff")
+    drawn = sum(f["glyphCount"] for f in fonts if f["familyName"] in _cjk_families())
+    assert drawn >= hanzi > 0, (fonts, sorted(_cjk_families()))
+    assert not any(f["isCustomFont"] for f in fonts)  # system fonts: the page loads none
