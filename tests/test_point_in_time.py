@@ -18,7 +18,7 @@ from feature_repo.pipeline.build import build
 from ingestion.ingest import ingest
 from persona import sample_data
 from training import dataset, point_in_time
-from validation.gate import Gate
+from validation.gate import Gate, GateSettings
 
 OFFSETS = [pd.Timedelta(0), pd.Timedelta(seconds=1), pd.Timedelta(minutes=50), pd.Timedelta(hours=7),
            pd.Timedelta(days=3), pd.Timedelta(days=45), pd.Timedelta(days=400), pd.Timedelta(days=-30)]
@@ -94,3 +94,43 @@ def test_the_bound_is_skipped_where_it_would_not_pay(store):
     entity = _entity(events, "user_id")
     plan = point_in_time._Plan(feature_store, feature_store.get_feature_service(dataset.USER_SERVICE))
     assert plan.rungs(entity) is None
+
+
+@pytest.mark.parametrize("store", ["local", "prod"], indirect=True)
+def test_after_a_second_day_the_bounded_join_still_equals_feasts(store, shop, tmp_path, monkeypatch):
+    """Day two: new users and items, more events for known users, late events stamped inside a user's
+    history (hours and weeks back), and day one's batch replayed; then the build every day runs. Rows
+    at, between and after both days' events get what Feast's unbounded join gives them."""
+    feature_store, day_one = store
+    monkeypatch.setattr(point_in_time, "MIN_MATCHES_PER_ROW", 0)  # bound even this small log
+    cfg = config.load(tmp_path / "ws")
+    log = EventLog(cfg.resolved_event_log_url())
+    end = day_one["event_timestamp"].max()
+    busy = day_one["user_id"].value_counts().index[:3].tolist()
+    item = str(shop["items"]["item_id"].iloc[3])
+    first = day_one.loc[day_one["user_id"] == busy[0], "event_timestamp"].min()
+    events = pd.DataFrame(
+        [{"event_id": f"d2-new-{n}", "user_id": "u_day2", "item_id": "i_day2", "event_type": t,
+          "event_timestamp": end + pd.Timedelta(hours=2, minutes=n)} for n, t in enumerate(["view", "click"])]
+        + [{"event_id": f"d2-more-{u}-{n}", "user_id": u, "item_id": item, "event_type": "click",
+            "event_timestamp": end + pd.Timedelta(minutes=10 * n + 1)} for u in busy for n in range(4)]
+        + [{"event_id": f"d2-late-{u}-{n}", "user_id": u, "item_id": item, "event_type": "view",
+            "event_timestamp": first + pd.Timedelta(days=n, hours=5)} for u in busy for n in (0, 1, 9)])
+    tables = {"users": shop["users"].head(1).assign(user_id="u_day2"),
+              "items": shop["items"].head(1).assign(item_id="i_day2"), "events": events}
+    sample_data.write(tables, tmp_path / "day2")
+    accept = Gate(GateSettings(on_schema_drift="accept"))  # day two's files have fewer columns
+    report, _ = ingest(load_batch(tmp_path / "day2"), log, accept)
+    assert report.quarantined == 0
+    replayed, _ = ingest(load_batch(tmp_path / "data"), log, accept)  # day one's batch again: no new rows
+    assert replayed.tables["events"].written == 0 and replayed.quarantined == 0
+    build(log, cfg.profile, cfg.workspace)
+    log.dispose()
+
+    after = pd.concat([day_one, events], ignore_index=True)
+    for key, service in (("user_id", dataset.USER_SERVICE), ("item_id", dataset.ITEM_SERVICE)):
+        entity = _entity(after[after[key].isin([*busy, "u_day2", "i_day2", item]) | (after.index % 7 == 0)], key)
+        plan = point_in_time._Plan(feature_store, feature_store.get_feature_service(service))
+        if key == "user_id":
+            assert plan.rungs(entity) is not None  # the bound is what is tested
+        _same(_plain(feature_store, entity, service), point_in_time.historical_features(feature_store, entity, service))
