@@ -36,6 +36,7 @@ bench: install services
 	cd benchmarks && ../$(BIN)/python bench_online.py
 	cd benchmarks && ../$(BIN)/python bench_long_histories.py
 	cd benchmarks && ../$(BIN)/python bench_zh_search.py
+	cd benchmarks && ../$(BIN)/python bench_ann.py
 
 # The same benchmarks at a smaller size, into benchmarks/small-run/ (compare two runs with
 # benchmarks/compare_runs.py; run_small.sh also takes another checkout, for a before/after pair).

@@ -25,6 +25,7 @@ import threadpoolctl
 import torch
 
 from bentos import settings
+from bentos.nearest import NearestItems
 from eventlog.store import events, items
 from feature_repo.pipeline.online import SYNC_FILE
 from training.dataset import online_catalogue
@@ -102,6 +103,7 @@ class Ranker:
     built_at: float = field(default_factory=time.monotonic)
     words: dict[str, np.ndarray] = field(default_factory=dict)  # a title word -> the rows whose text has it
     unreadable_titles: bool = False  # the text model maps too many of the titles' tokens to unknown
+    nearest: NearestItems | None = None  # the approximate top k's graph, on large catalogues only
 
     @property
     def history_lookup(self) -> Catalogue:
@@ -154,10 +156,11 @@ class Rankers:
             seen = self.events_fingerprint()
             two_stage = self.two_stage(tag, table, item_ids)
             unreadable = unknown_share(model, [i.get("item_title") for i in info]) >= TITLES_UNKNOWN
+            nearest = nearest_items(vectors)
             ranker = Ranker(tag, model, meta, fingerprint, item_ids, {i: n for n, i in enumerate(item_ids)},
                             frozenset(logged), info, vectors.to(self.device), two_stage, seen,
                             words=word_index(table, item_ids),
-                            unreadable_titles=unreadable)
+                            unreadable_titles=unreadable, nearest=nearest)
         _freeze_startup_heap()
         return ranker
 
@@ -200,6 +203,18 @@ class Rankers:
         with _collector_paused():
             two_stage = self.two_stage(current.tag, self.log.read_table("items"), current.item_ids)
         return replace(current, two_stage=two_stage, events_seen=seen, built_at=time.monotonic())
+
+
+def nearest_items(vectors) -> NearestItems | None:
+    """The approximate top k's graph when the catalogue is large enough for it to pay (built here, with
+    the ranker: off the request path)."""
+    if len(vectors) < settings.ANN_MIN_ITEMS:
+        return None
+    started = time.perf_counter()
+    with torch.inference_mode():
+        nearest = NearestItems.build(torch.nn.functional.normalize(vectors, dim=-1))
+    logger.info("nearest-neighbour graph over %d items built in %.1f s", len(nearest), time.perf_counter() - started)
+    return nearest
 
 
 def word_index(table: pd.DataFrame, item_ids: list[str]) -> dict[str, np.ndarray]:
@@ -329,6 +344,10 @@ def top_items(ranker: Ranker, user, k: int, candidates: list[str] | None, leave_
     """The k best items for the user vector, among the candidates (all items if None), less ``leave_out``.
     With ``words`` (a query the towers cannot read), the items holding more of them come first, the
     towers ordering each group: the score is the towers' plus the words held times the scores' span."""
+    if ranker.nearest is not None and candidates is None and not words:
+        found = nearest_top(ranker, user, k, leave_out)
+        if found is not None:
+            return found
     with torch.inference_mode():  # the model's score (cosine / temperature), over the cached unit vectors
         unit_user = torch.nn.functional.normalize(user, dim=-1)
         scores = (unit_user @ ranker.unit_vectors.T / ranker.model.cfg.temperature).squeeze(0)
@@ -350,6 +369,27 @@ def top_items(ranker: Ranker, user, k: int, candidates: list[str] | None, leave_
     top = torch.topk(scores.masked_fill(~allowed, float("-inf")), min(k, int(allowed.sum())))
     how = "two towers, the query's words first" if words else "two towers"
     return Ranked(top.indices.tolist(), top.values.tolist(), unknown, how=how)
+
+
+MAX_NEAREST = 4096  # more neighbours than this (a user who has seen thousands of items): the exact scan
+
+
+def nearest_top(ranker: Ranker, user, k: int, leave_out: set[str]) -> Ranked | None:
+    """The k best items from the nearest-neighbour graph, less ``leave_out``; None (then the exact scan)
+    when that would ask for too many neighbours or the graph gave too few."""
+    leave = {ranker.item_index[i] for i in leave_out if i in ranker.item_index}
+    want = min(k, len(ranker.item_ids) - len(leave))
+    n = min(len(ranker.item_ids), k + len(leave))
+    if want <= 0 or n > MAX_NEAREST:
+        return None
+    with torch.inference_mode():
+        unit_user = torch.nn.functional.normalize(user, dim=-1)
+    rows, cosines = ranker.nearest.search(unit_user, n)
+    kept = [(int(r), float(c)) for r, c in zip(rows, cosines, strict=True) if r not in leave][:k]
+    if len(kept) < want:
+        return None
+    temperature = ranker.model.cfg.temperature
+    return Ranked([r for r, _ in kept], [c / temperature for _, c in kept], [], how="two towers")
 
 
 def candidate_rows(ranker: Ranker, candidates: list[str]) -> tuple[list[int], list[str]]:

@@ -30,6 +30,9 @@ QUERY_WORDS = os.environ.get("PERSONA_QUERY_WORDS", "on").lower() not in ("off",
 # The recall state built from the event log (co-occurrence, item counts, the lexical index) is rebuilt at
 # most this often after new events; a user's own behaviour reaches /rank through the online store at once.
 RECALL_REFRESH_SECONDS = float(os.environ.get("PERSONA_RECALL_REFRESH_SECONDS", "60"))
+# From this many ranked items on, /rank's top k comes from an approximate nearest-neighbour graph
+# (bentos/nearest.py) built with the ranker; below it, the exact scan (faster there, and exact).
+ANN_MIN_ITEMS = int(os.environ.get("PERSONA_ANN_MIN_ITEMS", "100000"))
 TIMINGS = os.environ.get("PERSONA_TIMINGS") == "1"  # /rank answers carry their per-stage times (timings_ms)
 
 # Fixed bounds, not read from the environment.
