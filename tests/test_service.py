@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -276,72 +277,67 @@ def test_new_model_and_changed_catalogue_are_picked_up(server, live_shop, tmp_pa
     assert body["unknown_candidates"] == [] and body["items"][0]["item_id"] == "i-new-espresso"
 
 
-def test_in_process_asgi_app(server, live_shop, monkeypatch, fresh_bentoml_metrics):
-    """The same service class in this process, through `to_asgi()` and Starlette's TestClient."""
+@contextlib.contextmanager
+def _in_process(server, monkeypatch, **env: str):
+    """The same service class in this process, on the server's workspace, through `to_asgi()` and
+    Starlette's TestClient; ``env``: more PERSONA_* settings."""
     import importlib
 
     from bentoml._internal.configuration.containers import BentoMLContainer
     from bentoml._internal.models import ModelStore
     from starlette.testclient import TestClient
 
+    from bentos import settings
+
     monkeypatch.setenv("PERSONA_WORKSPACE", str(server.workspace))
     monkeypatch.delenv("PERSONA_API_KEY", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     BentoMLContainer.model_store.set(ModelStore(str(server.workspace / "bentoml" / "models")))
     try:
         import bentos.service as service
-        from bentos import settings
 
         importlib.reload(settings)  # the settings are read from the environment at import
         service = importlib.reload(service)
         with TestClient(service.Persona.to_asgi()) as client:
-            user = live_shop["events"]["user_id"].iloc[1]
-            ranked = client.post("/rank", json={"user_id": user, "k": 5, "query": "trail running shoes"})
-            assert ranked.status_code == 200, ranked.text
-            assert len(ranked.json()["items"]) == 5 and ranked.json()["query_source"] == "request"
-            assert client.post("/profile", json={"user_id": user}).json()["known"] is True
-            assert client.post("/rank", json={"user_id": user, "k": 0}).status_code == 400
-            assert client.get("/readyz").status_code == 200
+            yield client
     finally:
         BentoMLContainer.model_store.reset()
+        for name in env:
+            monkeypatch.delenv(name)
+        importlib.reload(settings)
+
+
+def test_in_process_asgi_app(server, live_shop, monkeypatch, fresh_bentoml_metrics):
+    """The same service class in this process, through `to_asgi()` and Starlette's TestClient."""
+    with _in_process(server, monkeypatch) as client:
+        user = live_shop["events"]["user_id"].iloc[1]
+        ranked = client.post("/rank", json={"user_id": user, "k": 5, "query": "trail running shoes"})
+        assert ranked.status_code == 200, ranked.text
+        assert len(ranked.json()["items"]) == 5 and ranked.json()["query_source"] == "request"
+        assert client.post("/profile", json={"user_id": user}).json()["known"] is True
+        assert client.post("/rank", json={"user_id": user, "k": 0}).status_code == 400
+        assert client.get("/readyz").status_code == 200
 
 
 def test_the_nearest_neighbour_graph_ranks_as_the_exact_scan(server, live_shop, monkeypatch, fresh_bentoml_metrics,
                                                              caplog):
     """A service whose catalogue is past ``PERSONA_ANN_MIN_ITEMS`` ranks through the HNSW graph built with
     its ranker; on this catalogue the graph finds what the exact scan of the running server finds."""
-    import importlib
-
-    from bentoml._internal.configuration.containers import BentoMLContainer
-    from bentoml._internal.models import ModelStore
-    from starlette.testclient import TestClient
-
-    monkeypatch.setenv("PERSONA_WORKSPACE", str(server.workspace))
-    monkeypatch.setenv("PERSONA_ANN_MIN_ITEMS", "1")
-    monkeypatch.delenv("PERSONA_API_KEY", raising=False)
-    BentoMLContainer.model_store.set(ModelStore(str(server.workspace / "bentoml" / "models")))
-    try:
-        import bentos.service as service
-        from bentos import settings
-
-        importlib.reload(settings)
-        service = importlib.reload(service)
-        with caplog.at_level(logging.INFO, logger="persona.service"), TestClient(service.Persona.to_asgi()) as client:
-            assert "nearest-neighbour graph over" in caplog.text  # built with the ranker, before any request
-            compared = 0
-            for user in _users(live_shop)[40:60]:
-                body = {"user_id": user, "k": 10, "context": {"timestamp": "2026-07-01T00:00:00Z"}}
-                graph, exact = client.post("/rank", json=body).json(), server.post("/rank", json=body).json()
-                if exact["ranking"] != "two towers":
-                    continue  # recall + rank does not use the graph
-                compared += 1
-                assert [i["item_id"] for i in graph["items"]] == [i["item_id"] for i in exact["items"]], user
-                assert np.allclose([i["score"] for i in graph["items"]], [i["score"] for i in exact["items"]],
-                                   atol=1e-3)
-            assert compared >= 10, compared
-    finally:
-        BentoMLContainer.model_store.reset()
-        monkeypatch.delenv("PERSONA_ANN_MIN_ITEMS")
-        importlib.reload(settings)
+    with caplog.at_level(logging.INFO, logger="persona.service"), \
+            _in_process(server, monkeypatch, PERSONA_ANN_MIN_ITEMS="1") as client:
+        assert "nearest-neighbour graph over" in caplog.text  # built with the ranker, before any request
+        compared = 0
+        for user in _users(live_shop)[40:60]:
+            body = {"user_id": user, "k": 10, "context": {"timestamp": "2026-07-01T00:00:00Z"}}
+            graph, exact = client.post("/rank", json=body).json(), server.post("/rank", json=body).json()
+            if exact["ranking"] != "two towers":
+                continue  # recall + rank does not use the graph
+            compared += 1
+            assert [i["item_id"] for i in graph["items"]] == [i["item_id"] for i in exact["items"]], user
+            assert np.allclose([i["score"] for i in graph["items"]], [i["score"] for i in exact["items"]],
+                               atol=1e-3)
+        assert compared >= 10, compared
 
 
 def test_request_frame_is_what_feasts_frame_gives(server, live_shop, monkeypatch, fresh_bentoml_metrics):

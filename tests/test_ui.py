@@ -97,6 +97,14 @@ class Page:
             self.shot("failure")
             raise AssertionError(f"{message}; page status: {status!r}") from exc
 
+    def log_in(self) -> None:
+        """A link carries the state; the data waits for the key, which stays in the page's memory."""
+        self.open("/ui?view=user")
+        self.wait(lambda: "API key" in self.status(), "the page did not ask for the key")
+        self.type("#api-key", API_KEY)
+        self.find("#key-apply").click()
+        self.wait(lambda: len(self.all("#active-users .chip")) > 0, "no most-active users")
+
     def status(self) -> str:
         return self.find("#status").text
 
@@ -114,13 +122,8 @@ def test_explorer_user_search_whatif_and_shop(browser, ui_server):  # no browser
     url, ws = ui_server
     page = Page(browser, url, ws / "reports" / "ui")
 
-    # A link carries the state; the data waits for the key, which stays in the page's memory.
-    page.open("/ui?view=user")
-    page.wait(lambda: "API key" in page.status(), "the page did not ask for the key")
-    page.type("#api-key", API_KEY)
-    page.find("#key-apply").click()
-    page.wait(lambda: len(page.all("#active-users .chip")) > 0 and len(page.all("#cold-users .chip")) > 0,
-              "no most-active and coldest users")
+    page.log_in()
+    page.wait(lambda: len(page.all("#cold-users .chip")) > 0, "no coldest users")
 
     # Look up one of the most active users: tags with their features, families, timeline, the ranking.
     page.all("#active-users .chip")[0].click()
@@ -212,11 +215,7 @@ def test_chinese_text_is_drawn_with_a_font_that_has_its_glyphs(browser, ui_serve
         pytest.skip("no font with Chinese glyphs (apt-get install fonts-wqy-microhei; .ci/run does)")
     url, ws = ui_server
     page = Page(browser, url, ws / "reports" / "ui")
-    page.open("/ui?view=user")
-    page.wait(lambda: "API key" in page.status(), "the page did not ask for the key")
-    page.type("#api-key", API_KEY)
-    page.find("#key-apply").click()
-    page.wait(lambda: len(page.all("#active-users .chip")) > 0, "no most-active users")
+    page.log_in()
     page.all("#active-users .chip")[1].click()
     page.wait(lambda: len(page.all("#ranking tbody tr[data-item]")) == 20, "no top-20 ranking")
     query = "落地窗帘 遮光"
