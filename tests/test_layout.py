@@ -19,7 +19,9 @@ FLOOR = {name: n for n, name in enumerate(FLOORS)}
 # The CLI is the top floor, which nothing imports: its heavy imports stay lazy so `persona --help` is quick.
 LAZY_ALLOWED = ("persona/cli/",)
 FEAST_ADAPTER = "feature_repo/pipeline/feast_adapter.py"
-FEAST_PRIVATE = re.compile(r"\b_get_provider\b|\b_redis_key\b|\b_get_client\b|\b_get_conn\b|\bstore\.__dict__")
+# Named private accessors, any private attribute of Feast's ``utils``, and private names imported from feast.
+FEAST_PRIVATE = re.compile(r"\b_get_provider\b|\b_redis_key\b|\b_get_client\b|\b_get_conn\b|\bstore\.__dict__"
+                           r"|\bfeast_utils\._|\bfeast\.utils\._|^\s*from feast[\w.]* import .*\b_[a-z]")
 
 
 def _sources() -> dict[str, Path]:

@@ -21,7 +21,6 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pandas as pd
 from feast import FeatureStore
-from feast import utils as feast_utils
 
 from feature_repo.pipeline import feast_adapter
 
@@ -73,10 +72,7 @@ class _Plan:
 
     def __init__(self, store: FeatureStore, service) -> None:
         self.store = store
-        self.refs = feast_utils._get_features(store.registry, store.project, service, allow_cache=True)
-        views, odfvs = feast_utils._get_feature_views_to_use(store.registry, store.project, service,
-                                                             allow_cache=True)
-        grouped, _ = feast_utils._group_feature_refs(self.refs, views, odfvs)
+        self.refs, grouped = feast_adapter.service_views(store, service)
         self.views = [view for view, _ in grouped]
         known = set(self.refs)
         self.provider_refs = list(self.refs) + [

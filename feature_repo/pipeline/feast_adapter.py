@@ -147,3 +147,18 @@ def provider(store):
     """The store's provider: its offline store and the point-in-time join that takes views with a
     look-back as their TTL (training/point_in_time.py). Feast keeps the accessor private."""
     return store._get_provider()
+
+
+def service_views(store, service) -> tuple[list[str], list]:
+    """What ``FeatureStore.get_historical_features`` resolves for a FeatureService: its feature
+    references and its stored views (on-demand ones left out), each with the features read from it.
+    The point-in-time join (training/point_in_time.py) hands these views to the provider itself."""
+    from feast import utils as feast_utils
+
+    # feast 0.67.x: utils._get_features, _get_feature_views_to_use and _group_feature_refs, as
+    # FeatureStore.get_historical_features calls them.
+    refs = feast_utils._get_features(store.registry, store.project, service, allow_cache=True)  # noqa: SLF001
+    views, odfvs = feast_utils._get_feature_views_to_use(store.registry, store.project, service,  # noqa: SLF001
+                                                         allow_cache=True)
+    grouped, _ = feast_utils._group_feature_refs(refs, views, odfvs)  # noqa: SLF001
+    return list(refs), grouped
