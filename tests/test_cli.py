@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 from typer.testing import CliRunner
@@ -25,6 +26,9 @@ def test_quickstart_twice_and_status(tmp_path):
     assert (ws / "sample" / "events.csv").exists()
     assert list((ws / "reports" / "validation").glob("*/summary.html"))
     assert (ws / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html").exists()
+    summary = next((ws / "reports" / "validation").glob("*/summary.md"))  # links each table's run page
+    links = re.findall(r"\]\(([^)]+)\)", summary.read_text())
+    assert len(links) == 4 and all((summary.parent / link).is_file() for link in links), links
     status = json.loads(_invoke("status", "--workspace", str(ws), "--json").output)
     n_events = len(pd.read_csv(ws / "sample" / "events.csv"))
     assert status["users"] == 120 and status["items"] == 80 and status["events"] == n_events

@@ -224,12 +224,70 @@ def test_chinese_text_is_drawn_with_a_font_that_has_its_glyphs(browser, ui_serve
     page.wait(lambda: query in page.find("#rank-note").text, "the Chinese search did not become the live query")
     page.shot("chinese-search")
 
-    browser.execute_cdp_cmd("DOM.enable", {})
-    browser.execute_cdp_cmd("CSS.enable", {})
-    root = browser.execute_cdp_cmd("DOM.getDocument", {"depth": -1})["root"]["nodeId"]
-    node = browser.execute_cdp_cmd("DOM.querySelector", {"nodeId": root, "selector": "#rank-note"})["nodeId"]
-    fonts = browser.execute_cdp_cmd("CSS.getPlatformFontsForNode", {"nodeId": node})["fonts"]
-    hanzi = sum(1 for c in page.find("#rank-note").text if "\u4e00" <= c <= "\u9fff")
+    _assert_drawn_with_chinese_fonts(browser, page.find("#rank-note"))
+
+
+def _assert_drawn_with_chinese_fonts(driver, element) -> None:
+    """Every Han character of ``element`` is drawn with a system font fontconfig lists for Chinese
+    (DevTools' ``CSS.getPlatformFontsForNode``), none with a web font: no empty boxes, nothing fetched."""
+    driver.execute_script("arguments[0].setAttribute('data-font-probe', '1')", element)
+    driver.execute_cdp_cmd("DOM.enable", {})
+    driver.execute_cdp_cmd("CSS.enable", {})
+    root = driver.execute_cdp_cmd("DOM.getDocument", {"depth": -1})["root"]["nodeId"]
+    node = driver.execute_cdp_cmd("DOM.querySelector", {"nodeId": root, "selector": "[data-font-probe]"})["nodeId"]
+    fonts = driver.execute_cdp_cmd("CSS.getPlatformFontsForNode", {"nodeId": node})["fonts"]
+    driver.execute_script("arguments[0].removeAttribute('data-font-probe')", element)
+    hanzi = sum(1 for c in element.text if "\u4e00" <= c <= "\u9fff")
     drawn = sum(f["glyphCount"] for f in fonts if f["familyName"] in _cjk_families())
     assert drawn >= hanzi > 0, (fonts, sorted(_cjk_families()))
-    assert not any(f["isCustomFont"] for f in fonts)  # system fonts: the page loads none
+    assert not any(f["isCustomFont"] for f in fonts)
+
+
+LONG_TITLE = "加长遮光落地窗帘" * 130  # 1,040 characters: breaks the title's 1,000-character rule
+
+
+def test_data_docs_and_the_gate_summary_show_a_chinese_shop_in_its_own_script(browser, tmp_path):
+    """A Chinese shop's batch with one rejected item, through `persona validate`, opened offline (every
+    http(s) request blocked: GX's CDN styles and scripts never load). The gate's HTML summary shows the
+    rejected title as written and links each table's Data Docs page (GX's own index lists runs only
+    through CDN scripts); the items page, reached by that link, shows the title too. Both draw it with
+    a font that holds its glyphs."""
+    if shutil.which("fc-list") is None or not _cjk_families():
+        pytest.skip("no font with Chinese glyphs (apt-get install fonts-wqy-microhei; .ci/run does)")
+    import pandas as pd
+
+    from persona import sample_data
+
+    shop = sample_data.generate(60, 40, 7, seed=3, locale="zh")
+    bad = shop["items"].iloc[[0]].assign(item_id="zh-too-long", title=LONG_TITLE)
+    shop["items"] = pd.concat([shop["items"], bad], ignore_index=True)
+    sample_data.write(shop, tmp_path / "data")
+    ws = tmp_path / "ws"
+    done = subprocess.run([str(BIN / "persona"), "validate", "-w", str(ws), "--source", str(tmp_path / "data")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (summary,) = (ws / "reports" / "validation").glob("*/summary.html")
+    page = Page(browser, "", ws / "reports" / "ui")
+    shown = f"//*[contains(text(), '{LONG_TITLE[:16]}')]"
+
+    def title_is_shown(where: str, length: int) -> None:
+        cells = browser.find_elements("xpath", shown)
+        assert cells, f"{where} does not show the rejected Chinese title"
+        assert LONG_TITLE[:length] in cells[0].text  # decoded as UTF-8, not replaced or escaped
+        _assert_drawn_with_chinese_fonts(browser, cells[0])
+
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["http://*", "https://*"]})
+    try:
+        page.open(summary.as_uri())
+        title_is_shown("the gate's summary", 40)  # its reason quotes the value's start
+        page.shot("gate-summary-zh")
+        links = {a.text: a for a in page.all("a")}
+        assert {"index of every run", "users: this run's results", "items: this run's results",
+                "events: this run's results"} <= set(links), sorted(links)
+        links["items: this run's results"].click()
+        page.wait(lambda: "validations/items/" in browser.current_url, "the items link did not open its page")
+        title_is_shown("the items table's Data Docs page", 400)
+        page.shot("data-docs-zh")
+    finally:
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})

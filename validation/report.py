@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import html
+import os
 import shutil
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import great_expectations as gx
 import pandas as pd
@@ -53,8 +56,27 @@ def rule_table(result: GateResult) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["table", "rule", "rows"])
 
 
+@dataclass
+class DataDocs:
+    """Where one run's GX Data Docs are: the site's index and each table's validation page."""
+
+    index: Path
+    runs: dict[str, Path] = field(default_factory=dict)
+
+    def links(self, folder: Path) -> list[tuple[str, str]]:
+        """(label, path relative to ``folder``) for each page: the links survive the workspace being
+        copied as a CI artefact."""
+        rel = [("index of every run", self.index)] + [(f"{t}: this run's results", p) for t, p in self.runs.items()]
+        return [(label, os.path.relpath(path, folder)) for label, path in rel]
+
+
+DOCS_OFFLINE = ("GX's index lists runs with scripts it loads from CDNs, so offline (or where those CDNs are "
+                "blocked) it shows none; these links open each table's page directly.")
+
+
 def write_summary(folder: Path, batch: Batch, result: GateResult,
-                  personal_values: bool = False) -> tuple[Path, Path]:
+                  personal_values: bool = False, docs: DataDocs | None = None) -> tuple[Path, Path]:
+    """The summary as Markdown and as a self-contained HTML page, linking ``docs`` when built."""
     folder.mkdir(parents=True, exist_ok=True)
     rejected = rejected_rows(batch, result, personal_values)
     notes = [n for t in batch.tables.values() for n in t.notes]
@@ -69,6 +91,9 @@ def write_summary(folder: Path, batch: Batch, result: GateResult,
     if len(rejected):
         md += [f"## Rejected rows (first {MAX_LISTED})", "",
                rejected.head(MAX_LISTED).to_markdown(index=False), ""]
+    if docs is not None:
+        md += ["## GX Data Docs", "", DOCS_OFFLINE, ""] + [f"- [{label}]({href})" for label, href in
+                                                            docs.links(folder)] + [""]
     md_path = folder / "summary.md"
     md_path.write_text("\n".join(md))
     style = ("body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;color:#222}"
@@ -86,6 +111,10 @@ def write_summary(folder: Path, batch: Batch, result: GateResult,
         parts += ["<h2>Notes</h2><ul>"] + [f"<li>{html.escape(n)}</li>" for n in notes] + ["</ul>"]
     if len(rejected):
         parts += [f"<h2>Rejected rows (first {MAX_LISTED})</h2>", rejected.head(MAX_LISTED).to_html(index=False)]
+    if docs is not None:
+        parts += ["<h2>GX Data Docs</h2>", f"<p>{html.escape(DOCS_OFFLINE)}</p><ul>"]
+        parts += [f"<li><a href='{html.escape(href)}'>{html.escape(label)}</a></li>" for label, href in
+                  docs.links(folder)] + ["</ul>"]
     html_path = folder / "summary.html"
     html_path.write_text("\n".join(parts))
     return md_path, html_path
@@ -93,6 +122,12 @@ def write_summary(folder: Path, batch: Batch, result: GateResult,
 
 def build_data_docs(workspace: Path, batch: Batch, now: datetime, skew: timedelta,
                     personal_values: bool = False, event_types: tuple[str, ...] | None = None) -> Path:
+    """The Data Docs' index after :func:`data_docs` (kept for callers that want only the index)."""
+    return data_docs(workspace, batch, now, skew, personal_values, event_types).index
+
+
+def data_docs(workspace: Path, batch: Batch, now: datetime, skew: timedelta,
+              personal_values: bool = False, event_types: tuple[str, ...] | None = None) -> DataDocs:
     """Run the suites through a GX file context in the workspace and build its Data Docs.
 
     The workspace context is a copy of the checked-in ``validation/gx`` project, refreshed with
@@ -108,6 +143,8 @@ def build_data_docs(workspace: Path, batch: Batch, now: datetime, skew: timedelt
     context = gx.get_context(mode="file", project_root_dir=str(workspace))
     context.variables.progress_bars = {"globally": False}
     source = context.data_sources.add_or_update_pandas("persona")
+    site = root / "uncommitted" / "data_docs" / "local_site"
+    docs = DataDocs(site / "index.html")
     for table, tb in batch.tables.items():
         suite = load_suite(table, event_types=event_types)
         with contextlib.suppress(Exception):  # GX raises a private error type when absent
@@ -130,6 +167,10 @@ def build_data_docs(workspace: Path, batch: Batch, now: datetime, skew: timedelt
             else {"result_format": "SUMMARY", "partial_unexpected_count": 0}))
         data = tb.frame.reset_index(drop=True).copy()
         data[ROW] = range(len(data))
-        checkpoint.run(batch_parameters={"dataframe": data},
-                       expectation_parameters={NOT_FUTURE_PARAM: pd.Timestamp(now + skew)})
-    return root / "uncommitted" / "data_docs" / "local_site" / "index.html"
+        run = checkpoint.run(batch_parameters={"dataframe": data},
+                             expectation_parameters={NOT_FUTURE_PARAM: pd.Timestamp(now + skew)})
+        for key in run.run_results:
+            for page in context.get_docs_sites_urls(resource_identifier=key, only_if_exists=True):
+                if page.get("site_url", "").startswith("file://"):
+                    docs.runs[table] = Path(unquote(urlparse(page["site_url"]).path))
+    return docs

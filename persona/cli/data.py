@@ -148,7 +148,7 @@ def validate(
     """Run the suites without ingesting; write a Markdown/HTML summary and GX Data Docs."""
     from ingestion.screen import pseudonymise_batch
     from validation.gate import KnownIds
-    from validation.report import build_data_docs, rejected_rows, rule_table, summary_tables, write_summary
+    from validation.report import data_docs, rejected_rows, rule_table, summary_tables, write_summary
 
     cfg = _config(workspace, profile)
     batch = pseudonymise_batch(_load(source), _privacy(cfg))  # reports never see a raw id when pseudonymous
@@ -161,17 +161,19 @@ def validate(
     log.dispose()
     folder = cfg.reports_dir / "validation" / now.strftime("%Y%m%dT%H%M%SZ")
     shown = cfg.privacy.show_personal_values
-    md, html_path = write_summary(folder, batch, result, shown)
+    built = None
+    if docs:
+        with console.status("building GX Data Docs"):
+            built = data_docs(cfg.workspace, batch, now, timedelta(minutes=cfg.validation.clock_skew_minutes),
+                              shown, event_types=cfg.event_types)
+    md, html_path = write_summary(folder, batch, result, shown, built)
     console.print(summary_tables(result).to_string(index=False))
     rules = rule_table(result)
     if len(rules):
         console.print("\n" + rules.to_string(index=False))
         console.print("\n" + rejected_rows(batch, result, shown).head(20).to_string(index=False), highlight=False)
-    if docs:
-        with console.status("building GX Data Docs"):
-            index = build_data_docs(cfg.workspace, batch, now, timedelta(minutes=cfg.validation.clock_skew_minutes),
-                                    shown, event_types=cfg.event_types)
-        console.print(f"GX Data Docs: {index}")
+    if built is not None:
+        console.print(f"GX Data Docs: {built.index}")
     console.print(f"summary: {md} and {html_path}")
     if result.held:
         err.print("[bold red]this batch would be held:[/] " + "; ".join(result.hold_reasons), highlight=False)
