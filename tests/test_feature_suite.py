@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from feature_repo.pipeline.compute import compute_all
@@ -88,3 +90,49 @@ def test_unknown_share_known_answer(minilm):
     """[UNK] count over token count, per text: known answers."""
     shares = minilm.unknown_share(["hello world", "", "𓀀 hello"])
     assert shares[0] == 0.0 and shares[1] == 0.0 and shares[2] == 0.5
+
+
+# --- on the spark profile: the same suites through GX's Spark engine, the tables never in this process --
+
+
+@pytest.fixture(scope="module")
+def as_parquet(tables, tmp_path_factory):
+    """Write tables as the spark build does (a Parquet folder each) and open them as its build returns
+    them: a mapping whose checks read through Spark."""
+    pytest.importorskip("pyspark", reason="the spark extra is installed by `make test`")
+    import os
+
+    from feature_repo.pipeline import feast_config
+    from feature_repo.pipeline.build import SparkTables
+    from feature_repo.pipeline.spark_build import spark_session
+
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    root = tmp_path_factory.mktemp("spark_tables")
+    spark_session(feast_config.feature_store_config("spark", root)["offline_store"]["spark_conf"])
+
+    def write(frames: dict, name: str) -> SparkTables:
+        folder = root / name
+        for table, frame in frames.items():
+            (folder / table).mkdir(parents=True)
+            frame.to_parquet(folder / table / "part-0.parquet", index=False)
+        return SparkTables(folder, {t: len(f) for t, f in frames.items()})
+    return write
+
+
+def test_on_spark_the_suites_give_the_same_report(tables, as_parquet, tmp_path, minilm):
+    on_frames = check_features(tables, tmp_path / "frames", vocabulary=minilm)
+    on_spark = check_features(as_parquet(tables, "clean"), tmp_path / "spark", vocabulary=minilm)
+    assert not on_spark.failed and on_spark.lines == on_frames.lines
+    assert on_spark.path.read_text().splitlines()[1:] == on_frames.path.read_text().splitlines()[1:]
+    a, b = (json.loads((tmp_path / d / "baseline.json").read_text()) for d in ("frames", "spark"))
+    assert a.keys() == b.keys() and all(b[t] == pytest.approx(a[t], rel=1e-9) for t in a)
+
+
+def test_on_spark_a_negative_count_fails(tables, as_parquet, tmp_path):
+    broken = {**tables, "user_behaviour": tables["user_behaviour"].copy()}
+    broken["user_behaviour"].loc[broken["user_behaviour"].index[:3], "click_count_7d"] = -1
+    report = check_features(as_parquet(broken, "broken"), tmp_path)
+    assert report.failed
+    assert any(f"user_behaviour.click_count_7d count_range: 3 of {len(broken['user_behaviour'])} rows" in line
+               for line in report.lines), report.lines
+    assert not (tmp_path / "baseline.json").exists()

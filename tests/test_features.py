@@ -187,14 +187,77 @@ def test_spark_build_equals_the_duckdb_build(tmp_path, shop, monkeypatch):
     monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
     conf = feast_config.feature_store_config("spark", tmp_path)["offline_store"]["spark_conf"]
     build_with_spark(shop["events"], shop["items"], shop["users"], tmp_path, conf, partitions=3)
-    spark_tables = read_offline_spark(tmp_path)
-    local_tables = compute_all(shop["events"], shop["items"], shop["users"])
+    _assert_same_tables(compute_all(shop["events"], shop["items"], shop["users"]), read_offline_spark(tmp_path))
+
+
+def _assert_same_tables(local_tables: dict, spark_tables: dict) -> None:
     for name, local in local_tables.items():
         key = [c for c in ("user_id", "item_id") if c in local][0]
         a = local.sort_values([key, "event_timestamp"]).reset_index(drop=True)
         b = spark_tables[name][list(local.columns)].sort_values([key, "event_timestamp"]).reset_index(drop=True)
         b["event_timestamp"] = pd.to_datetime(b["event_timestamp"], utc=True).astype(a["event_timestamp"].dtype)
         pd.testing.assert_frame_equal(a, b, check_dtype=False, check_exact=False, rtol=1e-9, obj=name)
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_the_spark_build_reads_the_log_in_user_ranges_never_in_the_driver(tmp_path, shop_dir, monkeypatch,
+                                                                         request, database):
+    """On the spark profile the tasks read the log where it lives, a range of whole users each (several
+    ranges here), and the tables equal the local build's of the same log. The driver only asks where
+    the ranges start: every statement this process sends is a count or a one-row look-up."""
+    pytest.importorskip("pyspark", reason="the spark extra is installed by `make test`")
+    import sqlalchemy as sa
+
+    from feature_repo.pipeline import spark_source
+    from feature_repo.pipeline.build import read_offline_spark
+    from feature_repo.pipeline.compute import compute_all
+    from feature_repo.pipeline.spark_build import build_from_log
+
+    monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
+    url = f"sqlite:///{tmp_path / 'log.db'}" if database == "sqlite" else request.getfixturevalue("pg_url")
+    log = EventLog(url)
+    assert ingest(load_batch(shop_dir), log, Gate())[0].quarantined == 0
+    local = compute_all(log.read_table("events"), log.read_table("items"), log.read_table("users"))
+    log.dispose()
+    engine = sa.create_engine(url)
+    ranges = spark_source.key_ranges(engine, "events", "user_id", 600)
+    with engine.connect() as conn:
+        per_range = [conn.execute(sa.text("SELECT count(DISTINCT user_id) FROM events WHERE (CAST(:lo AS TEXT) IS "
+                                          "NULL OR user_id >= :lo) AND (CAST(:hi AS TEXT) IS NULL OR user_id < :hi)"),
+                                  {"lo": lo, "hi": hi}).scalar_one() for lo, hi in ranges]
+        users = conn.execute(sa.text("SELECT count(DISTINCT user_id) FROM events")).scalar_one()
+    engine.dispose()
+    assert len(ranges) >= 4 and sum(per_range) == users  # each user in exactly one range
+
+    sent: list[str] = []
+
+    def record(conn, cursor, statement, *args) -> None:
+        sent.append(" ".join(statement.split()).lower())
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", record)
+    try:
+        conf = feast_config.feature_store_config("spark", tmp_path)["offline_store"]["spark_conf"]
+        rows = build_from_log(url, tmp_path, conf, rows_per_partition=600)
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", record)
+    reads = [s for s in sent if s.startswith("select")]
+    assert reads and all("count(" in s or "limit" in s for s in reads), reads
+    assert rows == {name: len(frame) for name, frame in local.items()}
+    _assert_same_tables(local, read_offline_spark(tmp_path))
+
+
+def test_a_log_url_with_a_password_reaches_the_tasks_through_the_environment(monkeypatch):
+    """The URL's secret never enters Spark's plan: the tasks read the variable the driver read."""
+    from feature_repo.pipeline import spark_source
+
+    secret = "postgresql://persona:s3cret@db:5432/log"
+    monkeypatch.delenv("PERSONA_EVENT_LOG_URL", raising=False)
+    monkeypatch.delenv("PERSONA_POSTGRES_URL", raising=False)
+    with pytest.raises(ValueError, match="environment"):
+        spark_source.url_options(secret)
+    monkeypatch.setenv("PERSONA_EVENT_LOG_URL", secret)
+    options = spark_source.url_options(secret)
+    assert options == {"url_env": "PERSONA_EVENT_LOG_URL"} and spark_source.log_url(options) == secret
+    assert spark_source.url_options("sqlite:///ws/eventlog.db") == {"url": "sqlite:///ws/eventlog.db"}
 
 
 def test_pushed_sequence_equals_the_rebuild_for_an_old_history(tmp_path, shop, sqlite_log):

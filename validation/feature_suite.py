@@ -8,6 +8,10 @@ Text the encoder cannot read is a finding too: for each text column the model re
 tokens the configured encoder's vocabulary maps to unknown (``[UNK]``), through the same GX
 expectation on a per-text share. Above ``UNKNOWN_TOKENS_WARN`` it warns (the text still trains, but
 the model sees little of it) and names the setting that fixes it.
+
+The tables come as frames, or from the spark build as Parquet tables this process must not hold:
+then the same suites run through GX's Spark engine (the statistics are computed by Spark), and only
+the sampled texts come here.
 """
 
 from __future__ import annotations
@@ -56,7 +60,46 @@ class FeatureCheckReport:
     path: Path | None = None
 
 
-def _range_rules(table: str, frame: pd.DataFrame) -> list:
+def _is_spark(frame) -> bool:
+    return hasattr(frame, "sparkSession")
+
+
+def _rows(frame) -> int:
+    return frame.count() if _is_spark(frame) else len(frame)
+
+
+def _frames(tables) -> dict:
+    """Each table as a frame, or as a Spark DataFrame where the mapping offers one (``spark(name)``)."""
+    return {name: tables.spark(name) if hasattr(tables, "spark") else tables[name] for name in tables}
+
+
+def _texts(frame, col: str) -> pd.Series:
+    """Non-empty texts of a column, a seeded sample of ``TEXT_SAMPLE`` at most."""
+    if _is_spark(frame):
+        from pyspark.sql import functions as F
+
+        present = frame.select(col).where(F.col(col).isNotNull() & (F.trim(F.col(col)) != ""))
+        n = present.count()
+        if n > TEXT_SAMPLE:
+            present = present.sample(fraction=min(1.0, 2.0 * TEXT_SAMPLE / n), seed=0).limit(TEXT_SAMPLE)
+        return present.toPandas()[col].astype(str)
+    texts = frame[col].dropna().astype(str)
+    texts = texts[texts.str.strip() != ""]
+    return texts.sample(TEXT_SAMPLE, random_state=0) if len(texts) > TEXT_SAMPLE else texts
+
+
+def _means(frame, cols: list[str]) -> dict[str, float]:
+    if not cols:
+        return {}
+    if _is_spark(frame):
+        from pyspark.sql import functions as F
+
+        row = frame.agg(*[F.mean(c).alias(c) for c in cols]).first()
+        return {c: float("nan") if row[c] is None else float(row[c]) for c in cols}
+    return {c: float(frame[c].mean()) for c in cols}
+
+
+def _range_rules(table: str, frame) -> list:
     rules = [gxe.ExpectColumnValuesToNotBeNull(column=KEYS[table], meta={"rule": "key_not_null"}),
              gxe.ExpectColumnValuesToNotBeNull(column="event_timestamp", meta={"rule": "timestamp_not_null"})]
     for col in frame.columns:
@@ -71,11 +114,11 @@ def _range_rules(table: str, frame: pd.DataFrame) -> list:
     return rules
 
 
-def _drift_rules(table: str, frame: pd.DataFrame, baseline: dict) -> list:
+def _drift_rules(table: str, frame, baseline: dict) -> list:
     rules = []
     for col in DRIFT_FEATURES.get(table, []):
         previous = baseline.get(table, {}).get(col)
-        if previous is None or col not in frame or pd.isna(previous):
+        if previous is None or col not in frame.columns or pd.isna(previous):
             continue
         lo, hi = previous * (1 - DRIFT_TOLERANCE), previous * (1 + DRIFT_TOLERANCE)
         rules.append(gxe.ExpectColumnMeanToBeBetween(column=col, min_value=min(lo, hi), max_value=max(lo, hi),
@@ -83,16 +126,13 @@ def _drift_rules(table: str, frame: pd.DataFrame, baseline: dict) -> list:
     return rules
 
 
-def _text_shares(table: str, frame: pd.DataFrame, vocabulary: TextEncoderVocabulary) -> pd.DataFrame | None:
+def _text_shares(table: str, frame, vocabulary: TextEncoderVocabulary) -> pd.DataFrame | None:
     """One column per text column: each (sampled, non-empty) text's share of unknown tokens."""
     shares = {}
     for col in TEXT_COLUMNS.get(table, []):
-        if col not in frame:
+        if col not in frame.columns:
             continue
-        texts = frame[col].dropna().astype(str)
-        texts = texts[texts.str.strip() != ""]
-        if len(texts) > TEXT_SAMPLE:
-            texts = texts.sample(TEXT_SAMPLE, random_state=0)
+        texts = _texts(frame, col)
         if len(texts):
             shares[col] = pd.Series(vocabulary.unknown_share(texts.tolist()), dtype="float64")
     return pd.DataFrame(shares) if shares else None
@@ -103,7 +143,7 @@ def _text_rules(shares: pd.DataFrame) -> list:
                                             meta={"rule": "unknown_tokens"}) for col in shares.columns]
 
 
-def check_text(tables: dict[str, pd.DataFrame], vocabulary: TextEncoderVocabulary,
+def check_text(tables: dict, vocabulary: TextEncoderVocabulary,
                source) -> list[tuple[str, str, bool]]:
     """(table.column, detail, ok) per text column: the mean unknown-token share through GX."""
     out = []
@@ -123,20 +163,25 @@ def check_text(tables: dict[str, pd.DataFrame], vocabulary: TextEncoderVocabular
     return out
 
 
-def check_features(tables: dict[str, pd.DataFrame], folder: Path, on_drift: str = "warn",
+def check_features(tables, folder: Path, on_drift: str = "warn",
                    vocabulary: TextEncoderVocabulary | None = None) -> FeatureCheckReport:
+    """The suites over each table (frames, or a mapping with ``spark(name)``: see the module's note)."""
     folder.mkdir(parents=True, exist_ok=True)
+    tables = _frames(tables)
     baseline_path = folder / "baseline.json"
     baseline = json.loads(baseline_path.read_text()) if baseline_path.exists() else {}
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = {"globally": False}
     source = context.data_sources.add_pandas("features")
+    on_spark = None  # GX's Spark source, made when a table is a Spark DataFrame (it reuses the session)
     report = FeatureCheckReport()
     md = [f"# Feature checks {datetime.now(UTC):%Y-%m-%d %H:%M UTC}", "",
           "| table | rule | column | result | detail |", "|---|---|---|---|---|"]
     for table, frame in tables.items():
-        batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all").get_batch(
-            batch_parameters={"dataframe": frame})
+        if _is_spark(frame) and on_spark is None:
+            on_spark = context.data_sources.add_spark("features_spark", persist=False)
+        batch = (on_spark if _is_spark(frame) else source).add_dataframe_asset(table) \
+            .add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame})
         suite = gx.ExpectationSuite(name=f"features_{table}",
                                     expectations=_range_rules(table, frame) + _drift_rules(table, frame, baseline))
         result = batch.validate(suite, result_format="SUMMARY")
@@ -150,7 +195,7 @@ def check_features(tables: dict[str, pd.DataFrame], folder: Path, on_drift: str 
                           f"{res.expectation_config.meta['previous_mean']:.4g}")
                 fatal = on_drift == "fail"
             else:
-                detail = f"{res.result.get('unexpected_count')} of {len(frame)} rows"
+                detail = f"{res.result.get('unexpected_count')} of {_rows(frame)} rows"
                 fatal = True
             report.failed |= fatal
             report.lines.append(f"{'FAIL' if fatal else 'warn'}: {table}.{column} {rule}: {detail}")
@@ -163,11 +208,11 @@ def check_features(tables: dict[str, pd.DataFrame], folder: Path, on_drift: str 
                 report.lines.append(f"warn: {where} unknown_tokens: {detail}: the model cannot read most of "
                                     f"this text; {UNKNOWN_FIX}")
     if not any(line.startswith(("FAIL", "warn")) for line in report.lines):
-        report.lines.insert(0, f"feature checks passed ({sum(len(t) for t in tables.values()):,} rows)")
+        report.lines.insert(0, f"feature checks passed ({sum(_rows(t) for t in tables.values()):,} rows)")
     report.path = folder / "summary.md"
     report.path.write_text("\n".join(md) + "\n")
     if not report.failed:  # the accepted build becomes the next drift baseline
-        stats = {t: {c: float(tables[t][c].mean()) for c in cols if c in tables[t]}
+        stats = {t: _means(tables[t], [c for c in cols if c in tables[t].columns])
                  for t, cols in DRIFT_FEATURES.items() if t in tables}
         baseline_path.write_text(json.dumps(stats, indent=2))
     return report

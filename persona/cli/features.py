@@ -33,7 +33,7 @@ def features_build(workspace: Workspace = DEFAULT_WS, profile: Profile = None,
 
     The feature checks run on the new tables before they replace the old ones: a failing build
     leaves the previous tables in place."""
-    from feature_repo.pipeline.build import FeatureChecksFailed, build
+    from feature_repo.pipeline.build import FeatureChecksFailed, build, row_counts
 
     cfg = _config(workspace, profile)
     log = _event_log(cfg)
@@ -48,8 +48,8 @@ def features_build(workspace: Workspace = DEFAULT_WS, profile: Profile = None,
         raise typer.Exit(1) from None
     finally:
         log.dispose()
-    for name, frame in tables.items():
-        console.print(f"{name:>15}: {len(frame):,} rows")
+    for name, rows in row_counts(tables).items():
+        console.print(f"{name:>15}: {rows:,} rows")
     console.print(f"built in {time.perf_counter() - started:.1f} s")
 
 
