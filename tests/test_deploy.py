@@ -208,3 +208,7 @@ def test_spark_executors_share_the_jobs_workspace() -> None:
     assert claim in {v["persistentVolumeClaim"]["claimName"] for v in pod_spec(build)["volumes"]
                      if "persistentVolumeClaim" in v}
     assert pod_spec(build)["serviceAccountName"] in {o["metadata"]["name"] for o in of_kind(objects, "ServiceAccount")}
+    # The executors read the log themselves: the variable the driver reads, from the same Secret key.
+    driver_env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in containers(build)[0]["env"]}
+    ref = driver_env["PERSONA_EVENT_LOG_URL"]
+    assert conf["spark.kubernetes.executor.secretKeyRef.PERSONA_EVENT_LOG_URL"] == f"{ref['name']}:{ref['key']}"
