@@ -422,6 +422,20 @@ def test_cli_evaluate_last_interaction_per_user(trained_ws, tiny_bert, tmp_path,
     assert bad.exit_code == 2 and "--splits takes global, loo or both" in bad.output
 
 
+def test_cli_train_with_two_processes(trained_ws, tiny_bert, tmp_path, monkeypatch):
+    """`persona train --nproc 2` end to end: each model (the evaluated ones and the refit) trains in two
+    processes, rank 0 validating through the feature store, and the model is saved."""
+    ws, _, _ = trained_ws
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    result = CliRunner().invoke(app, ["train", "-w", str(ws), "--bert", tiny_bert, "--epochs", "2", "--max-positives",
+                                      "200", "--splits", "loo", "--no-baselines", "--nproc", "2"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "saved model persona-profile:" in result.output
+    history = json.loads(next((ws / "checkpoints" / "refit").glob("history.json")).read_text())
+    assert all(len(h["rows_per_process"]) == 2 and min(h["rows_per_process"]) > 0 for h in history)
+
+
 def test_request_features_are_fetched_once_per_request_set(trained_ws):
     """Every epoch's validation reads the same requests: one Feast fetch, the same frame as a fresh one."""
     from training.evaluate import last_per_user_split
@@ -484,3 +498,42 @@ def test_numbers_and_times_are_the_same_for_one_row_and_many():
             one = convert(frame.iloc[[r]].reset_index(drop=True))
             np.testing.assert_array_equal(one.reshape(many[r:r + 1].shape), many[r:r + 1])
     assert np.isnan(_epoch_seconds(times)[5:9]).all() and _epoch_seconds(times)[9] == 0.0
+
+
+def test_two_processes_take_the_steps_of_one(trained_ws, tiny_bert):
+    """`--nproc 2`: PyTorch DDP over gloo, a second process started on this machine. Each takes half of
+    every batch, and without dropout their parts add up to the one-process step: both runs end with
+    the same weights and losses (float sums aside), and each process trained on its half of the rows."""
+    from training.model import Catalogue
+    from training.train import Positives, train
+
+    frame, spec, catalogue = _small_training_set(trained_ws, buckets=2)
+    mcfg = ModelConfig(bert_path=tiny_bert, dim=8, hidden=16, embed_dim=4, seq_len=10, dropout=0.0, id_dropout=0.0)
+
+    def run(nproc: int) -> tuple[ProfileModel, list[dict]]:
+        torch.manual_seed(0)
+        model = ProfileModel.build(mcfg, spec)
+        for module in model.modules():  # no dropout: every random draw would differ between the processes
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            elif isinstance(module, torch.nn.MultiheadAttention):
+                module.dropout = 0.0
+        cfg = TrainConfig(epochs=2, batch_size=32, device="cpu", patience=5, average_decay=None, max_seconds=None,
+                          nproc=nproc)
+        return model, train(model, frame, catalogue, cfg, None, progress=False)
+
+    (one, alone), (two, shared) = run(1), run(2)
+    assert [h["loss"] for h in shared] == pytest.approx([h["loss"] for h in alone], rel=1e-4)
+    # What the weights compute, not the weights: a key bias has no gradient but float noise, which Adam
+    # turns into full steps, and no effect on any score.
+    data = Positives.build(one, frame, catalogue, torch.device("cpu"))
+    users = data.users.select(torch.arange(min(200, len(data.targets))))
+    with torch.no_grad():
+        for bucket, items in data.items.items():
+            vectors = [m.item_tower(m.with_text_vectors(items)) for m in (one, two)]
+            assert torch.allclose(*vectors, atol=1e-4), bucket
+            scores = [m.score(m.user_tower(m.with_text_vectors(users), Catalogue(data.index, v)), v)
+                      for m, v in zip((one, two), vectors, strict=True)]
+            assert torch.allclose(*scores, atol=1e-3), bucket
+    rows = shared[0]["rows_per_process"]
+    assert len(rows) == 2 and min(rows) > 0.4 * sum(rows) and sum(rows) == sum(alone[0]["rows_per_process"])

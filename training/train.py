@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from training import distributed
 from training.dataset import ItemCatalogue
 from training.encoding import ItemInputs, UserInputs
 from training.model import Catalogue, ProfileModel, history_rows
@@ -46,6 +47,7 @@ class TrainConfig:
     average_decay: float | None = 0.99  # validated and kept: a moving average of the weights (None: the last step)
     checkpoint_dir: str | None = None
     resume: bool = False
+    nproc: int = 1  # processes (PyTorch DDP): each takes a share of every batch; see training/distributed.py
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -68,47 +70,129 @@ def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
     Each positive is a next-item target: a softmax over the whole catalogue as of the positive's time
     (its ``catalogue`` bucket), so a step sees item features from before its own examples only.
     Batches are drawn within one bucket; the item tower runs over the catalogue once per step.
+    With ``cfg.nproc`` > 1 this process is rank 0 of a DDP group (``training/distributed.py``): the
+    same batches, each split over the processes, the same steps.
     """
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device)
     data = Positives.build(model, examples, catalogue, device)
+    if cfg.nproc <= 1:
+        return _loop(model, data, cfg, validate, progress, None)
+    if cfg.resume:
+        raise ValueError("a resumed run trains in one process: leave out --nproc")
+    threads = torch.get_num_threads()
+    dropouts = [_dropout(m) for m in _dropping(model)]
+    processes, port = distributed.start(cfg.nproc, device, _rank, model.cfg, model.spec, model.state_dict(),
+                                        dropouts, data, cfg)
+    try:
+        history = _loop(model, data, cfg, validate, progress, distributed.join(0, cfg.nproc, port, device))
+    finally:
+        distributed.leave()
+        torch.set_num_threads(threads)
+    distributed.wait(processes)
+    return history
+
+
+def _rank(rank: int, world: int, port: int, model_cfg, spec, state: dict, dropouts: list[float], data: Positives,
+          cfg: TrainConfig) -> None:
+    """Ranks 1..N-1 (a fresh process each): the same model (weights and dropout rates) and tensors, the
+    same loop; rank 0 validates and decides for all."""
+    device = distributed.rank_device(pick_device(cfg.device), rank)
+    model = ProfileModel.build(model_cfg, spec).to(device)
+    model.load_state_dict(state)
+    for module, p in zip(_dropping(model), dropouts, strict=True):
+        _set_dropout(module, p)
+    data.items = {b: inputs.to(device) for b, inputs in data.items.items()}
+    group = distributed.join(rank, world, port, device)
+    seed_everything(cfg.seed + rank)  # its own dropout masks; the batches come from ``cfg.seed`` on every rank
+    try:
+        _loop(model, data, cfg, None, False, group)
+    finally:
+        distributed.leave()
+
+
+def _dropping(model: nn.Module) -> list[nn.Module]:
+    """The modules that drop out at random (their rates are part of the model a rank must mirror)."""
+    return [m for m in model.modules() if isinstance(m, nn.Dropout | nn.MultiheadAttention)]
+
+
+def _dropout(module: nn.Module) -> float:
+    return module.p if isinstance(module, nn.Dropout) else module.dropout
+
+
+def _set_dropout(module: nn.Module, p: float) -> None:
+    if isinstance(module, nn.Dropout):
+        module.p = p
+    else:
+        module.dropout = p
+
+
+def _loop(model: ProfileModel, data: Positives, cfg: TrainConfig, validate: Callable[[ProfileModel], float] | None,
+          progress: bool, group: distributed.Group | None) -> list[dict]:
+    """The epochs. In a group every rank runs it; rank 0 validates, keeps the best weights, checkpoints,
+    and its decisions (a better epoch, stop) reach the others."""
+    leader = group is None or group.leader
+    step_loss = StepLoss(model, data.index, cfg.max_softmax_items)
+    step = group.wrap(step_loss) if group is not None else step_loss
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     average = WeightAverage(model, cfg.average_decay) if cfg.average_decay else None
     best = BestEpoch(cfg.patience)
-    checkpoint = Checkpoint(cfg.checkpoint_dir)
-    start_epoch, history = checkpoint.resume(model, optimizer, average, best, device) if cfg.resume else (0, [])
+    checkpoint = Checkpoint(cfg.checkpoint_dir if leader else None)
+    start_epoch, history = checkpoint.resume(model, optimizer, average, best, model.device) if cfg.resume else (0, [])
     rng = np.random.default_rng(cfg.seed)
     started = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
         epoch_started = time.monotonic()
         batches = _batches(data.buckets, data.lengths, cfg.batch_size, cfg.max_positives, rng)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-        loss = _train_epoch(model, data, batches, bar, optimizer, average, cfg, device, best.score)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and leader), leave=False)
+        loss, rows = _train_epoch(step, model, data, batches, bar, optimizer, average, cfg, best.score, group)
         trained = time.monotonic()
-        with average.applied() if average is not None else contextlib.nullcontext():
-            val = validate(model) if validate else None
-            improved = best.update(val if val is not None else float(epoch), model)  # no validation: newest wins
-        history.append({"epoch": epoch + 1, "loss": loss, "val_ndcg10": val, "lr": optimizer.param_groups[0]["lr"],
-                        "validation_seconds": time.monotonic() - trained})
-        if progress:
-            shown = f", validation NDCG@10 {val:.4f}" if val is not None else " (no validation set)"
-            tqdm.write(f"epoch {epoch + 1}: loss {loss:.4f}{shown}")
-        if not improved:
-            for group in optimizer.param_groups:  # smaller steps from here on
-                group["lr"] *= cfg.plateau_decay
-        checkpoint.save(epoch, model, optimizer, average, best, history)
-        if best.done:
-            break
-        now = time.monotonic()
-        if budget_spent(now - started, now - epoch_started, cfg.max_seconds):
+        improved = False
+        if leader:
+            with average.applied() if average is not None else contextlib.nullcontext():
+                val = validate(model) if validate else None
+                improved = best.update(val if val is not None else float(epoch), model)  # no validation: newest wins
+            history.append({"epoch": epoch + 1, "loss": loss, "val_ndcg10": val,
+                            "lr": optimizer.param_groups[0]["lr"], "validation_seconds": time.monotonic() - trained,
+                            "rows_per_process": rows})
             if progress:
+                shown = f", validation NDCG@10 {val:.4f}" if val is not None else " (no validation set)"
+                tqdm.write(f"epoch {epoch + 1}: loss {loss:.4f}{shown}")
+        now = time.monotonic()
+        over_budget = leader and budget_spent(now - started, now - epoch_started, cfg.max_seconds)
+        done = leader and best.done
+        if group is not None:
+            improved, done, over_budget = group.decide(improved, done, over_budget)
+        if not improved:
+            for g in optimizer.param_groups:  # smaller steps from here on
+                g["lr"] *= cfg.plateau_decay
+        checkpoint.save(epoch, model, optimizer, average, best, history)
+        if done:
+            break
+        if over_budget:
+            if progress and leader:
                 tqdm.write(f"stopping after epoch {epoch + 1}: another would end past the {cfg.max_seconds:.0f} s "
                            "budget")
             break
-    best.restore(model)
+    if leader:
+        best.restore(model)
     model.eval()
     return history
+
+
+class StepLoss(nn.Module):
+    """One step's loss as a module's forward, so that DDP can wrap it: the batch's weighted
+    cross-entropy summed over this process's rows and divided by the whole batch's weight (``total``),
+    so the ranks' parts add up to the one-process loss."""
+
+    def __init__(self, model: ProfileModel, index: dict, max_softmax_items: int) -> None:
+        super().__init__()
+        self.model, self.index, self.max_softmax_items = model, index, max_softmax_items
+
+    def forward(self, users: UserInputs, items: ItemInputs, targets: torch.Tensor, weights: torch.Tensor,
+                total: torch.Tensor) -> torch.Tensor:
+        return _loss(self.model, users, items, self.index, targets, weights, self.max_softmax_items, total)
 
 
 @dataclass
@@ -142,29 +226,50 @@ class Positives:
         return cls(users, targets, weights, buckets, lengths, items, index)
 
 
-def _train_epoch(model: ProfileModel, data: Positives, batches: list, bar: tqdm, optimizer: torch.optim.Optimizer,
-                 average: WeightAverage | None, cfg: TrainConfig, device: torch.device, best: float) -> float:
+def _train_epoch(step: nn.Module, model: ProfileModel, data: Positives, batches: list, bar: tqdm,
+                 optimizer: torch.optim.Optimizer, average: WeightAverage | None, cfg: TrainConfig, best: float,
+                 group: distributed.Group | None) -> tuple[float, list[int]]:
     """One pass over ``batches`` (``bar`` shows it with the best score so far), with gradient
-    accumulation; the mean loss."""
+    accumulation; the mean loss and the rows each process trained on. In a group each rank computes
+    its share of every batch (its part of the loss scaled by the group's size, as DDP averages the
+    gradients: their sum is the batch's)."""
     model.train()
+    device = model.device
     use_amp = cfg.amp and device.type == "cuda"
-    losses = []
+    world = group.world if group is not None else 1
+    parts, mine_total = [], 0
     optimizer.zero_grad()
-    for step, (bucket, rows) in enumerate(bar):
-        idx = torch.from_numpy(rows)
+    for n, (bucket, rows) in enumerate(bar):
+        mine, counted = _share(rows, group)
+        idx = torch.from_numpy(mine)
+        total = data.weights[torch.from_numpy(rows)].sum().to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = _loss(model, data.users.select(idx).to(device), data.items[bucket], data.index,
-                         data.targets[idx].to(device), data.weights[idx].to(device), cfg.max_softmax_items)
-        (loss / cfg.grad_accum).backward()
-        if (step + 1) % cfg.grad_accum == 0 or step == len(batches) - 1:
+            part = step(data.users.select(idx).to(device), data.items[bucket], data.targets[idx].to(device),
+                        data.weights[idx].to(device), total)
+        (part * (world * counted / cfg.grad_accum)).backward()
+        if (n + 1) % cfg.grad_accum == 0 or n == len(batches) - 1:
             optimizer.step()
             optimizer.zero_grad()
             if average is not None:
                 average.update()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", best=f"{max(best, 0.0):.4f}")
+        parts.append(part.item() * counted)
+        mine_total += len(mine) if counted else 0
+        bar.set_postfix(loss=f"{np.mean(parts[-20:]) * world:.4f}", best=f"{max(best, 0.0):.4f}")
     model.eval()
-    return float(np.mean(losses))
+    if group is None:
+        return (float(np.mean(parts)) if parts else float("nan")), [mine_total]
+    losses = group.total(parts) if parts else parts  # each batch's whole loss
+    rows = group.total([float(mine_total if r == group.rank else 0) for r in range(world)])
+    return (float(np.mean(losses)) if losses else float("nan")), [int(r) for r in rows]
+
+
+def _share(rows: np.ndarray, group: distributed.Group | None) -> tuple[np.ndarray, float]:
+    """This rank's rows of a batch, and whether they count: a rank left without a row runs the first one
+    with weight 0 (DDP needs every rank in every step)."""
+    if group is None:
+        return rows, 1.0
+    mine = rows[group.rank::group.world]
+    return (mine, 1.0) if len(mine) else (rows[:1], 0.0)
 
 
 class BestEpoch:
@@ -293,9 +398,10 @@ def _batches(buckets: np.ndarray, lengths: np.ndarray, size: int, cap: int | Non
 
 
 def _loss(model: ProfileModel, users: UserInputs, items: ItemInputs, index: dict, targets: torch.Tensor,
-          weights: torch.Tensor, max_softmax_items: int) -> torch.Tensor:
+          weights: torch.Tensor, max_softmax_items: int, total: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted cross-entropy of each target against the catalogue (a full softmax while it fits; else
-    the targets plus a uniform sample, whose constant logQ correction cancels)."""
+    the targets plus a uniform sample, whose constant logQ correction cancels), divided by ``total``
+    (default: these rows' weight)."""
     vectors = model.item_tower(model.with_text_vectors(items))
     user = model.user_tower(model.with_text_vectors(users), Catalogue(index, vectors))
     if len(vectors) > max_softmax_items:
@@ -309,7 +415,7 @@ def _loss(model: ProfileModel, users: UserInputs, items: ItemInputs, index: dict
                                          reduction="none")
     else:
         ce = nn.functional.cross_entropy(model.score(user, vectors).float(), targets, reduction="none")
-    return (ce * weights).sum() / weights.sum()
+    return (ce * weights).sum() / (weights.sum() if total is None else total)
 
 
 def config_dict(cfg: TrainConfig) -> dict:

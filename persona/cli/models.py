@@ -36,7 +36,7 @@ def _training_inputs(cfg):
 
 
 def _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device, splits, baselines, refit,
-                models: str = "default", target: str | None = None):
+                models: str = "default", target: str | None = None, nproc: int = 1):
     from training.model import ModelConfig
     from training.train import TrainConfig
     from training.workflow import DEFAULT_MODELS, MODEL_ROWS, RunConfig
@@ -51,11 +51,14 @@ def _run_config(epochs, batch_size, finetune_layers, max_positives, bert, device
         _fail(f"--models takes default, all (with the ablations) or a comma-separated subset of "
               f"{', '.join(MODEL_ROWS)}")
     return RunConfig(model=model, train=TrainConfig(epochs=epochs, batch_size=batch_size, device=device,
-                                                    max_positives=max_positives or None),
+                                                    max_positives=max_positives or None, nproc=nproc),
                      splits=chosen, baselines=baselines, refit=refit, models=rows, target=target or None)
 
 
 Epochs = Annotated[int, typer.Option(min=1, help="Training epochs (early stopping may end sooner).")]
+NProc = Annotated[int, typer.Option(min=1, help="Processes that train each model together (PyTorch DDP: gloo on "
+                                                "the CPU, NCCL with a GPU per process); each takes a share of "
+                                                "every batch.")]
 BatchSize = Annotated[int, typer.Option(min=2)]
 Finetune = Annotated[int | None, typer.Option(help="BERT's top layers to train, on cached states of the frozen "
                                                     "layers below (default: 2 on a GPU, 0 on a CPU, where BERT "
@@ -112,7 +115,7 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
                   help="Refit a new model for the evaluated run's best epoch count, instead of continuing "
                        "the evaluated model for 2 epochs over every example (slower; refits statistics, "
                        "vocabularies and item ids).")] = False,
-              target: Target = None,
+              target: Target = None, nproc: NProc = 1,
               serve: Annotated[str, typer.Option(
                   help="What /rank runs with this model: auto (recall + rank where the evaluation ranked it "
                        "above the profile model alone, else the towers), recall-rank, or towers.")] = "auto",
@@ -125,7 +128,7 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
     if serve not in ("auto", "recall-rank", "towers"):
         _fail("--serve takes auto, recall-rank or towers")
     run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert or cfg.text_model, device, splits,
-                          baselines, refit, target=target)
+                          baselines, refit, target=target, nproc=nproc)
     run_cfg.serve = serve
     store, events, result = _run_protocol(cfg, run_cfg, "training")
     if refit:
@@ -149,12 +152,11 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
 def evaluate_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs: Epochs = 40,
                  batch_size: BatchSize = 256, finetune_layers: Finetune = None, max_positives: MaxPositives = 100_000,
                  bert: Bert = None, device: Device = "auto", splits: Splits = "loo",
-                 models: Models = "default", target: Target = None) -> None:
+                 models: Models = "default", target: Target = None, nproc: NProc = 1) -> None:
     """The ranking-quality protocol: model and baselines on the same temporal splits, with a report."""
     cfg = _config(workspace, profile)
     run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert or cfg.text_model, device, splits,
-                          True, False,
-                          models, target)
+                          True, False, models, target, nproc)
     _run_protocol(cfg, run_cfg, "evaluation")
 
 

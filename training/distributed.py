@@ -1,0 +1,120 @@
+"""Training in several processes with PyTorch's DistributedDataParallel (gloo on CPU, NCCL with a GPU
+per process): the group, its processes, and the few messages the training loop needs.
+
+The process that calls ``persona train --nproc N`` is rank 0: it keeps its data and its validation
+(which reads the feature store), starts ranks 1..N-1 with the model's weights and the training
+tensors, and decides for all after each epoch (a better score, stop). Every rank takes its share of
+each batch; DDP averages the gradients, so N processes take the steps one process would.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+
+WAIT = timedelta(hours=2)  # the longest one rank waits for another: rank 0's validation of an epoch included
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Each rank's device: its own GPU (NCCL needs one per process), or the CPU."""
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def check_devices(device: torch.device, world: int) -> None:
+    if device.type == "cuda" and torch.cuda.device_count() < world:
+        raise ValueError(f"--nproc {world} on CUDA needs a GPU per process; this machine has "
+                         f"{torch.cuda.device_count()}")
+
+
+def threads_per_rank(world: int) -> int:
+    """CPU threads for each rank's torch: the machine's cores shared out, so ranks do not oversubscribe."""
+    return max(1, (os.cpu_count() or 1) // world)
+
+
+@dataclass
+class Group:
+    """This process's place in the group and the messages the loop exchanges."""
+
+    rank: int
+    world: int
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """The module under DDP (gradients averaged over the ranks in backward)."""
+        device = next(module.parameters()).device
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True,
+                                                   broadcast_buffers=False)  # no batch statistics to share
+
+    def decide(self, *flags: bool) -> list[bool]:
+        """Rank 0's flags, on every rank."""
+        message = torch.tensor([float(f) for f in flags])
+        dist.broadcast(message, src=0)
+        return [bool(v) for v in message.tolist()]
+
+    def total(self, values: list[float]) -> list[float]:
+        """Element-wise sums over the ranks."""
+        message = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(message)
+        return message.tolist()
+
+
+def join(rank: int, world: int, port: int, device: torch.device) -> Group:
+    """Join the group as ``rank`` (rank 0 waits for the others)."""
+    torch.set_num_threads(threads_per_rank(world))
+    if device.type == "cuda":
+        torch.cuda.set_device(rank_device(device, rank))
+    dist.init_process_group(backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=WAIT)
+    return Group(rank, world)
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def start(world: int, device: torch.device, worker: Callable, *args) -> tuple[list, int]:
+    """Start ranks 1..world-1 as fresh processes running ``worker(rank, world, port, *args)`` (tensors in
+    ``args`` travel through shared memory); returns them and the group's port for rank 0 to join."""
+    check_devices(device, world)
+    port = free_port()
+    context = mp.get_context("spawn")
+    processes = [context.Process(target=worker, args=(rank, world, port, *args), daemon=True)
+                 for rank in range(1, world)]
+    for p in processes:
+        p.start()
+    return processes, port
+
+
+def wait(processes: list, timeout: float = 600.0) -> None:
+    """Wait for the other ranks; one that failed makes the run fail, not hang."""
+    for p in processes:
+        p.join(timeout)
+        if p.is_alive():
+            p.terminate()
+            raise RuntimeError(f"training rank {processes.index(p) + 1} did not finish")
+        if p.exitcode:
+            raise RuntimeError(f"training rank {processes.index(p) + 1} failed (exit code {p.exitcode})")
