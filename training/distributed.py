@@ -20,7 +20,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-
 WAIT = timedelta(hours=2)  # the longest one rank waits for another: rank 0's validation of an epoch included
 
 

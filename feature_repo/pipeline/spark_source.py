@@ -28,7 +28,7 @@ except ImportError:  # the spark extra is not installed: only the spark profile 
     DataSource = DataSourceReader = InputPartition = object
 
 NAME = "persona_eventlog"
-ROWS_PER_PARTITION = 500_000  # a task's share of a table: what one executor core folds at once
+ROWS_PER_PARTITION = 100_000  # a task's share of a table: what one executor core folds at once (~1 GB)
 READ_CHUNK = 20_000  # rows per database fetch and Arrow batch
 SPARK_TYPES = {"string": "string", "int": "bigint", "float": "double", "timestamp": "timestamp"}
 
