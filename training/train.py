@@ -73,20 +73,24 @@ def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
     With ``cfg.nproc`` > 1 this process is rank 0 of a DDP group (``training/distributed.py``): the
     same batches, each split over the processes, the same steps.
     """
+    if cfg.nproc > 1 and cfg.resume:
+        raise ValueError("a resumed run trains in one process: leave out --nproc")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device)
     data = Positives.build(model, examples, catalogue, device)
     if cfg.nproc <= 1:
         return _loop(model, data, cfg, validate, progress, None)
-    if cfg.resume:
-        raise ValueError("a resumed run trains in one process: leave out --nproc")
     threads = torch.get_num_threads()
     dropouts = [_dropout(m) for m in _dropping(model)]
     processes, port = distributed.start(cfg.nproc, device, _rank, model.cfg, model.spec, model.state_dict(),
                                         dropouts, data, cfg)
     try:
         history = _loop(model, data, cfg, validate, progress, distributed.join(0, cfg.nproc, port, device))
+    except BaseException:
+        for p in processes:  # they would wait for rank 0 until the group's timeout
+            p.terminate()
+        raise
     finally:
         distributed.leave()
         torch.set_num_threads(threads)
