@@ -537,3 +537,11 @@ def test_two_processes_take_the_steps_of_one(trained_ws, tiny_bert):
             assert torch.allclose(*scores, atol=1e-3), bucket
     rows = shared[0]["rows_per_process"]
     assert len(rows) == 2 and min(rows) > 0.4 * sum(rows) and sum(rows) == sum(alone[0]["rows_per_process"])
+
+
+def test_a_resumed_run_trains_in_one_process():
+    """A checkpoint holds one process's optimizer: `--resume` with `--nproc` is refused before any work."""
+    from training.train import train
+
+    with pytest.raises(ValueError, match="one process"):
+        train(None, None, None, TrainConfig(nproc=2, resume=True))
