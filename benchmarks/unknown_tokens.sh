@@ -9,7 +9,7 @@ for loc in en zh; do
   rm -rf "$OUT/$loc"
   "$P" generate --locale "$loc" --out "$OUT/$loc/data" > /dev/null
   "$P" ingest -w "$OUT/$loc/ws" --source "$OUT/$loc/data" > /dev/null
-  "$P" features apply -w "$OUT/$loc/ws" > /dev/null
+  "$P" features apply -w "$OUT/$loc/ws" > /dev/null 2>&1
   "$P" features build -w "$OUT/$loc/ws" > /dev/null 2>&1 || true
   echo "== --locale $loc"
   grep unknown_tokens "$OUT/$loc/ws/reports/features/summary.md"
