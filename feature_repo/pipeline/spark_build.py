@@ -25,10 +25,7 @@ _SPARK_TYPES = {"int64": "bigint", "Int64": "bigint", "float64": "double", "Floa
                 "bool": "boolean", "boolean": "boolean", "datetime64[us, UTC]": "timestamp",
                 "datetime64[ns, UTC]": "timestamp"}
 EVENT_COLUMNS = ["user_id", "event_timestamp", "event_type", "item_id", "query", "value", "device", "channel"]
-EVENTS_DDL = ("user_id string, event_timestamp timestamp, event_type string, item_id string, query string, "
-              "value double, device string, channel string")
 ITEM_COLUMNS = ["item_id", "category", "price", "title", "brand", "description"]
-ITEMS_DDL = "item_id string, category string, price double, title string, brand string, description string"
 USER_TABLES = ("user_behaviour", "user_activity", "user_text", "user_sequence")
 TABLE = "_table"  # which user table a row of the one-pass output belongs to
 CATALOGUE_ROW = "_catalogue"  # an item pass row from the catalogue (True) or from an event (False)
@@ -109,22 +106,21 @@ def build_with_spark(events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFr
     """Every feature table from frames this process holds (small logs, tests): the frames are shipped
     to Spark and partitioned by user, then the same passes as :func:`build_from_log`."""
     spark = spark_session(spark_conf)
-    ev = events.reindex(columns=EVENT_COLUMNS).copy()
-    ev["event_timestamp"] = pd.to_datetime(ev["event_timestamp"], utc=True).astype("datetime64[us, UTC]")
-    ev["value"] = pd.to_numeric(ev["value"], errors="coerce").astype("float64")
-    for col in ("user_id", "event_type", "item_id", "query", "device", "channel"):
-        ev[col] = ev[col].astype(object).where(ev[col].notna(), None)
-    catalogue = items.reindex(columns=ITEM_COLUMNS).copy()
-    catalogue["price"] = pd.to_numeric(catalogue["price"], errors="coerce").astype("float64")
-    for col in ("item_id", "category", "title", "brand", "description"):
-        catalogue[col] = catalogue[col].astype(object).where(catalogue[col].notna(), None)
+
+    def frame(table: str, data: pd.DataFrame, columns: list[str] | None = None):
+        """A pandas table in the contract's types, as a Spark DataFrame (the log's reader types it the same)."""
+        typed = spark_source.typed(data, table)
+        typed = typed if columns is None else typed[columns]
+        return typed, spark.createDataFrame(typed, schema=spark_source.spark_schema(table, columns))
+
+    catalogue, listed = frame("items", items, ITEM_COLUMNS)
 
     def lookup(ids: Iterable[str]) -> pd.DataFrame:
         return catalogue[catalogue["item_id"].isin(set(ids))]
 
-    by_user = spark.createDataFrame(ev, schema=EVENTS_DDL).repartition(partitions, "user_id")
-    return _build(spark, by_user, spark.createDataFrame(catalogue, schema=ITEMS_DDL), users, lookup,
-                  out_dir or workspace / "offline", partitions, tuple(sequence_types))
+    by_user = frame("events", events, EVENT_COLUMNS)[1].repartition(partitions, "user_id")
+    return _build(spark, by_user, listed, frame("users", users)[1], lookup, out_dir or workspace / "offline",
+                  partitions, tuple(sequence_types))
 
 
 def build_from_log(url: str, workspace: Path, spark_conf: dict[str, str], out_dir: Path | None = None,
@@ -165,7 +161,8 @@ class _LogCatalogue:
 
 def _build(spark, events, items, users, catalogue: Catalogue, folder: Path, partitions: int,
            sequence_types: tuple[str, ...]) -> dict[str, int]:
-    """The passes over Spark DataFrames: ``events`` partitioned so that each user is in one partition."""
+    """The passes over Spark DataFrames (the log's tables in the contract's types): ``events`` partitioned
+    so that each user is in one partition."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -196,9 +193,10 @@ def _build(spark, events, items, users, catalogue: Catalogue, folder: Path, part
     def item_rows(batches):
         frame = _concat(batches)
         if len(frame):
-            present = frame[frame[CATALOGUE_ROW].fillna(False).astype(bool)]
+            listed = frame[CATALOGUE_ROW].astype(bool)
+            present = frame[listed]
             if len(present):
-                touched = frame[~frame[CATALOGUE_ROW].fillna(False).astype(bool)]
+                touched = frame[~listed]
                 yield compute.compute_item_table(touched[EVENT_COLUMNS], present[ITEM_COLUMNS], last_day)
 
     touched = events.where("item_id IS NOT NULL").withColumn(CATALOGUE_ROW, F.lit(False))
@@ -213,9 +211,7 @@ def _build(spark, events, items, users, catalogue: Catalogue, folder: Path, part
             if len(frame):
                 yield compute.user_personal(frame)
 
-    users_in = users if not isinstance(users, pd.DataFrame) else spark.createDataFrame(
-        spark_source.typed(users, "users"), schema=spark_source.spark_schema("users"))
-    users_in.mapInPandas(personal, schema=_ddl(sample["user_personal"])).write.mode("overwrite").parquet(
+    users.mapInPandas(personal, schema=_ddl(sample["user_personal"])).write.mode("overwrite").parquet(
         str(folder / "user_personal"))
     counts["user_personal"] = spark.read.parquet(str(folder / "user_personal")).count()
     return counts

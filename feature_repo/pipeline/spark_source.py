@@ -33,9 +33,10 @@ READ_CHUNK = 20_000  # rows per database fetch and Arrow batch
 SPARK_TYPES = {"string": "string", "int": "bigint", "float": "double", "timestamp": "timestamp"}
 
 
-def spark_schema(table: str) -> str:
-    """The contract's columns of ``table`` as a Spark DDL string."""
-    return ", ".join(f"`{c.name}` {SPARK_TYPES[c.type]}" for c in CONTRACT[table])
+def spark_schema(table: str, columns: list[str] | None = None) -> str:
+    """The contract's columns of ``table`` (or those of ``columns``, in their order) as a Spark DDL string."""
+    kinds = {c.name: c.type for c in CONTRACT[table]}
+    return ", ".join(f"`{name}` {SPARK_TYPES[kinds[name]]}" for name in (columns or list(kinds)))
 
 
 def url_options(url: str) -> dict[str, str]:
