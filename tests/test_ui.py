@@ -208,11 +208,18 @@ def _cjk_families() -> set[str]:
     return {name.strip() for line in listed.splitlines() for name in line.split(",") if name.strip()}
 
 
-def test_chinese_text_is_drawn_with_a_font_that_has_its_glyphs(browser, ui_server):
-    """A Chinese search in the explorer: the browser draws each character with a font that holds it,
-    found among the page's own font stack and the system's fonts (nothing fetched), not empty boxes."""
+@pytest.fixture(scope="module")
+def chinese_fonts() -> set[str]:
+    """The system's fonts with Chinese glyphs; none (a machine without any) skips the test, saying what
+    to install. `.ci/run` installs one with Chromium, as a Chinese shop's machines have one."""
     if shutil.which("fc-list") is None or not _cjk_families():
         pytest.skip("no font with Chinese glyphs (apt-get install fonts-wqy-microhei; .ci/run does)")
+    return _cjk_families()
+
+
+def test_chinese_text_is_drawn_with_a_font_that_has_its_glyphs(browser, chinese_fonts, ui_server):
+    """A Chinese search in the explorer: the browser draws each character with a font that holds it,
+    found among the page's own font stack and the system's fonts (nothing fetched), not empty boxes."""
     url, ws = ui_server
     page = Page(browser, url, ws / "reports" / "ui")
     page.log_in()
@@ -246,14 +253,12 @@ def _assert_drawn_with_chinese_fonts(driver, element) -> None:
 LONG_TITLE = "加长遮光落地窗帘" * 130  # 1,040 characters: breaks the title's 1,000-character rule
 
 
-def test_data_docs_and_the_gate_summary_show_a_chinese_shop_in_its_own_script(browser, tmp_path):
+def test_data_docs_and_the_gate_summary_show_a_chinese_shop_in_its_own_script(browser, chinese_fonts, tmp_path):
     """A Chinese shop's batch with one rejected item, through `persona validate`, opened offline (every
     http(s) request blocked: GX's CDN styles and scripts never load). The gate's HTML summary shows the
     rejected title as written and links each table's Data Docs page (GX's own index lists runs only
     through CDN scripts); the items page, reached by that link, shows the title too. Both draw it with
     a font that holds its glyphs."""
-    if shutil.which("fc-list") is None or not _cjk_families():
-        pytest.skip("no font with Chinese glyphs (apt-get install fonts-wqy-microhei; .ci/run does)")
     import pandas as pd
 
     from persona import sample_data
