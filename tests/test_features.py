@@ -244,6 +244,33 @@ def test_the_spark_build_reads_the_log_in_user_ranges_never_in_the_driver(tmp_pa
     assert rows == {name: len(frame) for name, frame in local.items()}
     _assert_same_tables(local, read_offline_spark(tmp_path))
 
+    # Day two: a new user and item, an edited title, late events inside an old history, then day one
+    # replayed (nothing new). The rebuild still equals the local build of the whole log.
+    log = EventLog(url)
+    events, items = log.read_table("events"), log.read_table("items")
+    item_cols = ["item_id", "title", "category", "brand", "description", "price"]
+    edited = items[item_cols].iloc[[1]].assign(title="第二天 day-two kettle, edited")
+    new_item = items[item_cols].iloc[[0]].assign(item_id="i_day2", title="新品 day-two item")
+    newest = events["event_timestamp"].max()
+    busy = events["user_id"].value_counts().index[0]
+    day2 = pd.DataFrame([
+        {"event_id": f"d2_{k}", "user_id": user, "item_id": item, "event_type": kind, "event_timestamp": ts}
+        for k, (user, item, kind, ts) in enumerate([
+            ("u_day2", "i_day2", "view", newest + pd.Timedelta(hours=1)),
+            ("u_day2", "i_day2", "purchase", newest + pd.Timedelta(hours=2)),
+            ("u_day2", edited["item_id"].iloc[0], "click", newest + pd.Timedelta(hours=3)),
+            (busy, "i_day2", "click", newest - pd.Timedelta(days=2)),  # late: inside the user's history
+            (busy, edited["item_id"].iloc[0], "purchase", newest - pd.Timedelta(days=3))])])
+    sample_data.write({"users": pd.DataFrame({"user_id": ["u_day2"]}), "items": pd.concat([edited, new_item]),
+                       "events": day2}, tmp_path / "day2")
+    assert ingest(load_batch(tmp_path / "day2"), log, Gate(GateSettings(on_schema_drift="accept")))[0].quarantined == 0
+    replay = ingest(load_batch(shop_dir), log, Gate())[0]
+    assert replay.new_events is None or replay.new_events.empty  # the replay adds nothing
+    local = compute_all(log.read_table("events"), log.read_table("items"), log.read_table("users"))
+    log.dispose()
+    assert build_from_log(url, tmp_path, conf, rows_per_partition=600) == {n: len(f) for n, f in local.items()}
+    _assert_same_tables(local, read_offline_spark(tmp_path))
+
 
 def test_a_log_url_with_a_password_reaches_the_tasks_through_the_environment(monkeypatch):
     """The URL's secret never enters Spark's plan: the tasks read the variable the driver read."""
