@@ -66,6 +66,14 @@ def historical_features(store, entity: pd.DataFrame, service_name: str) -> pd.Da
     return pd.concat(frames, ignore_index=True)
 
 
+def historical_job(store: FeatureStore, service_name: str, entity):
+    """Feast's point-in-time join for a FeatureService as a retrieval job, unbounded and not run: for an
+    entity frame that stays where it is (a Spark DataFrame: ``job.to_spark_df()``)."""
+    plan = _Plan(store, store.get_feature_service(service_name))
+    return feast_adapter.provider(store).get_historical_features(
+        store.config, plan.views, plan.provider_refs, entity, store.registry, store.project, False)
+
+
 class _Plan:
     """What ``FeatureStore.get_historical_features`` resolves for a service, kept so that the views
     can be handed to the provider with a look-back as their TTL."""

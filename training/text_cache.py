@@ -54,6 +54,14 @@ class TextCache:
         self.lock = threading.Lock()
         self.tokenizer_lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        """A copy for another process (a model broadcast to Spark's tasks): the encoder, no locks, and
+        none of the cached texts (they may be a user's)."""
+        return {"bert": self.bert, "tokenizer": self.tokenizer, "max_size": self.max_size}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["bert"], state["tokenizer"], state["max_size"])
+
     def encode(self, texts: list[str], max_len: int) -> torch.Tensor:
         found = self._lookup(texts, max_len)
         return torch.stack([found[t] for t in texts]) if texts else torch.zeros(0, self.bert.config.hidden_size)

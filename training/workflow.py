@@ -170,11 +170,14 @@ def user_features(store, requests: pd.DataFrame) -> pd.DataFrame:
         # a column of nothing but nulls has no type: Postgres' offline store cannot create its entity table
         entity[col] = values if values.notna().any() else pd.Series(pd.NA, index=entity.index, dtype="string")
     feats = dataset.historical_user_features(store, entity)
-    feats = feats.sort_values("example_id").reset_index(drop=True)
-    keep = requests.reset_index(drop=True)
-    feats = feats.drop(columns=[c for c in ("user_id", "event_timestamp", "device", "channel",
-                                            "request_timestamp", "example_id") if c in feats])
-    return pd.concat([keep, feats], axis=1)
+    return with_features(requests, feats.sort_values("example_id"))
+
+
+def with_features(requests: pd.DataFrame, feats: pd.DataFrame) -> pd.DataFrame:
+    """The requests beside their fetched features (``feats``: a row per request, in their order)."""
+    feats = feats.reset_index(drop=True).drop(columns=[c for c in ("user_id", "event_timestamp", "device", "channel",
+                                                                    "request_timestamp", "example_id") if c in feats])
+    return pd.concat([requests.reset_index(drop=True), feats], axis=1)
 
 
 class RequestFeatures:
@@ -212,11 +215,16 @@ def model_scorer(model: ProfileModel, features: Callable[[pd.DataFrame], pd.Data
         out = np.zeros((len(requests), len(catalogue.item_ids)), dtype=np.float32)
         for b in np.unique(buckets):
             rows = np.flatnonzero(buckets == b)
-            items = vectors(int(b))
-            users = in_batches(lambda f, items=items: model.user_vectors(f, catalogue=items), frame.iloc[rows])
-            out[rows] = model.score(users, items.vectors).float().cpu().numpy()
+            out[rows] = tower_scores(model, frame.iloc[rows], vectors(int(b)))
         return out
     return score
+
+
+@torch.no_grad()
+def tower_scores(model: ProfileModel, frame: pd.DataFrame, items: Catalogue) -> np.ndarray:
+    """Each row's score for every item: its user vector against the catalogue's vectors."""
+    users = in_batches(lambda f: model.user_vectors(f, catalogue=items), frame)
+    return model.score(users, items.vectors).float().cpu().numpy()
 
 
 def _catalogue_vectors(model: ProfileModel, catalogue: dataset.ItemCatalogue):
@@ -633,13 +641,27 @@ def recommend(model: ProfileModel, store, events: pd.DataFrame, items: pd.DataFr
     rank). ``two_stage``: the saved ranker and its layout; the same ``TwoStage.top`` as ``/rank``."""
     item_ids = items["item_id"].astype(str).tolist()
     users = users if users is not None else sorted(events["user_id"].unique())
-    requests = pd.DataFrame({"user_id": users, "event_timestamp": as_of, "device": None, "channel": None,
-                             "request_timestamp": as_of, "query": None})
+    requests = requests_at(users, as_of)
     catalogue = dataset.ItemCatalogue(store, item_ids, requests["event_timestamp"], max_buckets=1)
     scores = model_scorer(model, lambda r: user_features(store, r), catalogue)(requests)
+    return top_per_user(events, items, item_ids, users, scores, positives, k, as_of, exclude_seen, two_stage)
+
+
+def requests_at(users: list[str], as_of: pd.Timestamp) -> pd.DataFrame:
+    """A batch scoring's requests: each user at one time, with no context and no query."""
+    return pd.DataFrame({"user_id": users, "event_timestamp": as_of, "device": None, "channel": None,
+                         "request_timestamp": as_of, "query": None})
+
+
+def top_per_user(events: pd.DataFrame, items: pd.DataFrame, item_ids: list[str], users: list[str],
+                 scores: np.ndarray, positives: dict[str, float], k: int, as_of: pd.Timestamp,
+                 exclude_seen: bool = True, two_stage=None) -> pd.DataFrame:
+    """The best k per user from the towers' ``scores`` (a row per user over ``item_ids``), or recall +
+    rank with them; ``events``: at least these users' own (what they engaged with is left out)."""
     index = {i: n for n, i in enumerate(item_ids)}
     after = as_of + pd.Timedelta(microseconds=1)  # the newest event counts, as the online store has it
-    seen = seen_before(events, positives, requests.assign(event_timestamp=after), index) if exclude_seen \
+    requests = requests_at(users, after)
+    seen = seen_before(events, positives, requests, index) if exclude_seen \
         else [np.zeros(0, dtype=np.int64)] * len(users)
     if two_stage is not None and two_stage[1].serves(None):  # a ranker for searches only: the towers here
         return _two_stage_recommend(TwoStage(*two_stage, events, items, item_ids), events, users, scores, seen,

@@ -162,3 +162,75 @@ def service_views(store, service) -> tuple[list[str], list]:
                                                          allow_cache=True)
     grouped, _ = feast_utils._group_feature_refs(refs, views, odfvs)  # noqa: SLF001
     return list(refs), grouped
+
+
+class OnDemandApplier:
+    """Feast's on-demand views of a retrieval job applied to some of its rows, where they are.
+
+    ``RetrievalJob.to_df`` applies them only to a result it collects; on Spark the joined rows stay in
+    the executors (``to_spark_df``), so each task hands its rows to this, which runs the same
+    ``to_df`` over them. Picklable: a task gets the views, not the store."""
+
+    def __init__(self, job) -> None:
+        # feast 0.67.x: RetrievalJob's on_demand_feature_views, full_feature_names and metadata
+        # (metadata names the features each on-demand view must return).
+        self.views = list(job.on_demand_feature_views)
+        self.full_feature_names = bool(job.full_feature_names)
+        try:
+            self.metadata = job.metadata
+        except NotImplementedError:
+            self.metadata = None
+
+    def __getstate__(self) -> dict:
+        """The views as their registry protos: their functions were rebuilt from the registry into a
+        module no other process has, so they travel as Feast stores them."""
+        return {**self.__dict__, "views": [view.to_proto().SerializeToString() for view in self.views]}
+
+    def __setstate__(self, state: dict) -> None:
+        from feast.on_demand_feature_view import OnDemandFeatureView
+        from feast.protos.feast.core.OnDemandFeatureView_pb2 import OnDemandFeatureView as ViewProto
+
+        self.__dict__.update(state)
+        self.views = [OnDemandFeatureView.from_proto(ViewProto.FromString(data)) for data in state["views"]]
+
+    def __call__(self, frame: pd.DataFrame) -> pd.DataFrame:
+        import pyarrow as pa
+
+        return _Rows(pa.Table.from_pandas(frame, preserve_index=False), self).to_df()
+
+
+def _rows_job():
+    from feast.infra.offline_stores.offline_store import RetrievalJob
+
+    class Rows(RetrievalJob):
+        """Rows already joined, as a RetrievalJob, so that Feast's own ``to_df`` applies the views."""
+
+        def __init__(self, table, applier: OnDemandApplier) -> None:
+            self._table, self._applier = table, applier
+
+        def _to_arrow_internal(self, timeout=None):
+            return self._table
+
+        def _to_df_internal(self, timeout=None):
+            return self._table.to_pandas()
+
+        @property
+        def full_feature_names(self) -> bool:
+            return self._applier.full_feature_names
+
+        @property
+        def on_demand_feature_views(self):
+            return self._applier.views
+
+        @property
+        def metadata(self):
+            return self._applier.metadata
+
+        def persist(self, storage, allow_overwrite=False, timeout=None):
+            raise NotImplementedError("rows handed over in a task are not persisted")
+
+    return Rows
+
+
+def _Rows(table, applier: OnDemandApplier):  # noqa: N802 - builds the RetrievalJob subclass on first use
+    return _rows_job()(table, applier)

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from persona.cli.common import DEFAULT_WS, Profile, Workspace, _config, _event_log, _fail, app, console
+from persona.cli.common import DEFAULT_WS, Profile, Workspace, _config, _event_log, _fail, _privacy, app, console
 from persona.cli.provenance import _provenance, _without_erased
 
 
@@ -173,25 +173,23 @@ def recommend_cmd(
                                                    "column), as /rank; --no-recall-rank: the towers' top K.")] = True,
 ) -> None:
     """Batch top-K recommendations per user: user_id, rank, item_id, score (and reasons)."""
-    import pandas as pd
-
-    from training.model_store import load_from_bentoml, saved_two_stage
+    from training.model_store import saved_two_stage
     from training.workflow import recommend
 
     if output.suffix not in (".csv", ".parquet"):
         _fail("--output must end in .csv or .parquet")
     cfg = _config(workspace, profile)
+    if cfg.profile == "spark":
+        model, full_tag = _saved_model(cfg, model_tag)
+        two_stage = saved_two_stage(full_tag) if recall_rank else None
+        if two_stage is None or not two_stage[1].serves(None):
+            return _recommend_on_spark(cfg, model, output, k, users, as_of, include_seen)
+        console.print("recall + rank is not distributed yet: it scores in this process, reading the log "
+                      "(--no-recall-rank scores the towers in Spark's tasks)")
     store, events, items = _training_inputs(cfg)
-    try:
-        model, _, full_tag = load_from_bentoml(model_tag)
-    except Exception as exc:  # noqa: BLE001 - bentoml raises its own NotFound
-        _fail(f"no trained model {model_tag!r} in {os.environ['BENTOML_HOME']}: {exc}. Run `persona train`.")
-    when = events["event_timestamp"].max() if as_of == "latest" else pd.Timestamp(as_of)
-    when = when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")
-    user_ids = None
-    if users:
-        frame = pd.read_csv(users) if users.suffix == ".csv" else pd.read_parquet(users)
-        user_ids = frame["user_id" if "user_id" in frame else frame.columns[0]].astype(str).tolist()
+    model, full_tag = _saved_model(cfg, model_tag)
+    when = _as_of(as_of, events["event_timestamp"].max())
+    user_ids = _user_ids(users)
     with console.status("scoring"):
         two_stage = saved_two_stage(full_tag) if recall_rank else None
         recs = recommend(model, store, events, items, cfg.positives, k, user_ids, when, not include_seen, two_stage)
@@ -209,6 +207,77 @@ def recommend_cmd(
     finally:
         log.dispose()
     console.print(f"wrote {len(recs):,} rows for {recs['user_id'].nunique():,} users to {output} (as of {when})")
+
+
+def _saved_model(cfg, model_tag: str):
+    from training.model_store import bentoml_home, load_from_bentoml
+
+    bentoml_home(cfg.workspace)
+    try:
+        model, _, full_tag = load_from_bentoml(model_tag)
+    except Exception as exc:  # noqa: BLE001 - bentoml raises its own NotFound
+        _fail(f"no trained model {model_tag!r} in {os.environ['BENTOML_HOME']}: {exc}. Run `persona train`.")
+    return model, full_tag
+
+
+def _as_of(as_of: str, newest):
+    import pandas as pd
+
+    when = newest if as_of == "latest" else pd.Timestamp(as_of)
+    return when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")
+
+
+def _user_ids(users: Path | None) -> list[str] | None:
+    import pandas as pd
+
+    if not users:
+        return None
+    frame = pd.read_csv(users) if users.suffix == ".csv" else pd.read_parquet(users)
+    return frame["user_id" if "user_id" in frame else frame.columns[0]].astype(str).tolist()
+
+
+def _recommend_on_spark(cfg, model, output: Path, k: int, users: Path | None, as_of: str, include_seen: bool):
+    """The towers' top k per user in Spark's tasks (training/spark_recommend.py): no process reads the
+    whole log, and the Parquet parts are written where the tasks run. The erasure lock is held
+    throughout, so a user erased meanwhile is never written."""
+    import pandas as pd
+    import sqlalchemy as sa
+
+    from eventlog import locks, tombstones
+    from feature_repo.pipeline.feast_config import feature_store_config
+    from feature_repo.pipeline.registry import feature_store
+    from feature_repo.pipeline.spark_build import spark_session
+    from training.spark_recommend import recommend_on_spark
+
+    if output.suffix != ".parquet":
+        _fail("on the spark profile --output must end in .parquet: Spark's tasks write a folder of Parquet parts")
+    try:
+        store = feature_store(cfg.workspace)
+    except FileNotFoundError as exc:
+        _fail(f"{exc}; then `persona features build`")
+    log = _event_log(cfg)
+    try:
+        with locks.held(log.engine):
+            with log.engine.connect() as conn:
+                newest = conn.execute(sa.text("SELECT max(event_timestamp) FROM events")).scalar_one()
+            if newest is None:
+                _fail("the event log is empty: run `persona ingest` first")
+            when = _as_of(as_of, pd.Timestamp(newest))
+            user_ids = _user_ids(users)
+            erased = tombstones.erased_hashes(log.engine)
+            if user_ids is not None and erased:
+                privacy = _privacy(cfg)
+                user_ids = [u for u in user_ids if privacy.hash(u) not in erased]
+            items = log.read_table("items")  # the catalogue, not the log: its vectors are broadcast
+            spark = spark_session(feature_store_config("spark", cfg.workspace)["offline_store"]["spark_conf"])
+            with console.status("scoring in Spark's tasks"):
+                written = recommend_on_spark(spark, store, model, items, cfg.positives, k, user_ids, when,
+                                             log.engine.url.render_as_string(hide_password=False), output,
+                                             exclude_seen=not include_seen)
+    finally:
+        log.dispose()
+    console.print(f"wrote {written['rows']:,} rows for {written['users']:,} users to {output} in Spark's tasks "
+                  f"(as of {when})")
 
 
 def csv_encoding(frame) -> str:

@@ -1,0 +1,89 @@
+"""`persona recommend` on the spark profile: users scored in Spark's tasks, the model broadcast, Parquet out.
+
+No process holds the log. The users' features as of the request time come from Feast's Spark offline
+store (its own point-in-time join, left in the executors: ``to_spark_df``); their events from the
+log where it lives (``spark_source``, a task per key range). Users go to buckets by a hash of their
+id, and each bucket's features and events meet in one task (a cogroup). There, Feast's on-demand views
+run on the bucket's rows, and the same code as the local ``recommend`` scores them against the
+catalogue's vectors (computed once in the driver and broadcast) and keeps each user's best k.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from feature_repo.pipeline import feast_adapter, spark_source
+from training import dataset
+from training.model import ProfileModel
+from training.point_in_time import historical_job
+from training.workflow import _catalogue_vectors, requests_at, top_per_user, tower_scores, with_features
+
+EVENT_COLUMNS = ["user_id", "item_id", "event_type", "event_timestamp"]  # what "already engaged" reads
+USERS_PER_CHUNK = 512  # rows of the users x catalogue score matrix a task holds at once
+OUTPUT_SCHEMA = "user_id string, rank bigint, item_id string, score float"
+
+
+def recommend_on_spark(spark, store, model: ProfileModel, items: pd.DataFrame, positives: dict[str, float],
+                       k: int, users: list[str] | None, as_of: pd.Timestamp, url: str, output: Path,
+                       exclude_seen: bool = True, rows_per_partition: int | None = None) -> dict[str, int]:
+    """Each user's best k as of ``as_of`` (``users``, or everyone with an event), the towers' order,
+    written as Parquet part files in the folder ``output``. Returns the rows and users written."""
+    from pyspark.sql import functions as F
+
+    per = rows_per_partition or spark_source.ROWS_PER_PARTITION
+    events = spark_source.read_table(spark, url, "events", "user_id", per).select(*EVENT_COLUMNS)
+    buckets = max(events.rdd.getNumPartitions(), 1)
+    who = (spark.createDataFrame(pd.DataFrame({"user_id": users}), "user_id string") if users is not None
+           else events.select("user_id").distinct())
+    when = dataset.micro(pd.Series([as_of])).iloc[0].to_pydatetime()
+    entity = who.select("user_id", F.lit(when).alias("event_timestamp"), F.lit(None).cast("string").alias("device"),
+                        F.lit(None).cast("string").alias("channel"), F.lit(when).alias("request_timestamp"))
+    job = historical_job(store, dataset.USER_SERVICE, entity)
+    item_ids = items["item_id"].astype(str).tolist()
+    catalogue = dataset.ItemCatalogue(store, item_ids, pd.Series([as_of]), max_buckets=1)
+    payload = spark.sparkContext.broadcast({
+        "model": model, "vectors": _catalogue_vectors(model, catalogue)(0), "item_ids": item_ids, "items": items,
+        "positives": positives, "k": k, "as_of": as_of, "exclude_seen": exclude_seen,
+        "on_demand": feast_adapter.OnDemandApplier(job)})
+
+    def bucketed(frame):
+        return frame.withColumn("_bucket", F.pmod(F.hash("user_id"), F.lit(buckets)))
+
+    feats = bucketed(job.to_spark_df())  # a row per user (Feast's join keeps every entity row)
+    scored = (bucketed(events).groupBy("_bucket").cogroup(feats.groupBy("_bucket"))
+              .applyInPandas(lambda ev, fe: _score_bucket(ev, fe, payload.value), OUTPUT_SCHEMA))
+    scored.write.mode("overwrite").parquet(str(output))
+    written = spark.read.parquet(str(output))
+    return {"rows": written.count(), "users": written.select("user_id").distinct().count()}
+
+
+def _score_bucket(events: pd.DataFrame, feats: pd.DataFrame, job: dict) -> pd.DataFrame:
+    """One bucket's users: features with the on-demand views applied, scored, each user's best k."""
+    if feats.empty:
+        return pd.DataFrame({"user_id": [], "rank": [], "item_id": [], "score": []})
+    feats = _utc(feats.drop(columns=["_bucket"]).sort_values("user_id", kind="stable").reset_index(drop=True))
+    feats = job["on_demand"](feats)
+    feats = feats.drop(columns=[c for c in dataset.STATE_COLUMNS if c in feats])
+    events = _utc(events.drop(columns=["_bucket"]))
+    users = feats["user_id"].astype(str).tolist()
+    parts = []
+    for start in range(0, len(users), USERS_PER_CHUNK):
+        chunk = users[start:start + USERS_PER_CHUNK]
+        frame = with_features(requests_at(chunk, job["as_of"]), feats.iloc[start:start + USERS_PER_CHUNK])
+        scores = tower_scores(job["model"], frame, job["vectors"])
+        parts.append(top_per_user(events[events["user_id"].isin(chunk)], job["items"], job["item_ids"], chunk,
+                                  scores, job["positives"], job["k"], job["as_of"], job["exclude_seen"]))
+    out = pd.concat(parts, ignore_index=True)
+    out["score"] = out["score"].astype(np.float32)
+    return out
+
+
+def _utc(frame: pd.DataFrame) -> pd.DataFrame:
+    """Spark hands timestamps over without their zone (in the session's, UTC): put it back."""
+    for col in frame.columns:
+        if pd.api.types.is_datetime64_dtype(frame[col]) and getattr(frame[col].dt, "tz", None) is None:
+            frame[col] = frame[col].dt.tz_localize("UTC")
+    return frame
