@@ -655,17 +655,19 @@ def requests_at(users: list[str], as_of: pd.Timestamp) -> pd.DataFrame:
 
 def top_per_user(events: pd.DataFrame, items: pd.DataFrame, item_ids: list[str], users: list[str],
                  scores: np.ndarray, positives: dict[str, float], k: int, as_of: pd.Timestamp,
-                 exclude_seen: bool = True, two_stage=None) -> pd.DataFrame:
+                 exclude_seen: bool = True, two_stage=None, stage: TwoStage | None = None) -> pd.DataFrame:
     """The best k per user from the towers' ``scores`` (a row per user over ``item_ids``), or recall +
-    rank with them; ``events``: at least these users' own (what they engaged with is left out)."""
+    rank with them (``two_stage``: the saved ranker and spec, its sources built from ``events``; or
+    ``stage``, built already); ``events``: at least these users' own (what they engaged with is left out)."""
     index = {i: n for n, i in enumerate(item_ids)}
     after = as_of + pd.Timedelta(microseconds=1)  # the newest event counts, as the online store has it
     requests = requests_at(users, after)
     seen = seen_before(events, positives, requests, index) if exclude_seen \
         else [np.zeros(0, dtype=np.int64)] * len(users)
-    if two_stage is not None and two_stage[1].serves(None):  # a ranker for searches only: the towers here
-        return _two_stage_recommend(TwoStage(*two_stage, events, items, item_ids), events, users, scores, seen,
-                                    after, k)
+    if stage is None and two_stage is not None and two_stage[1].serves(None):  # searches only: the towers here
+        stage = TwoStage(*two_stage, events, items, item_ids)
+    if stage is not None:
+        return _two_stage_recommend(stage, events, users, scores, seen, after, k)
     for r, ex in enumerate(seen):
         scores[r, ex] = -np.inf
     k = min(k, len(item_ids))

@@ -182,10 +182,7 @@ def recommend_cmd(
     if cfg.profile == "spark":
         model, full_tag = _saved_model(cfg, model_tag)
         two_stage = saved_two_stage(full_tag) if recall_rank else None
-        if two_stage is None or not two_stage[1].serves(None):
-            return _recommend_on_spark(cfg, model, output, k, users, as_of, include_seen)
-        console.print("recall + rank is not distributed yet: it scores in this process, reading the log "
-                      "(--no-recall-rank scores the towers in Spark's tasks)")
+        return _recommend_on_spark(cfg, model, output, k, users, as_of, include_seen, two_stage)
     store, events, items = _training_inputs(cfg)
     model, full_tag = _saved_model(cfg, model_tag)
     when = _as_of(as_of, events["event_timestamp"].max())
@@ -236,10 +233,11 @@ def _user_ids(users: Path | None) -> list[str] | None:
     return frame["user_id" if "user_id" in frame else frame.columns[0]].astype(str).tolist()
 
 
-def _recommend_on_spark(cfg, model, output: Path, k: int, users: Path | None, as_of: str, include_seen: bool):
-    """The towers' top k per user in Spark's tasks (training/spark_recommend.py): no process reads the
-    whole log, and the Parquet parts are written where the tasks run. The erasure lock is held
-    throughout, so a user erased meanwhile is never written."""
+def _recommend_on_spark(cfg, model, output: Path, k: int, users: Path | None, as_of: str, include_seen: bool,
+                        two_stage) -> None:
+    """The top k per user in Spark's tasks (training/spark_recommend.py), recall + rank when the model has
+    a ranker: no process reads the whole log, and the Parquet parts are written where the tasks run.
+    The erasure lock is held throughout, so a user erased meanwhile is never written."""
     import pandas as pd
     import sqlalchemy as sa
 
@@ -273,7 +271,7 @@ def _recommend_on_spark(cfg, model, output: Path, k: int, users: Path | None, as
             with console.status("scoring in Spark's tasks"):
                 written = recommend_on_spark(spark, store, model, items, cfg.positives, k, user_ids, when,
                                              log.engine.url.render_as_string(hide_password=False), output,
-                                             exclude_seen=not include_seen)
+                                             exclude_seen=not include_seen, two_stage=two_stage)
     finally:
         log.dispose()
     console.print(f"wrote {written['rows']:,} rows for {written['users']:,} users to {output} in Spark's tasks "

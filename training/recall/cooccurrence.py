@@ -24,12 +24,15 @@ def item_similarity(events: pd.DataFrame, index: dict[str, int], types: list[str
     x = sparse.csr_matrix((np.ones(len(ev), np.float32), (users, ev["item_id"].map(index).to_numpy())),
                           shape=(users.max() + 1 if len(users) else 0, len(index)))
     x.data[:] = 1.0  # binary: duplicates summed above
-    norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel()) + 1e-12
-    sim = (x.T @ x).tocsr().astype(np.float32)
-    sim.setdiag(0.0)
-    sim.eliminate_zeros()
-    sim = sparse.diags(1 / norms) @ sim @ sparse.diags(1 / norms)
-    return _top_per_row(sim.tocsr(), neighbours)
+    norms = np.sqrt(np.asarray(x.sum(axis=0), dtype=np.float64).ravel()) + 1e-12
+    together = (x.T @ x).tocoo()
+    off = together.row != together.col
+    rows, cols = together.row[off], together.col[off]
+    # in float64, in this order, then float32: what Spark's tasks compute (training/spark_recommend.py),
+    # bit for bit, so that both break ties between candidates alike
+    cosine = (together.data[off].astype(np.float64) / (norms[rows] * norms[cols])).astype(np.float32)
+    sim = sparse.csr_matrix((cosine, (rows, cols)), shape=together.shape)
+    return _top_per_row(sim, neighbours)
 
 
 def _top_per_row(m: sparse.csr_matrix, k: int) -> sparse.csr_matrix:
@@ -48,8 +51,10 @@ def _top_per_row(m: sparse.csr_matrix, k: int) -> sparse.csr_matrix:
 class CooccurrenceSource:
     name = "often together with your items"
 
-    def __init__(self, events: pd.DataFrame, index: dict[str, int], types: list[str]):
-        self.sim = item_similarity(events, index, types)
+    def __init__(self, events: pd.DataFrame | None, index: dict[str, int], types: list[str],
+                 similarity: sparse.csr_matrix | None = None):
+        """From the events, or from a ``similarity`` already computed (by Spark's tasks)."""
+        self.sim = similarity if similarity is not None else item_similarity(events, index, types)
         self.n_items = len(index)
 
     def scores(self, recent: Recent, now: float, query: str | None) -> np.ndarray:

@@ -45,18 +45,30 @@ class TowerSource:
         return None
 
 
-def make_recall(events: pd.DataFrame, items: pd.DataFrame, behaviours: Behaviours, with_tower: bool,
-                texts: list[str] | None = None) -> Recall:
+@dataclass
+class ShopCounts:
+    """What the sources read from the whole shop's events, taken elsewhere (by Spark's tasks): the
+    item-to-item similarity and the item counts of the behaviour and the target types."""
+
+    similarity: object  # scipy.sparse.csr_matrix, as ``cooccurrence.item_similarity`` gives
+    behaviour: object  # ItemCounts or WindowCounts
+    targets: object
+
+
+def make_recall(events: pd.DataFrame | None, items: pd.DataFrame, behaviours: Behaviours, with_tower: bool,
+                texts: list[str] | None = None, counts: ShopCounts | None = None) -> Recall:
+    """The sources and item statistics from the shop's ``events``, or from ``counts`` taken elsewhere."""
     index = {i: k for k, i in enumerate(items["item_id"].astype(str))}
-    behaviour = ItemCounts(events, index, behaviours.sequence)
-    sources = [RecentSource(len(index)), CooccurrenceSource(events, index, behaviours.sequence),
+    behaviour = counts.behaviour if counts else ItemCounts(events, index, behaviours.sequence)
+    similarity = counts.similarity if counts else None
+    sources = [RecentSource(len(index)), CooccurrenceSource(events, index, behaviours.sequence, similarity),
                PopularSource(behaviour)]
     if texts is not None:
         sources.append(LexicalSource(texts))
     if with_tower:
         sources.append(TowerSource())
     groups = ItemGroups.from_columns(_column(items, "category"), _column(items, "brand"))
-    stats = ItemStats(behaviour, ItemCounts(events, index, list(behaviours.targets)))
+    stats = ItemStats(behaviour, counts.targets if counts else ItemCounts(events, index, list(behaviours.targets)))
     return Recall(sources, groups, TypeCodes(behaviours.sequence), stats)
 
 

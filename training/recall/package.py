@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from training.recall.fit import TOWER, Behaviours, make_recall
+from training.recall.fit import TOWER, Behaviours, ShopCounts, make_recall
 from training.recall.history import Recent
 from training.recall.lexical import item_texts
 from training.recall.ranker import Ranker
@@ -77,8 +77,9 @@ class TwoStage:
     """A saved ranker with its sources rebuilt from the shop's events, over one catalogue order
     (``item_ids``: the towers' item vectors, so their scores line up)."""
 
-    def __init__(self, ranker: Ranker, spec: TwoStageSpec, events: pd.DataFrame, items: pd.DataFrame,
-                 item_ids: list[str]):
+    def __init__(self, ranker: Ranker, spec: TwoStageSpec, events: pd.DataFrame | None, items: pd.DataFrame,
+                 item_ids: list[str], counts: ShopCounts | None = None):
+        """``events``: the shop's, which the sources are built from; or ``counts``, taken elsewhere."""
         items = items.assign(item_id=items["item_id"].astype(str)).drop_duplicates("item_id", keep="last")
         items = items.set_index("item_id").reindex(item_ids).reset_index()
         self.ranker, self.spec, self.item_ids = ranker, spec, list(item_ids)
@@ -86,7 +87,8 @@ class TwoStage:
         self.texts = item_texts(items)
         self.titles = items["title"].astype(object).where(items["title"].notna(), None).tolist() \
             if "title" in items else [None] * len(items)
-        self.recall = make_recall(events, items, spec.behaviours, spec.with_tower, self.texts if spec.lexical else None)
+        self.recall = make_recall(events, items, spec.behaviours, spec.with_tower, self.texts if spec.lexical else None,
+                                  counts)
         if self.recall.feature_names() != spec.feature_names:
             raise LayoutChanged("the ranker learnt on other features than this shop's sources give now")
 

@@ -38,6 +38,26 @@ class ItemCounts:
         return counts
 
 
+class WindowCounts:
+    """Counts already taken (by Spark's tasks, ``training/spark_recommend.py``) for one request hour:
+    what :class:`ItemCounts` answers for that hour, for a batch whose requests share it."""
+
+    def __init__(self, hour: int, counts: dict[int, np.ndarray]):
+        self.hour, self.counts = hour, counts
+        self.n_items = len(next(iter(counts.values()))) if counts else 0
+        for values in counts.values():
+            values.setflags(write=False)
+
+    def window(self, hour: int, seconds: int) -> np.ndarray:
+        if hour != self.hour or seconds not in self.counts:
+            raise ValueError(f"counts were taken for hour {self.hour}, windows {sorted(self.counts)}; "
+                             f"asked for hour {hour}, {seconds} s")
+        return self.counts[seconds]
+
+
+WINDOWS = (WEEK, MONTH, FOREVER)  # every window a source or a statistic reads
+
+
 class PopularSource:
     name = "popular this week"
 
