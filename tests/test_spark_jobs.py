@@ -1,5 +1,6 @@
-"""`persona recommend` on the spark profile: users scored in Spark's tasks from Feast's Spark join and the
-log read where it lives, equal to the local scoring of the same store."""
+"""The spark profile's jobs past the build: `persona recommend` (users scored in Spark's tasks from Feast's
+Spark join and the log read where it lives) and the training set (Feast's Spark join written as Parquet
+shards), each equal to the one-process path on the same log."""
 
 from __future__ import annotations
 
@@ -148,3 +149,42 @@ def test_spark_tasks_take_the_counts_the_sources_take_from_the_events(spark_shop
             np.testing.assert_array_equal(got.window(hour, w), local.window(hour, w))
     with pytest.raises(ValueError, match="taken for hour"):
         counts.behaviour.window(hour + 1, WINDOWS[0])
+
+
+def test_the_training_set_on_spark_equals_the_local_profiles_rows(spark_shop, tmp_path):
+    """The same labelled rows through Feast's Spark join, written as shards by the tasks, read back with
+    the on-demand views applied: the rows `dataset.fetch_features` gives on the local profile (DuckDB),
+    value for value."""
+    from feature_repo.pipeline.spark_build import spark_session
+    from training.spark_training_set import TrainingShards, write_training_set
+
+    ws, _, log, store, _, events, items, _ = spark_shop
+    local_ws = tmp_path / "local"
+    local_ws.mkdir()
+    local_store, _ = registry.apply(local_ws, "local")
+    build(log, "local", local_ws)
+    examples = dataset.build_examples(events, items, POSITIVES)
+    want = dataset.fetch_features(local_store, examples)
+    spark = spark_session(feast_config.feature_store_config("spark", ws)["offline_store"]["spark_conf"])
+    ddl = ("user_id string, item_id string, session string, event_timestamp timestamp, device string, "
+           "channel string, label bigint, weight double, kind string, query string, request_timestamp timestamp, "
+           "example_id bigint")
+    columns = [part.split()[0] for part in ddl.split(", ")]
+    written = write_training_set(store, spark.createDataFrame(examples[columns], ddl).repartition(3), tmp_path / "set",
+                                 rows_per_shard=300)
+    assert written["rows"] == len(examples) and written["shards"] >= 3
+    got = TrainingShards(tmp_path / "set").frame()
+    assert sorted(got.columns) == sorted(want.columns)
+    got = got[list(want.columns)]
+    for col in want.columns:
+        a, b = want[col], got[col]
+        if a.map(lambda v: isinstance(v, (list, np.ndarray))).any():
+            assert [_listed(x) for x in a] == [_listed(x) for x in b], col
+        elif pd.api.types.is_numeric_dtype(a):
+            np.testing.assert_allclose(b.astype(float), a.astype(float), rtol=1e-9, err_msg=col)
+        else:
+            assert [None if pd.isna(v) else str(v) for v in a] == [None if pd.isna(v) else str(v) for v in b], col
+
+
+def _listed(value):
+    return list(value) if isinstance(value, (list, np.ndarray)) else value
