@@ -175,16 +175,85 @@ def test_the_training_set_on_spark_equals_the_local_profiles_rows(spark_shop, tm
     assert written["rows"] == len(examples) and written["shards"] >= 3
     got = TrainingShards(tmp_path / "set").frame()
     assert sorted(got.columns) == sorted(want.columns)
+    _assert_same_rows(want, got)
+
+
+def _assert_same_rows(want: pd.DataFrame, got: pd.DataFrame) -> None:
+    """Column for column, row for row: lists as lists, numbers to rounding, the rest as text (nulls alike)."""
     got = got[list(want.columns)]
     for col in want.columns:
         a, b = want[col], got[col]
         if a.map(lambda v: isinstance(v, (list, np.ndarray))).any():
             assert [_listed(x) for x in a] == [_listed(x) for x in b], col
-        elif pd.api.types.is_numeric_dtype(a):
+        elif pd.api.types.is_numeric_dtype(a) and pd.api.types.is_numeric_dtype(b):
             np.testing.assert_allclose(b.astype(float), a.astype(float), rtol=1e-9, err_msg=col)
         else:
-            assert [None if pd.isna(v) else str(v) for v in a] == [None if pd.isna(v) else str(v) for v in b], col
+            assert [_text(v) for v in a] == [_text(v) for v in b], col
 
 
 def _listed(value):
     return list(value) if isinstance(value, (list, np.ndarray)) else value
+
+
+def _text(value):
+    return None if pd.isna(value) else str(value)
+
+
+def test_labelled_rows_on_spark_are_the_one_process_rows_of_each_range(spark_shop, tmp_path):
+    """`build_examples` in Spark's tasks, a range of whole users each (several here): the positives and the
+    exposures are the one-process rows, field for field (every exposure kept, so no draw differs); each
+    negative existed at its time in the whole log and is not its positive's item; ids are unique. Then
+    the rows go through Feast's Spark join into shards, none lost."""
+    from feature_repo.pipeline.spark_build import spark_session
+    from training.spark_training_set import examples_on_spark, write_training_set
+
+    ws, url, _, store, _, events, items, _ = spark_shop
+    spark = spark_session(feast_config.feature_store_config("spark", ws)["offline_store"]["spark_conf"])
+    labelled = examples_on_spark(spark, url, items, POSITIVES, exposure_ratio=1e9, rows_per_partition=1_000)
+    assert labelled.rdd.getNumPartitions() >= 4
+    got = labelled.toPandas()  # the test's small log only: the job itself never collects
+    want = dataset.build_examples(events, items, POSITIVES, exposure_ratio=1e9)
+    assert got["example_id"].is_unique
+    key = ["kind", "user_id", "item_id", "session"]
+    fields = key + ["event_timestamp", "weight", "label", "device", "channel", "query"]
+
+    def seen(frame):
+        frame = frame[frame["kind"] != "negative"][fields].copy()
+        frame["event_timestamp"] = pd.to_datetime(frame["event_timestamp"], utc=True)
+        frame = frame.apply(lambda col: col.map(lambda v: None if pd.isna(v) else str(v)))
+        return frame.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(seen(got), seen(want))
+    negatives = got[got["kind"] == "negative"]
+    assert 0.9 * 2 * (got["kind"] == "positive").sum() <= len(negatives) <= 2 * (got["kind"] == "positive").sum()
+    first = events.groupby("item_id")["event_timestamp"].min()
+    at = pd.to_datetime(negatives["event_timestamp"], utc=True)
+    assert (negatives["item_id"].map(first).fillna(pd.Timestamp.min.tz_localize("UTC")) <= at).all()
+    written = write_training_set(store, labelled, tmp_path / "set", rows_per_shard=500)
+    assert written["rows"] == len(got) and written["shards"] >= 2
+
+
+def test_cli_training_set_gives_the_same_shards_on_spark_and_in_one_process(spark_shop, tmp_path, monkeypatch):
+    """`persona training-set` on the spark workspace and on a local one over the same log: the log fits one
+    range, so the tasks draw what one process draws, and the two sets are the same rows, feature for
+    feature, whichever way they were written."""
+    from training.spark_training_set import TrainingShards
+
+    ws, url, log, _, _, _, _, _ = spark_shop
+    local_ws = tmp_path / "local"
+    local_ws.mkdir()
+    (local_ws / "persona.yaml").write_text("profile: local\n")
+    registry.apply(local_ws, "local")
+    build(log, "local", local_ws)
+    runner = CliRunner()
+    on_spark = runner.invoke(app, ["training-set", "-w", str(ws), "--output", str(tmp_path / "spark")],
+                             catch_exceptions=False)
+    assert on_spark.exit_code == 0, on_spark.output
+    monkeypatch.setenv("PERSONA_EVENT_LOG_URL", url)  # the local workspace reads the same log
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))  # else the command sets it for later tests
+    here = runner.invoke(app, ["training-set", "-w", str(local_ws), "--output", str(tmp_path / "here"),
+                               "--rows-per-shard", "400"], catch_exceptions=False)
+    assert here.exit_code == 0, here.output
+    a, b = TrainingShards(tmp_path / "spark").frame(), TrainingShards(tmp_path / "here").frame()
+    assert len(list((tmp_path / "here").glob("part-*.parquet"))) > 1 and len(a) == len(b) > 0
+    assert sorted(a.columns) == sorted(b.columns) and set(a["kind"]) == {"positive", "exposure"}
+    _assert_same_rows(a, b)

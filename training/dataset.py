@@ -34,9 +34,12 @@ def prefix_items(frame: pd.DataFrame, keep: tuple[str, ...] = ("item_id",)) -> p
     return frame.rename(columns={c: f"{ITEM_PREFIX}{c}" for c in frame.columns if c not in keep})
 
 
-def session_key(events: pd.DataFrame) -> pd.Series:
-    """session_id when the log has it, else the user and the 30-minute-gap session."""
-    if "session_id" in events and events["session_id"].notna().any():
+def session_key(events: pd.DataFrame, session_ids: bool | None = None) -> pd.Series:
+    """session_id when the log has it, else the user and the 30-minute-gap session. ``session_ids``:
+    whether the whole log has them, for a part of it (a Spark task's users)."""
+    if session_ids is None:
+        session_ids = "session_id" in events and bool(events["session_id"].notna().any())
+    if session_ids:
         return events["session_id"].astype("string").fillna(events["user_id"].astype("string"))
     ev = events.sort_values(["user_id", "event_timestamp"])
     gap = ev.groupby("user_id")["event_timestamp"].diff() > pd.Timedelta(minutes=30)
@@ -46,14 +49,19 @@ def session_key(events: pd.DataFrame) -> pd.Series:
 
 def build_examples(events: pd.DataFrame, items: pd.DataFrame, positives: dict[str, float],
                    neg_per_pos: int = 2, exposure_ratio: float = 1.0, seed: int = 0,
-                   exposure_types: Collection[str] = DEFAULT_EXPOSURE_TYPES) -> pd.DataFrame:
+                   exposure_types: Collection[str] = DEFAULT_EXPOSURE_TYPES,
+                   first_seen: pd.Series | None = None, session_ids: bool | None = None) -> pd.DataFrame:
     """Labelled rows: ``user_id, item_id, event_timestamp, label, weight, kind, device, channel, query``.
 
-    ``exposure_types``: ``Config.exposure_types`` (shown, not opened: the negatives that were seen)."""
+    ``exposure_types``: ``Config.exposure_types`` (shown, not opened: the negatives that were seen).
+    For a part of the log (whole users: a Spark task's range), the whole log's ``first_seen`` (each
+    item's first event) and ``session_ids`` (whether it has them) keep the rows those of the whole."""
     rng = np.random.default_rng(seed)
     ev = events.copy()
     ev["event_timestamp"] = pd.to_datetime(ev["event_timestamp"], utc=True)
-    ev["session"] = session_key(ev)
+    order = ["user_id", "event_timestamp"] + (["event_id"] if "event_id" in ev else [])
+    ev = ev.sort_values(order, kind="stable")  # the log's order, however it was read: the same rows kept
+    ev["session"] = session_key(ev, session_ids)
     for col in ("device", "channel", "query"):
         if col not in ev:
             ev[col] = None
@@ -74,7 +82,9 @@ def build_examples(events: pd.DataFrame, items: pd.DataFrame, positives: dict[st
     exposures = exposures.sample(n_exp, random_state=seed) if n_exp < len(exposures) else exposures
     exposures = exposures.assign(label=0, weight=1.0, kind="exposure")[
         ["user_id", "item_id", "session", "event_timestamp", "device", "channel", "label", "weight", "kind"]]
-    negatives = _sampled_negatives(pos, ev, items, neg_per_pos, rng)
+    if first_seen is None:
+        first_seen = ev.groupby("item_id")["event_timestamp"].min()
+    negatives = _sampled_negatives(pos, first_seen, items, neg_per_pos, rng)
     out = pd.concat([pos, exposures, negatives], ignore_index=True)
     out = attach_session_query(out, ev)
     out["request_timestamp"] = out["event_timestamp"]
@@ -83,13 +93,13 @@ def build_examples(events: pd.DataFrame, items: pd.DataFrame, positives: dict[st
     return out
 
 
-def _sampled_negatives(pos: pd.DataFrame, ev: pd.DataFrame, items: pd.DataFrame, k: int,
+def _sampled_negatives(pos: pd.DataFrame, first_seen: pd.Series, items: pd.DataFrame, k: int,
                        rng: np.random.Generator) -> pd.DataFrame:
-    """k items per positive drawn from those that existed at its time (time-aware sampling)."""
+    """k items per positive drawn from those that existed at its time (time-aware sampling);
+    ``first_seen``: each item's first event in the log."""
     if k <= 0 or pos.empty:
         return pos.iloc[:0].assign(kind="negative")
     item_ids = items["item_id"].astype(str).to_numpy()
-    first_seen = ev.groupby("item_id")["event_timestamp"].min()
     seen_at = pd.Series(item_ids).map(first_seen).fillna(pd.Timestamp.min.tz_localize("UTC")).to_numpy()
     rep = pos.loc[pos.index.repeat(k)].reset_index(drop=True)
     times = rep["event_timestamp"].to_numpy()

@@ -160,6 +160,66 @@ def evaluate_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epo
     _run_protocol(cfg, run_cfg, "evaluation")
 
 
+@app.command("training-set")
+def training_set_cmd(
+    output: Annotated[Path, typer.Option(help="A folder: Parquet shards of the point-in-time training rows.")],
+    workspace: Workspace = DEFAULT_WS, profile: Profile = None,
+    neg_per_pos: Annotated[int, typer.Option(min=0, help="Sampled negatives per positive (as `persona train`).")] = 0,
+    rows_per_shard: Annotated[int, typer.Option(min=100, help="Rows per shard, at most.")] = 50_000,
+    seed: int = 0,
+) -> None:
+    """The labelled rows `persona train` learns from, with their point-in-time features, as Parquet shards.
+
+    On the spark profile Spark's tasks build them from the log where it lives and Feast's Spark join
+    adds the features: no process holds the log or the set. Read them with
+    ``training.spark_training_set.TrainingShards`` (it applies Feast's on-demand views)."""
+    cfg = _config(workspace, profile)
+    from eventlog import locks
+
+    log = _event_log(cfg)
+    try:  # under the erasure lock: a user erased meanwhile is never written
+        with locks.held(log.engine), console.status("building the training set"):
+            written = (_training_set_on_spark(cfg, log, output, neg_per_pos, rows_per_shard, seed)
+                       if cfg.profile == "spark" else
+                       _training_set_here(cfg, output, neg_per_pos, rows_per_shard, seed))
+    finally:
+        log.dispose()
+    console.print(f"wrote {written['rows']:,} rows in {written['shards']:,} shards to {output}")
+
+
+def _training_set_on_spark(cfg, log, output: Path, neg_per_pos: int, rows_per_shard: int, seed: int) -> dict:
+    from feature_repo.pipeline.feast_config import feature_store_config
+    from feature_repo.pipeline.registry import feature_store
+    from feature_repo.pipeline.spark_build import spark_session
+    from training.spark_training_set import examples_on_spark, write_training_set
+
+    try:
+        store = feature_store(cfg.workspace)
+    except FileNotFoundError as exc:
+        _fail(f"{exc}; then `persona features build`")
+    spark = spark_session(feature_store_config("spark", cfg.workspace)["offline_store"]["spark_conf"])
+    url = log.engine.url.render_as_string(hide_password=False)
+    labelled = examples_on_spark(spark, url, log.read_table("items"), cfg.positives, neg_per_pos, seed=seed,
+                                 exposure_types=cfg.exposure_types)
+    return write_training_set(store, labelled, output, rows_per_shard)
+
+
+def _training_set_here(cfg, output: Path, neg_per_pos: int, rows_per_shard: int, seed: int) -> dict:
+    """One process: ``build_examples`` and Feast's join, written as the same shards (features applied)."""
+    import shutil
+
+    from training import dataset
+
+    store, events, items = _training_inputs(cfg)
+    frame = dataset.fetch_features(store, dataset.build_examples(events, items, cfg.positives, neg_per_pos,
+                                                                 seed=seed, exposure_types=cfg.exposure_types))
+    shutil.rmtree(output, ignore_errors=True)
+    output.mkdir(parents=True)
+    for n, start in enumerate(range(0, len(frame), rows_per_shard)):
+        frame.iloc[start:start + rows_per_shard].to_parquet(output / f"part-{n:05d}.parquet", index=False)
+    return {"rows": len(frame), "shards": -(-len(frame) // rows_per_shard)}
+
+
 @app.command("recommend")
 def recommend_cmd(
     output: Annotated[Path, typer.Option(help="CSV or Parquet, by extension.")],
