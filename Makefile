@@ -7,7 +7,7 @@ export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 export SPARK_LOCAL_IP := 127.0.0.1
 
-.PHONY: install quickstart test bench bench-small lint services clean
+.PHONY: install quickstart test bench bench-small bench-spark lint services clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: install services
 	cd benchmarks && ../$(BIN)/python bench_long_histories.py
 	cd benchmarks && ../$(BIN)/python bench_zh_search.py
 	cd benchmarks && ../$(BIN)/python bench_ann.py
+
+# The spark profile at two log sizes (long: about 15 minutes for the build's 1M and 3M, 17 for the jobs').
+bench-spark: install services
+	cd benchmarks && ../$(BIN)/python bench_spark_build.py 1000000 3000000
+	cd benchmarks && ../$(BIN)/python bench_spark_jobs.py 200000 1000000
 
 # The same benchmarks at a smaller size, into benchmarks/small-run/ (compare two runs with
 # benchmarks/compare_runs.py; run_small.sh also takes another checkout, for a before/after pair).

@@ -69,6 +69,8 @@ def save_untrained_model(ws: Path, shards: Path, window: pd.DataFrame) -> None:
 
 
 def run(n_events: int, root: Path) -> dict:
+    """One size; every size saves into one model store (``root/bentoml``): BentoML fixes its store per
+    process, at import, so this process could not switch to a second one."""
     users = max(100, round(n_events / EVENTS_PER_USER))
     shop = sample_data.generate(users, 10_000, 30, seed=0)
     ws = root / f"ws_{n_events}"
@@ -78,7 +80,7 @@ def run(n_events: int, root: Path) -> dict:
     window = pd.DataFrame({"event_timestamp": [times.min(), times.max()]})  # what the saved model records
     del shop, times
     env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true",
-           "BENTOML_HOME": str(ws / "bentoml")}
+           "BENTOML_HOME": str(root / "bentoml")}
     subprocess.run([str(BIN / "persona"), "features", "apply", "-w", str(ws), "--profile", "spark"], env=env,
                    check=True, stdout=subprocess.DEVNULL)
     build = timed_build(ws, env)
