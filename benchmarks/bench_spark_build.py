@@ -49,9 +49,10 @@ def _sample(proc: psutil.Process, peaks: dict[str, int]) -> None:
         peaks[role] = max(peaks.get(role, 0), rss)
 
 
-def timed_build(ws: Path, env: dict) -> dict:
-    proc = psutil.Popen([str(BIN / "persona"), "features", "build", "-w", str(ws), "--profile", "spark"], env=env,
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def timed(args: list[str], env: dict) -> tuple[dict, str]:
+    """One `persona` command: its wall time and the peak memory of its process tree by role, and its output."""
+    proc = psutil.Popen([str(BIN / "persona"), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        text=True)
     peaks: dict[str, int] = {}
     started = time.perf_counter()
     while proc.poll() is None:
@@ -61,9 +62,23 @@ def timed_build(ws: Path, env: dict) -> dict:
     output = proc.stdout.read()
     if proc.returncode:
         raise RuntimeError(output[-3000:])
+    return {"seconds": round(seconds, 1), "peak_rss_mb": {k: round(v / 2**20) for k, v in peaks.items()}}, output
+
+
+def timed_build(ws: Path, env: dict) -> dict:
+    result, output = timed(["features", "build", "-w", str(ws), "--profile", "spark"], env)
     rows = [line.split(":") for line in output.splitlines() if line.strip().endswith(" rows") and ":" in line]
-    return {"seconds": round(seconds, 1), "peak_rss_mb": {k: round(v / 2**20) for k, v in peaks.items()},
-            "rows": {name.strip(): int(n.split()[0].replace(",", "")) for name, n in rows}}
+    return {**result, "rows": {name.strip(): int(n.split()[0].replace(",", "")) for name, n in rows}}
+
+
+def over_sizes(run, sizes: list[int]) -> dict:
+    """``run(n_events, folder)`` for each size, in one temporary folder, with the machine's particulars."""
+    results: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+                     "spark_master": os.environ.get("PERSONA_SPARK_MASTER", "local[2]"), "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            results["runs"].append(run(n, Path(tmp)))
+    return results
 
 
 def run(n_events: int, root: Path) -> dict:
@@ -84,12 +99,7 @@ def run(n_events: int, root: Path) -> dict:
 
 
 def main() -> None:
-    sizes = [int(a) for a in sys.argv[1:]] or [1_000_000, 10_000_000]
-    results: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-                     "spark_master": os.environ.get("PERSONA_SPARK_MASTER", "local[2]"), "runs": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in sizes:
-            results["runs"].append(run(n, Path(tmp)))
+    results = over_sizes(run, [int(a) for a in sys.argv[1:]] or [1_000_000, 10_000_000])
     if len(results["runs"]) > 1:
         small, large = results["runs"][0], results["runs"][-1]
         results["ratios_largest_to_smallest"] = {

@@ -19,36 +19,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
-import psutil
 from bench_common import load_log, write_results
-from bench_spark_build import EVENTS_PER_USER, _sample, timed_build
+from bench_spark_build import EVENTS_PER_USER, over_sizes, timed, timed_build
 
 from persona import sample_data
 
 BIN = Path(sys.executable).parent
 
 
-def timed(args: list[str], env: dict) -> dict:
-    """One `persona` command, its wall time and the peak memory of its process tree by role."""
-    proc = psutil.Popen([str(BIN / "persona"), *args], env=env, stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT, text=True)
-    peaks: dict[str, int] = {}
-    started = time.perf_counter()
-    while proc.poll() is None:
-        _sample(proc, peaks)
-        time.sleep(0.2)
-    seconds = time.perf_counter() - started
-    output = proc.stdout.read()
-    if proc.returncode:
-        raise RuntimeError(output[-3000:])
-    return {"seconds": round(seconds, 1), "peak_rss_mb": {k: round(v / 2**20) for k, v in peaks.items()},
-            "said": " ".join(output.split()[-16:])}
+def timed_command(args: list[str], env: dict) -> dict:
+    """``timed`` with the command's last words (what it wrote, and where)."""
+    result, output = timed(args, env)
+    return {**result, "said": " ".join(output.split()[-16:])}
 
 
 def save_untrained_model(ws: Path, shards: Path, window: pd.DataFrame) -> None:
@@ -85,11 +70,11 @@ def run(n_events: int, root: Path) -> dict:
                    check=True, stdout=subprocess.DEVNULL)
     build = timed_build(ws, env)
     shards = ws / "training_set"
-    training_set = timed(["training-set", "-w", str(ws), "--profile", "spark", "--output", str(shards)], env)
+    training_set = timed_command(["training-set", "-w", str(ws), "--profile", "spark", "--output", str(shards)], env)
     training_set["shards"] = len(list(shards.glob("part-*.parquet")))
     os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]
     save_untrained_model(ws, shards, window)
-    recommend = timed(["recommend", "-w", str(ws), "--profile", "spark", "--k", "10",
+    recommend = timed_command(["recommend", "-w", str(ws), "--profile", "spark", "--k", "10",
                        "--output", str(ws / "recs.parquet")], env)
     result = {"events": events, "users": users, "build_seconds": build["seconds"],
               "training_set": training_set, "recommend": recommend}
@@ -98,12 +83,7 @@ def run(n_events: int, root: Path) -> dict:
 
 
 def main() -> None:
-    sizes = [int(a) for a in sys.argv[1:]] or [200_000, 1_000_000]
-    results: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-                     "spark_master": os.environ.get("PERSONA_SPARK_MASTER", "local[2]"), "runs": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in sizes:
-            results["runs"].append(run(n, Path(tmp)))
+    results = over_sizes(run, [int(a) for a in sys.argv[1:]] or [200_000, 1_000_000])
     if len(results["runs"]) > 1:
         small, large = results["runs"][0], results["runs"][-1]
         results["ratios_largest_to_smallest"] = {"events": round(large["events"] / small["events"], 2)} | {
