@@ -257,3 +257,32 @@ def test_cli_training_set_gives_the_same_shards_on_spark_and_in_one_process(spar
     assert len(list((tmp_path / "here").glob("part-*.parquet"))) > 1 and len(a) == len(b) > 0
     assert sorted(a.columns) == sorted(b.columns) and set(a["kind"]) == {"positive", "exposure"}
     _assert_same_rows(a, b)
+
+
+def test_the_spark_profile_trains_from_its_shards_in_two_processes_and_recommends(spark_shop, tiny_bert, tmp_path,
+                                                                                   monkeypatch):
+    """The spark profile's whole path past ingest and build, no step reading the log into one process:
+    `persona training-set` (Spark's tasks), `persona train --training-set --nproc 2` (two DDP processes,
+    each streaming its own shards, Feast's on-demand views applied as they read), `persona recommend`
+    (Spark's tasks) with the model it saved."""
+    from training.model_store import load_from_bentoml
+
+    ws, _, _, _, _, events, _, _ = spark_shop
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    runner = CliRunner()
+    folder = tmp_path / "set"
+    written = runner.invoke(app, ["training-set", "-w", str(ws), "--output", str(folder), "--rows-per-shard", "300"],
+                            catch_exceptions=False)
+    assert written.exit_code == 0, written.output
+    trained = runner.invoke(app, ["train", "-w", str(ws), "--training-set", str(folder), "--nproc", "2", "--epochs",
+                                  "2", "--bert", tiny_bert], catch_exceptions=False)
+    assert trained.exit_code == 0, trained.output
+    _, meta, _ = load_from_bentoml("latest")
+    assert meta["ranking"] == "two towers" and meta["data_window"]["to"] <= events["event_timestamp"].max().isoformat()
+    history = meta["train_config"]
+    assert history["nproc"] == 2 and history.get("max_seconds") is None  # an epoch count, no time budget
+    out = tmp_path / "recs.parquet"
+    recs = runner.invoke(app, ["recommend", "-w", str(ws), "--k", "3", "--output", str(out)], catch_exceptions=False)
+    assert recs.exit_code == 0, recs.output
+    got = pd.read_parquet(out)
+    assert set(got["user_id"]) == set(events["user_id"]) and (got.groupby("user_id").size() == 3).all()

@@ -40,10 +40,11 @@ def code_version() -> str:
         return "unknown"
 
 
-def save_to_bentoml(model: ProfileModel, store, metrics: pd.DataFrame | None, events: pd.DataFrame,
-                    cfg: RunConfig, extra: dict | None = None, two_stage=None):
+def save_to_bentoml(model: ProfileModel, store, metrics: pd.DataFrame | None, events: pd.DataFrame | None,
+                    cfg: RunConfig, extra: dict | None = None, two_stage=None, window: dict | None = None):
     """``bentoml.models.create``: the weights, tokenizer, feature spec and everything needed to serve;
-    ``two_stage``: recall + rank's ranker and its layout (``training.recall.package``), when trained."""
+    ``two_stage``: recall + rank's ranker and its layout (``training.recall.package``), when trained;
+    ``window``: the data window (from, to, events) where no events frame was read (a training set)."""
     import bentoml
 
     metadata = {
@@ -51,8 +52,8 @@ def save_to_bentoml(model: ProfileModel, store, metrics: pd.DataFrame | None, ev
         "features": {"user": dataset.service_features(store, dataset.USER_SERVICE),
                      "item": dataset.service_features(store, dataset.ITEM_SERVICE)},
         "normalisation": {k: list(v) for k, v in model.spec.stats.items()},
-        "data_window": {"from": events["event_timestamp"].min().isoformat(),
-                        "to": events["event_timestamp"].max().isoformat(), "events": int(len(events))},
+        "data_window": window or {"from": events["event_timestamp"].min().isoformat(),
+                                  "to": events["event_timestamp"].max().isoformat(), "events": int(len(events))},
         "model_config": asdict(model.cfg),
         "train_config": config_dict(cfg.train),
         "splits": list(cfg.splits),

@@ -214,7 +214,8 @@ class Positives:
 
     @classmethod
     def build(cls, model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
-              device: torch.device) -> Positives:
+              device: torch.device, items: dict[int, ItemInputs] | None = None) -> Positives:
+        """``items``: the catalogue's buckets as inputs already (a reader of many shards builds them once)."""
         positives = examples[(examples["label"] == 1) & examples["item_id"].isin(catalogue.item_ids)]
         positives = positives.reset_index(drop=True)
         if positives.empty:
@@ -226,7 +227,8 @@ class Positives:
         users = model.user_inputs(positives)
         users.history_rows = history_rows(users.history, index, model.cfg.seq_len)  # the same rows in every bucket
         lengths = (users.history_rows > 0).sum(1).numpy()
-        items = {int(b): model.item_inputs(catalogue.frames[b]).to(device) for b in np.unique(buckets)}
+        if items is None:
+            items = {int(b): model.item_inputs(catalogue.frames[b]).to(device) for b in np.unique(buckets)}
         return cls(users, targets, weights, buckets, lengths, items, index)
 
 

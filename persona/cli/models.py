@@ -119,6 +119,13 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
               serve: Annotated[str, typer.Option(
                   help="What /rank runs with this model: auto (recall + rank where the evaluation ranked it "
                        "above the profile model alone, else the towers), recall-rank, or towers.")] = "auto",
+              training_set: Annotated[Path | None, typer.Option(
+                  "--training-set", metavar="DIR",
+                  help="Train the profile model from the Parquet shards `persona training-set` wrote, one shard "
+                       "in memory at a time (with --nproc, each process reads its own shards), instead of "
+                       "reading the log: for logs too big for one process. Every epoch passes over every "
+                       "shard; a held-out share of the positives stops it. No baselines or ranking metrics "
+                       "(they read the log): `persona evaluate` on a sample gives them.")] = None,
               ) -> None:
     """Train, evaluate against baselines, refit on everything, and save to the BentoML model store."""
     from training.model_store import save_to_bentoml
@@ -127,6 +134,11 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
     cfg = _config(workspace, profile)
     if serve not in ("auto", "recall-rank", "towers"):
         _fail("--serve takes auto, recall-rank or towers")
+    if training_set is not None:
+        if target or serve == "recall-rank":
+            _fail("--training-set trains the profile model alone: --target and --serve recall-rank need the log")
+        return _train_from_shards(cfg, training_set, epochs, batch_size, finetune_layers, bert or cfg.text_model,
+                                  device, nproc)
     run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert or cfg.text_model, device, splits,
                           baselines, refit, target=target, nproc=nproc)
     run_cfg.serve = serve
@@ -144,6 +156,55 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
         model = result["model"]
     tag = save_to_bentoml(model, store, result["metrics"], events, run_cfg,
                           {"refit": refit, **_provenance(cfg, events)}, result.get("two_stage"))
+    console.print(f"saved model {tag} (BENTOML_HOME={os.environ['BENTOML_HOME']}; "
+                  "`bentoml models list` there shows it)", highlight=False)
+
+
+def _train_from_shards(cfg, folder: Path, epochs: int, batch_size: int, finetune_layers, bert, device: str,
+                       nproc: int) -> None:
+    """`persona train --training-set DIR` (training/shard_train.py): the rows of erased users are left out as
+    the shards are read, and the model's provenance names the users it trained on."""
+    import pandas as pd
+
+    from eventlog import tombstones
+    from feature_repo.pipeline.registry import feature_store
+    from training.model import ModelConfig
+    from training.model_store import bentoml_home, save_to_bentoml
+    from training.shard_train import WithoutErased, train_from_shards
+    from training.spark_training_set import TrainingShards
+    from training.train import TrainConfig
+    from training.workflow import RunConfig
+
+    shards = TrainingShards(folder)
+    if not len(shards):
+        _fail(f"no training set in {folder}: write one with `persona training-set --output {folder}`")
+    bentoml_home(cfg.workspace)
+    log = _event_log(cfg)
+    try:
+        item_ids = log.read_table("items")["item_id"].astype(str).tolist()  # the catalogue, not the log
+        erased = tombstones.erased_hashes(log.engine)
+    finally:
+        log.dispose()
+    keep = WithoutErased(_privacy(cfg).salt, frozenset(erased)) if erased else None
+    try:
+        store = feature_store(cfg.workspace)
+    except FileNotFoundError as exc:
+        _fail(f"{exc}; then `persona features build`")
+    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, device=device, nproc=nproc, max_seconds=None,
+                       max_positives=None)
+    model_cfg = ModelConfig(finetune_layers=finetune_layers, **({"bert_path": bert} if bert else {}))
+    report_dir = cfg.reports_dir / "training" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    try:
+        run = train_from_shards(store, shards, item_ids, model_cfg, tcfg, report_dir, keep)
+    except ValueError as exc:
+        _fail(str(exc))
+    found = run.survey
+    console.print(f"trained on {found.rows:,} rows ({found.positives:,} positives) in {len(shards)} shards, "
+                  f"{len(run.history)} epochs; report: {run.report}", highlight=False)
+    window = {"from": found.first.isoformat(), "to": found.last.isoformat(), "events": found.rows}
+    tag = save_to_bentoml(run.model, store, None, None, RunConfig(model=run.model.cfg, train=tcfg, splits=()),
+                          {"refit": False, "training_set": str(folder.resolve()),
+                           **_provenance(cfg, pd.DataFrame({"user_id": sorted(found.users)}))}, window=window)
     console.print(f"saved model {tag} (BENTOML_HOME={os.environ['BENTOML_HOME']}; "
                   "`bentoml models list` there shows it)", highlight=False)
 

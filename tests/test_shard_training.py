@@ -1,0 +1,130 @@
+"""`persona train --training-set DIR`: the profile model trained from a training set's Parquet shards, one
+shard in memory at a time, in one process or in a DDP group of processes that each read their own shards."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from core import config
+from core.privacy import Privacy
+from eventlog.sources import load_batch
+from eventlog.store import EventLog
+from feature_repo.pipeline import materialize, registry
+from feature_repo.pipeline.build import build
+from ingestion.ingest import ingest
+from persona import sample_data
+from persona.cli import app
+from training.model import ModelConfig
+from training.shard_train import held_out, train_from_shards
+from training.spark_training_set import TrainingShards
+from training.train import TrainConfig
+from validation.gate import Gate
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A local workspace and its training set in several shards, written by `persona training-set`."""
+    shop = sample_data.generate(n_users=400, n_items=150, days=14, seed=5)  # held-out positives enough to compare
+    root = tmp_path_factory.mktemp("shards")
+    ws, folder = root / "ws", root / "data"
+    ws.mkdir()
+    (ws / "persona.yaml").write_text("profile: local\n")
+    sample_data.write(shop, folder)
+    log = EventLog(f"sqlite:///{ws / 'eventlog.db'}")
+    assert ingest(load_batch(folder), log, Gate())[0].quarantined == 0
+    store, _ = registry.apply(ws, "local")
+    build(log, "local", ws)
+    materialize.materialize(ws)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BENTOML_HOME", str(root / "bentoml"))
+    result = CliRunner().invoke(app, ["training-set", "-w", str(ws), "--output", str(root / "set"),
+                                      "--rows-per-shard", "300"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    yield ws, log, store, root / "set"
+    mp.undo()
+    log.dispose()
+
+
+def _small(tiny_bert: str) -> ModelConfig:
+    return ModelConfig(bert_path=tiny_bert, dim=8, hidden=16, embed_dim=4, seq_len=10)
+
+
+def test_held_out_rows_are_the_same_on_every_read():
+    import pandas as pd
+
+    ids = pd.Series(range(100_000))
+    mask = held_out(ids, 0.05)
+    assert (mask == held_out(ids.iloc[::-1], 0.05)[::-1]).all()  # by id, not by place
+    assert 0.045 < mask.mean() < 0.055 and not held_out(ids, 0.0).any()
+
+
+def test_two_processes_with_their_own_shards_reach_the_one_process_result(sharded, tiny_bert, tmp_path):
+    """Two DDP processes (gloo), each streaming its own shards, against one process over all of them on the
+    same seed and data: together they train on exactly the one process's rows, each on its shards only,
+    and the held-out loss they reach is the one process's within the noise of a change of seed."""
+    ws, log, store, folder = sharded
+    shards = TrainingShards(folder)
+    assert len(shards) >= 4
+    items = log.read_table("items")["item_id"].astype(str).tolist()
+
+    def run(nproc: int, seed: int):
+        cfg = TrainConfig(epochs=4, batch_size=64, device="cpu", nproc=nproc, seed=seed, max_seconds=None,
+                          max_positives=None, patience=10)
+        return train_from_shards(store, shards, items, _small(tiny_bert), cfg, tmp_path / f"{nproc}-{seed}",
+                                 progress=False)
+
+    one, other_seed, two = run(1, 0), run(1, 1), run(2, 0)
+    assert len(two.history) == len(one.history) == 4
+    for a, b in zip(one.history, two.history, strict=True):
+        assert b["shards_per_process"] == [-(-len(shards) // 2), len(shards) // 2]
+        assert min(b["rows_per_process"]) > 0 and sum(b["rows_per_process"]) == a["rows_per_process"][0]
+        assert b["held_out_rows"] == a["held_out_rows"] > 0  # the same rows held out, wherever they were read
+    first, last = one.history[0]["held_out_loss"], one.history[-1]["held_out_loss"]
+    assert last < first  # it learns
+    noise = abs(other_seed.history[-1]["held_out_loss"] - last)
+    assert abs(two.history[-1]["held_out_loss"] - last) <= max(3 * noise, 0.02 * last)
+    assert (tmp_path / "2-0" / "report.md").exists() and (tmp_path / "2-0" / "training_curve.png").exists()
+
+
+def test_cli_trains_from_shards_leaves_out_erased_users_and_recommends(sharded, tiny_bert, tmp_path, monkeypatch):
+    """The command on a set written before a user was erased: their rows never train, the saved model says
+    what it trained on (the set, the window, the users), and `persona recommend` serves it."""
+    from training.model_store import load_from_bentoml
+    from training.provenance import METADATA_KEY, might_contain
+
+    ws, log, _, folder = sharded
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    gone = log.read_table("events")["user_id"].value_counts().index[0]  # the busiest user
+    runner = CliRunner()
+    forgot = runner.invoke(app, ["forget", "-w", str(ws), "--user", gone], catch_exceptions=False)
+    assert forgot.exit_code == 0, forgot.output
+    result = runner.invoke(app, ["train", "-w", str(ws), "--training-set", str(folder), "--nproc", "2", "--epochs",
+                                 "2", "--bert", tiny_bert], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "saved model persona-profile:" in result.output
+    _, meta, _ = load_from_bentoml("latest")
+    assert meta["training_set"] == str(folder.resolve()) and meta["refit"] is False
+    rows = sum(len(f[f["user_id"] != gone]) for f in TrainingShards(folder))
+    assert meta["data_window"]["events"] == rows
+    privacy = Privacy.for_workspace(ws, config.load(ws))
+    assert not might_contain(meta[METADATA_KEY], privacy.hash(gone))
+    kept = next(u for u in log.read_table("events")["user_id"] if u != gone)
+    assert might_contain(meta[METADATA_KEY], privacy.hash(kept))
+    report = next((ws / "reports" / "training").glob("*/report.md")).read_text()
+    assert "erased users were left out" in report
+    out = tmp_path / "recs.csv"
+    recs = runner.invoke(app, ["recommend", "-w", str(ws), "--k", "3", "--output", str(out)], catch_exceptions=False)
+    assert recs.exit_code == 0, recs.output
+    assert out.exists()
+
+
+def test_cli_refuses_what_a_training_set_cannot_give(sharded, tmp_path, monkeypatch):
+    ws, _, _, _ = sharded
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(app, ["train", "-w", str(ws), "--training-set", str(empty)])
+    assert result.exit_code != 0 and "no training set in" in result.output
+    result = CliRunner().invoke(app, ["train", "-w", str(ws), "--training-set", str(empty), "--target", "purchase"])
+    assert result.exit_code != 0 and "--target" in result.output

@@ -1,0 +1,408 @@
+"""The profile model trained from a training set's Parquet shards (``persona train --training-set DIR``):
+one shard in memory at a time, in one process or in a PyTorch DDP group where each rank reads its own
+shards (rank r takes shards r, r + N, ...).
+
+Why an epoch count and a held-out share here, not the time budget and the log's validation requests:
+the evaluation protocol reads the whole log (each request's history, the split), which this path never
+holds, and a fixed time budget would see a tenth of a log ten times larger. So every epoch passes over
+every shard once, up to ``--epochs``; a small share of the positives, chosen by a hash of their example
+id (so the same rows in every epoch and on every rank count), is never trained on, and its loss after
+each epoch lowers the learning rate, stops training after ``patience`` epochs without a better one, and
+picks the epoch whose weights are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from core.privacy import id_hash
+from training import distributed
+from training.dataset import ItemCatalogue
+from training.encoding import ItemInputs
+from training.model import ProfileModel, resolve_finetune
+from training.spark_training_set import TrainingShards
+from training.train import (
+    BestEpoch,
+    Positives,
+    StepLoss,
+    TrainConfig,
+    WeightAverage,
+    _batches,
+    _dropout,
+    _dropping,
+    _loss,
+    _param_groups,
+    _set_dropout,
+    pick_device,
+    seed_everything,
+)
+from training.workflow import Stages, feature_spec
+
+SAMPLE_ROWS = 50_000  # rows the feature statistics and vocabularies are fitted on (a uniform sample)
+HELD_OUT_SHARE = 0.05  # of the positives, for the stopping rule ...
+HELD_OUT_ROWS = 20_000  # ... and at most this many of them, whatever the log's size
+TIME_SAMPLE = 100_000  # positive times kept for the catalogue's as-of buckets (their quantiles)
+
+Keep = Callable[[pd.Series], np.ndarray]  # user ids -> which rows may train (erased users may not)
+
+
+@dataclass(frozen=True)
+class WithoutErased:
+    """A ``Keep``: not the rows of a user whose salted hash has a tombstone (erased after the set was
+    written). Plain data, so each training process gets its own copy."""
+
+    salt: bytes
+    erased: frozenset[str]
+
+    def __call__(self, users: pd.Series) -> np.ndarray:
+        gone = {u for u in users.unique() if id_hash(u, self.salt) in self.erased}
+        return ~users.isin(gone).to_numpy()
+
+
+@dataclass
+class Survey:
+    """What one pass over the shards tells before training: sizes, the positives' items and users, a
+    sample to fit the feature statistics on, and the positives' times for the catalogue's buckets."""
+
+    rows: int = 0
+    positives: int = 0
+    dropped: int = 0  # rows of users who may not train (erased after the set was written)
+    item_ids: set[str] = field(default_factory=set)
+    users: set[str] = field(default_factory=set)
+    first: pd.Timestamp | None = None
+    last: pd.Timestamp | None = None
+    sample: list[pd.DataFrame] = field(default_factory=list)
+    times: list[pd.Series] = field(default_factory=list)
+
+    @property
+    def held_out_share(self) -> float:
+        return min(HELD_OUT_SHARE, HELD_OUT_ROWS / max(1, self.positives))
+
+    def sample_frame(self) -> pd.DataFrame:
+        return pd.concat(self.sample, ignore_index=True)
+
+    def position_times(self) -> pd.Series:
+        """Positive times for ``ItemCatalogue``: a sample, with the earliest so every row has a bucket."""
+        times = pd.concat(self.times, ignore_index=True)
+        return pd.concat([times, pd.Series([self.first])], ignore_index=True)
+
+
+def survey(shards: TrainingShards, keep: Keep | None = None, seed: int = 0,
+           progress: bool = True) -> Survey:
+    """One pass over the shards, a shard in memory at a time."""
+    total = sum(pq.ParquetFile(p).metadata.num_rows for p in shards.paths)
+    if not total:
+        raise ValueError(f"the training set in {shards.folder} has no rows: run `persona training-set`")
+    fraction = min(1.0, SAMPLE_ROWS / total)
+    out, rng = Survey(), np.random.default_rng(seed)
+    for path in tqdm(shards.paths, desc="training set: survey", disable=not progress, leave=False):
+        frame = shards.read(path)
+        if keep is not None:
+            allowed = keep(frame["user_id"].astype(str))
+            out.dropped += int((~allowed).sum())
+            frame = frame[allowed]
+        positives = frame[frame["label"] == 1]
+        out.rows += len(frame)
+        out.positives += len(positives)
+        out.item_ids.update(positives["item_id"].dropna().astype(str))
+        out.users.update(frame["user_id"].astype(str))
+        if len(frame):
+            first, last = frame["event_timestamp"].min(), frame["event_timestamp"].max()
+            out.first = first if out.first is None else min(out.first, first)
+            out.last = last if out.last is None else max(out.last, last)
+        out.sample.append(frame[rng.random(len(frame)) < fraction])
+        times = positives["event_timestamp"]
+        out.times.append(times[rng.random(len(times)) < min(1.0, TIME_SAMPLE / total)])
+    if not out.positives:
+        raise ValueError("no positive examples to train on: check the configured positive event types")
+    return out
+
+
+def held_out(example_ids: pd.Series, share: float) -> np.ndarray:
+    """Whether each row is in the held-out share: a hash of its example id, the same on every read."""
+    hashed = pd.util.hash_array(example_ids.to_numpy(dtype=np.int64)) % 1_000_000
+    return hashed < share * 1_000_000
+
+
+@dataclass
+class Plan:
+    """What every rank is handed: the shards, the catalogue, the held-out share and the user filter."""
+
+    shards: TrainingShards
+    catalogue: ItemCatalogue
+    held_out_share: float
+    keep: Keep | None = None
+
+    def mine(self, rank: int, world: int) -> list:
+        return self.shards.paths[rank::world]
+
+
+def fit(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool = True) -> list[dict]:
+    """Train in place, streaming the shards (``cfg.nproc`` processes: each its own shards, DDP averaging
+    the gradients), and leave the model at the epoch with the lowest held-out loss, in eval mode. Returns
+    the history: one row per epoch."""
+    if cfg.resume:
+        raise ValueError("a training set is not resumed: train it again")
+    if len(plan.shards) < cfg.nproc:
+        raise ValueError(f"{len(plan.shards)} shards for {cfg.nproc} processes: each reads its own; write the "
+                         "training set with a smaller --rows-per-shard")
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    model.to(device)
+    if cfg.nproc <= 1:
+        return _loop(model, plan, cfg, progress, None)
+    threads = torch.get_num_threads()
+    dropouts = [_dropout(m) for m in _dropping(model)]
+    processes, port = distributed.start(cfg.nproc, device, _rank, model.cfg, model.spec, model.state_dict(),
+                                        dropouts, plan, cfg)
+    try:
+        history = _loop(model, plan, cfg, progress, distributed.join(0, cfg.nproc, port, device))
+    except BaseException:
+        for p in processes:
+            p.terminate()
+        raise
+    finally:
+        distributed.leave()
+        torch.set_num_threads(threads)
+    distributed.wait(processes)
+    return history
+
+
+def _rank(rank: int, world: int, port: int, model_cfg, spec, state: dict, dropouts: list[float], plan: Plan,
+          cfg: TrainConfig) -> None:
+    """Ranks 1..N-1: the same model, their own shards."""
+    device = distributed.rank_device(pick_device(cfg.device), rank)
+    model = ProfileModel.build(model_cfg, spec).to(device)
+    model.load_state_dict(state)
+    for module, p in zip(_dropping(model), dropouts, strict=True):
+        _set_dropout(module, p)
+    group = distributed.join(rank, world, port, device)
+    seed_everything(cfg.seed + rank)
+    try:
+        _loop(model, plan, cfg, False, group)
+    finally:
+        distributed.leave()
+
+
+class HeldOut:
+    """This rank's held-out positives (gathered on the first pass) and their loss."""
+
+    def __init__(self) -> None:
+        self.parts: list[Positives] = []
+
+    def __len__(self) -> int:
+        return sum(len(p.targets) for p in self.parts)
+
+    @torch.no_grad()
+    def loss(self, model: ProfileModel, items: dict[int, ItemInputs], cfg: TrainConfig) -> tuple[float, float]:
+        """(weighted loss sum, weight sum) over the rows; a sampled softmax draws the same sample each time."""
+        total, weight = 0.0, 0.0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            for part in self.parts:
+                for bucket in np.unique(part.buckets):
+                    rows = np.flatnonzero(part.buckets == bucket)
+                    for s in range(0, len(rows), cfg.batch_size):
+                        idx = torch.from_numpy(rows[s:s + cfg.batch_size])
+                        w = part.weights[idx]
+                        mean = _loss(model, part.users.select(idx).to(model.device), items[int(bucket)], part.index,
+                                     part.targets[idx].to(model.device), w.to(model.device), cfg.max_softmax_items)
+                        total += float(mean) * float(w.sum())
+                        weight += float(w.sum())
+        return total, weight
+
+
+def _positives(model: ProfileModel, frame: pd.DataFrame, plan: Plan, items: dict[int, ItemInputs],
+               device: torch.device) -> Positives | None:
+    frame = frame[(frame["label"] == 1) & frame["item_id"].isin(plan.catalogue.item_ids)]
+    return Positives.build(model, frame, plan.catalogue, device, items) if len(frame) else None
+
+
+def _shard_batches(model: ProfileModel, plan: Plan, paths: list, items: dict[int, ItemInputs], size: int,
+                   rng: np.random.Generator, held: HeldOut | None, device: torch.device) -> Iterator[tuple]:
+    """(positives, bucket, rows) for every batch of this rank's shards, one shard read at a time, in a
+    shuffled order; the held-out rows go to ``held`` (first epoch) and never into a batch."""
+    for k in rng.permutation(len(paths)):
+        frame = plan.shards.read(paths[k])
+        if plan.keep is not None:
+            frame = frame[plan.keep(frame["user_id"].astype(str))]
+        out = held_out(frame["example_id"], plan.held_out_share)
+        if held is not None:
+            part = _positives(model, frame[out], plan, items, device)
+            if part is not None:
+                held.parts.append(part)
+        data = _positives(model, frame[~out], plan, items, device)
+        if data is None:
+            continue
+        for bucket, rows in _batches(data.buckets, data.lengths, size, None, rng):
+            yield data, bucket, rows
+
+
+def _loop(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool,
+          group: distributed.Group | None) -> list[dict]:
+    """The epochs. Every rank steps together: a rank whose shards are done runs its last batch with weight
+    0 until every rank is done (DDP needs each rank in each step), and the others' gradients are scaled
+    so a step is the mean over the ranks that had a batch."""
+    rank, world = (group.rank, group.world) if group is not None else (0, 1)
+    leader = rank == 0
+    device = model.device
+    items = {b: model.item_inputs(frame).to(device) for b, frame in enumerate(plan.catalogue.frames)}
+    index = {i: k for k, i in enumerate(plan.catalogue.item_ids)}
+    step_loss = StepLoss(model, index, cfg.max_softmax_items)
+    step = group.wrap(step_loss) if group is not None else step_loss
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    average = WeightAverage(model, cfg.average_decay) if cfg.average_decay else None
+    best = BestEpoch(cfg.patience)
+    rng = np.random.default_rng(cfg.seed + rank)
+    use_amp = cfg.amp and device.type == "cuda"
+    paths, held, history = plan.mine(rank, world), HeldOut(), []
+    for epoch in range(cfg.epochs):
+        started = time.monotonic()
+        batches = _shard_batches(model, plan, paths, items, max(1, cfg.batch_size // world), rng,
+                                 held if epoch == 0 else None, device)
+        bar = tqdm(desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not (progress and leader),
+                   leave=False)
+        losses, rows, steps, last = [], 0, 0, None
+        model.train()
+        optimizer.zero_grad()
+        while True:
+            batch = next(batches, None)
+            active = int(group.total([float(batch is not None)])[0]) if group is not None else int(batch is not None)
+            if not active:
+                break
+            data, bucket, idx = batch if batch is not None else last
+            last = (data, bucket, idx)
+            select = torch.from_numpy(idx)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                part = step(data.users.select(select).to(device), items[bucket], data.targets[select].to(device),
+                            data.weights[select].to(device), None)
+            scale = world / active if batch is not None else 0.0
+            (part * (scale / cfg.grad_accum)).backward()
+            steps += 1
+            if steps % cfg.grad_accum == 0:
+                optimizer.step()
+                optimizer.zero_grad()
+                if average is not None:
+                    average.update()
+            if batch is not None:
+                losses.append(part.item())
+                rows += len(idx)
+            bar.update()
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]) if losses else float('nan'):.4f}")
+        bar.close()
+        if steps % cfg.grad_accum:
+            optimizer.step()
+            optimizer.zero_grad()
+        model.eval()
+        with average.applied() if average is not None else contextlib.nullcontext():
+            own = held.loss(model, items, cfg)
+        totals = [own[0], own[1], float(np.sum(losses)), float(len(losses)), float(len(held))]
+        per_rank = [float(rows if r == rank else 0) for r in range(world)]
+        if group is not None:  # every rank's figures, summed (each rank calls this: a collective)
+            totals, per_rank = group.total(totals), group.total(per_rank)
+        (loss_sum, weight, train_sum, count, held_rows), per_rank = totals, [int(r) for r in per_rank]
+        val = loss_sum / weight if weight else None
+        improved = False
+        if leader:
+            with average.applied() if average is not None else contextlib.nullcontext():
+                improved = best.update(-val if val is not None else float(epoch), model)
+            history.append({"epoch": epoch + 1, "loss": train_sum / count if count else float("nan"),
+                            "held_out_loss": val, "held_out_rows": int(held_rows),
+                            "lr": optimizer.param_groups[0]["lr"], "rows_per_process": per_rank,
+                            "shards_per_process": [len(plan.mine(r, world)) for r in range(world)],
+                            "seconds": time.monotonic() - started})
+            if progress:
+                shown = f", held-out loss {val:.4f}" if val is not None else ""
+                tqdm.write(f"epoch {epoch + 1}: loss {history[-1]['loss']:.4f}{shown}")
+        done = leader and best.done
+        if group is not None:
+            improved, done = group.decide(improved, done)
+        if not improved:
+            for g in optimizer.param_groups:
+                g["lr"] *= cfg.plateau_decay
+        if done:
+            break
+    if leader:
+        best.restore(model)
+    model.eval()
+    return history
+
+
+
+@dataclass
+class ShardRun:
+    """A trained model and what the CLI records of it."""
+
+    model: ProfileModel
+    survey: Survey
+    history: list[dict]
+    report: object  # the report's path
+    seconds: dict[str, float]
+
+
+def train_from_shards(store, shards: TrainingShards, item_ids: list[str], model_cfg, cfg: TrainConfig,
+                      report_dir, keep: Keep | None = None, progress: bool = True) -> ShardRun:
+    """``persona train --training-set``: survey the shards, fit the feature spec on a sample of them (the
+    item-id vocabulary on every positive), take the catalogue's features as of the positives' times, and
+    train (``fit``). ``item_ids``: the catalogue the softmax ranks."""
+    stage = Stages(progress)
+    with stage("survey of the shards"):
+        found = survey(shards, keep, cfg.seed, progress)
+    with stage("feature spec and the catalogue as of the positives' times"):
+        spec = feature_spec(store, found.sample_frame())
+        spec.item_ids = sorted(found.item_ids)
+        catalogue = ItemCatalogue(store, item_ids, found.position_times())
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    model = ProfileModel.build(resolve_finetune(model_cfg, device, len(item_ids)), spec).to(device)
+    with stage(f"train ({cfg.nproc} process{'es' if cfg.nproc > 1 else ''})"):
+        history = fit(model, Plan(shards, catalogue, found.held_out_share, keep), cfg, progress)
+    report = write_shard_report(report_dir, shards, found, history, stage.seconds)
+    return ShardRun(model, found, history, report, stage.seconds)
+
+
+def write_shard_report(folder, shards: TrainingShards, found: Survey, history: list[dict],
+                       seconds: dict[str, float]):
+    """report.md and training_curve.png: the set, the epochs, the held-out loss, where the time went."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(history)
+    table.to_csv(folder / "history.csv", index=False)
+    md = ["# Persona: the profile model trained from a training set", "",
+          f"Training set: `{shards.folder}`, {len(shards)} shards, {found.rows:,} rows, {found.positives:,} "
+          f"positives, {len(found.users):,} users, from {found.first} to {found.last}."
+          + (f" {found.dropped:,} rows of erased users were left out." if found.dropped else ""), "",
+          "No ranking metrics here: the evaluation protocol reads each request's history from the log. "
+          "`persona evaluate` on a sample of the log gives them. Training stops on the loss of a held-out "
+          f"share of the positives ({found.held_out_share:.2%}, chosen by example id), and the weights of the "
+          "epoch with the lowest one are kept.", "",
+          table.drop(columns=["rows_per_process", "shards_per_process"], errors="ignore")
+          .to_markdown(index=False, floatfmt=".4f"), "",
+          "## Where the time went", "",
+          pd.DataFrame({"stage": list(seconds), "seconds": list(seconds.values())}).to_markdown(
+              index=False, floatfmt=".1f"), "", "![training curve](training_curve.png)", ""]
+    (folder / "report.md").write_text("\n".join(md))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(table["epoch"], table["loss"], marker="o", label="training loss")
+    ax.plot(table["epoch"], table["held_out_loss"].astype(float), marker="o", label="held-out loss")
+    ax.set_xlabel("epoch")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "training_curve.png", dpi=110)
+    plt.close(fig)
+    return folder / "report.md"
