@@ -14,6 +14,7 @@ picks the epoch whose weights are kept.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -383,6 +384,7 @@ def write_shard_report(folder, shards: TrainingShards, found: Survey, history: l
     folder.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame(history)
     table.to_csv(folder / "history.csv", index=False)
+    (folder / "stages.json").write_text(json.dumps({k: round(v, 1) for k, v in seconds.items()}, indent=2))
     md = ["# Persona: the profile model trained from a training set", "",
           f"Training set: `{shards.folder}`, {len(shards)} shards, {found.rows:,} rows, {found.positives:,} "
           f"positives, {len(found.users):,} users, from {found.first} to {found.last}."
