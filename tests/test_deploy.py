@@ -212,3 +212,42 @@ def test_spark_executors_share_the_jobs_workspace() -> None:
     driver_env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in containers(build)[0]["env"]}
     ref = driver_env["PERSONA_EVENT_LOG_URL"]
     assert conf["spark.kubernetes.executor.secretKeyRef.PERSONA_EVENT_LOG_URL"] == f"{ref['name']}:{ref['key']}"
+
+
+
+def persona_lines(obj: dict) -> Iterator[list[str]]:
+    """Every `persona ...` command line its containers run: as the command, or in an `sh -c` script."""
+    import shlex
+
+    for container in containers(obj):
+        command = [*(container.get("command") or []), *(container.get("args") or [])]
+        if command[:1] == ["persona"]:
+            yield command
+        elif command[:2] == ["sh", "-c"]:
+            for line in " ".join(command[2:]).split("&&"):
+                words = shlex.split(line)
+                if words[:1] == ["persona"]:
+                    yield words
+
+
+def test_every_persona_command_in_a_manifest_parses_with_the_cli() -> None:
+    """A Job's `persona ...` line names a command and options the CLI has (parsed, not run): a renamed
+    option would otherwise fail only on the cluster, at night."""
+    import typer
+
+    from persona.cli import app
+
+    found = 0
+    for obj in render():
+        for line in persona_lines(obj):
+            found += 1
+            command, words = typer.main.get_command(app), line[1:]
+            while hasattr(command, "list_commands"):  # a group (typer's own click): `persona features build`
+                name, *words = words
+                command = command.get_command(command.context_class(command), name)
+                assert command is not None, f"{obj['metadata']['name']}: no command {name!r} in {line}"
+            try:
+                command.make_context(line[1], list(words))  # raises on an unknown option or a bad value
+            except Exception as exc:  # noqa: BLE001 - typer's vendored click raises its own UsageError
+                raise AssertionError(f"{obj['metadata']['name']}: {' '.join(line)}: {exc}") from exc
+    assert found >= 6  # the build, apply and materialise, and the three steps of training and scoring
