@@ -3,6 +3,7 @@ shard in memory at a time, in one process or in a DDP group of processes that ea
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -82,9 +83,18 @@ def test_two_processes_with_their_own_shards_reach_the_one_process_result(sharde
         assert b["held_out_rows"] == a["held_out_rows"] > 0  # the same rows held out, wherever they were read
     first, last = one.history[0]["held_out_loss"], one.history[-1]["held_out_loss"]
     assert last < first  # it learns
+    losses = [h["held_out_loss"] for h in one.history]
+    lrs = [h["lr"] for h in one.history]  # each epoch's rate: lowered only after an epoch that did not improve
+    for k in range(1, len(losses)):
+        assert lrs[k] == pytest.approx(lrs[k - 1] * (1.0 if losses[k - 1] < min(losses[:k - 1] or [np.inf]) else 0.3))
     noise = abs(other_seed.history[-1]["held_out_loss"] - last)
     assert abs(two.history[-1]["held_out_loss"] - last) <= max(3 * noise, 0.02 * last)
     assert (tmp_path / "2-0" / "report.md").exists() and (tmp_path / "2-0" / "training_curve.png").exists()
+    # the held-out rows ranked, by the model and by popularity as of each row's time
+    assert list(two.metrics["model"]) == ["Persona (profile model)", "popularity (as of the request's bucket)"]
+    assert (two.metrics["requests"] == two.history[0]["held_out_rows"]).all()
+    assert two.metrics["NDCG@10"].between(0, 1).all()
+    assert "Held-out ranking" in (tmp_path / "2-0" / "report.md").read_text()
 
 
 def test_cli_trains_from_shards_leaves_out_erased_users_and_recommends(sharded, tiny_bert, tmp_path, monkeypatch):
@@ -128,3 +138,25 @@ def test_cli_refuses_what_a_training_set_cannot_give(sharded, tmp_path, monkeypa
     assert result.exit_code != 0 and "no training set in" in result.output
     result = CliRunner().invoke(app, ["train", "-w", str(ws), "--training-set", str(empty), "--target", "purchase"])
     assert result.exit_code != 0 and "--target" in result.output
+
+
+def test_popularity_as_of_each_bucket_counts_only_earlier_positives(tmp_path):
+    """Known answer: positives at 09:00 and 11:00 on item a, 10:00 on b (and a negative, and an erased user's
+    positive) against buckets starting 08:00, 10:00 and 12:00."""
+    import pandas as pd
+
+    from training.dataset import ItemCatalogue
+    from training.shard_train import bucket_popularity
+
+    day = pd.Timestamp("2026-01-01", tz="UTC")
+    rows = pd.DataFrame({"user_id": ["u1", "u2", "u1", "u3", "gone"], "item_id": ["a", "b", "a", "b", "a"],
+                         "label": [1, 1, 1, 0, 1], "example_id": range(5),
+                         "event_timestamp": [day + pd.Timedelta(hours=h) for h in (9, 10, 11, 9, 9)]})
+    folder = tmp_path / "set"
+    folder.mkdir()
+    rows.iloc[:2].to_parquet(folder / "part-00000.parquet")
+    rows.iloc[2:].to_parquet(folder / "part-00001.parquet")
+    catalogue = ItemCatalogue.__new__(ItemCatalogue)  # the buckets only: no feature store
+    catalogue.item_ids, catalogue.starts = ["a", "b", "c"], [day + pd.Timedelta(hours=h) for h in (8, 10, 12)]
+    got = bucket_popularity(TrainingShards(folder), catalogue, lambda users: (users != "gone").to_numpy())
+    assert got.tolist() == [[0, 0, 0], [1, 0, 0], [2, 1, 0]]  # b at 10:00 is not before the 10:00 bucket

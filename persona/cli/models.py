@@ -195,10 +195,13 @@ def _train_from_shards(cfg, folder: Path, epochs: int, batch_size: int, finetune
     model_cfg = ModelConfig(finetune_layers=finetune_layers, **({"bert_path": bert} if bert else {}))
     report_dir = cfg.reports_dir / "training" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     try:
-        run = train_from_shards(store, shards, item_ids, model_cfg, tcfg, report_dir, keep)
+        run = train_from_shards(store, shards, item_ids, model_cfg, tcfg, report_dir, keep,
+                                engaged=list(cfg.positives))
     except ValueError as exc:
         _fail(str(exc))
     found = run.survey
+    if len(run.metrics):
+        console.print(run.metrics.to_string(index=False, float_format=lambda v: f"{v:.4f}"), highlight=False)
     console.print(f"trained on {found.rows:,} rows ({found.positives:,} positives) in {len(shards)} shards, "
                   f"{len(run.history)} epochs; report: {run.report}", highlight=False)
     window = {"from": found.first.isoformat(), "to": found.last.isoformat(), "events": found.rows}
