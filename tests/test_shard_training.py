@@ -16,7 +16,7 @@ from feature_repo.pipeline.build import build
 from ingestion.ingest import ingest
 from persona import sample_data
 from persona.cli import app
-from training.model import ModelConfig
+from training.model import ModelConfig, ProfileModel
 from training.shard_train import held_out, train_from_shards
 from training.spark_training_set import TrainingShards
 from training.train import TrainConfig
@@ -40,7 +40,7 @@ def sharded(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("BENTOML_HOME", str(root / "bentoml"))
     result = CliRunner().invoke(app, ["training-set", "-w", str(ws), "--output", str(root / "set"),
-                                      "--rows-per-shard", "300"], catch_exceptions=False)
+                                      "--rows-per-shard", "200"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     yield ws, log, store, root / "set"
     mp.undo()
@@ -78,8 +78,9 @@ def test_two_processes_with_their_own_shards_reach_the_one_process_result(sharde
     one, other_seed, two = run(1, 0), run(1, 1), run(2, 0)
     assert len(two.history) == len(one.history) == 4
     for a, b in zip(one.history, two.history, strict=True):
-        assert b["shards_per_process"] == [-(-len(shards) // 2), len(shards) // 2]
-        assert min(b["rows_per_process"]) > 0 and sum(b["rows_per_process"]) == a["rows_per_process"][0]
+        assert sum(b["shards_per_process"]) == len(shards) and min(b["shards_per_process"]) >= 4  # whole shards
+        assert min(b["rows_per_process"]) > 0.35 * sum(b["rows_per_process"])  # shared out by their rows
+        assert sum(b["rows_per_process"]) == a["rows_per_process"][0]
         assert b["held_out_rows"] == a["held_out_rows"] > 0  # the same rows held out, wherever they were read
     first, last = one.history[0]["held_out_loss"], one.history[-1]["held_out_loss"]
     assert last < first  # it learns
@@ -95,6 +96,32 @@ def test_two_processes_with_their_own_shards_reach_the_one_process_result(sharde
     assert (two.metrics["requests"] == two.history[0]["held_out_rows"]).all()
     assert two.metrics["NDCG@10"].between(0, 1).all()
     assert "Held-out ranking" in (tmp_path / "2-0" / "report.md").read_text()
+
+
+def test_with_few_shards_every_process_reads_each_and_keeps_its_rows(sharded, tiny_bert, tmp_path):
+    """Three shards for two processes (fewer than 4 each): both read all three and split their rows by a
+    hash of the example id; together they train on the one process's rows, the held-out ones aside."""
+    from training.dataset import ItemCatalogue
+    from training.shard_train import Plan, fit, survey
+    from training.workflow import feature_spec
+
+    _, log, store, folder = sharded
+    shards = TrainingShards(folder)
+    shards.paths = shards.paths[:3]
+    found = survey(shards, progress=False)
+    items = log.read_table("items")["item_id"].astype(str).tolist()
+    catalogue = ItemCatalogue(store, items, found.position_times(), max_buckets=2)
+    plan = Plan(shards, catalogue, found.held_out_share)
+    assert plan.split_rows(2) and not plan.split_rows(1)
+    histories = []
+    for nproc in (1, 2):
+        model = ProfileModel.build(_small(tiny_bert), feature_spec(store, found.sample_frame()))
+        cfg = TrainConfig(epochs=1, batch_size=64, device="cpu", nproc=nproc, max_seconds=None, max_positives=None)
+        histories.append(fit(model, plan, cfg, progress=False)[0])
+    alone, shared = histories
+    assert shared["shards_per_process"] == [3, 3]
+    assert sum(shared["rows_per_process"]) == alone["rows_per_process"][0] and min(shared["rows_per_process"]) > 0
+    assert shared["held_out_rows"] == alone["held_out_rows"]
 
 
 def test_cli_trains_from_shards_leaves_out_erased_users_and_recommends(sharded, tiny_bert, tmp_path, monkeypatch):

@@ -54,6 +54,7 @@ SAMPLE_ROWS = 50_000  # rows the feature statistics and vocabularies are fitted 
 HELD_OUT_SHARE = 0.05  # of the positives, for the stopping rule ...
 HELD_OUT_ROWS = 20_000  # ... and at most this many of them, whatever the log's size
 TIME_SAMPLE = 100_000  # positive times kept for the catalogue's as-of buckets (their quantiles)
+SHARDS_PER_PROCESS = 4  # fewer shards than this per process: the ranks split every shard's rows instead
 TEXT_CACHE_TEXTS = 200_000  # BERT vectors kept per process (~300 MB): the texts of a big log do not fit
 
 Keep = Callable[[pd.Series], np.ndarray]  # user ids -> which rows may train (erased users may not)
@@ -146,8 +147,27 @@ class Plan:
     held_out_share: float
     keep: Keep | None = None
 
+    def split_rows(self, world: int) -> bool:
+        """Too few shards to share out evenly: every rank reads every shard and keeps its rows."""
+        return world > 1 and len(self.shards) < SHARDS_PER_PROCESS * world
+
     def mine(self, rank: int, world: int) -> list:
-        return self.shards.paths[rank::world]
+        """This rank's shards: whole shards, the biggest first to the rank with the fewest rows so far."""
+        if world == 1 or self.split_rows(world):
+            return list(self.shards.paths)
+        rows = [pq.ParquetFile(p).metadata.num_rows for p in self.shards.paths]
+        loads, owner = [0] * world, {}
+        for k in sorted(range(len(rows)), key=lambda k: (-rows[k], k)):
+            r = min(range(world), key=lambda r: (loads[r], r))
+            loads[r] += rows[k]
+            owner[k] = r
+        return [p for k, p in enumerate(self.shards.paths) if owner[k] == rank]
+
+    def rows_of(self, frame: pd.DataFrame, rank: int, world: int) -> pd.DataFrame:
+        """The rows of a shard this rank trains on (all of them, unless the ranks split the rows)."""
+        if not self.split_rows(world):
+            return frame
+        return frame[pd.util.hash_array(frame["example_id"].to_numpy(dtype=np.int64)) % world == rank]
 
 
 def fit(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool = True) -> list[dict]:
@@ -156,9 +176,6 @@ def fit(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool = True
     the history: one row per epoch."""
     if cfg.resume:
         raise ValueError("a training set is not resumed: train it again")
-    if len(plan.shards) < cfg.nproc:
-        raise ValueError(f"{len(plan.shards)} shards for {cfg.nproc} processes: each reads its own; write the "
-                         "training set with a smaller --rows-per-shard")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device)
@@ -171,14 +188,17 @@ def fit(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool = True
 
 
 def _fit(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool, device: torch.device) -> list[dict]:
+    items = {b: model.item_inputs(frame).to(device)  # once, here: BERT over the catalogue, shared with the ranks
+             for b, frame in enumerate(tqdm(plan.catalogue.frames, desc="catalogue as of each bucket",
+                                            disable=not progress, leave=False))}
     if cfg.nproc <= 1:
-        return _loop(model, plan, cfg, progress, None)
+        return _loop(model, plan, cfg, progress, None, items)
     threads = torch.get_num_threads()
     dropouts = [_dropout(m) for m in _dropping(model)]
     processes, port = distributed.start(cfg.nproc, device, _rank, model.cfg, model.spec, model.state_dict(),
-                                        dropouts, plan, cfg)
+                                        dropouts, plan, cfg, items)
     try:
-        history = _loop(model, plan, cfg, progress, distributed.join(0, cfg.nproc, port, device))
+        history = _loop(model, plan, cfg, progress, distributed.join(0, cfg.nproc, port, device), items)
     except BaseException:
         for p in processes:
             p.terminate()
@@ -191,7 +211,7 @@ def _fit(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool, devi
 
 
 def _rank(rank: int, world: int, port: int, model_cfg, spec, state: dict, dropouts: list[float], plan: Plan,
-          cfg: TrainConfig) -> None:
+          cfg: TrainConfig, items: dict[int, ItemInputs]) -> None:
     """Ranks 1..N-1: the same model, their own shards."""
     device = distributed.rank_device(pick_device(cfg.device), rank)
     model = ProfileModel.build(model_cfg, spec).to(device)
@@ -202,7 +222,7 @@ def _rank(rank: int, world: int, port: int, model_cfg, spec, state: dict, dropou
     group = distributed.join(rank, world, port, device)
     seed_everything(cfg.seed + rank)
     try:
-        _loop(model, plan, cfg, False, group)
+        _loop(model, plan, cfg, False, group, {b: x.to(device) for b, x in items.items()})
     finally:
         distributed.leave()
 
@@ -242,11 +262,14 @@ def _positives(model: ProfileModel, frame: pd.DataFrame, plan: Plan, items: dict
 
 
 def _shard_batches(model: ProfileModel, plan: Plan, paths: list, items: dict[int, ItemInputs], size: int,
-                   rng: np.random.Generator, held: HeldOut | None, device: torch.device) -> Iterator[tuple]:
+                   rng: np.random.Generator, held: HeldOut | None, device: torch.device,
+                   group: distributed.Group | None) -> Iterator[tuple]:
     """(positives, bucket, rows) for every batch of this rank's shards, one shard read at a time, in a
     shuffled order; the held-out rows go to ``held`` (first epoch) and never into a batch."""
     for k in rng.permutation(len(paths)):
         frame = plan.shards.read(paths[k])
+        if group is not None:
+            frame = plan.rows_of(frame, group.rank, group.world)
         if plan.keep is not None:
             frame = frame[plan.keep(frame["user_id"].astype(str))]
         out = held_out(frame["example_id"], plan.held_out_share)
@@ -262,14 +285,13 @@ def _shard_batches(model: ProfileModel, plan: Plan, paths: list, items: dict[int
 
 
 def _loop(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool,
-          group: distributed.Group | None) -> list[dict]:
+          group: distributed.Group | None, items: dict[int, ItemInputs]) -> list[dict]:
     """The epochs. Every rank steps together: a rank whose shards are done runs its last batch with weight
     0 until every rank is done (DDP needs each rank in each step), and the others' gradients are scaled
     so a step is the mean over the ranks that had a batch."""
     rank, world = (group.rank, group.world) if group is not None else (0, 1)
     leader = rank == 0
     device = model.device
-    items = {b: model.item_inputs(frame).to(device) for b, frame in enumerate(plan.catalogue.frames)}
     index = {i: k for k, i in enumerate(plan.catalogue.item_ids)}
     step_loss = StepLoss(model, index, cfg.max_softmax_items)
     step = group.wrap(step_loss) if group is not None else step_loss
@@ -283,7 +305,7 @@ def _loop(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool,
     for epoch in range(cfg.epochs):
         started = time.monotonic()
         batches = _shard_batches(model, plan, paths, items, max(1, cfg.batch_size // world), rng,
-                                 held if epoch == 0 else None, device)
+                                 held if epoch == 0 else None, device, group)
         bar = tqdm(desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not (progress and leader),
                    leave=False)
         losses, rows, steps, last = [], 0, 0, None
