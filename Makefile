@@ -37,11 +37,14 @@ bench: install services
 	cd benchmarks && ../$(BIN)/python bench_long_histories.py
 	cd benchmarks && ../$(BIN)/python bench_zh_search.py
 	cd benchmarks && ../$(BIN)/python bench_ann.py
+	cd benchmarks && ../$(BIN)/python bench_redis_size.py
 
-# The spark profile at two log sizes (long: about 15 minutes for the build's 1M and 3M, 17 for the jobs').
+# The spark profile at two log sizes (long: about 15 minutes for the build's 1M and 3M, 17 for the jobs',
+# and about 30 for training from the shards).
 bench-spark: install services
 	cd benchmarks && ../$(BIN)/python bench_spark_build.py 1000000 3000000
 	cd benchmarks && ../$(BIN)/python bench_spark_jobs.py 200000 1000000
+	cd benchmarks && ../$(BIN)/python bench_shard_training.py 200000 1000000
 
 # The same benchmarks at a smaller size, into benchmarks/small-run/ (compare two runs with
 # benchmarks/compare_runs.py; run_small.sh also takes another checkout, for a before/after pair).
