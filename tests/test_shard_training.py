@@ -187,3 +187,25 @@ def test_popularity_as_of_each_bucket_counts_only_earlier_positives(tmp_path):
     catalogue.item_ids, catalogue.starts = ["a", "b", "c"], [day + pd.Timedelta(hours=h) for h in (8, 10, 12)]
     got = bucket_popularity(TrainingShards(folder), catalogue, lambda users: (users != "gone").to_numpy())
     assert got.tolist() == [[0, 0, 0], [1, 0, 0], [2, 1, 0]]  # b at 10:00 is not before the 10:00 bucket
+
+
+def test_shards_are_shared_out_by_their_positives(tmp_path):
+    """Known answers for the sharing: whole shards, the heaviest first to the lightest rank; the rows split
+    instead when a rank would get no positive, or when the shards are too few."""
+    from training.shard_train import Plan
+
+    shards = TrainingShards.__new__(TrainingShards)
+    shards.paths = [tmp_path / f"part-{k}.parquet" for k in range(8)]
+
+    def plan(positives):
+        return Plan(shards, None, 0.05, positives=positives)
+
+    even = plan([5, 1, 4, 2, 3, 3, 0, 6])
+    assert not even.split_rows(2)
+    mine = [even.mine(r, 2) for r in range(2)]
+    assert sorted(mine[0] + mine[1]) == sorted(shards.paths)
+    loads = [sum(p for p, path in zip(even.positives, shards.paths, strict=True) if path in m) for m in mine]
+    assert loads == [12, 12]
+    assert plan([9, 0, 0, 0, 0, 0, 0, 0]).split_rows(2)  # one rank would train on nothing
+    assert plan([1] * 8).split_rows(3)  # fewer than 4 shards a process
+    assert not plan([1] * 8).split_rows(1) and plan([1] * 8).mine(0, 1) == shards.paths

@@ -17,7 +17,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,7 @@ HELD_OUT_SHARE = 0.05  # of the positives, for the stopping rule ...
 HELD_OUT_ROWS = 20_000  # ... and at most this many of them, whatever the log's size
 TIME_SAMPLE = 100_000  # positive times kept for the catalogue's as-of buckets (their quantiles)
 SHARDS_PER_PROCESS = 4  # fewer shards than this per process: the ranks split every shard's rows instead
+MIN_POSITIVES_PER_PROCESS = 100  # below this a process could be left without a batch: one process trains
 TEXT_CACHE_TEXTS = 200_000  # BERT vectors kept per process (~300 MB): the texts of a big log do not fit
 
 Keep = Callable[[pd.Series], np.ndarray]  # user ids -> which rows may train (erased users may not)
@@ -87,6 +88,7 @@ class Survey:
     last: pd.Timestamp | None = None
     sample: list[pd.DataFrame] = field(default_factory=list)
     times: list[pd.Series] = field(default_factory=list)
+    per_shard: list[int] = field(default_factory=list)  # positives in each shard, in the shards' order
 
     @property
     def held_out_share(self) -> float:
@@ -116,6 +118,7 @@ def survey(shards: TrainingShards, keep: Keep | None = None, seed: int = 0,
             out.dropped += int((~allowed).sum())
             frame = frame[allowed]
         positives = frame[frame["label"] == 1]
+        out.per_shard.append(len(positives))
         out.rows += len(frame)
         out.positives += len(positives)
         out.item_ids.update(positives["item_id"].dropna().astype(str))
@@ -146,22 +149,35 @@ class Plan:
     catalogue: ItemCatalogue
     held_out_share: float
     keep: Keep | None = None
+    positives: list[int] | None = None  # each shard's positives (``Survey.per_shard``); else its rows
 
     def split_rows(self, world: int) -> bool:
-        """Too few shards to share out evenly: every rank reads every shard and keeps its rows."""
-        return world > 1 and len(self.shards) < SHARDS_PER_PROCESS * world
+        """Every rank reads every shard and keeps its rows: too few shards to share out evenly, or a rank
+        would be left without a positive."""
+        if world == 1:
+            return False
+        if len(self.shards) < SHARDS_PER_PROCESS * world:
+            return True
+        owners = self._owners(world)
+        return any(sum(w for w, r in zip(self._weights(), owners, strict=True) if r == rank) == 0
+                   for rank in range(world))
 
     def mine(self, rank: int, world: int) -> list:
-        """This rank's shards: whole shards, the biggest first to the rank with the fewest rows so far."""
+        """This rank's shards: whole shards, the biggest first to the rank with the least so far."""
         if world == 1 or self.split_rows(world):
             return list(self.shards.paths)
-        rows = [pq.ParquetFile(p).metadata.num_rows for p in self.shards.paths]
-        loads, owner = [0] * world, {}
-        for k in sorted(range(len(rows)), key=lambda k: (-rows[k], k)):
-            r = min(range(world), key=lambda r: (loads[r], r))
-            loads[r] += rows[k]
-            owner[k] = r
-        return [p for k, p in enumerate(self.shards.paths) if owner[k] == rank]
+        return [p for p, r in zip(self.shards.paths, self._owners(world), strict=True) if r == rank]
+
+    def _weights(self) -> list[int]:
+        return self.positives or [pq.ParquetFile(p).metadata.num_rows for p in self.shards.paths]
+
+    def _owners(self, world: int) -> list[int]:
+        weights, loads = self._weights(), [0] * world
+        owners = [0] * len(weights)
+        for k in sorted(range(len(weights)), key=lambda k: (-weights[k], k)):
+            owners[k] = min(range(world), key=lambda r: (loads[r], r))
+            loads[owners[k]] += weights[k]
+        return owners
 
     def rows_of(self, frame: pd.DataFrame, rank: int, world: int) -> pd.DataFrame:
         """The rows of a shard this rank trains on (all of them, unless the ranks split the rows)."""
@@ -176,6 +192,11 @@ def fit(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool = True
     the history: one row per epoch."""
     if cfg.resume:
         raise ValueError("a training set is not resumed: train it again")
+    total = sum(plan.positives) if plan.positives is not None else None
+    if cfg.nproc > 1 and total is not None and total < MIN_POSITIVES_PER_PROCESS * cfg.nproc:
+        if progress:
+            tqdm.write(f"{total} positives: too few to share out over {cfg.nproc} processes; training in one")
+        cfg = replace(cfg, nproc=1)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device)
@@ -477,7 +498,7 @@ def train_from_shards(store, shards: TrainingShards, item_ids: list[str], model_
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     model = ProfileModel.build(resolve_finetune(model_cfg, device, len(item_ids)), spec).to(device)
-    plan = Plan(shards, catalogue, found.held_out_share, keep)
+    plan = Plan(shards, catalogue, found.held_out_share, keep, found.per_shard)
     with stage(f"train ({cfg.nproc} process{'es' if cfg.nproc > 1 else ''})"):
         history = fit(model, plan, cfg, progress)
     with stage("held-out ranking (the model and popularity)"):
