@@ -179,11 +179,16 @@ class Plan:
             loads[owners[k]] += weights[k]
         return owners
 
-    def rows_of(self, frame: pd.DataFrame, rank: int, world: int) -> pd.DataFrame:
-        """The rows of a shard this rank trains on (all of them, unless the ranks split the rows)."""
-        if not self.split_rows(world):
-            return frame
-        return frame[pd.util.hash_array(frame["example_id"].to_numpy(dtype=np.int64)) % world == rank]
+    def trainable(self, frame: pd.DataFrame, rank: int = 0, world: int = 1) -> np.ndarray:
+        """Which rows of a shard this rank learns from (held-out ones included): positives of catalogue
+        items, of users who may train, its share of them when the ranks split the rows. Taken before the
+        on-demand views run, which then run on these rows only."""
+        mask = (frame["label"] == 1).to_numpy() & frame["item_id"].isin(self.catalogue.item_ids).to_numpy()
+        if self.split_rows(world):
+            mask &= pd.util.hash_array(frame["example_id"].to_numpy(dtype=np.int64)) % world == rank
+        if self.keep is not None:
+            mask &= self.keep(frame["user_id"].astype(str))
+        return mask
 
 
 def fit(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool = True) -> list[dict]:
@@ -287,12 +292,9 @@ def _shard_batches(model: ProfileModel, plan: Plan, paths: list, items: dict[int
                    group: distributed.Group | None) -> Iterator[tuple]:
     """(positives, bucket, rows) for every batch of this rank's shards, one shard read at a time, in a
     shuffled order; the held-out rows go to ``held`` (first epoch) and never into a batch."""
+    rank, world = (group.rank, group.world) if group is not None else (0, 1)
     for k in rng.permutation(len(paths)):
-        frame = plan.shards.read(paths[k])
-        if group is not None:
-            frame = plan.rows_of(frame, group.rank, group.world)
-        if plan.keep is not None:
-            frame = frame[plan.keep(frame["user_id"].astype(str))]
+        frame = plan.shards.read(paths[k], lambda f: plan.trainable(f, rank, world))
         out = held_out(frame["example_id"], plan.held_out_share)
         if held is not None:
             part = _positives(model, frame[out], plan, items, device)
@@ -442,11 +444,7 @@ def held_out_ranking(model: ProfileModel, plan: Plan, popularity: np.ndarray, en
     found: dict[str, list] = {"Persona (profile model)": [], "popularity (as of the request's bucket)": []}
     tops: dict[str, list] = {name: [] for name in found}
     for path in tqdm(plan.shards.paths, desc="held-out ranking", disable=not progress, leave=False):
-        frame = plan.shards.read(path)
-        if plan.keep is not None:
-            frame = frame[plan.keep(frame["user_id"].astype(str))]
-        frame = frame[held_out(frame["example_id"], plan.held_out_share) & (frame["label"] == 1)
-                      & frame["item_id"].isin(index)].reset_index(drop=True)
+        frame = plan.shards.read(path, lambda f: plan.trainable(f) & held_out(f["example_id"], plan.held_out_share))
         if frame.empty:
             continue
         part = Positives.build(model, frame, plan.catalogue, model.device, inputs)

@@ -12,9 +12,10 @@ the frame ``dataset.fetch_features`` gives on the local profile, row for row.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
@@ -114,10 +115,13 @@ class TrainingShards:
         for path in self.paths:
             yield self.read(path)
 
-    def read(self, path: Path) -> pd.DataFrame:
+    def read(self, path: Path, rows: Callable[[pd.DataFrame], np.ndarray] | None = None) -> pd.DataFrame:
+        """One shard; ``rows``: a mask of the rows wanted, taken before the on-demand views run on them."""
         frame = pd.read_parquet(path)
         for col in ("event_timestamp", "request_timestamp"):
             frame[col] = pd.to_datetime(frame[col], utc=True)
+        if rows is not None:
+            frame = frame[rows(frame)].reset_index(drop=True)
         if self.on_demand is not None:
             frame = self.on_demand(frame)
         return frame.drop(columns=[c for c in dataset.STATE_COLUMNS if c in frame])
