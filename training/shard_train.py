@@ -309,9 +309,13 @@ def _shard_batches(model: ProfileModel, plan: Plan, paths: list, items: dict[int
 
 def _loop(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool,
           group: distributed.Group | None, items: dict[int, ItemInputs]) -> list[dict]:
-    """The epochs. Every rank steps together: a rank whose shards are done runs its last batch with weight
-    0 until every rank is done (DDP needs each rank in each step), and the others' gradients are scaled
-    so a step is the mean over the ranks that had a batch."""
+    """The epochs. Each rank takes ``batch_size`` of its own rows a step, so a step of N ranks learns from
+    N batches and an epoch takes 1/N of the steps (as DDP usually runs): a step's fixed cost, the item
+    tower over the whole catalogue for the softmax, is paid once per N batches. (Sharing each batch out
+    instead, as ``training/train.py`` does, left that cost whole on every rank: two processes ran an
+    epoch 1.6 × slower than one.) Every rank steps together: a rank whose shards are done runs its last
+    batch with weight 0 until every rank is done (DDP needs each rank in each step), and the others'
+    gradients are scaled so a step is the mean over the ranks that had a batch."""
     rank, world = (group.rank, group.world) if group is not None else (0, 1)
     leader = rank == 0
     device = model.device
@@ -327,7 +331,7 @@ def _loop(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool,
     paths, held, history = plan.mine(rank, world), HeldOut(), []
     for epoch in range(cfg.epochs):
         started = time.monotonic()
-        batches = _shard_batches(model, plan, paths, items, max(1, cfg.batch_size // world), rng,
+        batches = _shard_batches(model, plan, paths, items, cfg.batch_size, rng,
                                  held if epoch == 0 else None, device, group)
         bar = tqdm(desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not (progress and leader),
                    leave=False)
