@@ -50,16 +50,20 @@ def _sample(proc: psutil.Process, peaks: dict[str, int]) -> None:
 
 
 def timed(args: list[str], env: dict) -> tuple[dict, str]:
-    """One `persona` command: its wall time and the peak memory of its process tree by role, and its output."""
-    proc = psutil.Popen([str(BIN / "persona"), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        text=True)
-    peaks: dict[str, int] = {}
-    started = time.perf_counter()
-    while proc.poll() is None:
-        _sample(proc, peaks)
-        time.sleep(0.2)
-    seconds = time.perf_counter() - started
-    output = proc.stdout.read()
+    """One `persona` command: its wall time and the peak memory of its process tree by role, and its output.
+
+    The output goes to a file, not a pipe: a command that writes more than a pipe holds (progress bars
+    over a long run) would block on a pipe nobody reads until it ends."""
+    with tempfile.TemporaryFile(mode="w+") as out:
+        proc = psutil.Popen([str(BIN / "persona"), *args], env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        peaks: dict[str, int] = {}
+        started = time.perf_counter()
+        while proc.poll() is None:
+            _sample(proc, peaks)
+            time.sleep(0.2)
+        seconds = time.perf_counter() - started
+        out.seek(0)
+        output = out.read()
     if proc.returncode:
         raise RuntimeError(output[-3000:])
     return {"seconds": round(seconds, 1), "peak_rss_mb": {k: round(v / 2**20) for k, v in peaks.items()}}, output
