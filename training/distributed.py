@@ -14,6 +14,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -117,3 +118,25 @@ def wait(processes: list, timeout: float = 600.0) -> None:
             raise RuntimeError(f"training rank {processes.index(p) + 1} did not finish")
         if p.exitcode:
             raise RuntimeError(f"training rank {processes.index(p) + 1} failed (exit code {p.exitcode})")
+
+
+T = TypeVar("T")
+
+
+def lead(world: int, device: torch.device, worker: Callable, args: tuple, loop: Callable[[Group], T]) -> T:
+    """Rank 0's part of a group: start ranks 1..world-1 (``worker(rank, world, port, *args)``), run ``loop``
+    in the group, and leave it with this process's thread count restored. A failure here stops the others
+    (they would wait for rank 0 until the group's timeout); one of theirs fails the run."""
+    threads = torch.get_num_threads()
+    processes, port = start(world, device, worker, *args)
+    try:
+        result = loop(join(0, world, port, device))
+    except BaseException:
+        for p in processes:
+            p.terminate()
+        raise
+    finally:
+        leave()
+        torch.set_num_threads(threads)
+    wait(processes)
+    return result

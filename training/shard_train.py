@@ -219,21 +219,10 @@ def _fit(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool, devi
                                             disable=not progress, leave=False))}
     if cfg.nproc <= 1:
         return _loop(model, plan, cfg, progress, None, items)
-    threads = torch.get_num_threads()
     dropouts = [_dropout(m) for m in _dropping(model)]
-    processes, port = distributed.start(cfg.nproc, device, _rank, model.cfg, model.spec, model.state_dict(),
-                                        dropouts, plan, cfg, items)
-    try:
-        history = _loop(model, plan, cfg, progress, distributed.join(0, cfg.nproc, port, device), items)
-    except BaseException:
-        for p in processes:
-            p.terminate()
-        raise
-    finally:
-        distributed.leave()
-        torch.set_num_threads(threads)
-    distributed.wait(processes)
-    return history
+    return distributed.lead(cfg.nproc, device, _rank,
+                            (model.cfg, model.spec, model.state_dict(), dropouts, plan, cfg, items),
+                            lambda group: _loop(model, plan, cfg, progress, group, items))
 
 
 def _rank(rank: int, world: int, port: int, model_cfg, spec, state: dict, dropouts: list[float], plan: Plan,

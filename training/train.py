@@ -81,21 +81,9 @@ def train(model: ProfileModel, examples: pd.DataFrame, catalogue: ItemCatalogue,
     data = Positives.build(model, examples, catalogue, device)
     if cfg.nproc <= 1:
         return _loop(model, data, cfg, validate, progress, None)
-    threads = torch.get_num_threads()
     dropouts = [_dropout(m) for m in _dropping(model)]
-    processes, port = distributed.start(cfg.nproc, device, _rank, model.cfg, model.spec, model.state_dict(),
-                                        dropouts, data, cfg)
-    try:
-        history = _loop(model, data, cfg, validate, progress, distributed.join(0, cfg.nproc, port, device))
-    except BaseException:
-        for p in processes:  # they would wait for rank 0 until the group's timeout
-            p.terminate()
-        raise
-    finally:
-        distributed.leave()
-        torch.set_num_threads(threads)
-    distributed.wait(processes)
-    return history
+    return distributed.lead(cfg.nproc, device, _rank, (model.cfg, model.spec, model.state_dict(), dropouts, data, cfg),
+                            lambda group: _loop(model, data, cfg, validate, progress, group))
 
 
 def _rank(rank: int, world: int, port: int, model_cfg, spec, state: dict, dropouts: list[float], data: Positives,
