@@ -28,7 +28,7 @@ from training import dataset
 from training.model import Catalogue, ModelConfig, ProfileModel
 from training.model_store import load_from_bentoml, save_to_bentoml
 from training.train import TrainConfig
-from training.workflow import PERSONA, RunConfig, refit, run
+from training.workflow import PERSONA, RunConfig, refit, refit_rows, run
 from validation.gate import Gate
 
 POSITIVES = {"click": 1.0, "add_to_cart": 2.0, "purchase": 4.0, "review": 3.0}
@@ -111,7 +111,8 @@ def test_train_evaluate_refit_and_bentoml_roundtrip(trained_ws, tiny_bert, tmp_p
     # The default refit continues the evaluated model (its vocabulary, new weights); the start stays as it was.
     evaluated = result["model"]
     before = {k: v.clone() for k, v in evaluated.state_dict().items()}
-    warm = refit(store, result["frame"], result["spec"], cfg, epochs=1, progress=False, start=evaluated)
+    warm = refit(store, result["frame"], result["spec"], cfg, epochs=1, progress=False, start=evaluated,
+                 fit_cut=result["fit_cut"])
     assert warm is not evaluated and warm.spec is evaluated.spec
     assert all(torch.equal(before[k], v) for k, v in evaluated.state_dict().items())
     assert any(not torch.equal(before[k], v) for k, v in warm.state_dict().items())
@@ -169,6 +170,26 @@ def test_workflow_with_trained_bert_layers(trained_ws, tiny_bert, tmp_path, monk
         users = [m.user_vectors(frame, catalogue=Catalogue({i: k for k, i in enumerate(catalogue.item_ids)}, v))
                  for m, v in zip((warm, loaded), vectors, strict=True)]
     assert torch.allclose(vectors[0], vectors[1], atol=1e-4) and torch.allclose(users[0], users[1], atol=1e-4)
+
+
+def test_a_warm_refit_passes_over_the_rows_the_model_never_saw_and_as_many_it_did():
+    t = pd.Timestamp("2024-01-01", tz="UTC")
+    frame = pd.DataFrame({"user_id": ["a"] * 6 + ["b"] * 4 + ["c"] * 2,
+                          "event_timestamp": [t + pd.Timedelta(days=d) for d in (*range(6), *range(4), *range(2))],
+                          "label": 1}, index=range(100, 112))
+    cut = pd.Series({"a": t + pd.Timedelta(days=4), "b": t + pd.Timedelta(days=3)})  # c: no cut, all seen
+    rows = refit_rows(frame, cut, seed=0)
+    new = {104, 105, 109}  # a's days 4 and 5, b's day 3: at or after their cuts
+    assert new <= set(rows.index) and len(rows) == 2 * len(new)
+    assert set(rows.index) - new <= set(frame.index) - new  # the replay: rows the model learnt from
+    assert rows.index.is_monotonic_increasing and rows.equals(refit_rows(frame, cut, seed=0))  # seeded: a resume
+    assert refit_rows(frame, None).equals(frame)  # no cut known: every row
+    everything_seen = pd.Series({"a": t + pd.Timedelta(days=9), "b": t + pd.Timedelta(days=9)})
+    assert refit_rows(frame, everything_seen).equals(frame)  # nothing new: every row, as before
+    few_seen = refit_rows(frame, pd.Series({"a": t, "b": t, "c": t + pd.Timedelta(days=1)}), seed=0)
+    assert len(few_seen) == len(frame)  # more new rows than seen ones: every seen row is replayed
+    global_cut = refit_rows(frame, t + pd.Timedelta(days=3), seed=0)
+    assert {103, 104, 105, 109} <= set(global_cut.index) and len(global_cut) == 8  # a single time cut
 
 
 def test_cli_train_and_recommend(trained_ws, tiny_bert, tmp_path, monkeypatch):

@@ -113,7 +113,8 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
               resume: Annotated[bool, typer.Option(help="Resume the refit from WORKSPACE/checkpoints/refit.")] = False,
               refit_from_scratch: Annotated[bool, typer.Option(
                   help="Refit a new model for the evaluated run's best epoch count, instead of continuing "
-                       "the evaluated model for 2 epochs over every example (slower; refits statistics, "
+                       "the evaluated model for 2 epochs over the rows it never saw and as many others "
+                       "(slower; refits statistics, "
                        "vocabularies and item ids).")] = False,
               target: Target = None, nproc: NProc = 1,
               serve: Annotated[str, typer.Option(
@@ -150,7 +151,7 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
         started = time.perf_counter()
         model = refit_model(store, result["frame"], result["spec"], run_cfg,
                             result["best_epochs"].get("Persona", epochs), item_ids=result["item_ids"],
-                            start=None if refit_from_scratch else result["model"])
+                            start=None if refit_from_scratch else result["model"], fit_cut=result.get("fit_cut"))
         console.print(f"refit: {time.perf_counter() - started:.1f} s")
     else:  # the evaluated model (trained before the first split's cut) is the one deployed
         model = result["model"]
