@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import sparse
 
 from training.baselines import Histories, cooccurrence_scorer, ease_weights, popularity_scorer, sequential_scorer
 from training.evaluate import auc, last_per_user_split, ranking_metrics, summarise, tie_aware_ranks, top_k
@@ -130,6 +131,19 @@ def test_ease_matches_its_closed_form():
     expected = np.eye(3) - p / np.diag(p)  # B = I - P diag(1/diag(P)), zero diagonal
     assert ease_weights(x, lam) == pytest.approx(expected, abs=1e-6)
     assert np.allclose(np.diag(ease_weights(x, lam)), 0.0)
+
+
+@pytest.mark.parametrize("users, items", [(30, 200), (200, 30)])
+def test_ease_from_the_users_side_is_the_items_side_inverse(users, items):
+    """Fewer users than items: P comes from a users x users system (Woodbury); it must be the same B."""
+    rng = np.random.default_rng(0)
+    x = (rng.random((users, items)) < 0.1).astype(float)
+    x[:, 5] = 0.0  # an item nobody touched: P_jj = 1 / λ, a zero column of B
+    for lam in (0.5, 100.0):
+        p = np.linalg.inv(x.T @ x + lam * np.eye(items))
+        expected = np.eye(items) - p / np.diag(p)
+        assert ease_weights(x, lam) == pytest.approx(expected, abs=1e-5)
+        assert ease_weights(sparse.csr_matrix(x), lam) == pytest.approx(expected, abs=1e-5)
 
 
 def test_sequential_baseline_learns_a_deterministic_order():

@@ -197,15 +197,33 @@ def cooccurrence_scorer(train_events: pd.DataFrame, positives: Types, item_ids: 
 
 def ease_weights(x: np.ndarray | sparse.spmatrix, lam: float) -> np.ndarray:
     """EASE's closed form: B = I - P / diag(P) with P = (XᵀX + λI)⁻¹, zero diagonal."""
+    p = _inverse_by_users(x, lam) if x.shape[0] < x.shape[1] else _inverse_by_items(x, lam)
+    p /= -np.diag(p).copy()  # column j over P_jj
+    np.fill_diagonal(p, 0.0)
+    return p.astype(np.float32)
+
+
+def _inverse_by_items(x: np.ndarray | sparse.spmatrix, lam: float) -> np.ndarray:
+    """(XᵀX + λI)⁻¹ inverted directly: items x items."""
     gram = x.T @ x
     gram = gram.toarray() if sparse.issparse(gram) else np.asarray(gram)
     gram = gram.astype(np.float64, copy=False)
     gram[np.diag_indices_from(gram)] += lam
-    p = scipy.linalg.inv(gram, overwrite_a=True, check_finite=False)
-    del gram
-    p /= -np.diag(p).copy()  # column j over P_jj
-    np.fill_diagonal(p, 0.0)
-    return p.astype(np.float32)
+    return scipy.linalg.inv(gram, overwrite_a=True, check_finite=False)
+
+
+def _inverse_by_users(x: np.ndarray | sparse.spmatrix, lam: float) -> np.ndarray:
+    """(XᵀX + λI)⁻¹ from the users' side (Woodbury): (I - Xᵀ(XXᵀ + λI)⁻¹X) / λ. The same matrix, with a
+    users x users system to solve instead of an items x items inverse: 610 users and 9,000 items took
+    8.7 s a λ the direct way, six times in a tuned run, on 2 cores."""
+    xs = sparse.csr_matrix(x, dtype=np.float64)
+    kernel = (xs @ xs.T).toarray()
+    kernel[np.diag_indices_from(kernel)] += lam
+    solved = scipy.linalg.solve(kernel, xs.toarray(), assume_a="pos", overwrite_a=True, check_finite=False)
+    p = -np.asarray(xs.T @ solved)
+    p[np.diag_indices_from(p)] += 1.0
+    p /= lam
+    return p
 
 
 def popular_columns(x: sparse.spmatrix, limit: int) -> np.ndarray | None:
