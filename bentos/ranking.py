@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,6 +36,7 @@ from training.model_store import latest_complete, load_from_bentoml, saved_two_s
 from training.recall.history import from_frame
 from training.recall.lexical import item_texts, tokens
 from training.recall.package import TwoStage
+from training.recall.shop import counts_from_log
 from validation.feature_suite import UNKNOWN_TOKENS_WARN
 
 logger = logging.getLogger("persona.service")
@@ -177,7 +179,8 @@ class Rankers:
         if saved is None or not item_ids:
             return None
         try:
-            return TwoStage(*saved, self.log.read_table("events"), table, item_ids)
+            counts = counts_from_log(self.log, item_ids, saved[1].behaviours, datetime.now(UTC))
+            return TwoStage(*saved, None, table, item_ids, counts=counts)
         except Exception as exc:  # noqa: BLE001 - the towers still rank; the cause is in the log
             logger.warning("recall + rank unavailable, ranking by the towers: %s: %s", type(exc).__name__, exc)
             return None

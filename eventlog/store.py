@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -260,6 +260,37 @@ class EventLog:
                 frame[c.name] = pd.to_datetime(frame[c.name]).dt.tz_localize("UTC")
         return frame
 
+    def event_chunks(self, columns: list[str], types: Iterable[str], since: datetime | None = None,
+                     distinct: bool = False, rows: int = 200_000) -> Iterator[pd.DataFrame]:
+        """The events of ``types`` with an item (from ``since`` on), only ``columns``, ``rows`` at a time
+        (a server-side cursor on Postgres): a reader whose memory does not grow with the log.
+        ``distinct``: each combination of the columns once."""
+        query = sa.select(*[events.c[c] for c in columns]).where(
+            events.c.event_type.in_(list(types)), events.c.item_id.is_not(None))
+        if since is not None:
+            query = query.where(events.c.event_timestamp >= _naive_utc(since))
+        if distinct:
+            query = query.distinct()
+        with self.engine.connect().execution_options(stream_results=True, max_row_buffer=rows) as conn:
+            for frame in pd.read_sql(query, conn, chunksize=rows):
+                if "event_timestamp" in frame:
+                    frame["event_timestamp"] = pd.to_datetime(frame["event_timestamp"]).dt.tz_localize("UTC")
+                yield frame
+
+    def item_counts(self, types: Iterable[str], since: datetime | None = None,
+                    before: datetime | None = None) -> pd.Series:
+        """Each item's events of ``types`` in [since, before) (either end open when None), counted by the
+        database: item_id -> count."""
+        query = sa.select(events.c.item_id, sa.func.count().label("n")).where(
+            events.c.event_type.in_(list(types)), events.c.item_id.is_not(None)).group_by(events.c.item_id)
+        if since is not None:
+            query = query.where(events.c.event_timestamp >= _naive_utc(since))
+        if before is not None:
+            query = query.where(events.c.event_timestamp < _naive_utc(before))
+        with self.engine.connect() as conn:
+            frame = pd.read_sql(query, conn)
+        return frame.set_index("item_id")["n"]
+
     def last_columns(self, table: str) -> list[str] | None:
         """The columns of the newest accepted file or SQL batch that carried ``table`` (for schema drift).
 
@@ -349,6 +380,11 @@ def _as_utc(value) -> datetime | None:
         return None
     ts = pd.Timestamp(value)
     return (ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")).to_pydatetime()
+
+
+def _naive_utc(value) -> datetime:
+    """A time as the log stores it: naive UTC."""
+    return _as_utc(value).replace(tzinfo=None)
 
 
 def _records(frame: pd.DataFrame, contract_cols: list[str], extras: list[str]) -> list[dict]:

@@ -21,18 +21,38 @@ def item_similarity(events: pd.DataFrame, index: dict[str, int], types: list[str
     """Sparse item x item cosine, the top ``neighbours`` of each row, zero diagonal."""
     ev = events[events["event_type"].isin(types) & events["item_id"].isin(index)]
     users = pd.factorize(ev["user_id"])[0]
-    x = sparse.csr_matrix((np.ones(len(ev), np.float32), (users, ev["item_id"].map(index).to_numpy())),
-                          shape=(users.max() + 1 if len(users) else 0, len(index)))
+    return similarity_from_pairs(users, ev["item_id"].map(index).to_numpy(), len(index), neighbours)
+
+
+BLOCK_ENTRIES = 4_000_000  # item x item products computed at once (rows x catalogue): bounds the memory
+
+
+def similarity_from_pairs(users: np.ndarray, items: np.ndarray, n_items: int,
+                          neighbours: int = NEIGHBOURS) -> sparse.csr_matrix:
+    """``item_similarity`` from (user code, catalogue position) pairs, repeats allowed: what a reader of
+    the log in chunks hands over (``training/recall/shop.py``). The item x item product is taken a block
+    of rows at a time, each row cut to its ``neighbours`` best before the next block: the memory is the
+    pairs' and one block's, not the full product's, which grows towards items squared with the log."""
+    x = sparse.csr_matrix((np.ones(len(users), np.float32), (users, items)),
+                          shape=(users.max() + 1 if len(users) else 0, n_items))
     x.data[:] = 1.0  # binary: duplicates summed above
     norms = np.sqrt(np.asarray(x.sum(axis=0), dtype=np.float64).ravel()) + 1e-12
-    together = (x.T @ x).tocoo()
-    off = together.row != together.col
+    by_item = x.T.tocsr()
+    step = max(1, BLOCK_ENTRIES // max(n_items, 1))
+    blocks = [_similar_rows(by_item[lo:lo + step], x, lo, norms, neighbours) for lo in range(0, n_items, step)]
+    return sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix((0, 0), dtype=np.float32)
+
+
+def _similar_rows(block: sparse.csr_matrix, x: sparse.csr_matrix, first: int, norms: np.ndarray,
+                  neighbours: int) -> sparse.csr_matrix:
+    """Rows ``first``.. of the cosine, each row's ``neighbours`` best, zero diagonal."""
+    together = (block @ x).tocoo()
+    off = together.row + first != together.col
     rows, cols = together.row[off], together.col[off]
     # in float64, in this order, then float32: what Spark's tasks compute (training/spark_recommend.py),
     # bit for bit, so that both break ties between candidates alike
-    cosine = (together.data[off].astype(np.float64) / (norms[rows] * norms[cols])).astype(np.float32)
-    sim = sparse.csr_matrix((cosine, (rows, cols)), shape=together.shape)
-    return _top_per_row(sim, neighbours)
+    cosine = (together.data[off].astype(np.float64) / (norms[rows + first] * norms[cols])).astype(np.float32)
+    return _top_per_row(sparse.csr_matrix((cosine, (rows, cols)), shape=together.shape), neighbours)
 
 
 def _top_per_row(m: sparse.csr_matrix, k: int) -> sparse.csr_matrix:

@@ -6,6 +6,7 @@ reaches it, offline or online.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -53,6 +54,35 @@ class WindowCounts:
             raise ValueError(f"counts were taken for hour {self.hour}, windows {sorted(self.counts)}; "
                              f"asked for hour {hour}, {seconds} s")
         return self.counts[seconds]
+
+
+class LogCounts:
+    """What :class:`ItemCounts` answers, without holding the whole log: each item's count of the events
+    before ``since`` (the base of the 'ever' window) and the events from ``since`` on, which the week's
+    and the month's windows of any later request read. A request whose windows reach before ``since``
+    (a context timestamp in the past) is counted by ``count``, the database, once per hour and window."""
+
+    def __init__(self, before: np.ndarray, since: int, seconds: np.ndarray, items: np.ndarray,
+                 count: Callable[[int, int], np.ndarray]):
+        order = np.argsort(seconds, kind="stable")
+        self.before, self.since = before.astype(np.float32), since
+        self.seconds, self.items = seconds[order], items[order]
+        self.n_items = len(before)
+        self.count = count
+        self.window = lru_cache(maxsize=256)(self._window)
+
+    def _window(self, hour: int, seconds: int) -> np.ndarray:
+        end = hour * HOUR
+        start = end - seconds
+        if end < self.since or (start < self.since and seconds < FOREVER):  # older events than it holds
+            counts = np.asarray(self.count(start, end), dtype=np.float32)
+        else:
+            lo, hi = np.searchsorted(self.seconds, [max(start, self.since), end], side="left")
+            counts = np.bincount(self.items[lo:hi], minlength=self.n_items).astype(np.float32)
+            if start < self.since:  # the 'ever' window: the older events' counts as well
+                counts += self.before
+        counts.setflags(write=False)
+        return counts
 
 
 WINDOWS = (WEEK, MONTH, FOREVER)  # every window a source or a statistic reads

@@ -1,0 +1,120 @@
+"""Serving's recall state read from the event log in chunks equals the one computed from the whole log as
+a frame, on SQLite and Postgres, through a shop's life: a second batch, a late event, an erased user, a
+request in the past."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from eventlog.erase import erase_users
+from eventlog.store import EventLog
+from persona import sample_data
+from training.recall.cooccurrence import item_similarity
+from training.recall.fit import Behaviours
+from training.recall.history import HOUR
+from training.recall.popular import FOREVER, MONTH, WEEK, WINDOWS, ItemCounts
+from training.recall.shop import REACH, counts_from_log
+
+BEHAVIOURS = Behaviours(["view", "click", "favorite", "add_to_cart", "purchase"], ["purchase"],
+                        {"purchase": 1.0, "add_to_cart": 0.5})
+
+
+def _append(log: EventLog, frame: pd.DataFrame, batch: str) -> None:
+    with log.engine.begin() as conn:
+        log.write(conn, "events", frame, frame.columns, batch)
+
+
+def _hour(ts) -> int:
+    return int(pd.Timestamp(ts).value // 10**9 // HOUR)
+
+
+def _assert_same(log: EventLog, item_ids: list[str], now: datetime, hours: list[int]) -> None:
+    """The log-read state against the frame-read one: the similarity bit for bit, every window's counts."""
+    events = log.read_table("events")
+    index = {i: k for k, i in enumerate(item_ids)}
+    got = counts_from_log(log, item_ids, BEHAVIOURS, now)
+    want = item_similarity(events, index, BEHAVIOURS.sequence)
+    assert got.similarity.nnz == want.nnz
+    assert abs(got.similarity - want).max() == 0 if want.nnz else got.similarity.nnz == 0
+    for held, types in ((got.behaviour, BEHAVIOURS.sequence), (got.targets, list(BEHAVIOURS.targets))):
+        local = ItemCounts(events, index, types)
+        for hour in hours:
+            for w in WINDOWS:
+                np.testing.assert_array_equal(held.window(hour, w), local.window(hour, w), err_msg=f"{hour} {w}")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def log(request, tmp_path):
+    url = f"sqlite:///{tmp_path / 'log.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    log = EventLog(url)
+    yield log
+    log.dispose()
+
+
+def test_the_recall_state_from_the_log_in_chunks_is_the_frames_through_a_shops_life(log):
+    shop = sample_data.generate(n_users=120, n_items=80, days=60, seed=5)
+    events = shop["events"].sort_values("event_timestamp")
+    cut = events["event_timestamp"].quantile(0.7)
+    item_ids = shop["items"]["item_id"].astype(str).tolist()[:-5]  # a few logged items are not served
+    _append(log, events[events["event_timestamp"] < cut], "day-one")
+    end = pd.Timestamp(events["event_timestamp"].max())
+    now = (end + pd.Timedelta(hours=3)).to_pydatetime()
+    since_hour = _hour(now) - REACH // HOUR
+    # requests now, later, and in the past: before the held month (counted by the database), at its edge
+    hours = [_hour(now), _hour(now) + 30, _hour(cut), since_hour, since_hour + MONTH // HOUR, since_hour - 1]
+    _assert_same(log, item_ids, now, hours)
+
+    _append(log, events[events["event_timestamp"] >= cut], "day-two")  # a second batch: new pairs
+    late = events.head(40).assign(event_id=lambda f: "late-" + f["event_id"].astype(str),
+                                  event_timestamp=end - pd.Timedelta(days=2), event_type="purchase")
+    _append(log, late, "late")  # late events, stamped inside the held month
+    _assert_same(log, item_ids, now, hours)
+
+    erased = events["user_id"].value_counts().index[:3].tolist()  # the busiest users leave
+    erase_users(log, erased)
+    _assert_same(log, item_ids, now, hours)
+
+
+def test_held_windows_do_not_read_the_database_and_past_ones_do(log):
+    """Requests from the build on are answered from what it holds; one whose window reaches before it asks
+    the database (once per hour and window), so its counts stay point in time."""
+    shop = sample_data.generate(n_users=40, n_items=30, days=50, seed=9)
+    _append(log, shop["events"], "one")
+    now = pd.Timestamp(shop["events"]["event_timestamp"].max()).to_pydatetime()
+    counts = counts_from_log(log, shop["items"]["item_id"].astype(str).tolist(), BEHAVIOURS, now)
+    asked = []
+    original = counts.behaviour.count
+    counts.behaviour.count = lambda start, end: asked.append((start, end)) or original(start, end)
+    for w in (WEEK, MONTH, FOREVER):
+        counts.behaviour.window(_hour(now), w)
+        counts.behaviour.window(_hour(now) + 24 * 40, w)  # a quiet shop, asked 40 days later
+    assert asked == []
+    old = _hour(now - pd.Timedelta(days=45))
+    counts.behaviour.window(old, WEEK)
+    counts.behaviour.window(old, WEEK)
+    assert len(asked) == 1 and asked[0][1] == old * HOUR
+
+
+def test_an_empty_log_gives_an_empty_state(log):
+    counts = counts_from_log(log, ["a", "b"], BEHAVIOURS, datetime.now(UTC))
+    assert counts.similarity.shape == (2, 2) and counts.similarity.nnz == 0
+    assert counts.behaviour.window(_hour(datetime.now(UTC)), FOREVER).tolist() == [0, 0]
+
+
+def test_the_similarity_taken_a_block_of_rows_at_a_time_is_the_one_taken_at_once(monkeypatch):
+    """The blocks bound the memory; the neighbours kept, ties included, are the same bit for bit."""
+    from training.recall import cooccurrence
+
+    shop = sample_data.generate(n_users=200, n_items=150, days=20, seed=4)
+    index = {i: k for k, i in enumerate(shop["items"]["item_id"].astype(str))}
+    whole = cooccurrence.item_similarity(shop["events"], index, BEHAVIOURS.sequence, neighbours=7)
+    for rows in (1, 13):
+        monkeypatch.setattr(cooccurrence, "BLOCK_ENTRIES", rows * len(index))
+        blocked = cooccurrence.item_similarity(shop["events"], index, BEHAVIOURS.sequence, neighbours=7)
+        assert blocked.nnz == whole.nnz and (blocked.indptr == whole.indptr).all()
+        assert (blocked.indices == whole.indices).all() and (blocked.data == whole.data).all()
+    assert whole.getnnz(axis=1).max() == 7
