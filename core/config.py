@@ -17,7 +17,7 @@ import yaml
 PROFILES = ("local", "prod", "spark")
 CONFIG_FILE = "persona.yaml"
 ENV_EVENT_LOG_URL = "PERSONA_EVENT_LOG_URL"  # overrides the event log in any profile
-ENV_POSTGRES_URL = "PERSONA_POSTGRES_URL"  # prod: offline store, registry and event log
+ENV_POSTGRES_URL = "PERSONA_POSTGRES_URL"  # prod: offline store, registry and event log; spark: the last two
 ENV_REDIS_URL = "PERSONA_REDIS_URL"  # prod: online store
 MODEL_NAME = "persona-profile"  # the BentoML model every `persona train` saves a version of
 
@@ -126,9 +126,9 @@ class Config:
             return url
         if self.event_log_url:
             return self.event_log_url
+        if self.profile in ("prod", "spark") and (url := os.environ.get(ENV_POSTGRES_URL)):
+            return url  # spark with Postgres: a production deployment, the prod profile's log
         if self.profile == "prod":
-            if url := os.environ.get(ENV_POSTGRES_URL):
-                return url
             raise ValueError(f"profile 'prod' needs {ENV_POSTGRES_URL} (or {ENV_EVENT_LOG_URL}) "
                              "in the environment")
         return f"sqlite:///{(self.workspace / 'eventlog.db').resolve()}"

@@ -208,11 +208,33 @@ def test_spark_executors_share_the_jobs_workspace() -> None:
     assert claim in {v["persistentVolumeClaim"]["claimName"] for v in pod_spec(build)["volumes"]
                      if "persistentVolumeClaim" in v}
     assert pod_spec(build)["serviceAccountName"] in {o["metadata"]["name"] for o in of_kind(objects, "ServiceAccount")}
-    # The executors read the log themselves: the variable the driver reads, from the same Secret key.
+    # The executors read the log themselves (spark_source reads either variable), from the driver's Secret key.
     driver_env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in containers(build)[0]["env"]}
-    ref = driver_env["PERSONA_EVENT_LOG_URL"]
+    ref = driver_env["PERSONA_POSTGRES_URL"]
     assert conf["spark.kubernetes.executor.secretKeyRef.PERSONA_EVENT_LOG_URL"] == f"{ref['name']}:{ref['key']}"
 
+
+
+def test_the_spark_jobs_feed_the_services_stores() -> None:
+    """Every Spark job and the materialization run the spark profile with PERSONA_POSTGRES_URL and
+    PERSONA_REDIS_URL from the service's Secret keys: their registry and online store are the service's
+    (feast_config), so the nightly build reaches what /rank reads."""
+    objects = render()
+    service = next(o for o in of_kind(objects, "Deployment") if o["metadata"]["name"] == "persona")
+    serving = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef")
+               for c in containers(service) for e in c.get("env", [])}
+    jobs = of_kind(objects, "CronJob")
+    assert {j["metadata"]["name"] for j in jobs} >= {"persona-features-build", "persona-features-materialize",
+                                                     "persona-train-and-score"}
+    for job in jobs:
+        for container in containers(job):
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert env["PERSONA_PROFILE"]["value"] == "spark", job["metadata"]["name"]
+            for name in ("PERSONA_POSTGRES_URL", "PERSONA_REDIS_URL"):
+                assert env[name]["valueFrom"]["secretKeyRef"] == serving[name], (job["metadata"]["name"], name)
+    for job in jobs:
+        for line in persona_lines(job):
+            assert line[line.index("--profile") + 1] == "spark", line
 
 
 def persona_lines(obj: dict) -> Iterator[list[str]]:

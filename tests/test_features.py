@@ -38,19 +38,22 @@ def _leak_user(shop) -> tuple[pd.DataFrame, pd.DataFrame, pd.Timestamp]:
     return user, events, t0
 
 
-@pytest.fixture(params=["local", "prod", "spark"])
+@pytest.fixture(params=["local", "prod", "spark", "spark-serving"])
 def workspace(request, tmp_path, shop, monkeypatch):
+    """A workspace of each profile; ``spark-serving``: the spark profile with PERSONA_POSTGRES_URL, whose
+    registry, event log and online store are then the prod profile's (what the service reads)."""
     profile = request.param
-    if profile == "prod":
+    if profile in ("prod", "spark-serving"):
         pg_url = request.getfixturevalue("pg_url")
         db = 5 + (uuid.uuid4().int % 8)
         monkeypatch.setenv("PERSONA_POSTGRES_URL", pg_url)
         monkeypatch.setenv("PERSONA_REDIS_URL", f"redis://127.0.0.1:6379/{db}")
         redis.Redis(host="127.0.0.1", port=6379, db=db).flushdb()
-    if profile == "spark":
+    if profile.startswith("spark"):
         pytest.importorskip("pyspark", reason="the spark extra is installed by `make test`")
         monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
     ws = tmp_path / f"ws_{profile}"
+    profile = profile.split("-")[0]
     cfg = config_mod.load(ws, profile)
     user, leak_events, t0 = _leak_user(shop)
     folder = tmp_path / "batch"
@@ -125,6 +128,9 @@ def test_profile_end_to_end(workspace, shop):
             _assert_same(row[col], expected, f"{row['user_id']}.{col}")
     assert online.loc[online.user_id == "u_leak", "purchase_count_1d"].item() == 3
 
+    if cfg.profile == "spark" and os.environ.get("PERSONA_POSTGRES_URL"):
+        _assert_the_service_reads_what_spark_built(cfg, store, service, rows, online)
+
     # Windows end at the request time: two days on, the 1-day window is empty; 40 days on, all are.
     idle = [{"user_id": "u_leak", "device": None, "channel": None, "request_timestamp": after_all + timedelta(days=d)}
             for d in (2, 40)]
@@ -154,6 +160,21 @@ def test_profile_end_to_end(workspace, shop):
     assert rebuilt.loc[rebuilt.user_id == user, "purchase_count_1d"].max() == 4  # rebuilt offline from the log
     seq = rebuilt_tables["user_sequence"].sort_values("event_timestamp")
     assert seq.loc[seq.user_id == user, "sequence_items"].iloc[-1] == pushed  # the push equals the rebuild
+
+
+def _assert_the_service_reads_what_spark_built(cfg, store, service, rows: list[dict], online: pd.DataFrame) -> None:
+    """The spark profile with Postgres: its registry and online store are the prod profile's, so a prod
+    workspace that never built or applied anything (the service's) reads the same features."""
+    assert store.config.online_store.type == "redis" and store.config.registry.registry_type == "sql"
+    assert store.config.offline_store.type == "spark"
+    assert cfg.resolved_event_log_url() == os.environ["PERSONA_POSTGRES_URL"]
+    serving = cfg.workspace.parent / "service_ws"
+    feast_config.write_yaml("prod", serving)
+    prod = registry.feature_store(serving)
+    assert prod.config.offline_store.type == "postgres"
+    got = pd.DataFrame(prod.get_online_features(features=prod.get_feature_service(service.name),
+                                                entity_rows=rows).to_dict())
+    pd.testing.assert_frame_equal(got, online[got.columns])
 
 
 def _assert_same(a, b, what: str) -> None:

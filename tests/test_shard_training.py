@@ -91,8 +91,10 @@ def test_two_processes_with_their_own_shards_reach_the_one_process_result(sharde
     noise = abs(other_seed.history[-1]["held_out_loss"] - last)
     assert abs(two.history[-1]["held_out_loss"] - last) <= max(3 * noise, 0.02 * last)
     assert (tmp_path / "2-0" / "report.md").exists() and (tmp_path / "2-0" / "training_curve.png").exists()
-    # the held-out rows ranked, by the model and by popularity as of each row's time
-    assert list(two.metrics["model"]) == ["Persona (profile model)", "popularity (as of the request's bucket)"]
+    # the held-out rows ranked, by the model, by popularity as of each row's time, and by the id baselines
+    assert list(two.metrics["model"])[:3] == ["Persona (profile model)", "popularity (as of the request's bucket)",
+                                              "ItemKNN (cosine over the trained positives)"]
+    assert two.metrics["model"].iloc[3].startswith("EASE (λ=") and len(two.metrics) == 4
     assert (two.metrics["requests"] == two.history[0]["held_out_rows"]).all()
     assert two.metrics["NDCG@10"].between(0, 1).all()
     assert "Held-out ranking" in (tmp_path / "2-0" / "report.md").read_text()
@@ -150,6 +152,7 @@ def test_cli_trains_from_shards_leaves_out_erased_users_and_recommends(sharded, 
     assert might_contain(meta[METADATA_KEY], privacy.hash(kept))
     report = next((ws / "reports" / "training").glob("*/report.md")).read_text()
     assert "erased users were left out" in report
+    assert "| ItemKNN (cosine over the trained positives) |" in report and "| EASE (λ=" in report
     out = tmp_path / "recs.csv"
     recs = runner.invoke(app, ["recommend", "-w", str(ws), "--k", "3", "--output", str(out)], catch_exceptions=False)
     assert recs.exit_code == 0, recs.output
@@ -209,3 +212,35 @@ def test_shards_are_shared_out_by_their_positives(tmp_path):
     assert plan([9, 0, 0, 0, 0, 0, 0, 0]).split_rows(2)  # one rank would train on nothing
     assert plan([1] * 8).split_rows(3)  # fewer than 4 shards a process
     assert not plan([1] * 8).split_rows(1) and plan([1] * 8).mine(0, 1) == shards.paths
+
+
+def test_id_baselines_on_the_shards_know_their_answers(tmp_path):
+    """Known answers: the matrix holds the trained-on positives only (not a held-out row's, a negative, an
+    erased user's), and people who take a take b, so a held-out row whose history is a ranks b first."""
+    import pandas as pd
+
+    from training.shard_baselines import baseline_rows, trained_interactions
+
+    users = [f"u{k}" for k in range(20)]
+    rows = pd.DataFrame({"user_id": users * 2 + ["v1", "v2", "gone", "u0"],
+                         "item_id": ["a"] * 20 + ["b"] * 20 + ["c", "c", "c", "d"],
+                         "label": [1] * 43 + [0], "example_id": range(44)})
+    folder = tmp_path / "set"
+    folder.mkdir()
+    rows.iloc[:25].to_parquet(folder / "part-00000.parquet")
+    rows.iloc[25:].to_parquet(folder / "part-00001.parquet")
+    index = {i: k for k, i in enumerate("abcde")}
+    held = {3, 30}  # u3's a and u10's b were held out
+
+    def trained(frame):
+        return (frame["label"] == 1).to_numpy() & (frame["user_id"] != "gone").to_numpy() \
+            & ~frame["example_id"].isin(held).to_numpy()
+    x = trained_interactions(sorted(folder.glob("*.parquet")), index, trained)
+    assert x.shape == (22, 5) and x.sum() == 38 + 2  # 40 a/b positives less 2 held out, v1's and v2's c
+    assert x[:, 3].sum() == 0  # d was a negative
+    got = {r["model"].split(" ")[0]: r for r in baseline_rows(x, np.array([1, 0]), [np.array([0]), np.array([2])])}
+    assert set(got) == {"ItemKNN", "EASE"}
+    for row in got.values():
+        assert row["requests"] == 2
+        assert row["Recall@10"] == 1.0  # the first row's b ranks first ...
+        assert row["MRR@10"] == pytest.approx((1.0 + 1 / 2.5) / 2)  # ... the second's a ties with d and e

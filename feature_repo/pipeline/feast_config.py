@@ -25,6 +25,17 @@ def _pg_parts(url: str) -> dict:
             "has_password": bool(u.password)}
 
 
+def _serving_stores() -> dict:
+    """The registry (SQL, on Postgres) and the online store (Redis) that the service reads in production."""
+    redis_url = os.environ.get("PERSONA_REDIS_URL", "redis://127.0.0.1:6379/0")
+    r = sa.engine.make_url(redis_url)
+    redis_conn = f"{r.host or '127.0.0.1'}:{r.port or 6379},db={r.database or 0}"
+    if r.password:
+        redis_conn += ",password=${PERSONA_REDIS_PASSWORD}"
+    return {"registry": {"registry_type": "sql", "path": "${PERSONA_POSTGRES_URL}", "cache_ttl_seconds": 60},
+            "online_store": {"type": "redis", "connection_string": redis_conn}}
+
+
 def feature_store_config(profile: str, workspace: Path) -> dict:
     """The Feast config of a profile. Secrets stay ``${ENV}`` references that Feast expands at load."""
     ws = workspace.resolve()
@@ -39,21 +50,20 @@ def feature_store_config(profile: str, workspace: Path) -> dict:
         if not pg_url:
             raise ValueError("profile 'prod' needs PERSONA_POSTGRES_URL (a SQLAlchemy URL) in the environment")
         parts = _pg_parts(pg_url)
-        redis_url = os.environ.get("PERSONA_REDIS_URL", "redis://127.0.0.1:6379/0")
-        r = sa.engine.make_url(redis_url)
-        redis_conn = f"{r.host or '127.0.0.1'}:{r.port or 6379},db={r.database or 0}"
-        if r.password:
-            redis_conn += ",password=${PERSONA_REDIS_PASSWORD}"
         cfg |= {
-            "registry": {"registry_type": "sql", "path": "${PERSONA_POSTGRES_URL}", "cache_ttl_seconds": 60},
-            "online_store": {"type": "redis", "connection_string": redis_conn},
+            **_serving_stores(),
             "offline_store": {"type": "postgres", "host": parts["host"], "port": parts["port"],
                               "database": parts["database"], "db_schema": "public", "user": parts["user"],
                               "password": "${PERSONA_POSTGRES_PASSWORD}" if parts["has_password"] else "",
                               "sslmode": parts["sslmode"]},
         }
     elif profile == "spark":
-        cfg |= {"registry": local_registry, "online_store": sqlite_online,
+        # With PERSONA_POSTGRES_URL (a production deployment), the registry and the online store are the
+        # prod profile's, which the service reads: the Spark build then feeds the service. Else the
+        # workspace's SQLite files, as on the local profile.
+        stores = _serving_stores() if os.environ.get("PERSONA_POSTGRES_URL") else \
+            {"registry": local_registry, "online_store": sqlite_online}
+        cfg |= {**stores,
                 "offline_store": {"type": "spark", "spark_conf": {
                     "spark.master": os.environ.get("PERSONA_SPARK_MASTER", "local[2]"),
                     # where executors reach the driver: this machine, or the driver pod's address on a cluster
