@@ -29,15 +29,19 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+WRITE_ROWS = 500_000  # rows written per transaction by ``load_log`` (a row's dict costs about 1 KB)
+
+
 def load_log(folder: Path, tables: dict[str, pd.DataFrame]) -> EventLog:
     """Write generated tables straight into a fresh SQLite event log (no gate: it is timed elsewhere)."""
     folder.mkdir(parents=True, exist_ok=True)
     log = EventLog(f"sqlite:///{folder / 'eventlog.db'}")
-    with log.engine.begin() as conn:
-        bid = new_batch_id()
-        for name, frame in tables.items():
-            tb = normalise(name, frame, name)
-            log.write(conn, name, tb.frame, tb.present, bid)
+    bid = new_batch_id()
+    for name, frame in tables.items():
+        tb = normalise(name, frame, name)
+        for first in range(0, max(len(tb.frame), 1), WRITE_ROWS):  # a transaction a slice: bounded memory
+            with log.engine.begin() as conn:
+                log.write(conn, name, tb.frame.iloc[first:first + WRITE_ROWS], tb.present, bid)
     return log
 
 
