@@ -112,8 +112,8 @@ def test_the_similarity_taken_a_block_of_rows_at_a_time_is_the_one_taken_at_once
     shop = sample_data.generate(n_users=200, n_items=150, days=20, seed=4)
     index = {i: k for k, i in enumerate(shop["items"]["item_id"].astype(str))}
     whole = cooccurrence.item_similarity(shop["events"], index, BEHAVIOURS.sequence, neighbours=7)
-    for rows in (1, 13):
-        monkeypatch.setattr(cooccurrence, "BLOCK_ENTRIES", rows * len(index))
+    for entries in (1, 500):  # a block a row, and blocks of several rows
+        monkeypatch.setattr(cooccurrence, "BLOCK_ENTRIES", entries)
         blocked = cooccurrence.item_similarity(shop["events"], index, BEHAVIOURS.sequence, neighbours=7)
         assert blocked.nnz == whole.nnz and (blocked.indptr == whole.indptr).all()
         assert (blocked.indices == whole.indices).all() and (blocked.data == whole.data).all()
