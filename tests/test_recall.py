@@ -75,11 +75,11 @@ def test_sources_know_their_answers():
     ev = _events([("u", "a", "view", 0), ("u", "b", "view", 1), ("v", "a", "view", 0), ("v", "c", "view", 0),
                   ("w", "a", "purchase", 0), ("w", "c", "purchase", 0)])
     recent = EventHistories(ev, INDEX, TypeCodes(TYPES), TYPES).at("u", T0 + pd.Timedelta(hours=3))
-    assert RecentSource(4).scores(recent, 0, None).tolist() == [0.5, 1.0, 0, 0]  # b is newest
+    assert RecentSource(4).scores(recent, 0, None).dense().tolist() == [0.5, 1.0, 0, 0]  # b is newest
     sim = item_similarity(ev, INDEX, TYPES).toarray()
     assert sim[0, 2] == pytest.approx(2 / np.sqrt(3 * 2))  # a (3 users) and c (2 users) share 2 users
     assert np.allclose(np.diag(sim), 0)
-    co = CooccurrenceSource(ev, INDEX, TYPES).scores(recent, 0, None)
+    co = CooccurrenceSource(ev, INDEX, TYPES).scores(recent, 0, None).dense()
     # b (newest) weighs 1 and a (second) 1/sqrt(2): c is reached through a only, d through nothing
     assert co[2] == pytest.approx(sim[0, 2] / np.sqrt(2)) and co[3] == 0
     lex = LexicalSource(ITEMS["title"].tolist())
@@ -95,7 +95,7 @@ def test_item_counts_are_point_in_time():
     at = (T0 + pd.Timedelta(hours=5)).value / 1e9
     assert counts.window(int(at // 3600), 7 * 86_400).tolist() == [1, 0, 0, 0]  # the hour of the request is out
     later = (T0 + pd.Timedelta(hours=6)).value / 1e9
-    assert PopularSource(counts).scores(Recent.empty(), later, None).argmax() == 0
+    assert PopularSource(counts).scores(Recent.empty(), later, None).dense().argmax() == 0
 
 
 def test_the_listwise_loss_and_a_ranker_that_learns_a_plain_signal():

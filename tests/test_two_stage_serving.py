@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from test_service import BIN, featured_workspace, serve, service_env, stop
+from test_service import BIN, _in_process, featured_workspace, serve, service_env, stop
 
 from persona import sample_data
 from training.recall.fit import Behaviours
@@ -158,6 +158,22 @@ def test_new_events_rebuild_the_recall_state(server, two_stage_shop):
     while time.time() < deadline and "popular this week" not in reasons():
         time.sleep(1)
     assert "popular this week" in reasons()
+
+
+def test_recall_rank_through_the_graph_ranks_as_the_full_scan(server, two_stage_shop, monkeypatch,
+                                                              fresh_bentoml_metrics):
+    """Past PERSONA_ANN_MIN_ITEMS the towers' proposals to recall + rank come from the nearest-neighbour
+    graph and each candidate's tower score is computed alone (no scan of the catalogue a request); on
+    this catalogue that is the running server's answer, which scores every item."""
+    at = _iso(pd.Timestamp(two_stage_shop["events"]["event_timestamp"].max()) + pd.Timedelta(hours=1))
+    with _in_process(server, monkeypatch, PERSONA_ANN_MIN_ITEMS="1") as client:
+        for user in _active_users(two_stage_shop, 12) + ["a-stranger"]:
+            body = {"user_id": user, "k": 10, "context": {"timestamp": at}}
+            graph, full = client.post("/rank", json=body).json(), server.post("/rank", json=body).json()
+            assert graph["ranking"] == full["ranking"] == "recall + rank", (graph, full)
+            assert [i["item_id"] for i in graph["items"]] == [i["item_id"] for i in full["items"]], user
+            assert np.allclose([i["score"] for i in graph["items"]], [i["score"] for i in full["items"]], atol=1e-4)
+            assert [i["reasons"] for i in graph["items"]] == [i["reasons"] for i in full["items"]]
 
 
 def _tiny_stage(behaviours: Behaviours, names: list[str]):

@@ -12,6 +12,7 @@ import pandas as pd
 from scipy import sparse
 
 from training.recall.history import Recent
+from training.recall.scores import SparseScores
 
 NEIGHBOURS = 200
 
@@ -90,10 +91,13 @@ class CooccurrenceSource:
         self.sim = similarity if similarity is not None else item_similarity(events, index, types)
         self.n_items = len(index)
 
-    def scores(self, recent: Recent, now: float, query: str | None) -> np.ndarray:
+    def scores(self, recent: Recent, now: float, query: str | None) -> SparseScores:
         order = np.argsort(-recent.times, kind="stable")
         distinct = list(dict.fromkeys(int(i) for i in recent.items[order] if i >= 0))
         if not distinct:
-            return np.zeros(self.n_items, dtype=np.float32)
+            return SparseScores(np.zeros(0, np.int64), np.zeros(0, np.float32), self.n_items)
         weights = 1.0 / np.sqrt(1.0 + np.arange(len(distinct), dtype=np.float32))
-        return np.asarray(self.sim[distinct].T @ weights, dtype=np.float32).ravel()
+        row = (sparse.csr_matrix(weights[None, :]) @ self.sim[distinct]).tocsr()  # the neighbours only
+        row.sum_duplicates()
+        keep = row.data > 0
+        return SparseScores(row.indices[keep].astype(np.int64), row.data[keep].astype(np.float32), self.n_items)

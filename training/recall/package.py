@@ -20,6 +20,7 @@ from training.recall.history import Recent
 from training.recall.lexical import item_texts
 from training.recall.ranker import Ranker
 from training.recall.reasons import explain
+from training.recall.scores import Scores
 from training.recall.two_stage import Candidates, ranked
 
 FOLDER = "two_stage"  # inside the model version's folder
@@ -100,12 +101,12 @@ class TwoStage:
         return np.array([self.index[i] for i in item_ids if i in self.index], dtype=np.int64)
 
     def rank(self, recent: Recent, now: float, query: str | None, leave_out: np.ndarray,
-             tower: np.ndarray | None, only: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Candidates]:
+             tower: Scores | None, only: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Candidates]:
         """The candidates in the ranker's order: (catalogue positions, scores, their candidate rows)."""
         given = {TOWER: tower} if tower is not None and self.spec.with_tower else None
         return ranked(self.recall, self.ranker, recent, now, query or None, leave_out, given, only)
 
-    def top(self, recent: Recent, now: float, query: str | None, leave_out: np.ndarray, tower: np.ndarray,
+    def top(self, recent: Recent, now: float, query: str | None, leave_out: np.ndarray, tower: Scores,
             k: int, only: np.ndarray | None = None, recent_search: bool = False) -> Top:
         """The best k: the ranker's order over the candidates, then, when recall found fewer than k, the
         towers' order below them (scores kept below the ranker's, their gaps the towers')."""
@@ -114,15 +115,20 @@ class TwoStage:
         out = Top(items[:n].tolist(), scores[:n].tolist(),
                   explain(self.recall, cands, n, recent, now, query, self.titles, self.texts, recent_search))
         if n < k:
-            allowed = np.zeros(len(tower), dtype=bool)
+            allowed = np.zeros(len(self.item_ids), dtype=bool)
             allowed[only if only is not None else slice(None)] = True
             allowed[leave_out] = False
             allowed[items] = False
-            rest = np.flatnonzero(allowed)
-            rest = rest[np.argsort(-tower[rest], kind="stable")][:k - n]
+            if isinstance(tower, np.ndarray):
+                rest = np.flatnonzero(allowed)
+                rest = rest[np.argsort(-tower[rest], kind="stable")][:k - n]
+                values = tower[rest]
+            else:
+                rest = tower.top(k - n, allowed)
+                values = tower.at(rest)
             if len(rest):
                 floor = (out.scores[-1] if out.scores else 0.0) - 1.0
                 out.items += rest.tolist()
-                out.scores += (floor - (tower[rest[0]] - tower[rest])).tolist()
+                out.scores += (floor - (values[0] - values)).tolist()
                 out.reasons += [[] for _ in rest]
         return out

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from training.recall.history import HOUR, Recent
+from training.recall.scores import SparseScores
 
 WEEK, MONTH = 7 * 86_400, 30 * 86_400
 FOREVER = 1 << 40
@@ -93,11 +94,16 @@ class PopularSource:
 
     def __init__(self, counts: ItemCounts):
         self.counts = counts
+        self.last: tuple[int, SparseScores] | None = None  # the last hour's: its requests share them
 
-    def scores(self, recent: Recent, now: float, query: str | None) -> np.ndarray:
+    def scores(self, recent: Recent, now: float, query: str | None) -> SparseScores:
         """The week's count, plus a tenth of the month's so that a quiet week still ranks (log scale)."""
         hour = int(now // HOUR)
-        return np.log1p(self.counts.window(hour, WEEK)) + 0.1 * np.log1p(self.counts.window(hour, MONTH))
+        last = self.last  # one read: another thread may replace it
+        if last is None or last[0] != hour:
+            dense = np.log1p(self.counts.window(hour, WEEK)) + 0.1 * np.log1p(self.counts.window(hour, MONTH))
+            last = self.last = (hour, SparseScores.of(dense))
+        return last[1]
 
 
 class ItemStats:

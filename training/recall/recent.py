@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from training.recall.history import Recent
+from training.recall.scores import SparseScores
 
 
 class RecentSource:
@@ -16,11 +17,10 @@ class RecentSource:
     def __init__(self, n_items: int):
         self.n_items = n_items
 
-    def scores(self, recent: Recent, now: float, query: str | None) -> np.ndarray:
+    def scores(self, recent: Recent, now: float, query: str | None) -> SparseScores:
         """1 / (1 + place among the user's distinct items, newest first); 0 for items never touched."""
-        out = np.zeros(self.n_items, dtype=np.float32)
         order = np.argsort(-recent.times, kind="stable")
-        distinct = list(dict.fromkeys(int(i) for i in recent.items[order] if i >= 0))
-        if distinct:
-            out[distinct] = 1.0 / (1.0 + np.arange(len(distinct), dtype=np.float32))
-        return out
+        distinct = np.array(list(dict.fromkeys(int(i) for i in recent.items[order] if i >= 0)), dtype=np.int64)
+        values = 1.0 / (1.0 + np.arange(len(distinct), dtype=np.float32))
+        by_item = np.argsort(distinct, kind="stable")
+        return SparseScores(distinct[by_item], values[by_item], self.n_items)

@@ -16,6 +16,7 @@ from training.recall import pairs
 from training.recall.history import Recent, TypeCodes
 from training.recall.popular import ItemStats
 from training.recall.ranker import Ranker
+from training.recall.scores import Scores, SparseScores
 
 PER_SOURCE = 100  # candidates each source proposes
 UNRANKED = PER_SOURCE + 1  # a candidate's rank in a source that did not propose it
@@ -24,7 +25,7 @@ UNRANKED = PER_SOURCE + 1  # a candidate's rank in a source that did not propose
 class Source(Protocol):
     name: str
 
-    def scores(self, recent: Recent, now: float, query: str | None) -> np.ndarray | None: ...
+    def scores(self, recent: Recent, now: float, query: str | None) -> Scores | None: ...
 
 
 @dataclass
@@ -65,7 +66,7 @@ class Recall:
             items = np.unique(np.concatenate(proposed)) if proposed else np.zeros(0, dtype=np.int64)
         return self.describe(items, recent, now, scored, tops)
 
-    def describe(self, items: np.ndarray, recent: Recent, now: float, scored: list[np.ndarray | None],
+    def describe(self, items: np.ndarray, recent: Recent, now: float, scored: list[Scores | None],
                  tops: list[np.ndarray | None]) -> Candidates:
         """The ranker's features of ``items``: each source's score, rank and whether it proposed the item,
         the pair features and the item statistics."""
@@ -75,31 +76,44 @@ class Recall:
             for s, (vector, top) in enumerate(zip(scored, tops, strict=True)):
                 if vector is None:
                     continue
-                values[:, s] = vector[items]
-                place = np.full(len(vector), UNRANKED, dtype=np.float32)  # one write per proposal, one read per item
-                place[top] = np.arange(1, len(top) + 1, dtype=np.float32)
-                ranks[:, s] = place[items]
+                values[:, s] = vector[items] if isinstance(vector, np.ndarray) else vector.at(items)
+                ranks[:, s] = _places(top, items)
         source_cols = np.stack([values, np.log1p(ranks), (ranks < UNRANKED).astype(np.float32)], axis=2)
         source_cols = source_cols.reshape(len(items), 3 * len(self.sources))
         pair_cols = pairs.pair_features(recent, items, self.groups, len(self.codes), now)
         item_cols = self.stats.features(items, now)
         return Candidates(items, np.concatenate([source_cols, pair_cols, item_cols], axis=1), ranks)
 
-    def _top(self, source: Source, vector: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    def _top(self, source: Source, vector: Scores, allowed: np.ndarray) -> np.ndarray:
         """The source's best allowed items, best first. A score of 0 is "no opinion" unless the source
         scores every item (``dense``: the towers' cosine may be negative); a sparse source's few
         scored items are sorted alone."""
-        if getattr(source, "dense", False):
-            pool = np.flatnonzero(allowed)
+        if isinstance(vector, SparseScores):
+            keep = allowed[vector.items]
+            pool, values = vector.items[keep], vector.values[keep]
+        elif not isinstance(vector, np.ndarray):
+            return vector.top(self.per_source, allowed)
         else:
-            pool = np.flatnonzero(vector > 0)
-            pool = pool[allowed[pool]]
+            if getattr(source, "dense", False):
+                pool = np.flatnonzero(allowed)
+            else:
+                pool = np.flatnonzero(vector > 0)
+                pool = pool[allowed[pool]]
+            values = vector[pool]
         k = min(self.per_source, len(pool))
         if not k:
             return np.zeros(0, dtype=np.int64)
-        values = vector[pool]
         top = np.argpartition(-values, k - 1)[:k] if len(pool) > k else np.arange(len(pool))
         return pool[top[np.argsort(-values[top], kind="stable")]]
+
+
+def _places(top: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Each item's place (1 = first) in a source's proposals ``top``, ``UNRANKED`` where it is not."""
+    if not len(top):
+        return np.full(len(items), UNRANKED, dtype=np.float32)
+    order = np.argsort(top, kind="stable")
+    pos = np.clip(np.searchsorted(top[order], items), 0, len(top) - 1)
+    return np.where(top[order][pos] == items, order[pos] + 1, UNRANKED).astype(np.float32)
 
 
 def ranked(recall: Recall, ranker: Ranker, recent: Recent, now: float, query: str | None,
