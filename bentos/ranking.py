@@ -203,8 +203,14 @@ class Rankers:
         seen = self.events_fingerprint()
         if seen == current.events_seen:
             return None
-        with _collector_paused():
-            two_stage = self.two_stage(current.tag, self.log.read_table("items"), current.item_ids)
+        with _collector_paused():  # the catalogue is the same (else ``changed`` rebuilt it): counts only
+            try:
+                counts = counts_from_log(self.log, current.item_ids, current.two_stage.spec.behaviours,
+                                         datetime.now(UTC))
+                two_stage = current.two_stage.with_counts(counts)
+            except Exception as exc:  # noqa: BLE001 - the last state still ranks; the cause is in the log
+                logger.warning("recall state not refreshed: %s: %s", type(exc).__name__, exc)
+                return None
         return replace(current, two_stage=two_stage, events_seen=seen, built_at=time.monotonic())
 
 

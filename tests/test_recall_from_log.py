@@ -118,3 +118,39 @@ def test_the_similarity_taken_a_block_of_rows_at_a_time_is_the_one_taken_at_once
         assert blocked.nnz == whole.nnz and (blocked.indptr == whole.indptr).all()
         assert (blocked.indices == whole.indices).all() and (blocked.data == whole.data).all()
     assert whole.getnnz(axis=1).max() == 7
+
+
+def test_a_stage_refreshed_with_new_counts_ranks_as_one_built_afresh(log):
+    """Serving's refresh after new events swaps the counts and keeps the catalogue's parts (texts, groups,
+    the lexical index): its rankings, scores and reasons are those of a stage built from scratch."""
+    from training.recall.fit import make_recall
+    from training.recall.history import EventHistories
+    from training.recall.lexical import item_texts
+    from training.recall.package import TwoStage, TwoStageSpec
+    from training.recall.ranker import Ranker, RankerConfig
+
+    shop = sample_data.generate(n_users=80, n_items=60, days=20, seed=6)
+    events, items = shop["events"].sort_values("event_timestamp"), shop["items"]
+    cut = events["event_timestamp"].quantile(0.6)
+    _append(log, events[events["event_timestamp"] < cut], "one")
+    ids = items["item_id"].astype(str).tolist()
+    names = make_recall(events, items, BEHAVIOURS, True, item_texts(items)).feature_names()
+    ranker = Ranker(len(names), RankerConfig(), np.zeros(len(names)), np.ones(len(names))).eval()
+    spec = TwoStageSpec(names, BEHAVIOURS, True, True)
+    now = (pd.Timestamp(events["event_timestamp"].max()) + pd.Timedelta(hours=2)).to_pydatetime()
+    old = TwoStage(ranker, spec, None, items, ids, counts=counts_from_log(log, ids, BEHAVIOURS, now))
+    _append(log, events[events["event_timestamp"] >= cut], "two")
+    counts = counts_from_log(log, ids, BEHAVIOURS, now)
+    fresh, refreshed = TwoStage(ranker, spec, None, items, ids, counts=counts), old.with_counts(counts)
+    assert refreshed.recall.sources[-2] is old.recall.sources[-2]  # the lexical index, kept
+    hist = EventHistories(log.read_table("events"), fresh.index, fresh.codes, BEHAVIOURS.sequence)
+    rng = np.random.default_rng(0)
+    for user in events["user_id"].unique()[:30]:
+        recent, tower = hist.at(user, pd.Timestamp(now)), rng.normal(size=len(ids)).astype(np.float32)
+        for query in (None, "shoes"):
+            a = fresh.top(recent, now.timestamp(), query, np.array([0]), tower, 10)
+            b = refreshed.top(recent, now.timestamp(), query, np.array([0]), tower, 10)
+            assert (a.items, a.scores, a.reasons) == (b.items, b.scores, b.reasons)
+    moved = old.top(hist.at(events["user_id"].iloc[-1], pd.Timestamp(now)), now.timestamp(), None, np.array([0]),
+                    np.zeros(len(ids), np.float32), 10)
+    assert moved.items  # the old stage still ranks (with its older counts)

@@ -72,6 +72,16 @@ def make_recall(events: pd.DataFrame | None, items: pd.DataFrame, behaviours: Be
     return Recall(sources, groups, TypeCodes(behaviours.sequence), stats)
 
 
+def refreshed(recall: Recall, counts: ShopCounts, index: dict[str, int]) -> Recall:
+    """``recall`` with the shop's counts taken again (new events): the co-occurrence, the popular items and
+    the item statistics replaced; the catalogue's parts (groups, the lexical index) kept as they are."""
+    swap = {CooccurrenceSource: CooccurrenceSource(None, index, [], counts.similarity),
+            PopularSource: PopularSource(counts.behaviour)}
+    sources = [swap.get(type(source), source) for source in recall.sources]
+    return Recall(sources, recall.groups, recall.codes, ItemStats(counts.behaviour, counts.targets),
+                  recall.per_source)
+
+
 def _column(items: pd.DataFrame, name: str) -> list:
     if name not in items:
         return [None] * len(items)

@@ -8,6 +8,7 @@ computed by the same code, as the evaluated one.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from training.recall.fit import TOWER, Behaviours, ShopCounts, make_recall
+from training.recall.fit import TOWER, Behaviours, ShopCounts, make_recall, refreshed
 from training.recall.history import Recent
 from training.recall.lexical import item_texts
 from training.recall.ranker import Ranker
@@ -96,6 +97,13 @@ class TwoStage:
     @property
     def codes(self):
         return self.recall.codes
+
+    def with_counts(self, counts: ShopCounts) -> TwoStage:
+        """The same stage over the same catalogue with the shop's counts taken again (new events): the
+        catalogue's parts (texts, groups, the lexical index: 20 s at a million items) are kept."""
+        fresh = copy.copy(self)
+        fresh.recall = refreshed(self.recall, counts, self.index)
+        return fresh
 
     def positions(self, item_ids) -> np.ndarray:
         return np.array([self.index[i] for i in item_ids if i in self.index], dtype=np.int64)
