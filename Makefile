@@ -39,6 +39,7 @@ bench: install services
 	cd benchmarks && ../$(BIN)/python bench_ann.py
 	cd benchmarks && ../$(BIN)/python bench_redis_size.py
 	cd benchmarks && ../$(BIN)/python bench_recall_refresh.py
+	cd benchmarks && ../$(BIN)/python bench_rank_catalogue.py
 
 # The spark profile at two log sizes (long: about 15 minutes for the build's 1M and 3M, 17 for the jobs',
 # and about 30 for training from the shards).
