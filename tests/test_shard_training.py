@@ -244,3 +244,61 @@ def test_id_baselines_on_the_shards_know_their_answers(tmp_path):
         assert row["requests"] == 2
         assert row["Recall@10"] == 1.0  # the first row's b ranks first ...
         assert row["MRR@10"] == pytest.approx((1.0 + 1 / 2.5) / 2)  # ... the second's a ties with d and e
+
+
+def test_a_second_day_reaches_the_next_training_set_and_model(sharded, tiny_bert, tmp_path, monkeypatch):
+    """Day two for the shard path: a batch with new users, a new item and late events of old users, then
+    features build and a new training set. The new users' and the late events' positives are rows of it,
+    each with the features as of its own time (the new user's first purchase sees none of their later
+    events); the model trained from it knows the new item, and the old set is left as it was."""
+    import json
+
+    import pandas as pd
+
+    from training.model_store import load_from_bentoml
+
+    ws, log, store, folder = sharded
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    before = {path.name: path.stat().st_mtime_ns for path in TrainingShards(folder).paths}
+    events, items = log.read_table("events"), log.read_table("items")
+    end = events["event_timestamp"].max()
+    old_user = events["user_id"].value_counts().index[3]
+    new_item = items.head(1).assign(item_id="day2-lamp", title="Day-two brass desk lamp")
+    rows = [("day2-u1", "day2-lamp", "view", 1), ("day2-u1", "day2-lamp", "purchase", 2),
+            ("day2-u1", items["item_id"].iloc[5], "purchase", 3), ("day2-u2", "day2-lamp", "purchase", 4),
+            (old_user, "day2-lamp", "purchase", -30)]  # late: stamped a day before day one ended
+    batch = pd.DataFrame([{"event_id": f"day2-{n}", "user_id": u, "item_id": i, "event_type": t,
+                           "event_timestamp": end + pd.Timedelta(hours=h)} for n, (u, i, t, h) in enumerate(rows)])
+    users = log.read_table("users").head(2).assign(user_id=["day2-u1", "day2-u2"])
+    day2 = tmp_path / "day2"
+    sample_data.write({"users": users, "items": new_item, "events": batch}, day2)
+    from validation.gate import GateSettings
+
+    assert ingest(load_batch(day2), log, Gate(GateSettings(on_schema_drift="accept")))[0].quarantined == 0
+    build(log, "local", ws)
+    materialize.materialize(ws)
+    runner = CliRunner()
+    second = tmp_path / "set2"
+    result = runner.invoke(app, ["training-set", "-w", str(ws), "--output", str(second), "--rows-per-shard", "200"],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    frame = TrainingShards(second).frame()
+    positives = frame[frame["label"] == 1]
+    for user, item, kind, hours in rows:
+        if kind != "purchase":
+            continue
+        at = end + pd.Timedelta(hours=hours)
+        row = positives[(positives["user_id"] == user) & (positives["item_id"] == item)
+                        & (positives["event_timestamp"] == at)]
+        assert len(row) == 1, (user, item)
+        seen = json.loads(row["sequence_items"].iloc[0] or "[]")
+        times = json.loads(row["sequence_times"].iloc[0] or "[]")
+        assert all(pd.Timestamp(t, unit="s", tz="UTC") < at for t in times), (user, times)  # nothing from after
+        if (user, hours) == ("day2-u1", 2):
+            assert seen == ["day2-lamp"]  # its view an hour before, not its later purchase
+    assert {path.name: path.stat().st_mtime_ns for path in TrainingShards(folder).paths} == before
+    trained = runner.invoke(app, ["train", "-w", str(ws), "--training-set", str(second), "--epochs", "1",
+                                  "--bert", tiny_bert], catch_exceptions=False)
+    assert trained.exit_code == 0, trained.output
+    model, meta, _ = load_from_bentoml("latest")
+    assert "day2-lamp" in model.spec.item_ids and meta["training_set"] == str(second.resolve())
