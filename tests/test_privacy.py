@@ -368,3 +368,47 @@ def test_pseudonymous_ids_end_to_end(tmp_path, shop, monkeypatch):
                        privacy=Privacy.for_workspace(cfg.workspace))
     assert any("erased users" in n for n in report.notes)
     log.dispose()
+
+
+def test_a_forget_arriving_while_persona_train_runs(tmp_path, shop, tiny_bert):
+    """`persona forget` while `persona train` runs (in another process, holding the user's rows in memory):
+    the forget completes without waiting for the training; the version that training then saves is listed
+    under `models_trained_on_erased_users` (its weights may reflect the user: the README's policy); no file
+    the training wrote after the forget holds the user's id or texts; and the next `persona train` is free
+    of them."""
+    import subprocess
+    import sys
+
+    from test_service import featured_workspace, service_env
+
+    ws = featured_workspace(tmp_path, planted_tables(shop))
+    env = service_env(ws)
+    persona = str(Path(sys.executable).parent / "persona")
+    train = [persona, "train", "-w", str(ws), "--bert", tiny_bert, "--epochs", "2", "--splits", "global",
+             "--no-refit"]
+    out = (tmp_path / "train.log").open("w")
+    running = subprocess.Popen(train, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while "training set" not in (tmp_path / "train.log").read_text() and time.monotonic() < deadline:
+            assert running.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+            time.sleep(0.5)
+        forgot = subprocess.run([persona, "forget", "-w", str(ws), "--user", PLANTED, "--json"], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert forgot.returncode == 0, forgot.stdout + forgot.stderr
+        assert running.poll() is None, "the training ended before the forget: not a race"
+        assert running.wait(timeout=900) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    finally:
+        if running.poll() is None:
+            running.kill()
+        out.close()
+    status = json.loads(subprocess.run([persona, "status", "-w", str(ws), "--json"], env=env, capture_output=True,
+                                       text=True, check=True).stdout)
+    assert [m["tag"] for m in status["models_trained_on_erased_users"]] == [status["models"][0]["tag"]]
+    assert traces(ws, NEEDLES) == []
+    again = subprocess.run(train, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:]
+    status = json.loads(subprocess.run([persona, "status", "-w", str(ws), "--json"], env=env, capture_output=True,
+                                       text=True, check=True).stdout)
+    assert len(status["models"]) == 2  # newest first: the new version is free of the user
+    assert [m["tag"] for m in status["models_trained_on_erased_users"]] == [status["models"][1]["tag"]]
