@@ -36,10 +36,11 @@ class NearestItems:
         index.add(vectors)
         return cls(index)
 
-    def search(self, unit_user: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``n`` rows nearest to the user (one vector), and their inner products."""
+    def search(self, unit_user: torch.Tensor, n: int, depth: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` rows nearest to the user (one vector), and their inner products; ``depth`` times ``n``
+        candidates are explored (``SEARCH_DEPTH`` by default)."""
         query = np.ascontiguousarray(unit_user.detach().float().cpu().numpy().reshape(1, -1))
-        params = faiss.SearchParametersHNSW(efSearch=max(128, SEARCH_DEPTH * n))
+        params = faiss.SearchParametersHNSW(efSearch=max(128, (depth or SEARCH_DEPTH) * n))
         scores, rows = self.index.search(query, n, params=params)
         found = rows[0] >= 0  # fewer than n items: -1 fills the rest
         return rows[0][found], scores[0][found]
