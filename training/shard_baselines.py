@@ -11,7 +11,7 @@ the items the ranking leaves out. The bounds are the log's (``training/baselines
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,7 @@ from training.baselines import (
     popular_columns,
 )
 from training.evaluate import ranking_metrics, summarise
+from training.recall.cooccurrence import coded_pairs
 
 Rows = Callable[[pd.DataFrame], np.ndarray]  # a shard's four columns -> the rows trained on
 SCORE_CELLS = 20_000_000  # scores held at once
@@ -36,19 +37,13 @@ SCORE_CELLS = 20_000_000  # scores held at once
 
 def trained_interactions(paths: Iterable, index: dict[str, int], trained: Rows) -> sparse.csr_matrix:
     """Binary user x item matrix of the trained-on positives, a shard at a time."""
-    codes: dict[str, int] = {}
-    users, items = [], []
-    for path in paths:
-        frame = pq.read_table(path, columns=["user_id", "item_id", "label", "example_id"]).to_pandas()
-        frame = frame[trained(frame) & frame["item_id"].astype(str).isin(index).to_numpy()]
-        user = frame["user_id"].astype(str)
-        new = pd.unique(user[user.map(codes).isna()])
-        codes.update(zip(new, range(len(codes), len(codes) + len(new)), strict=True))
-        users.append(user.map(codes).to_numpy(np.int64))
-        items.append(frame["item_id"].astype(str).map(index).to_numpy(np.int64))
-    rows = np.concatenate(users) if users else np.zeros(0, np.int64)
-    cols = np.concatenate(items) if items else np.zeros(0, np.int64)
-    x = sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(codes), len(index)))
+    def shards() -> Iterator[pd.DataFrame]:
+        for path in paths:
+            frame = pq.read_table(path, columns=["user_id", "item_id", "label", "example_id"]).to_pandas()
+            yield frame[trained(frame)]
+    rows, cols = coded_pairs(shards(), index)
+    x = sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)),
+                          shape=(int(rows.max()) + 1 if len(rows) else 0, len(index)))
     x.data[:] = 1.0  # binary: a user's repeats count once
     return x
 

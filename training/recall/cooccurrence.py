@@ -7,6 +7,8 @@ their recent items, newer items counting more.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import pandas as pd
 from scipy import sparse
@@ -23,6 +25,23 @@ def item_similarity(events: pd.DataFrame, index: dict[str, int], types: list[str
     ev = events[events["event_type"].isin(types) & events["item_id"].isin(index)]
     users = pd.factorize(ev["user_id"])[0]
     return similarity_from_pairs(users, ev["item_id"].map(index).to_numpy(), len(index), neighbours)
+
+
+def coded_pairs(chunks: Iterable[pd.DataFrame], index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(user code, catalogue position) of every row of ``chunks`` (``user_id``, ``item_id``) whose item
+    is in ``index``, users coded in order of first sight across the chunks: a log or a training set read
+    a piece at a time, for ``similarity_from_pairs`` or a user x item matrix."""
+    codes: dict[str, int] = {}
+    users, items = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for chunk in chunks:
+        item = chunk["item_id"].astype(str)
+        chunk, item = chunk[item.isin(index).to_numpy()], item[item.isin(index).to_numpy()]
+        user = chunk["user_id"].astype(str)
+        new = pd.unique(user[user.map(codes).isna()])
+        codes.update(zip(new, range(len(codes), len(codes) + len(new)), strict=True))
+        users.append(user.map(codes).to_numpy(np.int64))
+        items.append(item.map(index).to_numpy(np.int64))
+    return np.concatenate(users), np.concatenate(items)
 
 
 BLOCK_ENTRIES = 4_000_000  # item x item products computed at once (rows x catalogue): bounds the memory

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from eventlog.store import EventLog
-from training.recall.cooccurrence import similarity_from_pairs
+from training.recall.cooccurrence import coded_pairs, similarity_from_pairs
 from training.recall.fit import Behaviours, ShopCounts
 from training.recall.history import HOUR
 from training.recall.popular import MONTH, LogCounts
@@ -34,15 +34,8 @@ def counts_from_log(log: EventLog, item_ids: list[str], behaviours: Behaviours, 
 
 def log_similarity(log: EventLog, index: dict[str, int], types: list[str]):
     """``cooccurrence.item_similarity`` over the log's distinct (user, item) pairs, read in chunks."""
-    codes: dict[str, int] = {}
-    users, items = [], []
-    for chunk in log.event_chunks(["user_id", "item_id"], types, distinct=True):
-        chunk = chunk[chunk["item_id"].isin(index)]
-        new = pd.unique(chunk.loc[chunk["user_id"].map(codes).isna(), "user_id"])
-        codes.update(zip(new, range(len(codes), len(codes) + len(new)), strict=True))
-        users.append(chunk["user_id"].map(codes).to_numpy(np.int64))
-        items.append(chunk["item_id"].map(index).to_numpy(np.int64))
-    return similarity_from_pairs(_joined(users), _joined(items), len(index))
+    users, items = coded_pairs(log.event_chunks(["user_id", "item_id"], types, distinct=True), index)
+    return similarity_from_pairs(users, items, len(index))
 
 
 def log_counts(log: EventLog, index: dict[str, int], types: list[str], since: int) -> LogCounts:
