@@ -71,6 +71,28 @@ def test_pair_features_count_and_time_what_the_user_did_to_the_item_its_category
     assert col["item_share_of_user"].tolist() == pytest.approx([4 / 6, 2 / 6, 0, 0])
 
 
+def test_attention_columns_count_visits_first_sight_and_the_users_latest_day():
+    codes = TypeCodes(TYPES)
+    now = 100 * 3600.0
+    # a seen at hours 0 and 70 (3 events then 1), b at 80 (2 events), c at 20; the user's newest event: hour 80
+    recent = Recent(np.array([0, 2, 0, 1]), np.array([0, 0, 0, 0]), np.array([0.0, 20, 70, 80]) * 3600,
+                    np.array([3.0, 1, 1, 2]))
+    groups = pairs.ItemGroups.from_columns(ITEMS["category"].tolist(), ITEMS["brand"].tolist())
+    f = pairs.pair_features(recent, np.array([0, 1, 2, 3]), groups, len(codes), now)
+    names = pairs.names(codes.names)
+    assert f.shape[1] == len(names)
+    col = {n: f[:, names.index(n)] for n in pairs.ATTENTION}
+    never = np.log1p(pairs.NEVER_HOURS)
+    assert np.allclose(col["item_visits"], np.log1p([2, 1, 1, 0]))
+    assert np.allclose(col["item_first_hours"], [np.log1p(100), np.log1p(20), np.log1p(80), never])
+    assert np.allclose(col["item_hours_before_user_last"], [np.log1p(10), 0, np.log1p(60), never])
+    # the latest day is hours 56..80: a's one event at 70 and b's two at 80
+    assert np.allclose(col["item_latest_day_count"], np.log1p([1, 2, 0, 0]))
+    assert col["item_latest_day_share"].tolist() == pytest.approx([1 / 3, 2 / 3, 0, 0])
+    empty = pairs.pair_features(Recent.empty(), np.array([0, 1]), groups, len(codes), now)
+    assert empty[:, names.index("item_first_hours")].tolist() == pytest.approx([never, never])
+
+
 def test_sources_know_their_answers():
     ev = _events([("u", "a", "view", 0), ("u", "b", "view", 1), ("v", "a", "view", 0), ("v", "c", "view", 0),
                   ("w", "a", "purchase", 0), ("w", "c", "purchase", 0)])
