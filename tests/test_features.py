@@ -377,3 +377,30 @@ def test_materialize_continues_where_feast_left_user_activity(workspace, shop):
     newest = dict(duckdb.sql(f"SELECT user_id, arg_max(activity_tiles, event_timestamp) FROM read_parquet('{path}') "
                              "GROUP BY user_id").fetchall())
     assert online["activity_tiles"] == [newest.get(u) for u in users]
+
+
+@pytest.mark.parametrize("workspace", ["local"], indirect=True)
+def test_the_service_reads_a_catalogue_larger_than_one_sqlite_statement_binds(workspace, shop, monkeypatch):
+    """A million items failed the service's start: Feast's SQLite read binds one variable per key, past
+    SQLite's limit. Here the limit is lowered to 50 on Feast's own connection: one read of every item
+    fails as it did, and the chunked read returns every item, equal to reads of a few items at a time."""
+    import sqlite3
+
+    from training import dataset
+
+    cfg, log, _ = workspace
+    store, _ = registry.apply(cfg.workspace, cfg.profile)
+    build(log, cfg.profile, cfg.workspace)
+    materialize.materialize(cfg.workspace, full=True, store=store)
+    item_ids = sorted(shop["items"]["item_id"].astype(str))
+    assert len(item_ids) > 100
+    expected = pd.concat([dataset.online_catalogue(store, item_ids[k:k + 20]) for k in range(0, len(item_ids), 20)],
+                         ignore_index=True)
+    store._get_provider().online_store._get_conn(store.config).setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 50)
+    monkeypatch.setattr(dataset, "ONLINE_CHUNK", len(item_ids))
+    with pytest.raises(sqlite3.OperationalError, match="too many SQL variables"):
+        dataset.online_catalogue(store, item_ids)
+    monkeypatch.setattr(dataset, "ONLINE_CHUNK", 40)
+    got = dataset.online_catalogue(store, item_ids)
+    assert got["item_id"].tolist() == item_ids
+    pd.testing.assert_frame_equal(got, expected)

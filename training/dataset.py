@@ -198,8 +198,15 @@ class ItemCatalogue:
         return idx
 
 
+# Items per online read: Feast's SQLite store binds one variable per key, and SQLite refuses more than
+# 32,766 (250,000 in Debian's build); a million-item catalogue in one read failed at the service's start.
+ONLINE_CHUNK = 10_000
+
+
 def online_catalogue(store, item_ids: list[str]) -> pd.DataFrame:
-    """Every item's current features from the online store (what serving ranks with)."""
-    feats = store.get_online_features(features=store.get_feature_service(ITEM_SERVICE),
-                                      entity_rows=[{"item_id": i} for i in item_ids]).to_df()
-    return prefix_items(feats)
+    """Every item's current features from the online store (what serving ranks with), read in chunks."""
+    service = store.get_feature_service(ITEM_SERVICE)
+    parts = [store.get_online_features(features=service,
+                                       entity_rows=[{"item_id": i} for i in item_ids[start:start + ONLINE_CHUNK]]
+                                       ).to_df() for start in range(0, max(len(item_ids), 1), ONLINE_CHUNK)]
+    return prefix_items(pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0])
