@@ -4,9 +4,10 @@ target: p99 at a million within 1.5 x its p99 at 10,000).
     cd benchmarks && ../.venv/bin/python bench_rank_catalogue.py       # 10,000 then 100,000 items
     BENCH_CATALOGUE_SIZES=10000,1000000 ../.venv/bin/python bench_rank_catalogue.py   # a million
 
-A million items is not the default: loading 990,000 new items online goes through
-``persona features materialize``'s sync of changed keys, about 700 keys a second on this machine's
-SQLite online store (over 20 minutes), before the services build their graphs.
+A million items is not the default because the run takes about 22 minutes on this machine's two cores:
+growing the catalogue (build, then ``persona features materialize``, whose sync of changed keys writes
+about 5,000 keys a second to the SQLite online store) takes about 5 minutes, and each service about 5
+more to read a million items, embed them and build its graph.
 
 One shop (2,000 users, 10,000 items, 30 days) is ingested, built, materialised and trained on
 (``--serve recall-rank``, so the model carries its ranker). Then, for each size, the catalogue grows in
