@@ -404,3 +404,53 @@ def test_the_service_reads_a_catalogue_larger_than_one_sqlite_statement_binds(wo
     got = dataset.online_catalogue(store, item_ids)
     assert got["item_id"].tolist() == item_ids
     pd.testing.assert_frame_equal(got, expected)
+
+
+def test_a_user_with_ten_thousand_views_keeps_a_bounded_sequence_that_serving_and_ranking_read_alike(
+        tmp_path, shop, sqlite_log):
+    """A heavy browser: 10,000 views in 30 days, bursts of up to 60 views of one item in an hour. The push
+    path and the rebuild give the same sequence, bounded at ``SEQUENCE_LENGTH`` slots (a burst is one slot
+    with its count); the ranker reads the stored row as the slots it rebuilds from raw events."""
+    import numpy as np
+
+    from core.config import DEFAULT_SEQUENCE_TYPES
+    from feature_repo.pipeline.compute import SEQUENCE_LENGTH, compute_user_tables, latest_user_state
+    from feature_repo.pipeline.history import recent_user_events
+    from training.recall import history, pairs
+
+    rng = np.random.default_rng(3)
+    items = shop["items"]["item_id"].tolist()
+    start = pd.Timestamp("2026-10-01", tz="UTC")
+    minutes = np.sort(rng.integers(0, 30 * 24 * 60, 10_000))
+    picks = rng.integers(0, len(items), 10_000)
+    picks[-60:] = 7  # the last hour's burst: one item viewed 60 times
+    minutes[-60:] = minutes[-61] + 61 + np.arange(60) // 2
+    rows = pd.DataFrame({"event_id": [f"v{k}" for k in range(10_000)], "user_id": "heavy",
+                         "item_id": [items[p] for p in picks], "event_type": "view",
+                         "event_timestamp": start + pd.to_timedelta(minutes, unit="min")})
+    folder = tmp_path / "heavy"
+    sample_data.write({"users": shop["users"].head(1).assign(user_id="heavy"), "items": shop["items"],
+                       "events": rows}, folder)
+    report, _ = ingest(load_batch(folder), sqlite_log, Gate(GateSettings(on_schema_drift="accept")))
+    assert report.quarantined == 0
+    catalogue = sqlite_log.read_table("items")
+    pushed = latest_user_state(recent_user_events(sqlite_log, ["heavy"]), catalogue)["user_sequence"]
+    events = sqlite_log.read_table("events")
+    rebuilt = compute_user_tables(events, catalogue)["user_sequence"]
+    newest = rebuilt.sort_values("event_timestamp").tail(1)
+    for col in ("sequence_items", "sequence_types", "sequence_times", "sequence_counts"):
+        assert pushed[col].item() == newest[col].item(), col
+    counts = json.loads(pushed["sequence_counts"].item())
+    assert len(counts) == SEQUENCE_LENGTH
+    assert counts[-1] == 60 and json.loads(pushed["sequence_items"].item())[-1] == items[7]  # the burst: one slot
+
+    index = {i: k for k, i in enumerate(sorted(items))}
+    codes = history.TypeCodes(list(DEFAULT_SEQUENCE_TYPES))
+    stored = history.from_frame(pushed, index, codes)[0]
+    raw = history.EventHistories(events, index, codes, DEFAULT_SEQUENCE_TYPES).at(
+        "heavy", rows["event_timestamp"].max() + pd.Timedelta(microseconds=1), slots=SEQUENCE_LENGTH)
+    for field in ("items", "types", "times", "counts"):
+        assert getattr(stored, field).tolist() == getattr(raw, field).tolist(), field
+    groups = pairs.ItemGroups.from_columns([None] * len(index), [None] * len(index))
+    features = pairs.pair_features(stored, np.arange(len(index)), groups, len(codes), stored.times.max() + 3600)
+    assert features.shape == (len(index), len(pairs.names(codes.names))) and np.isfinite(features).all()
