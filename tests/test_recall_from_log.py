@@ -154,3 +154,51 @@ def test_a_stage_refreshed_with_new_counts_ranks_as_one_built_afresh(log):
     moved = old.top(hist.at(events["user_id"].iloc[-1], pd.Timestamp(now)), now.timestamp(), None, np.array([0]),
                     np.zeros(len(ids), np.float32), 10)
     assert moved.items  # the old stage still ranks (with its older counts)
+
+
+def test_two_writers_during_refreshes_never_double_count_and_the_next_refresh_catches_up(log, monkeypatch):
+    """Serving refreshes its recall state while two ingests append events. Each refresh reads the log in
+    chunks (here 50 rows, so every read spans many writes): no read fails, no refresh counts an event
+    twice or loses one it had (every count lies between the state before the writes and after), and the
+    refresh after the writers stop equals the state computed from the whole log."""
+    import functools
+    import threading
+
+    shop = sample_data.generate(n_users=120, n_items=80, days=60, seed=7)
+    events = shop["events"].sort_values("event_timestamp").reset_index(drop=True)
+    item_ids = shop["items"]["item_id"].astype(str).tolist()
+    first, rest = events.iloc[: len(events) // 2], events.iloc[len(events) // 2:]
+    _append(log, first, "day-one")
+    now = (pd.Timestamp(events["event_timestamp"].max()) + pd.Timedelta(hours=1)).to_pydatetime()
+    hour = _hour(now)
+    monkeypatch.setattr(EventLog, "event_chunks", functools.partialmethod(EventLog.event_chunks, rows=50))
+
+    def totals(state) -> list[np.ndarray]:
+        return [held.window(hour, w) for held in (state.behaviour, state.targets) for w in WINDOWS]
+
+    before = totals(counts_from_log(log, item_ids, BEHAVIOURS, now))
+    errors: list[BaseException] = []
+
+    def writer(part: pd.DataFrame, name: str) -> None:
+        try:
+            for k, start in enumerate(range(0, len(part), 40)):
+                _append(log, part.iloc[start:start + 40], f"{name}-{k}")
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    writers = [threading.Thread(target=writer, args=(rest.iloc[k::2], f"w{k}")) for k in range(2)]
+    for thread in writers:
+        thread.start()
+    during = []
+    while any(thread.is_alive() for thread in writers):
+        during.append(totals(counts_from_log(log, item_ids, BEHAVIOURS, now)))
+    for thread in writers:
+        thread.join()
+    assert not errors, errors
+    after = totals(counts_from_log(log, item_ids, BEHAVIOURS, now))
+    assert during, "the writers finished before a refresh ran"
+    for seen in during:
+        for low, got, high in zip(before, seen, after, strict=True):
+            assert (low <= got).all() and (got <= high).all()
+    assert sum(a.sum() for a in after) > sum(b.sum() for b in before)
+    _assert_same(log, item_ids, now, [hour, hour - 24 * 10])
