@@ -17,6 +17,7 @@ from persona import sample_data
 from training.recall.fit import Behaviours
 from training.recall.package import LayoutChanged, TwoStage, TwoStageSpec
 from training.recall.ranker import Ranker, RankerConfig
+from training.workflow import top_per_user
 
 SOURCE_WORDS = ("you viewed", "you added", "you saved", "you clicked", "often together with", "popular this week",
                 "from a brand you looked at", "search for")
@@ -189,6 +190,25 @@ def test_a_changed_behaviour_layout_is_refused_not_misread():
     behaviours = Behaviours(["view", "purchase"], ["purchase"], {"purchase": 1.0})
     with pytest.raises(LayoutChanged):
         _tiny_stage(behaviours, ["not", "the", "layout"])
+
+
+def test_a_ranker_saved_before_a_layout_change_recommends_by_the_towers_not_an_error(caplog):
+    """``persona recommend`` with a ranker whose columns no longer match (saved before an upgrade): the
+    towers' top k, as ``/rank`` falls back, and a warning naming the cause."""
+    shop = sample_data.generate(n_users=30, n_items=20, days=5, seed=3)
+    events, items = shop["events"], shop["items"]
+    item_ids = items["item_id"].astype(str).tolist()
+    users = events["user_id"].drop_duplicates().head(5).tolist()
+    scores = np.random.default_rng(0).normal(size=(len(users), len(item_ids))).astype(np.float32)
+    names = ["an", "old", "layout"]
+    saved = (Ranker(len(names), RankerConfig(), np.zeros(len(names)), np.ones(len(names))),
+             TwoStageSpec(names, Behaviours(["view", "purchase"], ["purchase"], {"purchase": 1.0}), True, False))
+    as_of = pd.Timestamp(events["event_timestamp"].max())
+    towers = top_per_user(events, items, item_ids, users, scores.copy(), {"purchase": 1.0}, 5, as_of)
+    with caplog.at_level("WARNING"):
+        got = top_per_user(events, items, item_ids, users, scores.copy(), {"purchase": 1.0}, 5, as_of, two_stage=saved)
+    pd.testing.assert_frame_equal(got, towers)
+    assert "until the next persona train" in caplog.text
 
 
 def _wait_for(check, seconds: float = 90) -> bool:

@@ -23,7 +23,7 @@ from training.point_in_time import historical_job
 from training.recall.cooccurrence import NEIGHBOURS
 from training.recall.fit import Behaviours, ShopCounts
 from training.recall.history import HOUR
-from training.recall.package import TwoStage
+from training.recall.package import stage_or_towers
 from training.recall.popular import WINDOWS, WindowCounts
 from training.workflow import _catalogue_vectors, requests_at, top_per_user, tower_scores, with_features
 
@@ -57,7 +57,7 @@ def recommend_on_spark(spark, store, model: ProfileModel, items: pd.DataFrame, p
     if two_stage is not None and two_stage[1].serves(None):
         after = as_of + pd.Timedelta(microseconds=1)  # as ``top_per_user`` asks: the newest event counts
         counts = shop_counts(spark, events, item_ids, two_stage[1].behaviours, int(after.value // 10**9 // HOUR))
-        stage = TwoStage(*two_stage, None, items, item_ids, counts)
+        stage = stage_or_towers(two_stage, None, items, item_ids, counts)
     payload = spark.sparkContext.broadcast({
         "model": model, "vectors": _catalogue_vectors(model, catalogue)(0), "item_ids": item_ids, "items": items,
         "positives": positives, "k": k, "as_of": as_of, "exclude_seen": exclude_seen, "stage": stage,

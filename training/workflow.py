@@ -47,7 +47,7 @@ from training.recall.evaluation import recall_and_rank
 from training.recall.fit import Behaviours
 from training.recall.history import EventHistories
 from training.recall.lexical import item_texts
-from training.recall.package import TwoStage
+from training.recall.package import TwoStage, stage_or_towers
 from training.recall.two_stage import PER_SOURCE
 from training.train import TrainConfig, pick_device, seed_everything, train
 
@@ -687,7 +687,7 @@ def top_per_user(events: pd.DataFrame, items: pd.DataFrame, item_ids: list[str],
     seen = seen_before(events, positives, requests, index) if exclude_seen \
         else [np.zeros(0, dtype=np.int64)] * len(users)
     if stage is None and two_stage is not None and two_stage[1].serves(None):  # searches only: the towers here
-        stage = TwoStage(*two_stage, events, items, item_ids)
+        stage = stage_or_towers(two_stage, events, items, item_ids)
     if stage is not None:
         return _two_stage_recommend(stage, events, users, scores, seen, after, k)
     for r, ex in enumerate(seen):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from training.recall.reasons import explain
 from training.recall.scores import Scores
 from training.recall.two_stage import Candidates, ranked
 
+logger = logging.getLogger(__name__)
 FOLDER = "two_stage"  # inside the model version's folder
 SPEC_FILE, WEIGHTS_FILE = "spec.json", "ranker.pt"
 
@@ -66,6 +68,17 @@ def load(folder: Path) -> tuple[Ranker, TwoStageSpec] | None:
     if not (folder / SPEC_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
         return None
     return Ranker.load(folder / WEIGHTS_FILE), TwoStageSpec.from_json(json.loads((folder / SPEC_FILE).read_text()))
+
+
+def stage_or_towers(saved: tuple[Ranker, TwoStageSpec], events: pd.DataFrame | None, items: pd.DataFrame,
+                    item_ids: list[str], counts: ShopCounts | None = None) -> TwoStage | None:
+    """The saved ranker over this shop, or None (rank by the towers, as ``/rank`` does) when its layout no
+    longer matches the shop's sources: a ranker saved before an upgrade, until the next ``persona train``."""
+    try:
+        return TwoStage(*saved, events, items, item_ids, counts)
+    except LayoutChanged as exc:
+        logger.warning("recall + rank unavailable until the next persona train, ranking by the towers: %s", exc)
+        return None
 
 
 @dataclass
