@@ -44,7 +44,7 @@ def names(type_names: list[str]) -> list[str]:
 
 
 # A purchase follows views the user came back to, and views from their latest visit: on tmall-2014
-# these took recall + rank from 0.1690 to 0.1730 NDCG@10 (BENCHMARKS.md; the seed moves it by about 0.004).
+# these took recall + rank from 0.1690 to 0.1730 NDCG@10 (BENCHMARKS.md, `eval_target.py --ranker`).
 ATTENTION = ["item_visits", "item_first_hours", "item_hours_before_user_last", "item_latest_day_count",
              "item_latest_day_share"]
 
