@@ -35,7 +35,8 @@ def coded_pairs(chunks: Iterable[pd.DataFrame], index: dict[str, int]) -> tuple[
     users, items = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for chunk in chunks:
         item = chunk["item_id"].astype(str)
-        chunk, item = chunk[item.isin(index).to_numpy()], item[item.isin(index).to_numpy()]
+        known = item.isin(index).to_numpy()
+        chunk, item = chunk[known], item[known]
         user = chunk["user_id"].astype(str)
         new = pd.unique(user[user.map(codes).isna()])
         codes.update(zip(new, range(len(codes), len(codes) + len(new)), strict=True))

@@ -52,11 +52,14 @@ ATTENTION = ["item_visits", "item_first_hours", "item_hours_before_user_last", "
 def pair_features(recent: Recent, candidates: np.ndarray, groups: ItemGroups, n_types: int,
                   now: float) -> np.ndarray:
     """[len(candidates), 4 * n_types + 11] features (counts as log1p, hours as log1p)."""
-    return np.concatenate([_behaviour(recent, candidates, groups, n_types, now),
-                           _attention(recent, candidates, now)], axis=1)
+    hours = np.clip((now - recent.times) / 3600.0, 0, None)  # each slot's age, shared by both groups
+    same_item = recent.items[None, :] == candidates[:, None]
+    return np.concatenate([_behaviour(recent, candidates, groups, n_types, hours, same_item),
+                           _attention(recent, hours, same_item)], axis=1)
 
 
-def _behaviour(recent: Recent, candidates: np.ndarray, groups: ItemGroups, n_types: int, now: float) -> np.ndarray:
+def _behaviour(recent: Recent, candidates: np.ndarray, groups: ItemGroups, n_types: int, hours: np.ndarray,
+               same_item: np.ndarray) -> np.ndarray:
     """Per type counts and recency on the item, its category and brand; the user's recent list."""
     n = len(candidates)
     out = np.zeros((n, 4 * n_types + 6), dtype=np.float32)
@@ -65,8 +68,6 @@ def _behaviour(recent: Recent, candidates: np.ndarray, groups: ItemGroups, n_typ
     out[:, -5], out[:, -4], out[:, -2] = never, np.log1p(float(RECENT_LIMIT)), never
     if not len(recent.items) or not n:
         return out
-    hours = np.clip((now - recent.times) / 3600.0, 0, None)
-    same_item = recent.items[None, :] == candidates[:, None]
     slot_cat, slot_brand = _group_of(groups.category, recent.items), _group_of(groups.brand, recent.items)
     cand_cat, cand_brand = groups.category[candidates], groups.brand[candidates]
     same_cat = (slot_cat[None, :] == cand_cat[:, None]) & (cand_cat[:, None] >= 0)
@@ -93,17 +94,15 @@ def _behaviour(recent: Recent, candidates: np.ndarray, groups: ItemGroups, n_typ
     return out
 
 
-def _attention(recent: Recent, candidates: np.ndarray, now: float) -> np.ndarray:
+def _attention(recent: Recent, hours: np.ndarray, same_item: np.ndarray) -> np.ndarray:
     """The ``ATTENTION`` columns: distinct slots on the item, hours since the first of them, hours between
     the newest of them and the user's newest event, and the item's events (count, share) in the user's
     latest day."""
-    out = np.zeros((len(candidates), len(ATTENTION)), dtype=np.float32)
+    out = np.zeros((same_item.shape[0], len(ATTENTION)), dtype=np.float32)
     never = np.log1p(NEVER_HOURS)
     out[:, 1] = out[:, 2] = never
-    if not len(recent.items) or not len(candidates):
+    if not len(recent.items) or not len(out):
         return out
-    hours = np.clip((now - recent.times) / 3600.0, 0, None)
-    same_item = recent.items[None, :] == candidates[:, None]
     touched = same_item.any(axis=1)
     on = same_item[touched]
     out[:, 0] = np.log1p(same_item.sum(axis=1))
