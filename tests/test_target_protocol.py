@@ -25,7 +25,7 @@ from training.baselines import (
     recent_behaviour_scorer,
 )
 from training.evaluate import evaluate_scorers, seen_before, target_split
-from training.workflow import RunConfig, baseline_scorers
+from training.workflow import RunConfig, baseline_scorers, make_split
 
 TMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "tmall-2014"
 ITEMS = ["f", "p", "q", "x", "y", "z"]
@@ -159,15 +159,28 @@ def test_sparse_ease_equals_the_dense_closed_form_and_bounds_its_items(monkeypat
     assert "top 5 of 15 items" in baselines.ease_note(len(item_ids))
 
 
-def test_workflow_baselines_with_a_target_add_the_recent_list_and_ease_over_all_behaviour():
+def test_workflow_baselines_with_a_target_add_ease_over_all_behaviour():
     events = _shop()
     cfg = RunConfig(models=("popularity", "cooccurrence", "ease", "recent", "ease-all"), target="purchase")
     split = target_split(events, "purchase")
     rows = list(baseline_scorers(split, events, {"purchase": 1.0}, ITEMS, cfg, progress=False))
     assert rows == ["popularity (purchase counts)", "recent behaviour (own items, newest day first)",
                     "item co-occurrence", "EASE (λ=100)", "EASE over all behaviour (λ=100)"]
-    plain = RunConfig(models=("popularity", "recent", "ease-all"))  # no target: the per-target rows stay out
-    assert not plain.wants("recent") and not plain.wants("ease-all") and plain.split_names() == ("loo",)
+    plain = RunConfig(models=("popularity", "recent", "ease-all"))  # no target: EASE over all stays out
+    assert plain.wants("recent") and not plain.wants("ease-all") and plain.split_names() == ("loo",)
+
+
+def test_the_default_split_has_the_recent_list_too():
+    """persona train's leave-one-out table ranks the shop's strongest simple baseline beside Persona."""
+    events = _shop()
+    positives = {"purchase": 4.0}
+    split = make_split("loo", events, positives, RunConfig())
+    rows = baseline_scorers(split, events, positives, ITEMS, RunConfig(models=("recent",)), progress=False)
+    assert list(rows) == ["recent behaviour (own items, newest day first)"]
+    held = split.requests.set_index("user_id")["item_id"].to_dict()
+    assert held["b"] == "x"  # b viewed y then z, and bought x: the list ranks z, y, then the rest tie
+    scores = rows["recent behaviour (own items, newest day first)"](split.requests[split.requests["user_id"] == "b"])
+    assert scores[0].tolist() == [0, 0, 0, 0, 1, 2]  # f p q x y z
 
 
 @pytest.mark.skipif(not (TMALL / "events.parquet").exists(), reason="needs ../shared/data/tmall-2014")
