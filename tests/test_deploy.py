@@ -32,6 +32,7 @@ SECRET = "persona-secrets"
 SECRET_WORDS = ("URL", "KEY", "SALT", "PASSWORD")  # an env var named so holds a secret
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
 SERVICE_CONTAINER = "persona"  # the bento's container in the `persona` Deployment
+INDEX_LABEL = "batch.kubernetes.io/job-completion-index"  # on each pod of an Indexed Job (Kubernetes 1.28+)
 HEALTH_ROUTES = ("/livez", "/readyz", "/healthz")  # a probe on another route would answer for more than health
 
 
@@ -134,13 +135,29 @@ def test_objects_are_in_the_persona_namespace() -> None:
     assert not outside, f"not in namespace {NAMESPACE}: {outside}"
 
 
+def job_spec(obj: dict) -> dict:
+    return obj["spec"]["jobTemplate"]["spec"] if obj["kind"] == "CronJob" else obj["spec"]
+
+
+def pod_labels(obj: dict) -> list[dict]:
+    """The label sets of the pods an object runs: its template's, and for an Indexed Job each pod's with the
+    completion index Kubernetes adds."""
+    if pod_spec(obj) is None:
+        return []
+    spec = obj["spec"] if obj["kind"] in WORKLOADS else job_spec(obj)
+    labels = spec["template"]["metadata"].get("labels", {})
+    if obj["kind"] in WORKLOADS or spec.get("completionMode") != "Indexed":
+        return [labels]
+    return [{**labels, INDEX_LABEL: str(k)} for k in range(spec["completions"])]
+
+
 def test_services_select_pods_that_serve_their_ports() -> None:
     objects = render()
     for service in of_kind(objects, "Service"):
         name, selector = service["metadata"]["name"], service["spec"]["selector"]
-        pods = [o for o in of_kind(objects, *WORKLOADS)
+        pods = [o for o in of_kind(objects, *WORKLOADS, "Job", "CronJob")
                 if o["metadata"]["namespace"] == service["metadata"]["namespace"]
-                and selector.items() <= o["spec"]["template"]["metadata"]["labels"].items()]
+                and any(selector.items() <= labels.items() for labels in pod_labels(o))]
         assert pods, f"Service {name} selects no pod: {selector}"
         ports = set().union(*(container_ports(c) for o in pods for c in containers(o)))
         for port in service["spec"]["ports"]:
@@ -243,6 +260,8 @@ def persona_lines(obj: dict) -> Iterator[list[str]]:
 
     for container in containers(obj):
         command = [*(container.get("command") or []), *(container.get("args") or [])]
+        if command[:1] == ["torchrun"] and "--no-python" in command:  # torchrun starts `persona ...` itself
+            command = command[command.index("--no-python") + 1:]
         if command[:1] == ["persona"]:
             yield command
         elif command[:2] == ["sh", "-c"]:
@@ -273,3 +292,37 @@ def test_every_persona_command_in_a_manifest_parses_with_the_cli() -> None:
             except Exception as exc:  # noqa: BLE001 - typer's vendored click raises its own UsageError
                 raise AssertionError(f"{obj['metadata']['name']}: {' '.join(line)}: {exc}") from exc
     assert found >= 6  # the build, apply and materialise, and the three steps of training and scoring
+
+
+def test_training_across_pods_is_one_torchrun_group() -> None:
+    """The DDP Job: as many pods as torchrun's --nnodes, each its own node rank (its completion index),
+    all meeting at a Service that selects pod 0 on the port torchrun listens on, all reading the
+    training set from the one shared claim, and none asking for --nproc (torchrun sets the processes)."""
+    objects = render()
+    launched = [o for o in of_kind(objects, "Job", "CronJob")
+                if any((c.get("command") or [])[:1] == ["torchrun"] for c in containers(o))]
+    assert launched, "no Job trains across pods"
+    for job in launched:
+        name, spec = job["metadata"]["name"], job_spec(job)
+        (container,) = containers(job)
+        command = container["command"]
+        value = {flag: command[command.index(flag) + 1] for flag in
+                 ("--nnodes", "--nproc-per-node", "--node-rank", "--master-addr", "--master-port")}
+        assert spec["completionMode"] == "Indexed", name
+        assert spec["completions"] == spec["parallelism"] == int(value["--nnodes"]), name
+        env = {e["name"]: e for e in container["env"]}
+        rank_var = re.fullmatch(r"\$\((\w+)\)", value["--node-rank"]).group(1)
+        assert env[rank_var]["valueFrom"]["fieldRef"]["fieldPath"] == f"metadata.labels['{INDEX_LABEL}']", name
+        service = next(o for o in of_kind(objects, "Service") if o["metadata"]["name"] == value["--master-addr"])
+        assert service["spec"]["selector"].items() <= pod_labels(job)[0].items(), "the address is not pod 0"
+        assert not any(service["spec"]["selector"].items() <= labels.items() for labels in pod_labels(job)[1:])
+        port = next(p for p in service["spec"]["ports"] if p["port"] == int(value["--master-port"]))
+        assert any(p["name"] == port["targetPort"] and p["containerPort"] == int(value["--master-port"])
+                   for p in container["ports"]), name
+        line = next(persona_lines(job))
+        assert "--training-set" in line and "--nproc" not in line, line
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in pod_spec(job)["volumes"]
+                  if "persistentVolumeClaim" in v}
+        pvcs = [o for o in of_kind(objects, "PersistentVolumeClaim") if o["metadata"]["name"] in claims]
+        assert pvcs and all("ReadWriteMany" in o["spec"]["accessModes"] for o in pvcs), name
+        assert line[line.index("--training-set") + 1].startswith(container["volumeMounts"][0]["mountPath"])

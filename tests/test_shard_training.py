@@ -4,6 +4,7 @@ shard in memory at a time, in one process or in a DDP group of processes that ea
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -302,3 +303,55 @@ def test_a_second_day_reaches_the_next_training_set_and_model(sharded, tiny_bert
     assert trained.exit_code == 0, trained.output
     model, meta, _ = load_from_bentoml("latest")
     assert "day2-lamp" in model.spec.item_ids and meta["training_set"] == str(second.resolve())
+
+
+def _latest_history(ws) -> pd.DataFrame:
+    return pd.read_csv(sorted((ws / "reports" / "training").glob("*/history.csv"))[-1])
+
+
+def test_processes_a_launcher_starts_on_two_machines_train_as_nproc_does(sharded, tiny_bert, tmp_path, monkeypatch):
+    """Pods, as a Kubernetes Job starts them: two `torchrun` launchers (one a "machine", `--nnodes 2`), each
+    running the same `persona train --training-set DIR`. Each process reads its own shards, rank 0 saves
+    the model, and the epochs are those of `--nproc 2` on the same seed and data (the same rows per
+    process, the same held-out loss up to the order of floating-point sums)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from training.distributed import free_port
+
+    ws, _, _, folder = sharded
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    args = ["train", "-w", str(ws), "--training-set", str(folder), "--epochs", "2", "--bert", tiny_bert]
+    local = CliRunner().invoke(app, [*args, "--nproc", "2"], catch_exceptions=False)
+    assert local.exit_code == 0, local.output
+    spawned = _latest_history(ws)
+
+    persona = str(Path(sys.executable).parent / "persona")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    port = free_port()
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "HF_HUB_OFFLINE": "1"}
+    pods = [subprocess.Popen([torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
+                              "--master-addr", "127.0.0.1", "--master-port", str(port), "--no-python", persona,
+                              *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for rank in (0, 1)]
+    outputs = [pod.communicate(timeout=900)[0] for pod in pods]
+    assert [pod.returncode for pod in pods] == [0, 0], outputs
+    assert "saved model persona-profile:" in outputs[0] and "saved model" not in outputs[1]
+    assert "rank 0 reports and saves the model" in outputs[1]
+    launched = _latest_history(ws)
+    assert len(launched) == len(spawned) == 2
+    assert launched["rows_per_process"].tolist() == spawned["rows_per_process"].tolist()
+    assert launched["shards_per_process"].tolist() == spawned["shards_per_process"].tolist()
+    assert launched["held_out_loss"].tolist() == pytest.approx(spawned["held_out_loss"].tolist(), rel=1e-3)
+
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)  # as the launcher leaves them: what a process refuses before it joins
+    both = CliRunner().invoke(app, [*args, "--nproc", "2"])
+    assert both.exit_code != 0 and "leave out --nproc" in both.output
+    alone = CliRunner().invoke(app, ["train", "-w", str(ws), "--epochs", "1"])
+    assert alone.exit_code != 0 and "--training-set DIR" in alone.output
+    monkeypatch.delenv("MASTER_PORT")
+    unset = CliRunner().invoke(app, args)
+    assert unset.exit_code != 0 and "MASTER_PORT not set" in unset.output

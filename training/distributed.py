@@ -5,6 +5,11 @@ The process that calls ``persona train --nproc N`` is rank 0: it keeps its data 
 (which reads the feature store), starts ranks 1..N-1 with the model's weights and the training
 tensors, and decides for all after each epoch (a better score, stop). Every rank takes its share of
 each batch; DDP averages the gradients, so N processes take the steps one process would.
+
+Across machines (pods), a launcher starts the processes instead: ``torchrun`` sets ``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` in each (``launched``), every process runs the same
+``persona train --training-set DIR`` over shards all of them can read, and joins the group through
+that environment (``join_launched``). Rank 0 still decides and saves the model.
 """
 
 from __future__ import annotations
@@ -35,8 +40,11 @@ def backend(device: torch.device) -> str:
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
-    """Each rank's device: its own GPU (NCCL needs one per process), or the CPU."""
-    return torch.device("cuda", rank) if device.type == "cuda" else device
+    """Each rank's device: its own GPU (NCCL needs one per process), or the CPU. Under a launcher the
+    GPU is the one of its machine (``LOCAL_RANK``)."""
+    if device.type != "cuda":
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) if launched() else rank)
 
 
 def check_devices(device: torch.device, world: int) -> None:
@@ -88,6 +96,29 @@ def join(rank: int, world: int, port: int, device: torch.device) -> Group:
         torch.cuda.set_device(rank_device(device, rank))
     dist.init_process_group(backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=WAIT)
+    return Group(rank, world)
+
+
+def launched() -> tuple[int, int] | None:
+    """(rank, world) when a launcher such as ``torchrun`` started this process as one of several; else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return None
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the processes with torchrun")
+    return int(os.environ["RANK"]), world
+
+
+def join_launched(device: torch.device) -> Group:
+    """Join the launcher's group (``env://``), each process on its machine's share of the cores and, with
+    GPUs, on its own (``LOCAL_RANK``)."""
+    rank, world = launched() or (0, 1)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    torch.set_num_threads(threads_per_rank(local_world))
+    if device.type == "cuda":
+        torch.cuda.set_device(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0)))
+    dist.init_process_group(backend(device), init_method="env://", rank=rank, world_size=world, timeout=WAIT)
     return Group(rank, world)
 
 

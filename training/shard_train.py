@@ -198,17 +198,28 @@ def fit(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool = True
     the history: one row per epoch."""
     if cfg.resume:
         raise ValueError("a training set is not resumed: train it again")
+    launch = distributed.launched()
+    if launch and cfg.nproc > 1:
+        raise ValueError(f"started by a launcher as one of {launch[1]} processes: its options set the processes, "
+                         "leave out --nproc")
+    world = launch[1] if launch else cfg.nproc
     total = sum(plan.positives) if plan.positives is not None else None
-    if cfg.nproc > 1 and total is not None and total < MIN_POSITIVES_PER_PROCESS * cfg.nproc:
+    if world > 1 and total is not None and total < MIN_POSITIVES_PER_PROCESS * world:
         if progress:
-            tqdm.write(f"{total} positives: too few to share out over {cfg.nproc} processes; training in one")
-        cfg = replace(cfg, nproc=1)
+            tqdm.write(f"{total} positives: too few to share out over {world} processes; training in one")
+        if launch and launch[0] > 0:
+            return []  # every process surveys the same shards: all decide alike, and rank 0 trains alone
+        cfg, launch = replace(cfg, nproc=1), None
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
+    if launch:
+        device = distributed.rank_device(device, launch[0])
     model.to(device)
     bound = model.text_cache_size
     model.text_cache_size = min(bound or TEXT_CACHE_TEXTS, TEXT_CACHE_TEXTS)
     try:
+        if launch:
+            return _fit_launched(model, plan, cfg, progress, device)
         return _fit(model, plan, cfg, progress, device)
     finally:
         model.text_cache_size = bound
@@ -224,6 +235,25 @@ def _fit(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool, devi
     return distributed.lead(cfg.nproc, device, _rank,
                             (model.cfg, model.spec, model.state_dict(), dropouts, plan, cfg, items),
                             lambda group: _loop(model, plan, cfg, progress, group, items))
+
+
+def _fit_launched(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool,
+                  device: torch.device) -> list[dict]:
+    """One of the processes a launcher started (``distributed.launched``): each built the same model from
+    the same seed and the catalogue's inputs from the same store (DDP starts every rank from rank 0's
+    weights all the same), joins the group, and trains on its own shards; rank 0 reports and decides."""
+    items = {b: model.item_inputs(frame).to(device)
+             for b, frame in enumerate(tqdm(plan.catalogue.frames, desc="catalogue as of each bucket",
+                                            disable=not progress, leave=False))}
+    threads = torch.get_num_threads()
+    group = distributed.join_launched(device)
+    if group.rank:
+        seed_everything(cfg.seed + group.rank)  # its own dropout masks, as a spawned rank's
+    try:
+        return _loop(model, plan, cfg, progress and group.leader, group, items)
+    finally:
+        distributed.leave()
+        torch.set_num_threads(threads)
 
 
 def _rank(rank: int, world: int, port: int, model_cfg, spec, state: dict, dropouts: list[float], plan: Plan,
@@ -480,6 +510,7 @@ class ShardRun:
     report: object  # the report's path
     seconds: dict[str, float]
     metrics: pd.DataFrame  # held-out ranking: the model against popularity
+    leader: bool = True  # false on a launcher's ranks other than 0: they train, rank 0 keeps the model
 
 
 def train_from_shards(store, shards: TrainingShards, item_ids: list[str], model_cfg, cfg: TrainConfig,
@@ -488,7 +519,14 @@ def train_from_shards(store, shards: TrainingShards, item_ids: list[str], model_
     """``persona train --training-set``: survey the shards, fit the feature spec on a sample of them (the
     item-id vocabulary on every positive), take the catalogue's features as of the positives' times,
     train (``fit``), and rank the held-out positives (``held_out_ranking``; ``engaged``: the event types
-    whose items a ranking leaves out). ``item_ids``: the catalogue the softmax ranks."""
+    whose items a ranking leaves out). ``item_ids``: the catalogue the softmax ranks.
+
+    Started by a launcher (``distributed.launched``), every process runs this; the ranks other than 0
+    train and return (``ShardRun.leader`` false) without a ranking or a report."""
+    launch = distributed.launched()
+    leader = launch is None or launch[0] == 0
+    progress = progress and leader
+    world = launch[1] if launch else cfg.nproc
     stage = Stages(progress)
     with stage("survey of the shards"):
         found = survey(shards, keep, cfg.seed, progress)
@@ -500,8 +538,10 @@ def train_from_shards(store, shards: TrainingShards, item_ids: list[str], model_
     seed_everything(cfg.seed)
     model = ProfileModel.build(resolve_finetune(model_cfg, device, len(item_ids)), spec).to(device)
     plan = Plan(shards, catalogue, found.held_out_share, keep, found.per_shard)
-    with stage(f"train ({cfg.nproc} process{'es' if cfg.nproc > 1 else ''})"):
+    with stage(f"train ({world} process{'es' if world > 1 else ''})"):
         history = fit(model, plan, cfg, progress)
+    if not leader:
+        return ShardRun(model, found, history, None, stage.seconds, pd.DataFrame(), leader=False)
     with stage("held-out ranking (the model, popularity, ItemKNN, EASE)"):
         metrics = held_out_ranking(model, plan, bucket_popularity(shards, catalogue, keep), engaged, progress)
     report = write_shard_report(report_dir, shards, found, history, stage.seconds, metrics)

@@ -129,17 +129,25 @@ def train_cmd(workspace: Workspace = DEFAULT_WS, profile: Profile = None, epochs
                        "(they read the log): `persona evaluate` on a sample gives them.")] = None,
               ) -> None:
     """Train, evaluate against baselines, refit on everything, and save to the BentoML model store."""
+    from training.distributed import launched
     from training.model_store import save_to_bentoml
     from training.workflow import refit as refit_model
 
     cfg = _config(workspace, profile)
     if serve not in ("auto", "recall-rank", "towers"):
         _fail("--serve takes auto, recall-rank or towers")
+    try:
+        launch = launched()  # one of several processes a launcher (torchrun) started
+    except ValueError as exc:
+        _fail(str(exc))
     if training_set is not None:
         if target or serve == "recall-rank":
             _fail("--training-set trains the profile model alone: --target and --serve recall-rank need the log")
         return _train_from_shards(cfg, training_set, epochs, batch_size, finetune_layers, bert or cfg.text_model,
                                   device, nproc)
+    if launch:
+        _fail("started by torchrun: across machines `persona train` trains from a training set "
+              "(`persona training-set`, then `persona train --training-set DIR` in every process)")
     run_cfg = _run_config(epochs, batch_size, finetune_layers, max_positives, bert or cfg.text_model, device, splits,
                           baselines, refit, target=target, nproc=nproc)
     run_cfg.serve = serve
@@ -200,6 +208,9 @@ def _train_from_shards(cfg, folder: Path, epochs: int, batch_size: int, finetune
                                 engaged=list(cfg.positives))
     except ValueError as exc:
         _fail(str(exc))
+    if not run.leader:
+        console.print("trained as one of the launcher's processes; rank 0 reports and saves the model")
+        return
     found = run.survey
     if len(run.metrics):
         console.print(run.metrics.to_string(index=False, float_format=lambda v: f"{v:.4f}"), highlight=False)
