@@ -17,7 +17,9 @@ recall + rank, one with ``PERSONA_RECALL_RANK=off`` (the towers' top k: the exac
 ``PERSONA_ANN_MIN_ITEMS``, 100,000, the nearest-neighbour graph above). ``/rank`` without a query is
 timed on both, in alternating blocks of the same users. The new items are unknown to the model's id
 vocabulary, as a shop's new items are until the next ``persona train``; their texts are the generator's.
-Writes benchmarks/rank_catalogue_results.json.
+Each service's memory is read after its timed requests, over its process tree (the server and its
+worker): the resident memory then, and the sum of each process's own peak (Linux's VmHWM), an upper
+bound on the tree's peak. Writes benchmarks/rank_catalogue_results.json.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pandas as pd
+import psutil
 from bench_common import load_log, percentiles, write_results
 from bench_serving import BIN, env_for, free_port, start
 
@@ -75,6 +78,20 @@ def grow(ws: Path, size: int, have: int) -> float:
     return time.perf_counter() - started
 
 
+def tree_memory_mb(pid: int) -> dict[str, float]:
+    """A process tree's resident memory now and the sum of its processes' peaks, in MB."""
+    root = psutil.Process(pid)
+    rss = peak = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            rss += proc.memory_info().rss
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+        except (psutil.NoSuchProcess, FileNotFoundError):
+            continue
+        peak += next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
+    return {"rss_mb": round(rss / 2**20), "peak_sum_mb": round(peak / 2**20)}
+
+
 def timed_blocks(clients: dict[str, httpx.Client], users: list[str]) -> dict[str, list[float]]:
     """Each service in turn, a block of the users at a time, so both see the same machine load."""
     samples: dict[str, list[float]] = {name: [] for name in clients}
@@ -107,6 +124,7 @@ def measure(ws: Path, users: list[str], size: int) -> dict:
         ranking = {name: clients[name].post("/rank", json={"user_id": users[0]}).json().get("ranking")
                    for name in clients}
         samples = timed_blocks(clients, users)
+        memory = {name: tree_memory_mb(proc.pid) for name, proc in zip(ports, procs, strict=True)}
         for client in clients.values():
             client.close()
     finally:
@@ -114,7 +132,7 @@ def measure(ws: Path, users: list[str], size: int) -> dict:
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=120)
-    return {"items": size, "services_ready_seconds": round(ready, 1), "ranking": ranking,
+    return {"items": size, "services_ready_seconds": round(ready, 1), "ranking": ranking, "memory": memory,
             "latency": {name: percentiles(values) for name, values in samples.items()}}
 
 
