@@ -226,9 +226,7 @@ def fit(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool = True
 
 
 def _fit(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool, device: torch.device) -> list[dict]:
-    items = {b: model.item_inputs(frame).to(device)  # once, here: BERT over the catalogue, shared with the ranks
-             for b, frame in enumerate(tqdm(plan.catalogue.frames, desc="catalogue as of each bucket",
-                                            disable=not progress, leave=False))}
+    items = _catalogue_inputs(model, plan, device, progress)  # once, here: BERT, shared with the ranks
     if cfg.nproc <= 1:
         return _loop(model, plan, cfg, progress, None, items)
     dropouts = [_dropout(m) for m in _dropping(model)]
@@ -237,14 +235,19 @@ def _fit(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool, devi
                             lambda group: _loop(model, plan, cfg, progress, group, items))
 
 
+def _catalogue_inputs(model: ProfileModel, plan: Plan, device: torch.device, progress: bool) -> dict[int, ItemInputs]:
+    """The item tower's inputs for the catalogue as of each time bucket (BERT over its texts)."""
+    return {b: model.item_inputs(frame).to(device)
+            for b, frame in enumerate(tqdm(plan.catalogue.frames, desc="catalogue as of each bucket",
+                                           disable=not progress, leave=False))}
+
+
 def _fit_launched(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool,
                   device: torch.device) -> list[dict]:
     """One of the processes a launcher started (``distributed.launched``): each built the same model from
     the same seed and the catalogue's inputs from the same store (DDP starts every rank from rank 0's
     weights all the same), joins the group, and trains on its own shards; rank 0 reports and decides."""
-    items = {b: model.item_inputs(frame).to(device)
-             for b, frame in enumerate(tqdm(plan.catalogue.frames, desc="catalogue as of each bucket",
-                                            disable=not progress, leave=False))}
+    items = _catalogue_inputs(model, plan, device, progress)
     threads = torch.get_num_threads()
     group = distributed.join_launched(device)
     if group.rank:
