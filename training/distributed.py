@@ -117,7 +117,7 @@ def join_launched(device: torch.device) -> Group:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     torch.set_num_threads(threads_per_rank(local_world))
     if device.type == "cuda":
-        torch.cuda.set_device(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0)))
+        torch.cuda.set_device(rank_device(device, rank))
     dist.init_process_group(backend(device), init_method="env://", rank=rank, world_size=world, timeout=WAIT)
     return Group(rank, world)
 
