@@ -355,3 +355,65 @@ def test_processes_a_launcher_starts_on_two_machines_train_as_nproc_does(sharded
     monkeypatch.delenv("MASTER_PORT")
     unset = CliRunner().invoke(app, args)
     assert unset.exit_code != 0 and "MASTER_PORT not set" in unset.output
+
+
+POD = '''
+import json
+import sys
+from pathlib import Path
+
+from core.privacy import id_hash
+from eventlog.store import EventLog
+from feature_repo.pipeline.registry import feature_store
+from training.model import ModelConfig
+from training.shard_train import WithoutErased, train_from_shards
+from training.spark_training_set import TrainingShards
+from training.train import TrainConfig
+
+ws, folder, bert, erased, out = sys.argv[1:]
+log = EventLog(f"sqlite:///{ws}/eventlog.db")
+items = log.read_table("items")["item_id"].astype(str).tolist()
+log.dispose()
+keep = WithoutErased(b"salt", frozenset({id_hash(erased, b"salt")}))
+cfg = TrainConfig(epochs=1, batch_size=64, device="cpu", max_seconds=None, max_positives=None)
+run = train_from_shards(feature_store(Path(ws)), TrainingShards(Path(folder)), items,
+                        ModelConfig(bert_path=bert, dim=8, hidden=16, embed_dim=4, seq_len=10), cfg,
+                        Path(out).with_suffix(".report"), keep, progress=False)
+Path(out).write_text(json.dumps({"rows": run.survey.rows, "dropped": run.survey.dropped,
+                                 "users": sorted(run.survey.users), "history": run.history}, default=str))
+'''
+
+
+def test_pods_that_read_different_tombstones_leave_out_the_union(sharded, tiny_bert, tmp_path):
+    """Each pod reads the tombstones as it starts, so a forget between two pods' starts leaves them with
+    different erased sets. Joined first, they agree on the union: both leave out both users' rows, survey
+    the same rows and plan the same epoch, and neither user is among those trained on."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from training.distributed import free_port
+
+    ws, log, _, folder = sharded
+    users = log.read_table("events")["user_id"].value_counts().index[1:3].tolist()  # busy, not the one erased above
+    rows = {u: sum(int((f["user_id"] == u).sum()) for f in TrainingShards(folder)) for u in users}
+    assert min(rows.values()) > 0
+    script = tmp_path / "pod.py"
+    script.write_text(POD)
+    port = free_port()
+    pods = []
+    for rank, user in enumerate(users):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": "0",
+               "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        pods.append(subprocess.Popen([sys.executable, str(script), str(ws), str(folder), tiny_bert, user,
+                                      str(tmp_path / f"pod{rank}.json")], env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True))
+    outputs = [pod.communicate(timeout=900)[0] for pod in pods]
+    assert [pod.returncode for pod in pods] == [0, 0], outputs
+    zero, one = (json.loads((tmp_path / f"pod{rank}.json").read_text()) for rank in (0, 1))
+    assert zero["dropped"] == one["dropped"] == sum(rows.values())  # each pod left out both users
+    assert zero["rows"] == one["rows"] and zero["users"] == one["users"]
+    assert not set(users) & set(zero["users"])
+    assert len(zero["history"]) == 1 and one["history"] == []  # rank 0 keeps the epochs ...
+    assert len(zero["history"][0]["rows_per_process"]) == 2 and min(zero["history"][0]["rows_per_process"]) > 0

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+T = TypeVar("T")
 WAIT = timedelta(hours=2)  # the longest one rank waits for another: rank 0's validation of an epoch included
 
 
@@ -122,6 +123,13 @@ def join_launched(device: torch.device) -> Group:
     return Group(rank, world)
 
 
+def gathered(value: T) -> list[T]:
+    """Every rank's ``value`` (a small picklable object), in rank order, on every rank."""
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def leave() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -149,9 +157,6 @@ def wait(processes: list, timeout: float = 600.0) -> None:
             raise RuntimeError(f"training rank {processes.index(p) + 1} did not finish")
         if p.exitcode:
             raise RuntimeError(f"training rank {processes.index(p) + 1} failed (exit code {p.exitcode})")
-
-
-T = TypeVar("T")
 
 
 def lead(world: int, device: torch.device, worker: Callable, args: tuple, loop: Callable[[Group], T]) -> T:

@@ -75,6 +75,21 @@ class WithoutErased:
         return ~users.isin(gone).to_numpy()
 
 
+def agreed(keep: Keep | None) -> Keep | None:
+    """Under a launcher each process read the tombstones when it started: a forget between two pods'
+    starts would have them leave out different rows and plan different epochs. Every process takes the
+    union instead (a user erased for one is erased for all). Needs the group joined; a ``Keep`` other
+    than ``WithoutErased`` is the caller's rule, the same in every process."""
+    if keep is not None and not isinstance(keep, WithoutErased):
+        return keep
+    found = [k for k in distributed.gathered(keep) if k is not None]
+    if not found:
+        return None
+    if len({k.salt for k in found}) > 1:
+        raise ValueError("the processes hash user ids with different salts: start them on the same workspace")
+    return WithoutErased(found[0].salt, frozenset().union(*(k.erased for k in found)))
+
+
 @dataclass
 class Survey:
     """What one pass over the shards tells before training: sizes, the positives' items and users, a
@@ -192,16 +207,14 @@ class Plan:
         return mask
 
 
-def fit(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool = True) -> list[dict]:
+def fit(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool = True,
+        group: distributed.Group | None = None) -> list[dict]:
     """Train in place, streaming the shards (``cfg.nproc`` processes: each its own shards, DDP averaging
     the gradients), and leave the model at the epoch with the lowest held-out loss, in eval mode. Returns
-    the history: one row per epoch."""
+    the history: one row per epoch. Under a launcher, ``group`` is its group if already joined."""
     if cfg.resume:
         raise ValueError("a training set is not resumed: train it again")
-    launch = distributed.launched()
-    if launch and cfg.nproc > 1:
-        raise ValueError(f"started by a launcher as one of {launch[1]} processes: its options set the processes, "
-                         "leave out --nproc")
+    launch = _launch(cfg)
     world = launch[1] if launch else cfg.nproc
     total = sum(plan.positives) if plan.positives is not None else None
     if world > 1 and total is not None and total < MIN_POSITIVES_PER_PROCESS * world:
@@ -219,7 +232,7 @@ def fit(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool = True
     model.text_cache_size = min(bound or TEXT_CACHE_TEXTS, TEXT_CACHE_TEXTS)
     try:
         if launch:
-            return _fit_launched(model, plan, cfg, progress, device)
+            return _fit_launched(model, plan, cfg, progress, device, group)
         return _fit(model, plan, cfg, progress, device)
     finally:
         model.text_cache_size = bound
@@ -243,20 +256,16 @@ def _catalogue_inputs(model: ProfileModel, plan: Plan, device: torch.device, pro
 
 
 def _fit_launched(model: ProfileModel, plan: Plan, cfg: TrainConfig, progress: bool,
-                  device: torch.device) -> list[dict]:
+                  device: torch.device, group: distributed.Group | None) -> list[dict]:
     """One of the processes a launcher started (``distributed.launched``): each built the same model from
     the same seed and the catalogue's inputs from the same store (DDP starts every rank from rank 0's
-    weights all the same), joins the group, and trains on its own shards; rank 0 reports and decides."""
+    weights all the same), joins the group (unless joined), and trains on its own shards; rank 0 reports
+    and decides."""
     items = _catalogue_inputs(model, plan, device, progress)
-    threads = torch.get_num_threads()
-    group = distributed.join_launched(device)
-    if group.rank:
-        seed_everything(cfg.seed + group.rank)  # its own dropout masks, as a spawned rank's
-    try:
-        return _loop(model, plan, cfg, progress and group.leader, group, items)
-    finally:
-        distributed.leave()
-        torch.set_num_threads(threads)
+    with contextlib.nullcontext(group) if group else _launched_group(cfg) as joined:
+        if joined.rank:
+            seed_everything(cfg.seed + joined.rank)  # its own dropout masks, as a spawned rank's
+        return _loop(model, plan, cfg, progress and joined.leader, joined, items)
 
 
 def _rank(rank: int, world: int, port: int, model_cfg, spec, state: dict, dropouts: list[float], plan: Plan,
@@ -526,10 +535,43 @@ def train_from_shards(store, shards: TrainingShards, item_ids: list[str], model_
 
     Started by a launcher (``distributed.launched``), every process runs this; the ranks other than 0
     train and return (``ShardRun.leader`` false) without a ranking or a report."""
+    if _launch(cfg):
+        with _launched_group(cfg) as group:
+            return _train_from_shards(store, shards, item_ids, model_cfg, cfg, report_dir, agreed(keep), progress,
+                                      engaged, group)
+    return _train_from_shards(store, shards, item_ids, model_cfg, cfg, report_dir, keep, progress, engaged)
+
+
+def _launch(cfg: TrainConfig) -> tuple[int, int] | None:
+    """(rank, world) under a launcher (``distributed.launched``), refusing ``--nproc`` there before any
+    process waits for the others."""
     launch = distributed.launched()
-    leader = launch is None or launch[0] == 0
+    if launch and cfg.nproc > 1:
+        raise ValueError(f"started by a launcher as one of {launch[1]} processes: its options set the processes, "
+                         "leave out --nproc")
+    return launch
+
+
+@contextlib.contextmanager
+def _launched_group(cfg: TrainConfig) -> Iterator[distributed.Group]:
+    """The launcher's group, joined before the survey (the processes agree on what they leave out first),
+    left at the end, with this process's thread count restored."""
+    threads = torch.get_num_threads()
+    launch = distributed.launched()
+    group = distributed.join_launched(distributed.rank_device(pick_device(cfg.device), launch[0]))
+    try:
+        yield group
+    finally:
+        distributed.leave()
+        torch.set_num_threads(threads)
+
+
+def _train_from_shards(store, shards: TrainingShards, item_ids: list[str], model_cfg, cfg: TrainConfig, report_dir,
+                       keep: Keep | None, progress: bool, engaged: Collection[str],
+                       group: distributed.Group | None = None) -> ShardRun:
+    leader = group is None or group.leader
     progress = progress and leader
-    world = launch[1] if launch else cfg.nproc
+    world = group.world if group else cfg.nproc
     stage = Stages(progress)
     with stage("survey of the shards"):
         found = survey(shards, keep, cfg.seed, progress)
@@ -542,7 +584,7 @@ def train_from_shards(store, shards: TrainingShards, item_ids: list[str], model_
     model = ProfileModel.build(resolve_finetune(model_cfg, device, len(item_ids)), spec).to(device)
     plan = Plan(shards, catalogue, found.held_out_share, keep, found.per_shard)
     with stage(f"train ({world} process{'es' if world > 1 else ''})"):
-        history = fit(model, plan, cfg, progress)
+        history = fit(model, plan, cfg, progress, group)
     if not leader:
         return ShardRun(model, found, history, None, stage.seconds, pd.DataFrame(), leader=False)
     with stage("held-out ranking (the model, popularity, ItemKNN, EASE)"):
