@@ -3,7 +3,8 @@
 The order makes a failed run safe to repeat: the tombstone comes first (no ingest or push can bring
 the users back meanwhile), then the derived copies (online store, offline tables, files in the
 workspace), and the event log last, because the log is where the users' own texts are found to scrub
-the copies. The tombstone is marked complete only when nothing is left.
+the copies. Files the commands wrote outside the workspace (``privacy.outputs``) are scrubbed with the
+workspace's. The tombstone is marked complete only when nothing is left.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from eventlog import erase as log_erase
 from eventlog import locks, tombstones
 from eventlog.store import EventLog
 from feature_repo.pipeline import erase as store_erase
-from privacy.scrub import scrub_workspace
+from privacy import outputs
+from privacy.scrub import scrub_user_rows, scrub_workspace
 
 MIN_ID_LENGTH = 6  # shorter ids would match unrelated bytes in files: the stores are still erased
 
@@ -82,6 +84,8 @@ def _erase(cfg: config_mod.Config, log: EventLog, ids: list[str], raw_of: dict[s
         clear_caches()
         report.caches_cleared = True
     scrubbed = scrub_workspace(cfg.workspace, needles, skip=_stores(cfg))
+    outside = scrub_user_rows(outputs.files(cfg.workspace), [*ids, *raw_of.values()])  # sets, recommendations
+    scrubbed.changed += outside.changed
     report.files_changed, report.files_deleted = scrubbed.changed, scrubbed.deleted
     report.event_log = asdict(log_erase.erase_users(log, ids)) | {"texts": None}
     left = log_erase.holds(log, ids)

@@ -42,8 +42,73 @@ def variants(needles: list[str]) -> list[str]:
 
 
 def find(path: Path, needles: list[str]) -> bool:
+    if path.suffix == ".parquet":  # compressed pages: the bytes need not hold the strings
+        try:
+            import pyarrow.compute as pc
+
+            return bool(pc.any(_parquet_hits(path, needles)[1]).as_py())
+        except (OSError, ValueError):  # not a readable Parquet file after all: its bytes, as any other file
+            pass
     data = path.read_bytes()
     return any(v.encode() in data for v in variants(needles))
+
+
+def scrub_user_rows(paths: list[Path], user_ids: list[str]) -> ScrubResult:
+    """Drop the rows of these users from tables Persona wrote outside the workspace (training sets,
+    recommendations: Parquet or CSV with a ``user_id`` column), matching the id exactly: another user's
+    row that quotes the same words stays. Named by their full path."""
+    result = ScrubResult()
+    wanted = {str(u) for u in user_ids if u}
+    for path in paths:
+        if not wanted or path.suffix not in (".parquet", ".csv"):
+            continue
+        dropped = _drop_parquet_users(path, wanted) if path.suffix == ".parquet" else _drop_csv_users(path, wanted)
+        if dropped:
+            path.with_name(f".{path.name}.crc").unlink(missing_ok=True)  # Hadoop's checksum of the old bytes
+            result.changed.append(str(path))
+    return result
+
+
+def _drop_parquet_users(path: Path, wanted: set[str]) -> int:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError):
+        return 0
+    if "user_id" not in table.column_names:
+        return 0
+    hit = pc.fill_null(pc.is_in(table["user_id"].cast(pa.string()), value_set=pa.array(sorted(wanted))), False)
+    count = pc.sum(hit).as_py() or 0
+    if count:
+        tmp = path.with_name(f".{path.name}.scrub.tmp")
+        pq.write_table(table.filter(pc.invert(hit)), tmp, coerce_timestamps="us", allow_truncated_timestamps=True)
+        tmp.replace(path)
+    return count
+
+
+def _drop_csv_users(path: Path, wanted: set[str]) -> int:
+    import csv
+    import io
+
+    raw = path.read_bytes()
+    bom = raw.startswith(b"\xef\xbb\xbf")
+    text = raw.decode("utf-8-sig", errors="surrogateescape")
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    if not rows or "user_id" not in rows[0]:
+        return 0
+    col = rows[0].index("user_id")
+    kept = [rows[0]] + [r for r in rows[1:] if not (len(r) > col and r[col] in wanted)]
+    if len(kept) == len(rows):
+        return 0
+    out = io.StringIO(newline="")
+    csv.writer(out, lineterminator="\n").writerows(kept)
+    tmp = path.with_name(f".{path.name}.scrub.tmp")
+    tmp.write_bytes((b"\xef\xbb\xbf" if bom else b"") + out.getvalue().encode("utf-8", errors="surrogateescape"))
+    tmp.replace(path)
+    return len(rows) - len(kept)
 
 
 def scrub_workspace(workspace: Path, needles: list[str], skip: list[Path]) -> ScrubResult:
@@ -137,6 +202,18 @@ def _clean(value, needles: list[str]):
 
 
 def _scrub_parquet(path: Path, needles: list[str]) -> None:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table, hit = _parquet_hits(path, needles)
+    tmp = path.with_name(f".{path.name}.scrub.tmp")
+    pq.write_table(table.filter(pc.invert(hit)), tmp, coerce_timestamps="us",
+                   allow_truncated_timestamps=True)  # Spark reads microseconds, not nanoseconds
+    tmp.replace(path)
+
+
+def _parquet_hits(path: Path, needles: list[str]):
+    """The file's table and which of its rows hold a needle in a text column."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -149,6 +226,4 @@ def _scrub_parquet(path: Path, needles: list[str]) -> None:
             continue
         for n in needles:
             hit = pc.or_(hit, pc.fill_null(pc.match_substring(column, n), False))
-    tmp = path.with_name(f".{path.name}.scrub.tmp")
-    pq.write_table(table.filter(pc.invert(hit)), tmp)
-    tmp.replace(path)
+    return table, hit

@@ -412,3 +412,40 @@ def test_a_forget_arriving_while_persona_train_runs(tmp_path, shop, tiny_bert):
                                        text=True, check=True).stdout)
     assert len(status["models"]) == 2  # newest first: the new version is free of the user
     assert [m["tag"] for m in status["models_trained_on_erased_users"]] == [status["models"][1]["tag"]]
+
+
+def test_rows_of_an_erased_user_leave_outputs_outside_the_workspace_by_exact_id(tmp_path):
+    """Known answer: the user's rows go from a Parquet part (with Hadoop's checksum beside it) and from a
+    CSV with a BOM and Chinese text; user_10 (the erased id is its prefix) and a row quoting the same
+    words stay; the outputs are found through the workspace's record, and one inside it is left to the
+    workspace's own scrub."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from privacy import outputs
+    from privacy.scrub import find, scrub_user_rows
+
+    ws, sets = tmp_path / "ws", tmp_path / "sets"
+    ws.mkdir()
+    sets.mkdir()
+    part = sets / "part-00000.parquet"
+    pq.write_table(pa.table({"user_id": ["user_1", "user_10", "user_1"], "query": ["茶壶", "茶壶", "kettle"],
+                             "event_timestamp": pd.to_datetime(["2024-01-01"] * 3, utc=True)}), part,
+                   compression="zstd")
+    (sets / ".part-00000.parquet.crc").write_bytes(b"old checksum")
+    recs = tmp_path / "recs.csv"
+    recs.write_bytes("user_id,rank,reasons\nuser_1,1,你看过 3 次\nuser_10,1,你看过 3 次\n".encode("utf-8-sig"))
+    inside = ws / "recs.csv"
+    inside.write_text("user_id\nuser_1\n")
+    for path in (sets, recs, inside, sets):
+        outputs.record(ws, path)
+    assert outputs.recorded(ws) == [str(sets.resolve()), str(recs.resolve()), str(inside.resolve())]
+    assert find(part, ["user_1"]) and not find(part, ["nobody"])  # in the columns, not the compressed bytes
+
+    result = scrub_user_rows(outputs.files(ws), ["user_1"])
+    assert sorted(result.changed) == sorted([str(part.resolve()), str(recs.resolve())])
+    assert pq.read_table(part).to_pydict()["user_id"] == ["user_10"]
+    assert not (sets / ".part-00000.parquet.crc").exists()
+    assert recs.read_bytes() == "user_id,rank,reasons\nuser_10,1,你看过 3 次\n".encode("utf-8-sig")
+    assert inside.read_text() == "user_id\nuser_1\n"
+    assert scrub_user_rows(outputs.files(ws), ["user_1"]).changed == []  # nothing left: nothing rewritten

@@ -129,16 +129,28 @@ def test_with_few_shards_every_process_reads_each_and_keeps_its_rows(sharded, ti
 
 def test_cli_trains_from_shards_leaves_out_erased_users_and_recommends(sharded, tiny_bert, tmp_path, monkeypatch):
     """The command on a set written before a user was erased: their rows never train, the saved model says
-    what it trained on (the set, the window, the users), and `persona recommend` serves it."""
+    what it trained on (the set, the window, the users), and `persona recommend` serves it. The forget
+    reaches what Persona wrote outside the workspace (the training set, the recommendations), not a copy
+    made by hand: training from that copy leaves the user out as it reads."""
+    import shutil
+
     from training.model_store import load_from_bentoml
     from training.provenance import METADATA_KEY, might_contain
 
-    ws, log, _, folder = sharded
+    ws, log, _, written = sharded
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
     gone = log.read_table("events")["user_id"].value_counts().index[0]  # the busiest user
+    folder = tmp_path / "copied-set"  # a copy Persona did not write: forget cannot reach it, training must
+    shutil.copytree(written, folder)
+    total, theirs = (sum(len(f) for f in TrainingShards(written)),
+                     sum(int((f["user_id"] == gone).sum()) for f in TrainingShards(written)))
+    assert theirs > 0
     runner = CliRunner()
     forgot = runner.invoke(app, ["forget", "-w", str(ws), "--user", gone], catch_exceptions=False)
     assert forgot.exit_code == 0, forgot.output
+    # the set `persona training-set` wrote outside the workspace lost the user's rows, and only those
+    assert sum(len(f) for f in TrainingShards(written)) == total - theirs
+    assert not any((f["user_id"] == gone).any() for f in TrainingShards(written))
     result = runner.invoke(app, ["train", "-w", str(ws), "--training-set", str(folder), "--nproc", "2", "--epochs",
                                  "2", "--bert", tiny_bert], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -158,6 +170,13 @@ def test_cli_trains_from_shards_leaves_out_erased_users_and_recommends(sharded, 
     recs = runner.invoke(app, ["recommend", "-w", str(ws), "--k", "3", "--output", str(out)], catch_exceptions=False)
     assert recs.exit_code == 0, recs.output
     assert out.exists()
+    listed = pd.read_csv(out)
+    second = str(listed["user_id"].iloc[0])  # recommendations written outside the workspace: forget reaches them
+    forgot = runner.invoke(app, ["forget", "-w", str(ws), "--user", second], catch_exceptions=False)
+    assert forgot.exit_code == 0, forgot.output
+    after = pd.read_csv(out)
+    assert second not in set(after["user_id"].astype(str))
+    assert len(after) == (listed["user_id"].astype(str) != second).sum()
 
 
 def test_cli_refuses_what_a_training_set_cannot_give(sharded, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from persona.cli.common import DEFAULT_WS, Profile, Workspace, _config, _event_log, _fail, _privacy, app, console
 from persona.cli.provenance import _provenance, _without_erased
+from privacy import outputs
 
 
 def _training_inputs(cfg):
@@ -255,6 +256,7 @@ def training_set_cmd(
     log = _event_log(cfg)
     try:  # under the erasure lock: a user erased meanwhile is never written
         with locks.held(log.engine), console.status("building the training set"):
+            outputs.record(cfg.workspace, output)  # before writing: a forget reaches even a half-written set
             written = (_training_set_on_spark(cfg, log, output, neg_per_pos, rows_per_shard, seed)
                        if cfg.profile == "spark" else
                        _training_set_here(cfg, output, neg_per_pos, rows_per_shard, seed))
@@ -332,6 +334,7 @@ def recommend_cmd(
     log = _event_log(cfg)
     try:  # users erased while this scored are left out, under the lock a forget takes to erase files
         with locks.held(log.engine):
+            outputs.record(cfg.workspace, output)
             recs = _without_erased(cfg, recs)
             if output.suffix == ".parquet":
                 recs.to_parquet(output, index=False)
@@ -392,6 +395,7 @@ def _recommend_on_spark(cfg, model, output: Path, k: int, users: Path | None, as
     log = _event_log(cfg)
     try:
         with locks.held(log.engine):
+            outputs.record(cfg.workspace, output)
             with log.engine.connect() as conn:
                 newest = conn.execute(sa.text("SELECT max(event_timestamp) FROM events")).scalar_one()
             if newest is None:
