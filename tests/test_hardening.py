@@ -151,14 +151,21 @@ def _lock_taken(path: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_a_build_running_during_forget_cannot_bring_the_user_back(cfg, tmp_path, shop):
+@pytest.mark.parametrize("profile", ["local", "spark"])
+def test_a_build_running_during_forget_cannot_bring_the_user_back(cfg, tmp_path, shop, profile):
     """`persona features build &`, then `persona forget` while it runs: the build read the user before
-    the forget and wrote after it, so the user's rows came back. Now forget waits for it, then erases."""
+    the forget and wrote after it, so the user's rows came back. Now forget waits for it, then erases.
+    On the spark profile too: Spark's tasks read the log in ranges and write folders of part files."""
+    if profile == "spark":
+        pytest.importorskip("pyspark", reason="the spark extra is installed by `make test`")
+        cfg.workspace.mkdir(parents=True, exist_ok=True)
+        (cfg.workspace / "persona.yaml").write_text("profile: spark\n")
+        cfg = config_mod.load(cfg.workspace)
     data = tmp_path / "shop"
     data.mkdir()
     for name, frame in shop.items():
         frame.to_csv(data / f"{name}.csv", index=False)
-    env = {**os.environ, "PERSONA_WORKSPACE": str(cfg.workspace)}
+    env = {**os.environ, "PERSONA_WORKSPACE": str(cfg.workspace), "SPARK_LOCAL_IP": "127.0.0.1"}
     for args in (["ingest", "--source", str(data)], ["features", "apply"]):
         subprocess.run([str(BIN / "persona"), *args, "-w", str(cfg.workspace)], env=env, check=True,
                        capture_output=True, timeout=600)
@@ -178,7 +185,10 @@ def test_a_build_running_during_forget_cannot_bring_the_user_back(cfg, tmp_path,
         if build.poll() is None:
             build.kill()
     assert report.complete, report.remaining
-    for path in (cfg.workspace / "offline").glob("*.parquet"):
+    assert cfg.profile == profile
+    parts = sorted((cfg.workspace / "offline").rglob("*.parquet"))  # local: a file a table; spark: part files
+    assert any("user_id" in pd.read_parquet(p) for p in parts)
+    for path in parts:
         table = pd.read_parquet(path)
         if "user_id" in table:
             assert user not in set(table["user_id"]), f"{path.name} holds the erased user again"
