@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.privacy import ERASED
+from feature_repo.pipeline.erase import erase_parquet_file
 
 LINE_FILES = {".csv", ".tsv", ".md", ".txt", ".log", ".jsonl", ".yaml", ".yml"}
 HTML_FILES = {".html", ".htm"}
@@ -55,38 +56,23 @@ def find(path: Path, needles: list[str]) -> bool:
 
 def scrub_user_rows(paths: list[Path], user_ids: list[str]) -> ScrubResult:
     """Drop the rows of these users from tables Persona wrote outside the workspace (training sets,
-    recommendations: Parquet or CSV with a ``user_id`` column), matching the id exactly: another user's
-    row that quotes the same words stays. Named by their full path."""
+    recommendations: Parquet or CSV with a ``user_id`` column), matching the id exactly as the offline
+    store's eraser does: another user's row that quotes the same words stays. Named by their full path."""
     result = ScrubResult()
-    wanted = {str(u) for u in user_ids if u}
+    wanted = sorted({str(u) for u in user_ids if u})
     for path in paths:
         if not wanted or path.suffix not in (".parquet", ".csv"):
             continue
-        dropped = _drop_parquet_users(path, wanted) if path.suffix == ".parquet" else _drop_csv_users(path, wanted)
+        if path.suffix == ".parquet":
+            try:
+                dropped = erase_parquet_file(path, wanted)
+            except (OSError, ValueError):  # not a readable Parquet file: nothing of ours
+                continue
+        else:
+            dropped = _drop_csv_users(path, set(wanted))
         if dropped:
-            path.with_name(f".{path.name}.crc").unlink(missing_ok=True)  # Hadoop's checksum of the old bytes
             result.changed.append(str(path))
     return result
-
-
-def _drop_parquet_users(path: Path, wanted: set[str]) -> int:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (OSError, ValueError):
-        return 0
-    if "user_id" not in table.column_names:
-        return 0
-    hit = pc.fill_null(pc.is_in(table["user_id"].cast(pa.string()), value_set=pa.array(sorted(wanted))), False)
-    count = pc.sum(hit).as_py() or 0
-    if count:
-        tmp = path.with_name(f".{path.name}.scrub.tmp")
-        pq.write_table(table.filter(pc.invert(hit)), tmp, coerce_timestamps="us", allow_truncated_timestamps=True)
-        tmp.replace(path)
-    return count
 
 
 def _drop_csv_users(path: Path, wanted: set[str]) -> int:

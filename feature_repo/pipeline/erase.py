@@ -50,19 +50,27 @@ def erase_parquet(folder: Path, user_ids: list[str]) -> dict[str, int]:
     for stale in sorted(folder.rglob("*.tmp")):  # a write killed half way: forget holds the lock, none is live
         stale.unlink()
         removed[str(stale.relative_to(folder.parent))] = 0
-    wanted = pa.array(user_ids, pa.string())
     for path in sorted(folder.rglob("*.parquet")):
-        if KEY not in pq.read_schema(path).names:
-            continue
-        table = pq.read_table(path)
-        hit = pc.is_in(pc.cast(table[KEY], pa.string()), value_set=wanted)
-        n = pc.sum(hit).as_py() or 0
-        if n:
-            tmp = path.with_name(f".{path.name}.erase.tmp")
-            pq.write_table(table.filter(pc.invert(hit)), tmp)
-            tmp.replace(path)
+        if n := erase_parquet_file(path, user_ids):
             removed[str(path.relative_to(folder.parent))] = n
     return removed
+
+
+def erase_parquet_file(path: Path, user_ids: list[str]) -> int:
+    """Rewrite one Parquet file without the users' rows (matched on ``user_id`` exactly), swapped in; the
+    rows removed. Timestamps stay microseconds (what Spark reads), and Hadoop's checksum of the old bytes
+    goes with them (Spark would refuse the new ones). A file without the column is left alone."""
+    if KEY not in pq.read_schema(path).names:
+        return 0
+    table = pq.read_table(path)
+    hit = pc.fill_null(pc.is_in(pc.cast(table[KEY], pa.string()), value_set=pa.array(user_ids, pa.string())), False)
+    n = pc.sum(hit).as_py() or 0
+    if n:
+        tmp = path.with_name(f".{path.name}.erase.tmp")
+        pq.write_table(table.filter(pc.invert(hit)), tmp, coerce_timestamps="us", allow_truncated_timestamps=True)
+        tmp.replace(path)
+        path.with_name(f".{path.name}.crc").unlink(missing_ok=True)
+    return n
 
 
 def erase_duckdb(path: Path, user_ids: list[str]) -> int:
