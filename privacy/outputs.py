@@ -1,30 +1,36 @@
 """The files Persona writes where the user asks (`persona training-set --output`, `persona recommend
 --output`): outside the workspace, so the workspace's scrub would not see them. Each command records its
 output here before writing it; `persona forget` scrubs every recorded output that still exists.
+
+One small file per output (named by a hash of its path) under ``WORKSPACE/outputs/``: two commands
+recording at once (both hold the erasure lock shared) never overwrite each other's record.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
 from pathlib import Path
 
-RECORD = "outputs.json"  # in the workspace: one absolute path per output, in the order first written
+RECORDS = "outputs"  # in the workspace: {"path": absolute path} per output
 
 
 def record(workspace: Path, output: Path) -> None:
     """Remember ``output`` (a file or a folder) as a copy of user data that a forget must reach."""
-    paths = recorded(workspace)
     path = str(Path(output).resolve())
-    if path not in paths:
-        target = Path(workspace) / RECORD
-        tmp = target.with_name(f".{RECORD}.tmp")
-        tmp.write_text(json.dumps({"outputs": [*paths, path]}, indent=2))
+    folder = Path(workspace) / RECORDS
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{hashlib.sha256(path.encode()).hexdigest()[:32]}.json"
+    if not target.exists():
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")  # its own: the same output twice at once
+        tmp.write_text(json.dumps({"path": path}))
         tmp.replace(target)
 
 
 def recorded(workspace: Path) -> list[str]:
-    target = Path(workspace) / RECORD
-    return json.loads(target.read_text())["outputs"] if target.exists() else []
+    folder = Path(workspace) / RECORDS
+    return sorted(json.loads(p.read_text())["path"] for p in folder.glob("*.json")) if folder.is_dir() else []
 
 
 def files(workspace: Path) -> list[Path]:

@@ -439,7 +439,7 @@ def test_rows_of_an_erased_user_leave_outputs_outside_the_workspace_by_exact_id(
     inside.write_text("user_id\nuser_1\n")
     for path in (sets, recs, inside, sets):
         outputs.record(ws, path)
-    assert outputs.recorded(ws) == [str(sets.resolve()), str(recs.resolve()), str(inside.resolve())]
+    assert outputs.recorded(ws) == sorted([str(sets.resolve()), str(recs.resolve()), str(inside.resolve())])
     assert find(part, ["user_1"]) and not find(part, ["nobody"])  # in the columns, not the compressed bytes
 
     result = scrub_user_rows(outputs.files(ws), ["user_1"])
@@ -449,3 +449,18 @@ def test_rows_of_an_erased_user_leave_outputs_outside_the_workspace_by_exact_id(
     assert recs.read_bytes() == "user_id,rank,reasons\nuser_10,1,你看过 3 次\n".encode("utf-8-sig")
     assert inside.read_text() == "user_id\nuser_1\n"
     assert scrub_user_rows(outputs.files(ws), ["user_1"]).changed == []  # nothing left: nothing rewritten
+
+
+def test_outputs_recorded_by_many_writers_at_once_are_all_kept(tmp_path):
+    """Commands recording their outputs at the same time (each holds the erasure lock shared): no record
+    overwrites another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from privacy import outputs
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    paths = [tmp_path / f"out-{k}.csv" for k in range(64)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda p: outputs.record(ws, p), paths + paths))
+    assert outputs.recorded(ws) == sorted(str(p.resolve()) for p in paths)
